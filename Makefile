@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create .venv, install, run the paper's comparison on embedded data
+#   make test   - create (or reuse) .venv, install, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned through constraints.txt: only torch 2.13.0 installs from the
+# local CPU wheel; any other version would pull several GB of CUDA packages.
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --constraint constraints.txt
+
+.PHONY: demo test bench lint typecheck clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e ".[dev,flower]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/adaquantfl compare configs/mnist1d-floor.toml --out results/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,159 @@
+"""The ``adaquantfl`` command line: run, compare, report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Communication-efficient federated learning with adaptive quantization (AdaQuantFL).",
+)
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (TOML).", show_default=False)]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Results directory [default: results/<config name>]."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a config key, e.g. --set train.rounds=50 (repeatable)."
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _default_out(config: Path, out: Path | None) -> Path:
+    return out if out is not None else Path("results") / config.stem
+
+
+@contextmanager
+def _progress(total_rounds: int, quiet: bool) -> Iterator[Any]:
+    """A rich progress bar fed by the runner's per-round callback."""
+    if quiet:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def on_round(label: str, row: Mapping[str, Any]) -> None:
+        if label not in tasks or row["round"] == 1:  # a new run (method or seed) starts
+            tasks[label] = progress.add_task(label, total=total_rounds, info="")
+        loss = row.get("train_loss")
+        levels = row.get("levels")
+        info = (
+            f"s={'fp32' if levels is None else levels:<5} "
+            f"loss={'-' if loss is None else f'{loss:.4f}'} "
+            f"uplink={row['cum_wire_bits'] / 1e6:8.3f} Mbit"
+        )
+        progress.update(tasks[label], completed=row["round"], info=info)
+
+    with progress:
+        yield on_round
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False
+) -> None:
+    """Run the one method in [compression] and write its results directory."""
+    from adaquantfl.config import load_config
+    from adaquantfl.experiment import run as run_experiment
+
+    out_dir = _default_out(config, out)
+    try:
+        cfg = load_config(config, set_ or [])
+        with _progress(cfg.train.rounds, quiet) as on_round:
+            result = run_experiment(cfg, out_dir, on_round=on_round)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    s = result.summary
+    console.print(
+        f"[bold]{result.label}[/]: final train loss {s['final_train_loss']:.4f}, "
+        f"test accuracy {s['final_test_accuracy']:.3f}, "
+        f"uplink {s['total_wire_bits'] / 1e6:.3f} Mbit"
+    )
+    console.print(f"results in {out_dir}/")
+
+
+@app.command()
+def compare(
+    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False
+) -> None:
+    """Run every method in [compare], then print the table and draw the plots."""
+    from adaquantfl.config import load_config
+    from adaquantfl.experiment import compare as compare_experiment
+    from adaquantfl.report import rich_table
+
+    out_dir = _default_out(config, out)
+    try:
+        cfg = load_config(config, set_ or [])
+        with _progress(cfg.train.rounds, quiet) as on_round:
+            result = compare_experiment(cfg, out_dir, on_round=on_round)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    console.print(rich_table(result.summary))
+    console.print(f"results in {out_dir}/")
+    for path in result.plots:
+        console.print(f"  {path}")
+
+
+@app.command()
+def report(results: Annotated[Path, typer.Argument(help="A results directory.")]) -> None:
+    """Re-draw the plots and table of a results directory."""
+    from adaquantfl.report import load_results, rich_table, write_report
+
+    try:
+        paths = write_report(results)
+        summary, _ = load_results(results)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    console.print(rich_table(summary))
+    for path in paths:
+        console.print(f"  {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

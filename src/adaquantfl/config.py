@@ -1,0 +1,371 @@
+"""Experiment configuration: TOML file + overrides, validated into frozen dataclasses.
+
+Every key has a type and, where it is a choice, the list of allowed values, so
+a bad key or value is reported with its section, name and what is allowed::
+
+    [train] lr = -1.0: must be > 0
+    unknown key 'train.roundz'; allowed keys in [train]: batch_size, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaquantfl.compressor import MESSAGE_ENCODINGS
+from adaquantfl.data import DATASETS, PARTITIONS
+from adaquantfl.models import INITS, MODELS
+from adaquantfl.quantize import MAX_LEVELS, NORMS
+from adaquantfl.schedule import SCHEDULES
+
+__all__ = [
+    "CompareConfig",
+    "CompressionConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_overrides",
+]
+
+ENGINES: tuple[str, ...] = ("sim", "flower")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not allowed; the text names it."""
+
+
+def _choice(*choices: str) -> dict[str, Any]:
+    return {"choices": tuple(choices)}
+
+
+def _positive() -> dict[str, Any]:
+    return {"min": 0, "exclusive": True}
+
+
+def _at_least(low: float) -> dict[str, Any]:
+    return {"min": low}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: which data set and how it is split over clients."""
+
+    dataset: str = field(default="digits", metadata=_choice(*DATASETS))
+    partition: str | None = field(default=None, metadata=_choice(*PARTITIONS))
+    dirichlet_alpha: float = field(default=0.5, metadata=_positive())
+    shards_per_client: int = field(default=2, metadata=_at_least(1))
+    min_client_samples: int = field(default=10, metadata=_at_least(1))
+    synthetic_alpha: float = field(default=1.0, metadata=_at_least(0))
+    synthetic_beta: float = field(default=1.0, metadata=_at_least(0))
+    num_clients: int = field(default=10, metadata=_at_least(1))
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self, "data")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: architecture and initialisation."""
+
+    name: str = field(default="mlp", metadata=_choice(*MODELS))
+    init: str = field(default="default", metadata=_choice(*INITS))
+
+    def __post_init__(self) -> None:
+        _validate(self, "model")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: rounds, local SGD, participation, seed and engine."""
+
+    rounds: int = field(default=100, metadata=_at_least(1))
+    local_steps: int = field(default=10, metadata=_at_least(1))
+    batch_size: int = field(default=32, metadata=_at_least(1))
+    lr: float = field(default=0.05, metadata=_positive())
+    clients_per_round: int | None = field(default=None, metadata=_at_least(1))
+    seed: int = field(default=0, metadata=_at_least(0))
+    engine: str = field(default="sim", metadata=_choice(*ENGINES))
+    checkpoint_every: int = field(default=0, metadata=_at_least(0))
+
+    def __post_init__(self) -> None:
+        _validate(self, "train")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """``[compression]``: method (schedule), levels and encoding of the uplink."""
+
+    method: str = field(default="adaquantfl", metadata=_choice(*SCHEDULES))
+    levels: int = field(default=2, metadata={"min": 1, "max": MAX_LEVELS})
+    encoding: str = field(default="packed", metadata=_choice(*MESSAGE_ENCODINGS))
+    bucket_size: int | None = field(default=None, metadata=_at_least(1))
+    norm: str = field(default="l2", metadata=_choice(*NORMS))
+    min_levels: int = field(default=1, metadata={"min": 1, "max": MAX_LEVELS})
+    max_levels: int = field(default=2**16, metadata={"min": 1, "max": MAX_LEVELS})
+
+    def __post_init__(self) -> None:
+        _validate(self, "compression")
+        if self.method == "adaquantfl" and not (self.min_levels <= self.levels <= self.max_levels):
+            raise ConfigError(
+                f"[compression] levels = {self.levels} must lie in [min_levels, max_levels] = "
+                f"[{self.min_levels}, {self.max_levels}] for adaquantfl"
+            )
+
+    @property
+    def label(self) -> str:
+        """``fp32``, ``qsgd-s<levels>`` or ``adaquantfl-s<levels>`` (DESIGN §7)."""
+        return "fp32" if self.method == "fp32" else f"{self.method}-s{self.levels}"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of ``[compare] methods``: overrides of ``[compression]`` and a label."""
+
+    compression: CompressionConfig
+    label: str
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """``[compare]``: which methods to run side by side and how to score them."""
+
+    methods: tuple[dict[str, Any], ...] = ()
+    target_loss: float | None = field(default=None, metadata=_positive())
+    smooth_rounds: int = field(default=10, metadata=_at_least(1))
+    seeds: int = field(default=1, metadata=_at_least(1))
+
+    def __post_init__(self) -> None:
+        _validate(self, "compare")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+    def __post_init__(self) -> None:
+        cpr = self.train.clients_per_round
+        if cpr is not None and cpr > self.data.num_clients:
+            raise ConfigError(
+                f"[train] clients_per_round = {cpr} exceeds [data] num_clients = "
+                f"{self.data.num_clients}"
+            )
+        self.methods()  # validates every [compare] entry now, not mid-run
+
+    @property
+    def clients_per_round(self) -> int:
+        return self.train.clients_per_round or self.data.num_clients
+
+    def methods(self) -> list[MethodSpec]:
+        """The methods of ``[compare]`` (or ``[compression]`` alone), with unique labels."""
+        entries = self.compare.methods or ({},)
+        specs = []
+        counts: dict[str, int] = {}
+        base = dataclasses.asdict(self.compression)
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"[compare] methods[{i}] must be a table, got {entry!r}")
+            entry = dict(entry)
+            label = entry.pop("label", None)
+            if label is not None and (not isinstance(label, str) or not label or "/" in label):
+                raise ConfigError(
+                    f"[compare] methods[{i}].label must be a non-empty name, got {label!r}"
+                )
+            try:
+                compression = _build(
+                    CompressionConfig, {**base, **entry}, "compression", strict_keys=entry
+                )
+            except ConfigError as exc:
+                raise ConfigError(f"[compare] methods[{i}]: {exc}") from None
+            label = label or compression.label
+            counts[label] = counts.get(label, 0) + 1
+            if counts[label] > 1:
+                label = f"{label}-{counts[label]}"
+            specs.append(MethodSpec(compression=compression, label=label))
+        return specs
+
+    def with_compression(self, compression: CompressionConfig) -> Config:
+        return dataclasses.replace(self, compression=compression, compare=CompareConfig())
+
+    def with_seed(self, seed: int) -> Config:
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, seed=seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (TOML-ready: None values dropped)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            section = dataclasses.asdict(getattr(self, f.name))
+            section = {k: (list(v) if isinstance(v, tuple) else v) for k, v in section.items()}
+            out[f.name] = {k: v for k, v in section.items() if v is not None}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Config:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"a config must be a table of sections, got {type(raw).__name__}")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {sorted(sections)}")
+        kwargs: dict[str, Any] = {}
+        for name, section_cls in _SECTION_CLASSES.items():
+            values = raw.get(name, {})
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"[{name}] must be a table, got {values!r}")
+            kwargs[name] = _build(section_cls, values, name, strict_keys=values)
+        return cls(**kwargs)
+
+
+_SECTION_CLASSES: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "compression": CompressionConfig,
+    "compare": CompareConfig,
+}
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Load a config from a TOML file (or a dict), apply ``section.key=value`` overrides.
+
+    Raises
+    ------
+    ConfigError
+        For a missing or unparsable file, an unknown section or key, or a bad value.
+    """
+    if isinstance(source, Config):
+        raw: dict[str, Any] = source.to_dict()
+    elif source is None:
+        raw = {}
+    elif isinstance(source, Mapping):
+        raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in source.items()}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    for section, key, value in parse_overrides(overrides):
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        table[key] = value
+    return Config.from_dict(raw)
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str, Any]]:
+    """Parse ``section.key=value`` strings; values are TOML, bare words are strings."""
+    parsed = []
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value, e.g. train.rounds=5"
+            )
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        parsed.append((section, key, value))
+    return parsed
+
+
+def _build(
+    cls: type, values: Mapping[str, Any], section: str, *, strict_keys: Mapping[str, Any]
+) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(strict_keys) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {section}.{unknown[0]!s}; allowed keys in [{section}]: {', '.join(names)}"
+        )
+    kwargs = {k: v for k, v in values.items() if k in names}
+    if "methods" in kwargs and isinstance(kwargs["methods"], list):
+        kwargs["methods"] = tuple(kwargs["methods"])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(f"[{section}]: {exc}") from None
+
+
+def _validate(obj: Any, section: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        where = f"[{section}] {f.name} = {value!r}"
+        _check_type(value, hints[f.name], where)
+        if isinstance(value, int) and _is_float_hint(hints[f.name]):
+            value = float(value)  # TOML writes 1 for 1.0; store the float
+            object.__setattr__(obj, f.name, value)
+        meta = f.metadata
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{where} is not allowed; choose one of {list(meta['choices'])}")
+        if "min" in meta:
+            low = meta["min"]
+            if meta.get("exclusive") and not value > low:
+                raise ConfigError(f"{where}: must be > {low}")
+            if not meta.get("exclusive") and value < low:
+                raise ConfigError(f"{where}: must be >= {low}")
+        if "max" in meta and value > meta["max"]:
+            raise ConfigError(f"{where}: must be <= {meta['max']}")
+
+
+def _is_float_hint(hint: Any) -> bool:
+    return hint is float or float in typing.get_args(hint)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return
+        hint = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{where}: must be a list")
+        return
+    if hint is float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ConfigError(f"{where}: must be a finite number")
+        return
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer")
+        return
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string")
+        return
+    if not isinstance(value, hint):  # pragma: no cover - every field type is handled above
+        raise ConfigError(f"{where}: must be of type {hint}")

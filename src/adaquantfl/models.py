@@ -1,0 +1,195 @@
+"""Reference models and the flat-parameter view the federated loop works on.
+
+The federated algorithm treats a model as one flat float32 vector ``w``
+(DESIGN §2: the update is "the whole flattened parameter vector"). A
+:class:`FlatModel` pairs an ``nn.Module`` (the architecture, never mutated
+during training) with the layout that maps ``w`` to its named parameters, so
+the same code can evaluate any ``w`` through ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["CNN", "MLP", "MODELS", "FlatModel", "LogisticRegression", "make_model"]
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression: one linear layer on the flattened input."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def functional_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.flatten(1), p["linear.weight"], p["linear.bias"])
+
+
+class MLP(nn.Module):
+    """One hidden ReLU layer on the flattened input (64-200-10 on digits)."""
+
+    def __init__(self, num_features: int, num_classes: int, hidden: int = 200) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(num_features, hidden)
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x.flatten(1))))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def functional_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(F.linear(x.flatten(1), p["hidden.weight"], p["hidden.bias"]))
+        return F.linear(h, p["out.weight"], p["out.bias"])
+
+
+class CNN(nn.Module):
+    """A small conv net for 28x28 (MNIST) and 32x32 (CIFAR-10) images.
+
+    conv5x5(16) - ReLU - maxpool2 - conv5x5(32) - ReLU - maxpool2 - linear.
+    No BatchNorm or dropout: the model is a pure function of its parameters,
+    which keeps every client's computation deterministic and vectorizable.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=5, padding=2)
+        side = image_size // 4
+        self.fc = nn.Linear(32 * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.functional_forward(dict(self.named_parameters()), x)
+
+    @staticmethod
+    def functional_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=2)
+        x = torch.max_pool2d(torch.relu(x), 2)
+        x = F.conv2d(x, p["conv2.weight"], p["conv2.bias"], padding=2)
+        x = torch.max_pool2d(torch.relu(x), 2)
+        return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
+
+
+def _logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return LogisticRegression(math.prod(input_shape), num_classes)
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return MLP(math.prod(input_shape), num_classes)
+
+
+def _cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 3 or input_shape[1] != input_shape[2] or input_shape[1] % 4:
+        raise ValueError(
+            f"model 'cnn' needs square images (channels, side, side) with side divisible by 4, "
+            f"e.g. (1, 28, 28) or (3, 32, 32); the data set has input shape {input_shape}"
+        )
+    return CNN(input_shape[0], input_shape[1], num_classes)
+
+
+#: Model constructors by name: ``(input_shape, num_classes) -> nn.Module``.
+MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "logreg": _logreg,
+    "mlp": _mlp,
+    "cnn": _cnn,
+}
+
+#: Initialisations by name.
+INITS: tuple[str, ...] = ("default", "zero")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+class FlatModel:
+    """An architecture plus the layout of its parameters in one flat vector.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The architecture. Its own parameter values are only used by
+        :meth:`initial_parameters` with ``init="default"``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        if any(True for _ in module.buffers()):
+            raise ValueError(
+                "models with buffers (e.g. BatchNorm) are not supported: the federated loop "
+                "averages parameters only"
+            )
+        self.module = module
+        slots = []
+        offset = 0
+        for name, p in module.named_parameters():
+            slots.append(_Slot(name, tuple(p.shape), offset, p.numel()))
+            offset += p.numel()
+        self._slots = tuple(slots)
+        self.numel = offset
+        # The reference models define a stateless forward on a dict of tensors;
+        # it skips functional_call's module re-parametrisation, which costs more
+        # than the whole forward pass of a small model.
+        self._forward = getattr(module, "functional_forward", None)
+
+    def initial_parameters(
+        self, init: str = "default", *, generator: torch.Generator
+    ) -> torch.Tensor:
+        """A flat float32 initial vector.
+
+        ``"default"`` re-runs each layer's PyTorch initialisation with
+        ``generator``'s stream; ``"zero"`` is all zeros (the paper's logistic
+        regression start).
+        """
+        if init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        if init == "zero":
+            return torch.zeros(self.numel, dtype=torch.float32)
+        # PyTorch's reset_parameters draws from the global generator; run it
+        # under a fork of the RNG seeded from ours so global state is untouched.
+        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for layer in self.module.modules():
+                reset = getattr(layer, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).to(
+            torch.float32
+        )
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views of ``flat`` shaped like the module's parameters."""
+        return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in self._slots}
+
+    def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the model with parameters ``flat`` on inputs ``x``."""
+        if self._forward is not None:
+            return self._forward(self.unflatten(flat), x)  # type: ignore[no-any-return]
+        return functional_call(self.module, self.unflatten(flat), (x,))  # type: ignore[no-any-return]
+
+    def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A ``state_dict`` (cloned tensors) for ``flat``, loadable into the module."""
+        return {name: t.clone() for name, t in self.unflatten(flat).items()}
+
+
+def make_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> FlatModel:
+    """Build model ``name`` (a key of :data:`MODELS`) as a :class:`FlatModel`."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}") from None
+    return FlatModel(factory(tuple(input_shape), num_classes))

@@ -1,0 +1,165 @@
+"""In-process simulator: N clients, one process, the shared client and server code.
+
+Each round the simulator selects clients, runs :func:`adaquantfl.fl.client.client_update`
+for each (in client-id order; the order does not affect any random draw), hands the
+replies to :class:`adaquantfl.fl.server.FedServer`, and evaluates the new global
+model on the test set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from adaquantfl.compressor import Compressor
+from adaquantfl.data import FederatedData
+from adaquantfl.fl.client import ClientError, ClientReply, LocalTraining, client_update, evaluate
+from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
+from adaquantfl.models import FlatModel
+
+__all__ = ["RoundRecord", "Simulator", "record_round"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One row of ``metrics.jsonl`` (before the running totals are added).
+
+    ``train_loss`` is ``F(w_{k-1})``, the participants' weighted loss on the
+    model they received (the schedule's input); ``test_*`` evaluate the global
+    model after this round's aggregation.
+    """
+
+    round: int
+    levels: int | None
+    participants: int
+    rejected: int
+    wire_bits: int
+    formula_bits: int
+    downlink_bits: int
+    train_loss: float | None
+    test_loss: float
+    test_accuracy: float
+    time_s: float
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def record_round(
+    round_number: int,
+    outcome: RoundOutcome,
+    *,
+    downlink_bits: int,
+    test_loss: float,
+    test_accuracy: float,
+    time_s: float,
+) -> RoundRecord:
+    """Combine the server's outcome with the engine's own measurements."""
+    return RoundRecord(
+        round=round_number,
+        levels=outcome.levels,
+        participants=outcome.participants,
+        rejected=outcome.rejected,
+        wire_bits=outcome.wire_bits,
+        formula_bits=outcome.formula_bits,
+        downlink_bits=downlink_bits,
+        train_loss=outcome.train_loss,
+        test_loss=test_loss,
+        test_accuracy=test_accuracy,
+        time_s=time_s,
+    )
+
+
+class Simulator:
+    """Runs the federated loop for all clients of ``data`` in this process.
+
+    Parameters
+    ----------
+    model : FlatModel
+    data : FederatedData
+    server : FedServer
+        Holds the global model and schedule; the simulator never touches them directly.
+    compressor : Compressor
+        Used by the clients to encode their updates.
+    training : LocalTraining
+    clients_per_round : int
+    seed : int
+        The run seed every random stream is derived from.
+    """
+
+    def __init__(
+        self,
+        model: FlatModel,
+        data: FederatedData,
+        server: FedServer,
+        compressor: Compressor,
+        *,
+        training: LocalTraining,
+        clients_per_round: int,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.server = server
+        self.compressor = compressor
+        self.training = training
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        select_clients(len(data.clients), clients_per_round, seed=seed, round_idx=0)  # validates
+
+    def run_round(self) -> RoundRecord:
+        """Run the next round and return its record."""
+        start = time.perf_counter()
+        round_idx = self.server.round_idx
+        chosen = select_clients(
+            len(self.data.clients), self.clients_per_round, seed=self.seed, round_idx=round_idx
+        )
+        levels = self.server.levels
+        params = self.server.params
+        downlink_bits = 8 * len(self.server.downlink_payload()) * len(chosen)
+        replies: list[ClientReply] = []
+        failed = 0
+        for cid in chosen:
+            shard = self.data.clients[cid]
+            try:
+                replies.append(
+                    client_update(
+                        self.model,
+                        params,
+                        shard.x,
+                        shard.y,
+                        levels=levels,
+                        compressor=self.compressor,
+                        training=self.training,
+                        seed=self.seed,
+                        round_idx=round_idx,
+                        client_id=cid,
+                    )
+                )
+            except ClientError as exc:
+                logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
+                failed += 1
+        outcome = self.server.aggregate(replies)
+        if failed:
+            outcome = _add_failures(outcome, failed)
+        test_loss, test_accuracy = evaluate(
+            self.model, self.server.params, self.data.test.x, self.data.test.y
+        )
+        return record_round(
+            round_idx + 1,
+            outcome,
+            downlink_bits=downlink_bits,
+            test_loss=test_loss,
+            test_accuracy=test_accuracy,
+            time_s=time.perf_counter() - start,
+        )
+
+
+def _add_failures(outcome: RoundOutcome, failed: int) -> RoundOutcome:
+    from dataclasses import replace
+
+    return replace(outcome, rejected=outcome.rejected + failed)

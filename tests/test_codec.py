@@ -1,0 +1,263 @@
+"""Tests of wire format v1: golden bytes, exact sizes, round trips, and rejection of bad input."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaquantfl.codec import (
+    CodecError,
+    decode,
+    decode_dense,
+    encode,
+    encode_dense,
+    formula_bits,
+    message_bytes,
+    packed_body_bytes,
+    peek_header,
+    varint_bytes,
+)
+from adaquantfl.quantize import quantize
+from tests.golden.make_golden import golden_cases
+from tests.reference import reference_message, reference_pack
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def recrc(data: bytes | bytearray) -> bytes:
+    """Replace the trailing CRC so that a deliberately malformed body reaches the body checks."""
+    body = bytes(data[:-4])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+# --------------------------------------------------------------------------- golden vectors
+
+
+@pytest.mark.parametrize("name", sorted(golden_cases()))
+def test_encoder_reproduces_checked_in_golden_bytes(name: str) -> None:
+    assert golden_cases()[name] == (GOLDEN / name).read_bytes()
+
+
+def test_golden_hand_vector_matches_field_by_field_reference() -> None:
+    data = (GOLDEN / "packed_s3_hand.bin").read_bytes()
+    mags, signs = [0, 1, 2, 3, 1], [False, True, False, True, False]
+    body = reference_pack(mags, signs, 3)
+    assert body == bytes([0x18, 0x2F])  # worked by hand in the codec docstring's layout
+    assert data == reference_message(1, 5, 3, 0, [np.float32(2.5)], body)
+    q = decode(data, expected_numel=5)
+    assert q.magnitudes.tolist() == mags and q.signs.tolist() == signs
+    assert q.norms.tolist() == [2.5] and q.levels == 3 and q.bucket_size is None
+
+
+def test_golden_raw_vector_layout() -> None:
+    data = (GOLDEN / "raw_3.bin").read_bytes()
+    assert data == reference_message(0, 3, 0, 0, [], struct.pack("<3f", 1.0, -2.0, 0.5))
+    assert decode_dense(data, expected_numel=3).tolist() == [1.0, -2.0, 0.5]
+
+
+def test_golden_bucketed_max_norm_vector_layout() -> None:
+    data = (GOLDEN / "packed_s1_bucket3_maxnorm.bin").read_bytes()
+    q = decode(data, expected_numel=7)
+    assert q.norm == "max" and q.bucket_size == 3 and q.norms.tolist() == [1.0, 0.5, 0.25]
+    body = reference_pack(q.magnitudes.tolist(), q.signs.tolist(), 1)
+    norms = [np.float32(v) for v in (1.0, 0.5, 0.25)]
+    assert data == reference_message(1, 7, 1, 3, norms, body, flags=0x10)
+
+
+def test_golden_seeded_vector_freezes_the_quantizer_stream() -> None:
+    data = (GOLDEN / "packed_s2_linspace410_seed2026.bin").read_bytes()
+    q = quantize(torch.linspace(-1.0, 1.0, 410), 2, generator=gen(2026))
+    assert decode(data, expected_numel=410) == q
+
+
+# --------------------------------------------------------------------------- round trips, sizes
+
+SIZES = [0, 1, 7, 410, 1001]
+LEVELS = [1, 2, 3, 4, 7, 8, 15, 16, 255, 65_536]
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("levels", LEVELS)
+@pytest.mark.parametrize("bucket_size", [None, 1, 64])
+def test_packed_round_trip_and_exact_size(numel: int, levels: int, bucket_size: int | None) -> None:
+    x = torch.randn(numel, generator=gen(numel + levels))
+    q = quantize(x, levels, generator=gen(1), bucket_size=bucket_size)
+    data = encode(q, "packed")
+    assert decode(data, expected_numel=numel, expected_levels=levels) == q
+    assert len(data) == message_bytes(numel, levels, bucket_size=bucket_size)
+    # The closed form, spelled out: fixed 4 bytes, 4 varints, norms, body, CRC.
+    nb = 1 if bucket_size is None or numel == 0 else -(-numel // bucket_size)
+    body = -(-numel * (1 + levels.bit_length()) // 8)
+    fields = [numel, levels, bucket_size or 0, body]
+    assert len(data) == 4 + sum(varint_bytes(f) for f in fields) + 4 * nb + body + 4
+
+
+@pytest.mark.parametrize("numel", SIZES)
+def test_raw_round_trip_is_bit_exact_and_sized(numel: int) -> None:
+    x = torch.randn(numel, generator=gen(numel)) * 1e30
+    data = encode_dense(x)
+    assert torch.equal(decode_dense(data, expected_numel=numel), x)
+    assert (
+        len(data)
+        == message_bytes(numel, None)
+        == 4 + sum(varint_bytes(f) for f in (numel, 0, 0, 4 * numel)) + 4 * numel + 4
+    )
+
+
+def test_max_norm_flag_round_trips() -> None:
+    q = quantize(torch.randn(100, generator=gen()), 5, generator=gen(), norm="max", bucket_size=10)
+    assert decode(encode(q), expected_numel=100) == q
+
+
+def test_demo_sized_message_sizes() -> None:
+    # d = 410 (MNIST-1D logistic regression): the s=1 message is 120 bytes = 960 bits,
+    # of which 17 bytes are header, norm and CRC; the paper formula counts 852 bits.
+    assert message_bytes(410, 1) == 120
+    assert packed_body_bytes(410, 1) == 103
+    assert formula_bits(410, 1) == 852
+    assert formula_bits(410, None) == 32 * 410
+    assert formula_bits(410, 7, num_norms=3) == 410 * 3 + 410 + 96
+
+
+def test_varint_sizes() -> None:
+    assert [varint_bytes(v) for v in (0, 127, 128, 16383, 16384, 2**32 - 1)] == [1, 1, 2, 2, 3, 5]
+
+
+def test_peek_header_reports_fields() -> None:
+    q = quantize(torch.randn(50, generator=gen()), 7, generator=gen(), bucket_size=20)
+    h = peek_header(encode(q))
+    assert (h.encoding, h.numel, h.levels, h.bucket_size, h.norm) == ("packed", 50, 7, 20, "l2")
+    assert h.num_norms == 3
+
+
+# --------------------------------------------------------------------------- rejection
+
+
+def _sample_message() -> bytes:
+    return encode(quantize(torch.randn(40, generator=gen(2)), 3, generator=gen(3)))
+
+
+def test_every_truncation_is_rejected() -> None:
+    data = _sample_message()
+    for cut in range(len(data)):
+        with pytest.raises(CodecError):
+            decode(data[:cut], expected_numel=40)
+
+
+@pytest.mark.parametrize("extra", [b"\x00", b"\xff" * 3, b"x" * 100])
+def test_extension_is_rejected(extra: bytes) -> None:
+    with pytest.raises(CodecError, match="bytes"):
+        decode(_sample_message() + extra, expected_numel=40)
+
+
+def test_every_single_bit_flip_is_rejected() -> None:
+    data = _sample_message()
+    for bit in range(8 * len(data)):
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CodecError):
+            decode(bytes(flipped), expected_numel=40)
+
+
+def test_wrong_expected_numel_and_levels_are_rejected() -> None:
+    data = _sample_message()
+    with pytest.raises(CodecError, match="numel 40; expected 41"):
+        decode(data, expected_numel=41)
+    with pytest.raises(CodecError, match="levels 3; expected 4"):
+        decode(data, expected_numel=40, expected_levels=4)
+
+
+def test_huge_claimed_size_is_rejected_before_allocating() -> None:
+    head = b"AQ\x01\x01" + b"\xff\xff\xff\xff\x0f" + b"\x03\x00" + b"\xff\xff\xff\xff\x0f"
+    with pytest.raises(CodecError, match=r"packed body length|numel"):
+        decode(recrc(head + b"\x00" * 8), expected_numel=10)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda b: b"XQ" + b[2:], "magic"),
+        (lambda b: b[:2] + b"\x02" + b[3:], "version"),
+        (lambda b: b[:3] + b"\x07" + b[4:], "encoding code"),
+        (lambda b: b[:3] + b"\x41" + b[4:], "flag"),
+    ],
+)
+def test_bad_header_fields_are_named(mutate, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(CodecError, match=match):
+        decode(recrc(mutate(_sample_message())), expected_numel=40)
+
+
+def test_crc_mismatch_is_named() -> None:
+    data = bytearray(_sample_message())
+    data[-1] ^= 0x01
+    with pytest.raises(CodecError, match="CRC32"):
+        decode(bytes(data), expected_numel=40)
+
+
+def _hand(mags: list[int], signs: list[bool], levels: int = 1, norm: float = 1.0) -> bytes:
+    body = reference_pack(mags, signs, levels)
+    return reference_message(1, len(mags), levels, 0, [np.float32(norm)], body)
+
+
+def test_non_canonical_bodies_are_rejected() -> None:
+    # Well-formed reference layout, but: sign bit on a zero level.
+    with pytest.raises(CodecError, match="sign bit"):
+        decode(_hand([0, 1], [True, False]), expected_numel=2)
+    # Level index 3 fits the 2 index bits of s=2 but exceeds s.
+    with pytest.raises(CodecError, match="exceeds levels"):
+        decode(_hand([3, 1], [False, False], levels=2), expected_numel=2)
+    # Padding bits after the last entry must be zero.
+    data = bytearray(_hand([1, 1], [False, False]))
+    pos = len(data) - 5  # last body byte
+    data[pos] |= 0x80
+    with pytest.raises(CodecError, match="padding"):
+        decode(recrc(data), expected_numel=2)
+    # Over-long varint (numel 2 written as 0x82 0x00).
+    good = _hand([1, 1], [False, False])
+    long_varint = good[:4] + b"\x82\x00" + good[5:-4]
+    with pytest.raises(CodecError, match="minimally"):
+        decode(recrc(long_varint + b"0000"), expected_numel=2)
+
+
+@pytest.mark.parametrize("bad_norm", [float("nan"), float("inf"), -1.0])
+def test_bad_norms_are_rejected(bad_norm: float) -> None:
+    with pytest.raises(CodecError, match="norm"):
+        decode(_hand([1, 0], [False, False], norm=bad_norm), expected_numel=2)
+
+
+def test_raw_non_finite_is_rejected_and_kinds_cannot_be_mixed() -> None:
+    bad = reference_message(0, 2, 0, 0, [], struct.pack("<2f", 1.0, float("nan")))
+    with pytest.raises(CodecError, match="non-finite"):
+        decode_dense(bad, expected_numel=2)
+    with pytest.raises(CodecError, match="raw"):
+        decode(encode_dense(torch.ones(3)), expected_numel=3)
+    with pytest.raises(CodecError, match="decode for quantized"):
+        decode_dense(_sample_message(), expected_numel=40)
+    with pytest.raises(CodecError, match="raw message must have levels 0"):
+        decode_dense(reference_message(0, 1, 2, 0, [], b"\x00" * 4), expected_numel=1)
+
+
+def test_non_bytes_input_is_a_codec_error() -> None:
+    with pytest.raises(CodecError, match="bytes"):
+        decode("AQ", expected_numel=1)  # type: ignore[arg-type]
+
+
+def test_encode_rejects_non_finite_dense_input_and_unknown_encoding() -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        encode_dense(torch.tensor([1.0, float("inf")]))
+    q = quantize(torch.ones(3), 1, generator=gen())
+    with pytest.raises(ValueError, match="encoding"):
+        encode(q, "zip")
+
+
+def test_codec_error_is_a_value_error() -> None:
+    assert issubclass(CodecError, ValueError)
