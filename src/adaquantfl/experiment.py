@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,16 @@ from adaquantfl.rng import torch_generator
 from adaquantfl.schedule import make_schedule
 from adaquantfl.sim.simulator import RoundRecord, Simulator
 
-__all__ = ["CompareResult", "RunResult", "build_simulator", "compare", "load_data", "run"]
+__all__ = [
+    "ENGINES",
+    "CompareResult",
+    "EngineRun",
+    "RunResult",
+    "build_simulator",
+    "compare",
+    "load_data",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +140,69 @@ def build_simulator(config: Config, data: FederatedData | None = None) -> Simula
     )
 
 
+# --------------------------------------------------------------------------- engines
+
+
+@dataclass
+class EngineRun:
+    """What an engine hands back after its last round."""
+
+    params: torch.Tensor
+    model: FlatModel
+
+
+#: An engine runs ``config.train.rounds`` rounds of one method and calls
+#: ``on_record`` after each, in round order.
+EngineFn = Callable[[Config, Callable[[RoundRecord], None]], EngineRun]
+
+
+def _sim_engine(config: Config, on_record: Callable[[RoundRecord], None]) -> EngineRun:
+    sim = build_simulator(config)
+    for _ in range(config.train.rounds):
+        on_record(sim.run_round())
+    return EngineRun(sim.server.params.clone(), sim.model)
+
+
+def _flower_engine(config: Config, on_record: Callable[[RoundRecord], None]) -> EngineRun:
+    try:
+        from adaquantfl.flower.engine import run_flower
+    except ImportError as exc:
+        raise ConfigError(
+            "[train] engine = 'flower' needs the Flower extra: pip install 'adaquantfl[flower]' "
+            f"({exc})"
+        ) from None
+    result: EngineRun = run_flower(config, on_record)
+    return result
+
+
+#: Engines by ``[train] engine`` name.
+ENGINES: dict[str, EngineFn] = {"sim": _sim_engine, "flower": _flower_engine}
+
+
 # --------------------------------------------------------------------------- running
 
 
-def _rows(records: Iterator[RoundRecord]) -> Iterator[dict[str, Any]]:
-    cum = {"wire_bits": 0, "formula_bits": 0, "downlink_bits": 0}
-    for record in records:
+class _RowWriter:
+    """Turns records into metrics rows with running totals, and streams them out."""
+
+    def __init__(self, label: str, sink: Any, on_round: RoundCallback | None) -> None:
+        self.label = label
+        self.sink = sink
+        self.on_round = on_round
+        self.rows: list[dict[str, Any]] = []
+        self._cum = {"wire_bits": 0, "formula_bits": 0, "downlink_bits": 0}
+
+    def __call__(self, record: RoundRecord) -> None:
         row = record.as_row()
-        for key in cum:
-            cum[key] += row[key]
-            row[f"cum_{key}"] = cum[key]
-        yield row
+        for key in self._cum:
+            self._cum[key] += row[key]
+            row[f"cum_{key}"] = self._cum[key]
+        self.rows.append(row)
+        if self.sink is not None:
+            self.sink.write(json.dumps(row) + "\n")
+            self.sink.flush()
+        if self.on_round is not None:
+            self.on_round(self.label, row)
 
 
 def _run_one(
@@ -153,30 +214,19 @@ def _run_one(
     smooth_rounds: int,
     on_round: RoundCallback | None,
 ) -> RunResult:
-    if config.train.engine != "sim":
-        raise ConfigError(
-            f"[train] engine = {config.train.engine!r} is not available in this build; use 'sim'"
-        )
-    sim = build_simulator(config)
-    records = (sim.run_round() for _ in range(config.train.rounds))
-    rows: list[dict[str, Any]] = []
+    engine = ENGINES[config.train.engine]
     sink = None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         sink = (run_dir / "metrics.jsonl").open("w", encoding="utf-8")
     with sink if sink is not None else nullcontext():
-        for row in _rows(records):
-            rows.append(row)
-            if sink is not None:
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-            if on_round is not None:
-                on_round(label, row)
-    params = sim.server.params.clone()
+        writer = _RowWriter(label, sink, on_round)
+        final = engine(config, writer)
     if run_dir is not None:
-        torch.save(sim.model.state_dict(params), run_dir / "model.pt")
+        torch.save(final.model.state_dict(final.params), run_dir / "model.pt")
+    rows = writer.rows
     summary = summarize_run(rows, target_loss=target_loss, smooth_rounds=smooth_rounds)
-    return RunResult(label, config.train.seed, rows, summary, params, run_dir)
+    return RunResult(label, config.train.seed, rows, summary, final.params, run_dir)
 
 
 def _write_config(config: Config, out_dir: Path) -> None:

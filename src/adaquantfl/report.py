@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,10 @@ def _mean_curve(runs: list[list[dict[str, Any]]], key: str) -> np.ndarray:
         for rows in runs
     ]
     length = min(len(a) for a in arrays)
-    mean: np.ndarray = np.nanmean(np.stack([a[:length] for a in arrays]), axis=0)
+    stacked = np.stack([a[:length] for a in arrays])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (fp32 levels) stay NaN
+        mean: np.ndarray = np.nanmean(stacked, axis=0)
     return mean
 
 

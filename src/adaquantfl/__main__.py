@@ -1,0 +1,5 @@
+"""``python -m adaquantfl`` runs the command line."""
+
+from adaquantfl.cli import main
+
+main()
