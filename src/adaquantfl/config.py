@@ -97,6 +97,7 @@ class TrainConfig:
     clients_per_round: int | None = field(default=None, metadata=_at_least(1))
     seed: int = field(default=0, metadata=_at_least(0))
     engine: str = field(default="sim", metadata=_choice(*ENGINES))
+    vectorize: bool = True
     checkpoint_every: int = field(default=0, metadata=_at_least(0))
 
     def __post_init__(self) -> None:
@@ -366,6 +367,10 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: must be a string")
+        return
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
         return
     if not isinstance(value, hint):  # pragma: no cover - every field type is handled above
         raise ConfigError(f"{where}: must be of type {hint}")

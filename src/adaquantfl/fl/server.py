@@ -7,6 +7,7 @@ state that must survive a restart (global model, round counter, schedule).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -76,6 +77,10 @@ class RoundOutcome:
     next_levels : int or None
         Levels the schedule chose for the next round.
     rejections : tuple of (client_id, reason)
+    digests : tuple of (client_id, sha256 hex)
+        SHA-256 of every received payload, in client-id order, when the server
+        was built with ``record_digests=True`` (used to check that two engines
+        sent the same bytes); empty otherwise.
     """
 
     levels: int | None
@@ -86,6 +91,7 @@ class RoundOutcome:
     train_loss: float | None
     next_levels: int | None
     rejections: tuple[tuple[int, str], ...] = field(default=())
+    digests: tuple[tuple[int, str], ...] = field(default=())
 
 
 class FedServer:
@@ -101,6 +107,8 @@ class FedServer:
         Decodes the clients' payloads.
     max_message_bytes : int, optional
         Payloads larger than this are rejected unread.
+    record_digests : bool
+        Record the SHA-256 of every payload in :attr:`RoundOutcome.digests`.
 
     Notes
     -----
@@ -119,6 +127,7 @@ class FedServer:
         compressor: Compressor,
         *,
         max_message_bytes: int | None = None,
+        record_digests: bool = False,
     ) -> None:
         if params.dtype != torch.float32 or params.dim() != 1:
             raise ValueError(
@@ -130,6 +139,7 @@ class FedServer:
         self.schedule = schedule
         self.compressor = compressor
         self.max_message_bytes = max_message_bytes
+        self.record_digests = record_digests
         self.round_idx = 0  # completed rounds
 
     @property
@@ -162,10 +172,13 @@ class FedServer:
         losses: list[float] = []
         weights: list[int] = []
         rejections: list[tuple[int, str]] = []
+        digests: list[tuple[int, str]] = []
         seen: set[int] = set()
         for reply in sorted(replies, key=lambda r: r.client_id):
             size = len(reply.payload) if isinstance(reply.payload, bytes | bytearray) else 0
             wire_bits += 8 * size
+            if self.record_digests and size:
+                digests.append((reply.client_id, hashlib.sha256(reply.payload).hexdigest()))
             reason = self._check_reply(reply, seen)
             if reason is None:
                 try:
@@ -209,6 +222,7 @@ class FedServer:
             train_loss=train_loss,
             next_levels=self.levels,
             rejections=tuple(rejections),
+            digests=tuple(digests),
         )
 
     def _check_reply(self, reply: ClientReply, seen: set[int]) -> str | None:
