@@ -48,7 +48,9 @@ class RecordingSchedule:
         pass
 
 
-def tiny_data(num_clients: int = 3, seed: int = 0, sizes: tuple[int, ...] = (20, 35, 7)) -> FederatedData:
+def tiny_data(
+    num_clients: int = 3, seed: int = 0, sizes: tuple[int, ...] = (20, 35, 7)
+) -> FederatedData:
     g = torch.Generator().manual_seed(seed)
     clients = []
     for n in sizes[:num_clients]:
@@ -105,7 +107,9 @@ def test_weighted_mean() -> None:
 
 def _good(cid: int, levels: int | None = 2, loss: float = 1.0, n: int = 5) -> ClientReply:
     comp = QSGDCompressor()
-    payload = comp.compress(torch.full((4,), 0.5), levels, generator=torch.Generator().manual_seed(cid))
+    payload = comp.compress(
+        torch.full((4,), 0.5), levels, generator=torch.Generator().manual_seed(cid)
+    )
     return ClientReply(cid, payload, loss, n)
 
 
@@ -238,7 +242,9 @@ def handwritten_fedavg(data: FederatedData, rounds: int, seed: int) -> torch.Ten
         dW, db = torch.zeros_like(W, dtype=torch.float64), torch.zeros_like(b, dtype=torch.float64)
         for i, c in enumerate(data.clients):
             gen = torch_generator(seed, purpose="batch", round_idx=k, client_id=i)
-            idx = torch.randint(0, len(c), (TRAINING.local_steps, TRAINING.batch_size), generator=gen)
+            idx = torch.randint(
+                0, len(c), (TRAINING.local_steps, TRAINING.batch_size), generator=gen
+            )
             Wl, bl = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
             for t in range(TRAINING.local_steps):
                 loss = F.cross_entropy(c.x[idx[t]] @ Wl.T + bl, c.y[idx[t]])
@@ -272,7 +278,7 @@ def test_same_seed_same_bytes_and_different_seed_differs() -> None:
 
     rows_a, params_a = trace(0)
     rows_b, params_b = trace(0)
-    rows_c, params_c = trace(1)
+    _, params_c = trace(1)
     assert rows_a == rows_b and torch.equal(params_a, params_b)
     assert not torch.equal(params_a, params_c)
 

@@ -12,8 +12,8 @@ def rows(losses: list[float | None]) -> list[dict[str, float | int | None]]:
     cum = 0
     for i, loss in enumerate(losses, start=1):
         cum += 100
-        out.append({"round": i, "train_loss": loss, "cum_wire_bits": cum, "cum_formula_bits": cum - 10,
-                    "test_accuracy": 0.5, "levels": 2})  # fmt: skip
+        row = {"round": i, "train_loss": loss, "cum_wire_bits": cum, "cum_formula_bits": cum - 10}
+        out.append({**row, "test_accuracy": 0.5, "levels": 2})
     return out
 
 
@@ -39,7 +39,11 @@ def test_first_round_at_target_uses_the_trailing_mean() -> None:
 
 def test_summarize_run_reports_bits_at_the_hit() -> None:
     s = summarize_run(rows([3.0, 1.0, 1.0, 1.0, 1.0]), target_loss=1.0, smooth_rounds=3)
-    assert (s["bits_to_target"], s["formula_bits_to_target"], s["rounds_to_target"]) == (400, 390, 4)
+    assert (s["bits_to_target"], s["formula_bits_to_target"], s["rounds_to_target"]) == (
+        400,
+        390,
+        4,
+    )
     assert s["total_wire_bits"] == 500
     assert summarize_run(rows([3.0]), target_loss=None, smooth_rounds=3)["bits_to_target"] is None
 
@@ -50,5 +54,7 @@ def test_aggregate_seeds_mean_sd_and_reached() -> None:
     agg = aggregate_seeds([a, b])
     assert agg["seeds"] == 2 and agg["reached"] == 1
     assert agg["bits_to_target"] == 200  # mean over the seeds that reached it
-    assert agg["final_train_loss"] == 1.5 and agg["sd"]["final_train_loss"] == pytest.approx(0.7071, rel=1e-3)
+    assert agg["final_train_loss"] == 1.5 and agg["sd"]["final_train_loss"] == pytest.approx(
+        0.7071, rel=1e-3
+    )
     assert aggregate_seeds([a]) == a

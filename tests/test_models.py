@@ -51,7 +51,9 @@ def test_initialisation_is_seeded_and_leaves_global_rng_alone() -> None:
     b = model.initial_parameters(generator=torch.Generator().manual_seed(5))
     c = model.initial_parameters(generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(model.initial_parameters("zero", generator=torch.Generator()), torch.zeros(model.numel))
+    assert torch.equal(
+        model.initial_parameters("zero", generator=torch.Generator()), torch.zeros(model.numel)
+    )
 
 
 def test_bad_names_and_shapes() -> None:

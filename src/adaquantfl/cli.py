@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,14 +27,18 @@ __all__ = ["app", "main"]
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Plain help text: config sections like [train] must not be read as markup.
+    rich_markup_mode="markdown",
     help="Communication-efficient federated learning with adaptive quantization (AdaQuantFL).",
 )
-console = Console()
+# Wide enough for the summary table when output is a file or a CI log (rich
+# defaults to 80 columns there and would truncate the method names).
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (TOML).", show_default=False)]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Results directory [default: results/<config name>]."),
+    typer.Option("--out", "-o", help="Results directory [default: results/CONFIG-NAME]."),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -42,6 +47,13 @@ SetOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue from the last good checkpoint in --out ([train] checkpoint_every).",
+    ),
+]
 
 
 def _default_out(config: Path, out: Path | None) -> Path:
@@ -88,7 +100,11 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def run(
-    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False
+    config: ConfigArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Run the one method in [compression] and write its results directory."""
     from adaquantfl.config import load_config
@@ -98,7 +114,7 @@ def run(
     try:
         cfg = load_config(config, set_ or [])
         with _progress(cfg.train.rounds, quiet) as on_round:
-            result = run_experiment(cfg, out_dir, on_round=on_round)
+            result = run_experiment(cfg, out_dir, on_round=on_round, resume=resume)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
         return
@@ -113,7 +129,11 @@ def run(
 
 @app.command()
 def compare(
-    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, quiet: QuietOpt = False
+    config: ConfigArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Run every method in [compare], then print the table and draw the plots."""
     from adaquantfl.config import load_config
@@ -124,7 +144,7 @@ def compare(
     try:
         cfg = load_config(config, set_ or [])
         with _progress(cfg.train.rounds, quiet) as on_round:
-            result = compare_experiment(cfg, out_dir, on_round=on_round)
+            result = compare_experiment(cfg, out_dir, on_round=on_round, resume=resume)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
         return

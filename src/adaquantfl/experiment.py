@@ -11,12 +11,10 @@ Results directory (DESIGN §7)::
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,27 +22,33 @@ from typing import Any
 import tomli_w
 import torch
 
-from adaquantfl.compressor import make_compressor
+from adaquantfl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from adaquantfl.config import Config, ConfigError, MethodSpec, load_config
-from adaquantfl.data import FederatedData, load_federated
-from adaquantfl.fl.client import LocalTraining
-from adaquantfl.fl.server import FedServer
+from adaquantfl.engines import (
+    ENGINES,
+    EngineRun,
+    build_model,
+    build_server,
+    build_simulator,
+    load_data,
+)
 from adaquantfl.metrics import DEFAULT_TARGET_FACTOR, aggregate_seeds, final_mean, summarize_run
-from adaquantfl.models import FlatModel, make_model
-from adaquantfl.rng import torch_generator
-from adaquantfl.schedule import make_schedule
-from adaquantfl.sim.simulator import RoundRecord, Simulator
+from adaquantfl.sim.simulator import RoundRecord
 
 __all__ = [
     "ENGINES",
     "CompareResult",
     "EngineRun",
     "RunResult",
+    "build_model",
+    "build_server",
     "build_simulator",
     "compare",
     "load_data",
     "run",
 ]
+
+CHECKPOINT_NAME = "checkpoint.pt"
 
 logger = logging.getLogger(__name__)
 
@@ -76,133 +80,74 @@ class CompareResult:
     plots: list[Path] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- building
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_data(data_key: str, seed: int) -> FederatedData:
-    params = json.loads(data_key)
-    return load_federated(seed=seed, **params)
-
-
-def load_data(config: Config) -> FederatedData:
-    """The federated data set of ``config`` (cached per data config and seed)."""
-    d = config.data
-    key = json.dumps(
-        {
-            "dataset": d.dataset,
-            "num_clients": d.num_clients,
-            "partition": d.partition,
-            "dirichlet_alpha": d.dirichlet_alpha,
-            "shards_per_client": d.shards_per_client,
-            "min_client_samples": d.min_client_samples,
-            "synthetic_alpha": d.synthetic_alpha,
-            "synthetic_beta": d.synthetic_beta,
-            "data_dir": d.data_dir,
-        },
-        sort_keys=True,
-    )
-    return _cached_data(key, config.train.seed)
-
-
-def build_model(config: Config, data: FederatedData) -> tuple[FlatModel, torch.Tensor]:
-    """The model and its initial flat parameters (stream: seed, "init")."""
-    model = make_model(config.model.name, data.input_shape, data.num_classes)
-    params = model.initial_parameters(
-        config.model.init, generator=torch_generator(config.train.seed, purpose="init")
-    )
-    return model, params
-
-
-def build_server(config: Config, params: torch.Tensor) -> FedServer:
-    c = config.compression
-    schedule = make_schedule(
-        c.method, levels=c.levels, min_levels=c.min_levels, max_levels=c.max_levels
-    )
-    compressor = make_compressor(encoding=c.encoding, bucket_size=c.bucket_size, norm=c.norm)
-    return FedServer(params, schedule, compressor)
-
-
-def build_simulator(config: Config, data: FederatedData | None = None) -> Simulator:
-    """A ready-to-run simulator for a single-method config."""
-    data = data if data is not None else load_data(config)
-    model, params = build_model(config, data)
-    server = build_server(config, params)
-    t = config.train
-    return Simulator(
-        model,
-        data,
-        server,
-        server.compressor,
-        training=LocalTraining(t.local_steps, t.batch_size, t.lr),
-        clients_per_round=config.clients_per_round,
-        seed=t.seed,
-    )
-
-
-# --------------------------------------------------------------------------- engines
-
-
-@dataclass
-class EngineRun:
-    """What an engine hands back after its last round."""
-
-    params: torch.Tensor
-    model: FlatModel
-
-
-#: An engine runs ``config.train.rounds`` rounds of one method and calls
-#: ``on_record`` after each, in round order.
-EngineFn = Callable[[Config, Callable[[RoundRecord], None]], EngineRun]
-
-
-def _sim_engine(config: Config, on_record: Callable[[RoundRecord], None]) -> EngineRun:
-    sim = build_simulator(config)
-    for _ in range(config.train.rounds):
-        on_record(sim.run_round())
-    return EngineRun(sim.server.params.clone(), sim.model)
-
-
-def _flower_engine(config: Config, on_record: Callable[[RoundRecord], None]) -> EngineRun:
-    try:
-        from adaquantfl.flower.engine import run_flower
-    except ImportError as exc:
-        raise ConfigError(
-            "[train] engine = 'flower' needs the Flower extra: pip install 'adaquantfl[flower]' "
-            f"({exc})"
-        ) from None
-    result: EngineRun = run_flower(config, on_record)
-    return result
-
-
-#: Engines by ``[train] engine`` name.
-ENGINES: dict[str, EngineFn] = {"sim": _sim_engine, "flower": _flower_engine}
-
-
 # --------------------------------------------------------------------------- running
 
 
 class _RowWriter:
     """Turns records into metrics rows with running totals, and streams them out."""
 
-    def __init__(self, label: str, sink: Any, on_round: RoundCallback | None) -> None:
+    def __init__(
+        self,
+        label: str,
+        sink: Any,
+        on_round: RoundCallback | None,
+        rows: Sequence[dict[str, Any]] = (),
+    ) -> None:
         self.label = label
         self.sink = sink
         self.on_round = on_round
         self.rows: list[dict[str, Any]] = []
         self._cum = {"wire_bits": 0, "formula_bits": 0, "downlink_bits": 0}
+        for row in rows:  # rows restored from a checkpoint
+            self._emit(dict(row))
+            for key in self._cum:
+                self._cum[key] = row[f"cum_{key}"]
 
     def __call__(self, record: RoundRecord) -> None:
         row = record.as_row()
         for key in self._cum:
             self._cum[key] += row[key]
             row[f"cum_{key}"] = self._cum[key]
+        self._emit(row)
+
+    def _emit(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.sink is not None:
             self.sink.write(json.dumps(row) + "\n")
             self.sink.flush()
         if self.on_round is not None:
             self.on_round(self.label, row)
+
+
+def _without_rounds(raw: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    out.get("train", {}).pop("rounds", None)
+    return out
+
+
+def _resume_state(config: Config, run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint of ``run_dir`` if there is one, checked against ``config``."""
+    path = run_dir / CHECKPOINT_NAME
+    if not (path.exists() or path.with_name(path.name + ".prev").exists()):
+        logger.warning("no checkpoint in %s; starting the run from round 1", run_dir)
+        return None
+    try:
+        state, source = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    # The number of rounds may grow on resume; nothing else may change.
+    if _without_rounds(state["config"]) != _without_rounds(config.to_dict()):
+        raise ConfigError(
+            f"cannot resume {run_dir}: {source.name} was written with a different config; "
+            "only [train] rounds may change on resume"
+        )
+    if state["round"] > config.train.rounds:
+        raise ConfigError(
+            f"cannot resume {run_dir}: it already ran {state['round']} rounds, "
+            f"more than rounds = {config.train.rounds}"
+        )
+    logger.info("resuming %s after round %d (%s)", run_dir, state["round"], source.name)
+    return state
 
 
 def _run_one(
@@ -213,15 +158,42 @@ def _run_one(
     target_loss: float | None,
     smooth_rounds: int,
     on_round: RoundCallback | None,
+    resume: bool = False,
 ) -> RunResult:
     engine = ENGINES[config.train.engine]
+    if run_dir is None and (resume or config.train.checkpoint_every):
+        raise ConfigError("checkpoints and --resume need an output directory")
+    state = _resume_state(config, run_dir) if resume and run_dir is not None else None
     sink = None
+    on_checkpoint = None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         sink = (run_dir / "metrics.jsonl").open("w", encoding="utf-8")
-    with sink if sink is not None else nullcontext():
-        writer = _RowWriter(label, sink, on_round)
-        final = engine(config, writer)
+        checkpoint_path = run_dir / CHECKPOINT_NAME
+
+        def on_checkpoint(server_state: dict[str, Any], done: int) -> None:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "label": label,
+                    "config": config.to_dict(),
+                    "round": done,
+                    "server": server_state,
+                    "rows": list(writer.rows),
+                },
+            )
+
+    try:
+        writer = _RowWriter(label, sink, on_round, state["rows"] if state else ())
+        final = engine(
+            config,
+            writer,
+            resume_state=state["server"] if state else None,
+            on_checkpoint=on_checkpoint if config.train.checkpoint_every else None,
+        )
+    finally:
+        if sink is not None:
+            sink.close()
     if run_dir is not None:
         torch.save(final.model.state_dict(final.params), run_dir / "model.pt")
     rows = writer.rows
@@ -244,11 +216,14 @@ def run(
     *,
     overrides: Sequence[str] = (),
     on_round: RoundCallback | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run the single method of ``[compression]`` and write its results directory.
 
     ``summary.json`` has the same schema as :func:`compare`'s; its
-    ``target_loss`` is ``[compare] target_loss`` (None if unset).
+    ``target_loss`` is ``[compare] target_loss`` (None if unset). With
+    ``resume``, the run continues from the last good checkpoint in
+    ``out_dir`` (written every ``[train] checkpoint_every`` rounds).
     """
     cfg = load_config(config, overrides)
     cfg = cfg.with_compression(cfg.compression) if cfg.compare.methods else cfg
@@ -263,6 +238,7 @@ def run(
         target_loss=cfg.compare.target_loss,
         smooth_rounds=cfg.compare.smooth_rounds,
         on_round=on_round,
+        resume=resume,
     )
     if out is not None:
         _write_summary(
@@ -278,6 +254,7 @@ def compare(
     overrides: Sequence[str] = (),
     on_round: RoundCallback | None = None,
     plots: bool = True,
+    resume: bool = False,
 ) -> CompareResult:
     """Run every method of ``[compare]`` (for each seed), score them and draw the report.
 
@@ -313,6 +290,7 @@ def compare(
                     target_loss=target,
                     smooth_rounds=cfg.compare.smooth_rounds,
                     on_round=on_round,
+                    resume=resume,
                 )
             )
         if target is None and spec.compression.method == "fp32":

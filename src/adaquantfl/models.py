@@ -16,9 +16,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 __all__ = ["CNN", "MLP", "MODELS", "FlatModel", "LogisticRegression", "make_model"]
+
+
+def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x[i] @ weight[i].T + bias[i]`` for every model ``i``: (m, k, f) -> (m, k, out)."""
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 class LogisticRegression(nn.Module):
@@ -34,6 +39,10 @@ class LogisticRegression(nn.Module):
     @staticmethod
     def functional_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.flatten(1), p["linear.weight"], p["linear.bias"])
+
+    @staticmethod
+    def batched_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return _batched_linear(x.flatten(2), p["linear.weight"], p["linear.bias"])
 
 
 class MLP(nn.Module):
@@ -51,6 +60,11 @@ class MLP(nn.Module):
     def functional_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(F.linear(x.flatten(1), p["hidden.weight"], p["hidden.bias"]))
         return F.linear(h, p["out.weight"], p["out.bias"])
+
+    @staticmethod
+    def batched_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(_batched_linear(x.flatten(2), p["hidden.weight"], p["hidden.bias"]))
+        return _batched_linear(h, p["out.weight"], p["out.bias"])
 
 
 class CNN(nn.Module):
@@ -144,6 +158,7 @@ class FlatModel:
         # it skips functional_call's module re-parametrisation, which costs more
         # than the whole forward pass of a small model.
         self._forward = getattr(module, "functional_forward", None)
+        self._batched = getattr(module, "batched_forward", None)
 
     def initial_parameters(
         self, init: str = "default", *, generator: torch.Generator
@@ -180,6 +195,24 @@ class FlatModel:
         if self._forward is not None:
             return self._forward(self.unflatten(flat), x)  # type: ignore[no-any-return]
         return functional_call(self.module, self.unflatten(flat), (x,))  # type: ignore[no-any-return]
+
+    def unflatten_batched(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views of ``m`` stacked flat vectors ``(m, d)``, each ``(m, *shape)``."""
+        m = flat.shape[0]
+        return {
+            s.name: flat[:, s.offset : s.offset + s.numel].view(m, *s.shape) for s in self._slots
+        }
+
+    def batched(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``m`` models ``(m, d)`` on their own inputs ``(m, k, ...)``: ``(m, k, C)``.
+
+        Uses the model's own batched forward (batched matrix products) where it
+        has one, and ``torch.func.vmap`` over the flat forward otherwise.
+        """
+        if self._batched is not None:
+            return self._batched(self.unflatten_batched(flat), x)  # type: ignore[no-any-return]
+        out: torch.Tensor = vmap(self)(flat, x)
+        return out
 
     def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A ``state_dict`` (cloned tensors) for ``flat``, loadable into the module."""

@@ -175,7 +175,10 @@ def rich_table(summary: Mapping[str, Any]) -> Any:
     if not rows:
         return table
     for name in rows[0]:
-        table.add_column(name, justify="left" if name == "method" else "right")
+        if name == "method":
+            table.add_column(name, justify="left", no_wrap=True)
+        else:
+            table.add_column(name, justify="right")
     for r in rows:
         table.add_row(*r.values())
     return table
@@ -247,7 +250,7 @@ def write_report(out_dir: str | Path) -> list[Path]:
 
     panels = {
         "loss_vs_bits.png": ("cumulative uplink wire bits", "training loss (trailing mean)"),
-        "accuracy_vs_bits.png": ("cumulative uplink wire bits", "test accuracy"),
+        "accuracy_vs_bits.png": ("cumulative uplink wire bits", "test accuracy (trailing mean)"),
         "levels_vs_round.png": ("round", "quantization levels s"),
         "loss_vs_round.png": ("round", "training loss (trailing mean)"),
     }
@@ -264,7 +267,9 @@ def write_report(out_dir: str | Path) -> list[Path]:
                 if bits is not None and target is not None:
                     ax.plot([bits], [target], marker="o", color=style["color"], markersize=5)
             elif name == "accuracy_vs_bits.png":
-                ax.plot(c["cum_wire_bits"], c["test_accuracy"], label=label, **style)
+                ax.plot(
+                    c["cum_wire_bits"], _smooth(c["test_accuracy"], window), label=label, **style
+                )
             elif name == "levels_vs_round.png":
                 if m.get("method") != "fp32":
                     ax.step(c["round"], c["levels"], where="post", label=label, **style)

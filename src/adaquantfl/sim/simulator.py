@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+import torch
 
 from adaquantfl.compressor import Compressor
 from adaquantfl.data import FederatedData
 from adaquantfl.fl.client import ClientError, ClientReply, LocalTraining, client_update, evaluate
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.models import FlatModel
+from adaquantfl.rng import torch_generator
+from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
 
 __all__ = ["RoundRecord", "Simulator", "record_round"]
 
@@ -89,6 +93,11 @@ class Simulator:
     clients_per_round : int
     seed : int
         The run seed every random stream is derived from.
+    vectorize : bool
+        Train all participants of a round in one batched computation
+        (:mod:`adaquantfl.sim.vectorized`) when the model allows it; otherwise,
+        or when False, each client runs :func:`~adaquantfl.fl.client.client_update`.
+        The batched path matches the per-client path to float tolerance.
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class Simulator:
         training: LocalTraining,
         clients_per_round: int,
         seed: int,
+        vectorize: bool = False,
     ) -> None:
         self.model = model
         self.data = data
@@ -110,6 +120,21 @@ class Simulator:
         self.clients_per_round = clients_per_round
         self.seed = seed
         select_clients(len(data.clients), clients_per_round, seed=seed, round_idx=0)  # validates
+        self.trainer: BatchedTrainer | None = None
+        if vectorize:
+            ok, reason = can_vectorize(model, data.input_shape)
+            if ok:
+                self.trainer = BatchedTrainer(model, training)
+                logger.info("simulator: batched training of all participants (%s)", reason)
+            else:
+                logger.warning(
+                    "simulator: per-client training; the model cannot be vmapped (%s)", reason
+                )
+
+    @property
+    def vectorized(self) -> bool:
+        """Whether rounds run through the batched trainer."""
+        return self.trainer is not None
 
     def run_round(self) -> RoundRecord:
         """Run the next round and return its record."""
@@ -123,7 +148,9 @@ class Simulator:
         downlink_bits = 8 * len(self.server.downlink_payload()) * len(chosen)
         replies: list[ClientReply] = []
         failed = 0
-        for cid in chosen:
+        if self.trainer is not None:
+            replies, failed = self._batched_replies(self.trainer, chosen, params, levels, round_idx)
+        for cid in chosen if self.trainer is None else ():
             shard = self.data.clients[cid]
             try:
                 replies.append(
@@ -158,8 +185,36 @@ class Simulator:
             time_s=time.perf_counter() - start,
         )
 
+    def _batched_replies(
+        self,
+        trainer: BatchedTrainer,
+        chosen: list[int],
+        params: torch.Tensor,
+        levels: int | None,
+        round_idx: int,
+    ) -> tuple[list[ClientReply], int]:
+        shards = [self.data.clients[cid] for cid in chosen]
+        gens = [
+            torch_generator(self.seed, purpose="batch", round_idx=round_idx, client_id=cid)
+            for cid in chosen
+        ]
+        local = trainer.train(params, trainer.plan(shards, gens))
+        replies = []
+        failed = 0
+        for row, cid, shard in zip(local, chosen, shards, strict=True):
+            loss, _ = evaluate(self.model, params, shard.x, shard.y)
+            update = row - params
+            if not bool(torch.isfinite(update).all()):
+                logger.warning("round %d: client %d: local training diverged", round_idx, cid)
+                failed += 1
+                continue
+            noise = torch_generator(
+                self.seed, purpose="quantize", round_idx=round_idx, client_id=cid
+            )
+            payload = self.compressor.compress(update, levels, generator=noise)
+            replies.append(ClientReply(cid, payload, loss, len(shard)))
+        return replies, failed
+
 
 def _add_failures(outcome: RoundOutcome, failed: int) -> RoundOutcome:
-    from dataclasses import replace
-
     return replace(outcome, rejected=outcome.rejected + failed)

@@ -1,0 +1,139 @@
+"""Batched local SGD: all participating clients of a round in one computation.
+
+Each client ``i`` runs the same ``tau`` steps as :func:`adaquantfl.fl.client.local_sgd`,
+on the same minibatch indices (drawn from the same (seed, round, client, "batch")
+stream), but the ``m`` clients' parameters are stacked into one ``(m, d)``
+tensor and every step is one batched forward (:meth:`FlatModel.batched`: batched
+matrix products for the reference models, ``torch.func.vmap`` otherwise) and
+one backward for all of them.
+
+Notes
+-----
+The sum of the clients' losses has, for client ``i``, the gradient of client
+``i``'s own loss (the clients share no parameters), so one backward pass gives
+every client's gradient.
+
+Deduplication: a minibatch of ``B`` draws with replacement from ``n < B``
+examples repeats examples. The mean loss over the draws equals
+``sum_j (c_j / B) * loss_j`` over the client's ``n`` examples with draw counts
+``c_j``, so a client with ``n <= B`` examples is evaluated once per example
+with weights instead of ``B`` times. The result is the same gradient up to
+float rounding (the summation order differs), not the same bits.
+
+The batched path agrees with the per-client path to float tolerance, not bit
+for bit: batched matrix products round differently. Engines that must produce
+identical bytes (the simulator vs Flower comparison) use the per-client path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adaquantfl.data import ClientData
+from adaquantfl.fl.client import LocalTraining, draw_minibatches
+from adaquantfl.models import FlatModel
+
+__all__ = ["BatchedTrainer", "can_vectorize"]
+
+logger = logging.getLogger(__name__)
+
+
+def can_vectorize(model: FlatModel, input_shape: tuple[int, ...]) -> tuple[bool, str]:
+    """Probe whether ``model``'s flat forward can be vmapped and differentiated.
+
+    Returns ``(ok, reason)``; the reason is logged by the simulator when it
+    falls back to the per-client path.
+    """
+    try:
+        w = torch.zeros(2, model.numel, requires_grad=True)
+        x = torch.zeros(2, 1, *input_shape)
+        out = model.batched(w, x)
+        torch.autograd.backward(out.sum())
+    except Exception as exc:  # any failure means: use the per-client path
+        return False, f"{type(exc).__name__}: {exc}"
+    if w.grad is None:
+        return False, "the forward does not depend on the flat parameters"
+    return True, "vmap over the flat forward works"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one round's minibatches are laid out for the batched steps."""
+
+    x: torch.Tensor  # (tau, m, k, *shape): the examples of every step
+    y: torch.Tensor  # (tau, m, k)
+    weights: torch.Tensor  # (tau, m, k): per-example weight in the loss (sum 1 per client)
+    deduplicated: int  # clients evaluated on their own examples with draw counts
+
+
+class BatchedTrainer:
+    """Runs local SGD for many clients at once.
+
+    Parameters
+    ----------
+    model : FlatModel
+    training : LocalTraining
+    deduplicate : bool
+        Evaluate clients with at most ``B`` examples once per example with
+        draw-count weights (exact up to rounding) instead of once per draw.
+    """
+
+    def __init__(self, model: FlatModel, training: LocalTraining, *, deduplicate: bool = True):
+        self.model = model
+        self.training = training
+        self.deduplicate = deduplicate
+
+    def _total_loss(
+        self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_i sum_j weights_ij * CE(f(w_i; x_ij), y_ij)``: every client's loss, summed."""
+        logits = self.model.batched(w, x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        return (losses * weights.flatten()).sum()
+
+    def plan(self, shards: Sequence[ClientData], generators: Sequence[torch.Generator]) -> _Plan:
+        """Draw every client's minibatches (same streams as the per-client path) and stack them."""
+        t = self.training
+        batches = [draw_minibatches(len(s), t, g) for s, g in zip(shards, generators, strict=True)]
+        dedup = self.deduplicate and max(len(s) for s in shards) <= t.batch_size
+        if not dedup:
+            x = torch.stack([s.x[idx] for s, idx in zip(shards, batches, strict=True)], dim=1)
+            y = torch.stack([s.y[idx] for s, idx in zip(shards, batches, strict=True)], dim=1)
+            weights = torch.full(y.shape, 1.0 / t.batch_size)
+            return _Plan(x, y, weights, 0)
+        # Every client has at most B examples: each step evaluates a client's
+        # examples once, weighted by how often that step's minibatch drew them.
+        k = max(len(s) for s in shards)
+        m = len(shards)
+        shape = shards[0].x.shape[1:]
+        xs = torch.zeros(m, k, *shape, dtype=shards[0].x.dtype)
+        ys = torch.zeros(m, k, dtype=torch.int64)
+        weights = torch.zeros(t.local_steps, m, k)
+        for i, (s, idx) in enumerate(zip(shards, batches, strict=True)):
+            n = len(s)
+            xs[i, :n] = s.x
+            ys[i, :n] = s.y
+            counts = torch.zeros(t.local_steps, n)
+            counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+            weights[:, i, :n] = counts / t.batch_size
+        x = xs.unsqueeze(0).expand(t.local_steps, *xs.shape)
+        y = ys.unsqueeze(0).expand(t.local_steps, *ys.shape)
+        return _Plan(x, y, weights, m)
+
+    def train(self, params: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Local models of all clients, shape ``(m, d)``, from the common start ``params``."""
+        m = plan.y.shape[1]
+        w = params.detach().unsqueeze(0).expand(m, -1).clone()
+        lr = self.training.lr
+        for step in range(self.training.local_steps):
+            w.requires_grad_(True)
+            total = self._total_loss(w, plan.x[step], plan.y[step], plan.weights[step])
+            (grad,) = torch.autograd.grad(total, w)
+            with torch.no_grad():
+                w = w - lr * grad
+        return w.detach()

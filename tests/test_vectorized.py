@@ -1,0 +1,136 @@
+"""The batched simulator path agrees with the per-client path, and falls back when it must."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.data import ClientData, FederatedData
+from adaquantfl.fl.client import LocalTraining, local_sgd
+from adaquantfl.fl.server import FedServer
+from adaquantfl.models import FlatModel, make_model
+from adaquantfl.rng import torch_generator
+from adaquantfl.schedule import FixedLevels, FullPrecision
+from adaquantfl.sim.simulator import Simulator
+from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
+
+
+def make_data(sizes: list[int], shape: tuple[int, ...], classes: int = 3) -> FederatedData:
+    g = torch.Generator().manual_seed(0)
+    clients = []
+    for n in sizes:
+        x = torch.randn(n, *shape, generator=g)
+        y = torch.randint(0, classes, (n,), generator=g)
+        clients.append(ClientData(x, y))
+    xt = torch.randn(20, *shape, generator=g)
+    test = ClientData(xt, torch.randint(0, classes, (20,), generator=g))
+    return FederatedData("t", clients, test, classes, shape)
+
+
+def run(
+    model: FlatModel, data: FederatedData, vectorize: bool, levels: int | None, rounds: int = 3
+) -> Simulator:
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(1))
+    schedule = FullPrecision() if levels is None else FixedLevels(levels)
+    server = FedServer(params, schedule, QSGDCompressor())
+    sim = Simulator(
+        model, data, server, server.compressor, training=LocalTraining(5, 8, 0.2),
+        clients_per_round=len(data.clients), seed=3, vectorize=vectorize,
+    )  # fmt: skip
+    for _ in range(rounds):
+        sim.run_round()
+    return sim
+
+
+CASES = [
+    ("logreg", (6,), [30, 50, 12]),  # every client has more examples than the batch
+    ("mlp", (6,), [5, 8, 3]),  # every client has at most B = 8: deduplicated
+    ("mlp", (6,), [30, 4, 12]),  # mixed sizes: plain batched minibatches
+    ("cnn", (1, 8, 8), [10, 9]),  # no batched forward: vmap over the flat forward
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "sizes"), CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_batched_rounds_match_per_client_rounds(
+    name: str, shape: tuple[int, ...], sizes: list[int]
+) -> None:
+    model = make_model(name, shape, 3)
+    data = make_data(sizes, shape)
+    fast = run(model, data, vectorize=True, levels=None)
+    slow = run(model, data, vectorize=False, levels=None)
+    assert fast.vectorized and not slow.vectorized
+    torch.testing.assert_close(fast.server.params, slow.server.params, rtol=1e-4, atol=1e-5)
+    moved = float(
+        (slow.server.params - model.initial_parameters(generator=torch.Generator().manual_seed(1)))
+        .abs()
+        .max()
+    )
+    assert moved > 1e-2  # the comparison is not between two untrained models
+
+
+def test_batched_trainer_matches_local_sgd_per_client() -> None:
+    model = make_model("mlp", (4,), 3)
+    data = make_data([3, 7, 40], (4,))
+    training = LocalTraining(6, 8, 0.3)
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(0))
+    gens = lambda: [torch_generator(0, purpose="batch", round_idx=2, client_id=i) for i in range(3)]  # noqa: E731
+    trainer = BatchedTrainer(model, training)
+    batched = trainer.train(params, trainer.plan(data.clients, gens()))
+    for i, (c, g) in enumerate(zip(data.clients, gens(), strict=True)):
+        single = local_sgd(model, params, c.x, c.y, training=training, generator=g)
+        torch.testing.assert_close(batched[i], single, rtol=1e-5, atol=1e-6)
+
+
+def test_deduplicated_plan_weights_are_draw_counts() -> None:
+    model = make_model("logreg", (2,), 2)
+    data = make_data([3, 5], (2,), classes=2)
+    training = LocalTraining(4, 8, 0.1)
+    trainer = BatchedTrainer(model, training)
+    plan = trainer.plan(data.clients, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert plan.deduplicated == 2 and plan.x.shape[:3] == (4, 2, 5)
+    # Each client's weights sum to 1 per step (B draws of weight 1/B), padding weighs 0.
+    torch.testing.assert_close(plan.weights.sum(dim=2), torch.ones(4, 2))
+    assert float(plan.weights[:, 0, 3:].abs().sum()) == 0.0
+    plain = BatchedTrainer(model, training, deduplicate=False).plan(
+        data.clients, [torch.Generator().manual_seed(i) for i in range(2)]
+    )
+    assert plain.deduplicated == 0 and plain.x.shape[:3] == (4, 2, 8)
+
+
+def test_quantized_batched_run_is_close_to_per_client_run() -> None:
+    model = make_model("logreg", (6,), 3)
+    data = make_data([30, 50, 12], (6,))
+    fast = run(model, data, vectorize=True, levels=15, rounds=4)
+    slow = run(model, data, vectorize=False, levels=15, rounds=4)
+    # Different rounding can flip a stochastic rounding decision, so only closeness is expected.
+    assert float((fast.server.params - slow.server.params).abs().max()) < 0.05
+
+
+class Dropout(nn.Module):
+    """A model vmap cannot batch without a randomness mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.dropout(x, 0.5, training=True))
+
+
+def test_unvectorizable_model_falls_back_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    model = FlatModel(Dropout())
+    ok, reason = can_vectorize(model, (4,))
+    assert not ok and reason
+    data = make_data([5, 5], (4,), classes=2)
+    params = model.initial_parameters(generator=torch.Generator())
+    server = FedServer(params, FullPrecision(), QSGDCompressor())
+    with caplog.at_level(logging.WARNING):
+        sim = Simulator(model, data, server, server.compressor, training=LocalTraining(1, 2, 0.1),
+                        clients_per_round=2, seed=0, vectorize=True)  # fmt: skip
+    assert not sim.vectorized
+    assert "per-client training" in caplog.text
