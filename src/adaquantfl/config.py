@@ -99,6 +99,12 @@ class TrainConfig:
     engine: str = field(default="sim", metadata=_choice(*ENGINES))
     vectorize: bool = True
     checkpoint_every: int = field(default=0, metadata=_at_least(0))
+    dropout: float = field(default=0.0, metadata={"min": 0, "max": 1})
+    deadline_s: float | None = field(default=None, metadata=_positive())
+    client_time_s: float = field(default=1.0, metadata=_positive())
+    client_time_sigma: float = field(default=0.5, metadata=_at_least(0))
+    round_time_sigma: float = field(default=0.25, metadata=_at_least(0))
+    max_message_bytes: int | None = field(default=None, metadata=_at_least(1))
 
     def __post_init__(self) -> None:
         _validate(self, "train")

@@ -16,14 +16,17 @@ from typing import Any, Protocol
 
 import torch
 
+from adaquantfl.codec import message_bytes
 from adaquantfl.compressor import make_compressor
 from adaquantfl.config import Config, ConfigError
 from adaquantfl.data import FederatedData, load_federated
 from adaquantfl.fl.client import LocalTraining
 from adaquantfl.fl.server import FedServer
 from adaquantfl.models import FlatModel, make_model
+from adaquantfl.quantize import MAX_LEVELS
 from adaquantfl.rng import torch_generator
 from adaquantfl.schedule import make_schedule
+from adaquantfl.sim.faults import ClientFaults
 from adaquantfl.sim.simulator import RoundRecord, Simulator
 
 __all__ = [
@@ -75,14 +78,34 @@ def build_model(config: Config, data: FederatedData) -> tuple[FlatModel, torch.T
     return model, params
 
 
-def build_server(config: Config, params: torch.Tensor) -> FedServer:
-    """The server of a single-method config: schedule, compressor, message size limit."""
+def default_message_limit(numel: int, bucket_size: int | None) -> int:
+    """The largest payload a well-behaved client can send for a model of ``numel`` entries.
+
+    The larger of a raw float32 message and a packed message at the maximum
+    number of levels (which exceeds raw only with very small buckets), plus
+    1 KiB for the entropy coder's model description. Anything bigger is
+    rejected unread.
+    """
+    raw = message_bytes(numel, None)
+    packed = message_bytes(numel, MAX_LEVELS, bucket_size=bucket_size)
+    return max(raw, packed) + 1024
+
+
+def build_server(config: Config, params: torch.Tensor, **kwargs: Any) -> FedServer:
+    """The server of a single-method config: schedule, compressor, message size limit.
+
+    ``[train] max_message_bytes`` bounds the size of a client's payload; by
+    default it is :func:`default_message_limit` for the model.
+    """
     c = config.compression
     schedule = make_schedule(
         c.method, levels=c.levels, min_levels=c.min_levels, max_levels=c.max_levels
     )
     compressor = make_compressor(encoding=c.encoding, bucket_size=c.bucket_size, norm=c.norm)
-    return FedServer(params, schedule, compressor)
+    limit = config.train.max_message_bytes or default_message_limit(
+        int(params.numel()), c.bucket_size
+    )
+    return FedServer(params, schedule, compressor, max_message_bytes=limit, **kwargs)
 
 
 def build_simulator(config: Config, data: FederatedData | None = None) -> Simulator:
@@ -100,6 +123,13 @@ def build_simulator(config: Config, data: FederatedData | None = None) -> Simula
         clients_per_round=config.clients_per_round,
         seed=t.seed,
         vectorize=t.vectorize,
+        faults=ClientFaults(
+            dropout=t.dropout,
+            deadline_s=t.deadline_s,
+            client_time_s=t.client_time_s,
+            client_time_sigma=t.client_time_sigma,
+            round_time_sigma=t.round_time_sigma,
+        ),
     )
 
 
@@ -159,6 +189,11 @@ def flower_engine(
     if resume_state is not None or (on_checkpoint is not None and config.train.checkpoint_every):
         raise ConfigError(
             "[train] checkpoint_every and --resume are supported by engine = 'sim' only"
+        )
+    if config.train.dropout or config.train.deadline_s is not None:
+        raise ConfigError(
+            "[train] dropout and deadline_s simulate faults in engine = 'sim'; on Flower, "
+            "faults are real (see the node-failure test), so they cannot be set"
         )
     try:
         from adaquantfl.flower.engine import run_flower

@@ -21,6 +21,7 @@ from adaquantfl.fl.client import ClientError, ClientReply, LocalTraining, client
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
+from adaquantfl.sim.faults import ClientFaults
 from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
 
 __all__ = ["RoundRecord", "Simulator", "record_round"]
@@ -34,7 +35,9 @@ class RoundRecord:
 
     ``train_loss`` is ``F(w_{k-1})``, the participants' weighted loss on the
     model they received (the schedule's input); ``test_*`` evaluate the global
-    model after this round's aggregation.
+    model after this round's aggregation. Of the clients selected for the
+    round, ``participants`` were aggregated, ``rejected`` replied with
+    something unusable or failed, and ``dropped`` never replied.
     """
 
     round: int
@@ -48,6 +51,7 @@ class RoundRecord:
     test_loss: float
     test_accuracy: float
     time_s: float
+    dropped: int = 0
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +65,7 @@ def record_round(
     test_loss: float,
     test_accuracy: float,
     time_s: float,
+    dropped: int = 0,
 ) -> RoundRecord:
     """Combine the server's outcome with the engine's own measurements."""
     return RoundRecord(
@@ -75,6 +80,7 @@ def record_round(
         test_loss=test_loss,
         test_accuracy=test_accuracy,
         time_s=time_s,
+        dropped=dropped,
     )
 
 
@@ -98,6 +104,8 @@ class Simulator:
         (:mod:`adaquantfl.sim.vectorized`) when the model allows it; otherwise,
         or when False, each client runs :func:`~adaquantfl.fl.client.client_update`.
         The batched path matches the per-client path to float tolerance.
+    faults : ClientFaults, optional
+        Simulated dropout and deadline; none by default.
     """
 
     def __init__(
@@ -111,6 +119,7 @@ class Simulator:
         clients_per_round: int,
         seed: int,
         vectorize: bool = False,
+        faults: ClientFaults | None = None,
     ) -> None:
         self.model = model
         self.data = data
@@ -119,6 +128,7 @@ class Simulator:
         self.training = training
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.faults = faults or ClientFaults()
         select_clients(len(data.clients), clients_per_round, seed=seed, round_idx=0)  # validates
         self.trainer: BatchedTrainer | None = None
         if vectorize:
@@ -146,9 +156,18 @@ class Simulator:
         levels = self.server.levels
         params = self.server.params
         downlink_bits = 8 * len(self.server.downlink_payload()) * len(chosen)
+        available = self.faults.availability(chosen, seed=self.seed, round_idx=round_idx)
+        if available.dropped:
+            logger.info(
+                "round %d: %d dropped out, %d missed the deadline",
+                round_idx,
+                len(available.dropped_out),
+                len(available.missed_deadline),
+            )
+        chosen = available.replying
         replies: list[ClientReply] = []
         failed = 0
-        if self.trainer is not None:
+        if self.trainer is not None and chosen:
             replies, failed = self._batched_replies(self.trainer, chosen, params, levels, round_idx)
         for cid in chosen if self.trainer is None else ():
             shard = self.data.clients[cid]
@@ -170,7 +189,9 @@ class Simulator:
             except ClientError as exc:
                 logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
                 failed += 1
-        outcome = self.server.aggregate(replies)
+        delivered = [self.transmit(reply, round_idx) for reply in replies]
+        outcome = self.server.aggregate([r for r in delivered if r is not None])
+        failed += sum(r is None for r in delivered)
         if failed:
             outcome = _add_failures(outcome, failed)
         test_loss, test_accuracy = evaluate(
@@ -183,7 +204,17 @@ class Simulator:
             test_loss=test_loss,
             test_accuracy=test_accuracy,
             time_s=time.perf_counter() - start,
+            dropped=available.dropped,
         )
+
+    def transmit(self, reply: ClientReply, round_idx: int) -> ClientReply | None:
+        """The uplink from a client to the server: delivers ``reply`` unchanged.
+
+        Override to model a faulty network or a misbehaving client: return a
+        modified reply, or None for a reply that never arrives (counted as
+        rejected, like a client whose training failed).
+        """
+        return reply
 
     def _batched_replies(
         self,
