@@ -134,3 +134,15 @@ def test_unvectorizable_model_falls_back_and_logs(caplog: pytest.LogCaptureFixtu
                         clients_per_round=2, seed=0, vectorize=True)  # fmt: skip
     assert not sim.vectorized
     assert "per-client training" in caplog.text
+
+
+def test_initial_losses_match_per_client_evaluation() -> None:
+    from adaquantfl.fl.client import evaluate
+
+    model = make_model("mlp", (4,), 3)
+    data = make_data([3, 7, 40, 1], (4,))
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(2))
+    batched = BatchedTrainer(model, LocalTraining(1, 8, 0.1)).initial_losses(params, data.clients)
+    single = [evaluate(model, params, c.x, c.y)[0] for c in data.clients]
+    assert batched == pytest.approx(single, rel=1e-6)
+    assert len(set(single)) == 4

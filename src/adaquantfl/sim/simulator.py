@@ -230,10 +230,10 @@ class Simulator:
             for cid in chosen
         ]
         local = trainer.train(params, trainer.plan(shards, gens))
+        losses = trainer.initial_losses(params, shards)
         replies = []
         failed = 0
-        for row, cid, shard in zip(local, chosen, shards, strict=True):
-            loss, _ = evaluate(self.model, params, shard.x, shard.y)
+        for row, cid, shard, loss in zip(local, chosen, shards, losses, strict=True):
             update = row - params
             if not bool(torch.isfinite(update).all()):
                 logger.warning("round %d: client %d: local training diverged", round_idx, cid)

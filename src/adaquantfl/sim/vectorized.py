@@ -40,6 +40,8 @@ from adaquantfl.models import FlatModel
 
 __all__ = ["BatchedTrainer", "can_vectorize"]
 
+_EVAL_CHUNK = 8192
+
 logger = logging.getLogger(__name__)
 
 
@@ -124,6 +126,27 @@ class BatchedTrainer:
         x = xs.unsqueeze(0).expand(t.local_steps, *xs.shape)
         y = ys.unsqueeze(0).expand(t.local_steps, *ys.shape)
         return _Plan(x, y, weights, m)
+
+    def initial_losses(self, params: torch.Tensor, shards: Sequence[ClientData]) -> list[float]:
+        """Every client's mean loss ``F_i(w_k)`` on its own data, for the common model ``params``.
+
+        All clients evaluate the same model, so this is one forward pass over
+        their concatenated data (in chunks), with per-sample losses summed per
+        client in float64, as :func:`adaquantfl.fl.client.evaluate` does.
+        """
+        sizes = [len(s) for s in shards]
+        owner = torch.repeat_interleave(torch.arange(len(shards)), torch.tensor(sizes))
+        totals = torch.zeros(len(shards), dtype=torch.float64)
+        x = torch.cat([s.x for s in shards])
+        y = torch.cat([s.y for s in shards])
+        with torch.no_grad():
+            for start in range(0, len(y), _EVAL_CHUNK):
+                stop = start + _EVAL_CHUNK
+                losses = F.cross_entropy(
+                    self.model(params, x[start:stop]), y[start:stop], reduction="none"
+                )
+                totals.index_add_(0, owner[start:stop], losses.to(torch.float64))
+        return [float(t) / n for t, n in zip(totals, sizes, strict=True)]
 
     def train(self, params: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Local models of all clients, shape ``(m, d)``, from the common start ``params``."""
