@@ -204,15 +204,29 @@ class FlatModel:
         }
 
     def batched(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Logits of ``m`` models ``(m, d)`` on their own inputs ``(m, k, ...)``: ``(m, k, C)``.
+        """Logits of ``m`` models ``(m, d)`` on their own inputs ``(m, k, ...)``: ``(m, k, C)``."""
+        return self.batched_named(self.unflatten_batched(flat), x)
+
+    def batched_named(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``m`` models given as named stacked parameters ``(m, *shape)``.
 
         Uses the model's own batched forward (batched matrix products) where it
-        has one, and ``torch.func.vmap`` over the flat forward otherwise.
+        has one, and ``torch.func.vmap`` over the stateless forward otherwise.
         """
         if self._batched is not None:
-            return self._batched(self.unflatten_batched(flat), x)  # type: ignore[no-any-return]
-        out: torch.Tensor = vmap(self)(flat, x)
+            return self._batched(params, x)  # type: ignore[no-any-return]
+        out: torch.Tensor = vmap(self._named_forward)(params, x)
         return out
+
+    def _named_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self._forward is not None:
+            return self._forward(params, x)  # type: ignore[no-any-return]
+        return functional_call(self.module, params, (x,))  # type: ignore[no-any-return]
+
+    def flatten_named(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`unflatten_batched`: ``(m, d)`` from named ``(m, *shape)``."""
+        m = next(iter(params.values())).shape[0]
+        return torch.cat([params[s.name].reshape(m, s.numel) for s in self._slots], dim=1)
 
     def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A ``state_dict`` (cloned tensors) for ``flat``, loadable into the module."""

@@ -91,10 +91,14 @@ class BatchedTrainer:
         self.deduplicate = deduplicate
 
     def _total_loss(
-        self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+        self,
+        w: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor,
     ) -> torch.Tensor:
         """``sum_i sum_j weights_ij * CE(f(w_i; x_ij), y_ij)``: every client's loss, summed."""
-        logits = self.model.batched(w, x)
+        logits = self.model.batched_named(w, x)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         return (losses * weights.flatten()).sum()
 
@@ -151,12 +155,19 @@ class BatchedTrainer:
     def train(self, params: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Local models of all clients, shape ``(m, d)``, from the common start ``params``."""
         m = plan.y.shape[1]
-        w = params.detach().unsqueeze(0).expand(m, -1).clone()
+        # One stacked leaf per parameter, not views of one (m, d) tensor: the
+        # backward of a slice allocates and fills a full (m, d) gradient, which
+        # cost more than the whole forward and backward of a small model.
+        w = {
+            name: view.detach().unsqueeze(0).expand(m, *view.shape).clone().requires_grad_(True)
+            for name, view in self.model.unflatten(params.detach()).items()
+        }
+        leaves = list(w.values())
         lr = self.training.lr
         for step in range(self.training.local_steps):
-            w.requires_grad_(True)
             total = self._total_loss(w, plan.x[step], plan.y[step], plan.weights[step])
-            (grad,) = torch.autograd.grad(total, w)
+            grads = torch.autograd.grad(total, leaves)
             with torch.no_grad():
-                w = w - lr * grad
-        return w.detach()
+                for leaf, grad in zip(leaves, grads, strict=True):
+                    leaf.sub_(grad, alpha=lr)
+        return self.model.flatten_named({k: v.detach() for k, v in w.items()})
