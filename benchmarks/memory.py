@@ -37,8 +37,13 @@ def measure(clients: int, fraction: float, rounds: int) -> dict[str, float | int
         {
             "data": {"dataset": "synthetic", "num_clients": clients},
             "model": {"name": "logreg", "init": "zero"},
-            "train": {"rounds": rounds, "local_steps": 20, "batch_size": 10, "lr": 0.01,
-                      "clients_per_round": per_round},  # fmt: skip
+            "train": {
+                "rounds": rounds,
+                "local_steps": 20,
+                "batch_size": 10,
+                "lr": 0.01,
+                "clients_per_round": per_round,
+            },
             "compression": {"method": "adaquantfl", "levels": 2},
         }
     )
