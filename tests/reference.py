@@ -33,6 +33,20 @@ def uniform24(key: int, index: int) -> int:
     return splitmix64(key, index + 1) >> 40
 
 
+LANES = 64
+
+
+def reference_l2(chunk: list[float]) -> np.float32:
+    """The L2 norm as defined in ``adaquantfl.quantize``: 64 interleaved float64 sums."""
+    lanes = [0.0] * LANES
+    for k, x in enumerate(chunk):
+        lanes[k % LANES] += x * x  # Python floats are float64; x*x of a float32 is exact
+    total = 0.0
+    for lane in lanes:
+        total += lane
+    return np.float32(math.sqrt(total))
+
+
 def reference_norms(v: np.ndarray, bucket_size: int | None, norm: str) -> list[np.float32]:
     d = len(v)
     b = d if bucket_size is None or d == 0 else bucket_size
@@ -40,9 +54,7 @@ def reference_norms(v: np.ndarray, bucket_size: int | None, norm: str) -> list[n
     for start in range(0, max(d, 1), max(b, 1)):
         chunk = [float(x) for x in v[start : start + b]]
         if norm == "l2":
-            out.append(
-                np.float32(math.sqrt(math.fsum(x * x for x in chunk))) if chunk else np.float32(0)
-            )
+            out.append(reference_l2(chunk))
         else:
             out.append(np.float32(max((abs(x) for x in chunk), default=0.0)))
     return out

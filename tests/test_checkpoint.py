@@ -61,7 +61,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     save_checkpoint(path, {"round": 1, "params": torch.arange(5.0), "rows": [{"a": None}]})
     save_checkpoint(path, {"round": 2, "params": torch.arange(6.0), "rows": []})
     state, source = load_checkpoint(path)
-    assert source == path and state["round"] == 2 and torch.equal(state["params"], torch.arange(6.0))
+    assert (
+        source == path and state["round"] == 2 and torch.equal(state["params"], torch.arange(6.0))
+    )
     prev, _ = load_checkpoint(tmp_path / "c.pt.prev")
     assert prev["round"] == 1 and prev["rows"] == [{"a": None}]
     assert not (tmp_path / "c.pt.tmp").exists()

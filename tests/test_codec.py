@@ -14,15 +14,17 @@ from adaquantfl.codec import (
     CodecError,
     decode,
     decode_dense,
+    decode_dequantize,
     encode,
     encode_dense,
     formula_bits,
     message_bytes,
     packed_body_bytes,
     peek_header,
+    quantize_encode,
     varint_bytes,
 )
-from adaquantfl.quantize import quantize
+from adaquantfl.quantize import MAX_LEVELS, Quantized, dequantize, quantize
 from tests.golden.make_golden import golden_cases
 from tests.reference import reference_message, reference_pack
 
@@ -261,3 +263,110 @@ def test_encode_rejects_non_finite_dense_input_and_unknown_encoding() -> None:
 
 def test_codec_error_is_a_value_error() -> None:
     assert issubclass(CodecError, ValueError)
+
+
+# --------------------------------------------------------------------------- fused fast paths
+
+
+def _varied(numel: int, seed: int) -> torch.Tensor:
+    # Entries over many magnitudes, so that every level index occurs.
+    return torch.randn(numel, generator=gen(seed)) * torch.logspace(-3, 1, numel)
+
+
+@pytest.mark.parametrize("encoding", ["packed", "entropy"])
+@pytest.mark.parametrize("numel", [0, 1, 9, 410, 5000])
+@pytest.mark.parametrize("levels", [1, 2, 3, 7, 15, 255, 4096, 70_000, MAX_LEVELS])
+@pytest.mark.parametrize(
+    ("bucket_size", "norm"), [(None, "l2"), (None, "max"), (7, "l2"), (64, "max")]
+)
+def test_fused_paths_equal_the_two_step_paths(
+    encoding: str, numel: int, levels: int, bucket_size: int | None, norm: str
+) -> None:
+    x = _varied(numel, numel + levels)
+    kwargs = {"bucket_size": bucket_size, "norm": norm}
+    data = quantize_encode(x, levels, generator=gen(5), encoding=encoding, **kwargs)  # type: ignore[arg-type]
+    q = quantize(x, levels, generator=gen(5), **kwargs)  # type: ignore[arg-type]
+    assert data == encode(q, encoding)
+    buf = torch.full((numel,), float("nan"))
+    out = decode_dequantize(data, expected_numel=numel, expected_levels=levels, out=buf)
+    assert out.data_ptr() == buf.data_ptr()
+    assert torch.equal(out.view(torch.int32), dequantize(q).view(torch.int32))  # bitwise
+    assert torch.equal(decode_dequantize(data, expected_numel=numel), dequantize(q))
+
+
+def test_fused_encoder_takes_any_shape_and_float64_and_draws_one_value() -> None:
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen())
+    g1, g2 = gen(9), gen(9)
+    assert quantize_encode(x, 7, generator=g1) == encode(quantize(x, 7, generator=g2))
+    assert torch.equal(torch.rand(2, generator=g1), torch.rand(2, generator=g2))
+
+
+def test_fused_encoder_rejects_what_quantize_rejects() -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_encode(torch.tensor([1.0, float("nan")]), 2, generator=gen())
+    with pytest.raises(ValueError, match="encoding"):
+        quantize_encode(torch.ones(3), 2, generator=gen(), encoding="zip")
+    with pytest.raises(ValueError, match="levels"):
+        quantize_encode(torch.ones(3), 0, generator=gen())
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview, np.frombuffer])
+def test_decoders_accept_bytes_like_input(kind) -> None:  # type: ignore[no-untyped-def]
+    data = _sample_message()
+    q = decode(data, expected_numel=40)
+    wrapped = kind(data) if kind is not np.frombuffer else np.frombuffer(data, np.uint8)
+    assert decode(wrapped, expected_numel=40) == q
+    assert torch.equal(decode_dequantize(wrapped, expected_numel=40), dequantize(q))
+
+
+def test_decode_dequantize_rejects_what_decode_rejects() -> None:
+    with pytest.raises(CodecError, match="sign bit"):
+        decode_dequantize(_hand([0, 1], [True, False]), expected_numel=2)
+    with pytest.raises(CodecError, match="exceeds levels"):
+        decode_dequantize(_hand([3, 1], [False, False], levels=2), expected_numel=2)
+    with pytest.raises(CodecError, match="levels 3; expected 4"):
+        decode_dequantize(_sample_message(), expected_numel=40, expected_levels=4)
+    with pytest.raises(CodecError, match="raw"):
+        decode_dequantize(encode_dense(torch.ones(3)), expected_numel=3)
+    with pytest.raises(CodecError, match="CRC32"):
+        decode_dequantize(_sample_message()[:-1] + b"\x00", expected_numel=40)
+
+
+def test_decode_dequantize_checks_the_out_buffer() -> None:
+    data = _sample_message()
+    for bad in (torch.empty(39), torch.empty(40, dtype=torch.float64), torch.empty(80)[::2]):
+        with pytest.raises(ValueError, match="out"):
+            decode_dequantize(data, expected_numel=40, out=bad)
+    out = torch.empty(4, 10)  # any contiguous shape with the right size
+    flat = decode_dequantize(data, expected_numel=40, out=out)
+    assert flat.shape == (40,) and flat.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("encoding", ["packed", "entropy"])
+def test_encode_rejects_an_invalid_quantized(encoding: str) -> None:
+    def bad(mags: list[int], signs: list[bool]) -> Quantized:
+        return Quantized(
+            3,
+            len(mags),
+            None,
+            "l2",
+            torch.ones(1),
+            torch.tensor(mags, dtype=torch.int32),
+            torch.tensor(signs),
+        )
+
+    encode(bad([0, 3], [False, True]), encoding)  # control: valid
+    for mags, signs in (
+        ([0, 4], [False, False]),
+        ([0, -1], [False, False]),
+        ([0, 1], [True, False]),
+    ):
+        with pytest.raises(ValueError, match="level index"):
+            encode(bad(mags, signs), encoding)
+
+
+def test_crc_is_zlibs_crc32() -> None:
+    from adaquantfl.framing import crc32
+
+    data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8).tobytes()
+    assert crc32(data) == zlib.crc32(data) and crc32(b"") == 0

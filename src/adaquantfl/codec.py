@@ -11,7 +11,7 @@ A message is a fixed-order header, the per-bucket norms, a body and a CRC32::
                   numel d, levels s (0 for raw), bucket size (0 = one bucket),
                   body length in bytes
     ...     4*nb  norms, float32 little-endian (none for raw)
-    ...     body  raw: d float32 LE; packed: see below; entropy: codec.entropy
+    ...     body  raw: d float32 LE; packed: see below; entropy: adaquantfl.entropy
     -4      4     CRC32 (zlib) of every byte before it, little-endian
 
 Packed body: entry ``i`` becomes the code ``(xi_i << 1) | sign_i`` of
@@ -19,31 +19,53 @@ Packed body: entry ``i`` becomes the code ``(xi_i << 1) | sign_i`` of
 bit first (bit ``j`` of code ``i`` is stream bit ``i*w + j``; stream bit ``p`` is
 bit ``p % 8`` of byte ``p // 8``); unused bits of the last byte are 0.
 
+The client side has a fused path, :func:`quantize_encode`, that quantizes and
+packs in one pass straight into the message buffer, and the server side has
+:func:`decode_dequantize`, which unpacks and dequantizes into a caller's
+buffer. Both give exactly what ``encode(quantize(...))`` and
+``dequantize(decode(...))`` give.
+
 Notes
 -----
 Varints keep the header small: a 410-entry s=1 message costs 103 bytes of body
 and 16 bytes of header, norm and CRC, where fixed 32-bit fields would cost 24.
 Every field is validated against the actual length and the caller's
 ``expected_numel`` before anything of a claimed size is allocated, and there is
-exactly one valid encoding of each vector (canonical varints, zero padding,
-no sign on zero), so a decoded message re-encodes to the same bytes.
+exactly one valid raw or packed encoding of each vector (canonical varints,
+zero padding, no sign on zero), so a decoded message re-encodes to the same
+bytes. The entropy body has its own checks (see :mod:`adaquantfl.entropy`).
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from adaquantfl.framing import (
+    ENCODINGS,
+    FLAG_MAX_NORM,
+    FORMAT_VERSION,
+    MAGIC,
+    U32_MAX,
+    CodecError,
+    Header,
+    as_buffer,
+    build_message,
+    checked_header,
+    message_bytes,
+    packed_body_bytes,
+    peek_header,
+    read_norms,
+    varint_bytes,
+)
 from adaquantfl.quantize import (
-    MAX_LEVELS,
-    NORMS,
+    NormName,
     Quantized,
     bits_per_level_index,
-    num_buckets,
+    bucket_span,
+    bucket_steps,
+    output_buffer,
+    quantize_inputs,
 )
 
 __all__ = [
@@ -54,86 +76,21 @@ __all__ = [
     "Header",
     "decode",
     "decode_dense",
+    "decode_dequantize",
     "encode",
     "encode_dense",
     "formula_bits",
     "message_bytes",
     "packed_body_bytes",
     "peek_header",
+    "quantize_encode",
     "varint_bytes",
 ]
 
-MAGIC = b"AQ"
-FORMAT_VERSION = 1
-#: Encodings by name, with their code in the header.
-ENCODINGS: dict[str, int] = {"raw": 0, "packed": 1, "entropy": 2}
-_ENCODING_NAMES = {code: name for name, code in ENCODINGS.items()}
-_FLAG_MAX_NORM = 0x10
-_KNOWN_FLAGS = _FLAG_MAX_NORM
-_U32_MAX = 2**32 - 1
-_CRC_BYTES = 4
-_FIXED_BYTES = 4  # magic, version, encoding/flags
-
-
-class CodecError(ValueError):
-    """A message could not be decoded; the text says which field is wrong and why."""
-
-
-@dataclass(frozen=True)
-class Header:
-    """The parsed header of a message (see the module docstring)."""
-
-    encoding: str
-    numel: int
-    levels: int  # 0 for raw
-    bucket_size: int | None
-    norm: str
-    body_bytes: int
-    header_bytes: int  # bytes before the norms
-
-    @property
-    def num_norms(self) -> int:
-        return 0 if self.encoding == "raw" else num_buckets(self.numel, self.bucket_size)
-
-    @property
-    def total_bytes(self) -> int:
-        return self.header_bytes + 4 * self.num_norms + self.body_bytes + _CRC_BYTES
+_QUANTIZED_ENCODINGS = ("packed", "entropy")
 
 
 # --------------------------------------------------------------------------- sizes
-
-
-def varint_bytes(value: int) -> int:
-    """Length of the unsigned LEB128 encoding of ``value``."""
-    return max(1, -(-int(value).bit_length() // 7))
-
-
-def packed_body_bytes(numel: int, levels: int) -> int:
-    """``ceil(d * (1 + ceil(log2(s + 1))) / 8)``: the packed body size."""
-    return -(-numel * (1 + bits_per_level_index(levels)) // 8)
-
-
-def message_bytes(
-    numel: int, levels: int | None, *, bucket_size: int | None = None, encoding: str = "packed"
-) -> int:
-    """Exact size in bytes of a raw (``levels=None``) or packed message.
-
-    ``4 + varints(d, s, b, body) + 4 * num_buckets + body + 4``. Entropy-coded
-    messages depend on the data and have no closed form.
-    """
-    if levels is None or encoding == "raw":
-        body = 4 * numel
-        fields = (numel, 0, 0, body)
-        norms = 0
-    elif encoding == "packed":
-        body = packed_body_bytes(numel, levels)
-        fields = (numel, levels, bucket_size or 0, body)
-        norms = 4 * num_buckets(numel, bucket_size)
-    else:
-        raise ValueError(
-            f"message_bytes has a closed form for 'raw' and 'packed', not {encoding!r}"
-        )
-    return _FIXED_BYTES + sum(varint_bytes(f) for f in fields) + norms + body + _CRC_BYTES
 
 
 def formula_bits(numel: int, levels: int | None, *, num_norms: int = 1) -> int:
@@ -161,137 +118,140 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     Returns
     -------
     bytes
-    """
-    if encoding == "packed":
-        body = _pack(q)
-    elif encoding == "entropy":
-        from adaquantfl.entropy import encode_body
 
-        body = encode_body(q)
-    else:
-        raise ValueError(
-            f"encoding must be 'packed' or 'entropy' for a Quantized, got {encoding!r}"
-        )
-    if q.numel > _U32_MAX:
-        raise ValueError(f"v1 messages carry at most {_U32_MAX} entries, got {q.numel}")
-    flags = _FLAG_MAX_NORM if q.norm == "max" else 0
-    norms = q.norms.numpy().astype("<f4", copy=False).tobytes()
-    return _frame(ENCODINGS[encoding] | flags, q.numel, q.levels, q.bucket_size or 0, norms, body)
+    Raises
+    ------
+    ValueError
+        On an unknown encoding, more than 2**32 - 1 entries, or a ``q`` whose
+        level indices are outside ``[0, levels]`` or that has a sign on a zero level.
+    """
+    from adaquantfl import kernels
+
+    _check_encoding(encoding)
+    if q.numel > U32_MAX:
+        raise ValueError(f"v1 messages carry at most {U32_MAX} entries, got {q.numel}")
+    mags = np.ascontiguousarray(q.magnitudes.numpy())
+    signs = np.ascontiguousarray(q.signs.numpy())
+    norms = np.ascontiguousarray(q.norms.numpy())
+    if encoding == "entropy":
+        return _entropy_message(q.numel, q.levels, q.bucket_size, q.norm, norms, mags, signs)
+
+    def write(out: np.ndarray) -> None:
+        w = 1 + bits_per_level_index(q.levels)
+        if kernels.pack_quantized(mags, signs, q.levels, w, out):
+            raise ValueError(
+                f"cannot encode: a level index is outside [0, {q.levels}] or a zero level "
+                "has its sign set"
+            )
+
+    return build_message(
+        _code("packed", q.norm),
+        q.numel,
+        q.levels,
+        q.bucket_size or 0,
+        norms,
+        packed_body_bytes(q.numel, q.levels),
+        write,
+    )
+
+
+def quantize_encode(
+    x: torch.Tensor,
+    levels: int,
+    *,
+    generator: torch.Generator,
+    encoding: str = "packed",
+    bucket_size: int | None = None,
+    norm: NormName = "l2",
+) -> bytes:
+    """``encode(quantize(x, levels, ...), encoding)`` without the intermediate arrays.
+
+    For ``"packed"`` the entries are quantized and packed in one pass straight
+    into the message buffer. The bytes are identical to the two-step path
+    (the same single draw is taken from ``generator``).
+
+    Raises
+    ------
+    ValueError
+        As :func:`adaquantfl.quantize.quantize` and :func:`encode`.
+    """
+    from adaquantfl import kernels
+
+    _check_encoding(encoding)
+    v, key, norms = quantize_inputs(
+        x, levels, generator=generator, bucket_size=bucket_size, norm=norm
+    )
+    d = v.size
+    if d > U32_MAX:
+        raise ValueError(f"v1 messages carry at most {U32_MAX} entries, got {d}")
+    span = bucket_span(d, bucket_size)
+    if encoding == "entropy":
+        mags = np.empty(d, dtype=np.int32)
+        signs = np.empty(d, dtype=np.bool_)
+        kernels.quantize_into(v, norms, span, int(levels), np.uint64(key), mags, signs)
+        return _entropy_message(d, int(levels), bucket_size, norm, norms, mags, signs)
+    w = 1 + bits_per_level_index(levels)
+    return build_message(
+        _code("packed", norm),
+        d,
+        int(levels),
+        bucket_size or 0,
+        norms,
+        packed_body_bytes(d, levels),
+        lambda out: kernels.encode_packed(v, norms, span, int(levels), key, w, out),
+    )
 
 
 def encode_dense(x: torch.Tensor) -> bytes:
     """Encode a full-precision tensor (flattened, float32) as a raw v1 message."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"encode_dense needs a floating-point torch.Tensor, got {x!r:.80}")
-    v = x.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
-    bad = int((~torch.isfinite(v)).sum())
+    v = x.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    bad = int(v.size - np.count_nonzero(np.isfinite(v)))
     if bad:
         raise ValueError(f"cannot encode a tensor with {bad} non-finite entries (NaN or inf)")
-    if v.numel() > _U32_MAX // 4:
-        raise ValueError(f"raw v1 messages carry at most {_U32_MAX // 4} entries")
-    body = v.numpy().astype("<f4", copy=False).tobytes()
-    return _frame(ENCODINGS["raw"], v.numel(), 0, 0, b"", body)
+    if v.size > U32_MAX // 4:
+        raise ValueError(f"raw v1 messages carry at most {U32_MAX // 4} entries")
+
+    def write(out: np.ndarray) -> None:
+        out[: 4 * v.size] = v.astype("<f4", copy=False).view(np.uint8)
+
+    empty = np.zeros(0, dtype=np.float32)
+    return build_message(ENCODINGS["raw"], v.size, 0, 0, empty, 4 * v.size, write)
 
 
-def _frame(code: int, numel: int, levels: int, bucket: int, norms: bytes, body: bytes) -> bytes:
-    out = bytearray(MAGIC)
-    out.append(FORMAT_VERSION)
-    out.append(code)
-    for value in (numel, levels, bucket, len(body)):
-        _put_varint(out, value)
-    out += norms
-    out += body
-    out += struct.pack("<I", zlib.crc32(out))
-    return bytes(out)
+def _entropy_message(
+    numel: int,
+    levels: int,
+    bucket_size: int | None,
+    norm: str,
+    norms: np.ndarray,
+    mags: np.ndarray,
+    signs: np.ndarray,
+) -> bytes:
+    from adaquantfl.entropy import encode_body
+
+    body = np.frombuffer(encode_body(mags, signs, levels), dtype=np.uint8)
+
+    def write(out: np.ndarray) -> None:
+        out[: body.size] = body
+
+    code = _code("entropy", norm)
+    return build_message(code, numel, levels, bucket_size or 0, norms, body.size, write)
 
 
-def _put_varint(out: bytearray, value: int) -> None:
-    if not 0 <= value <= _U32_MAX:
-        raise ValueError(f"header field {value} does not fit in 32 bits")
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return
+def _code(encoding: str, norm: str) -> int:
+    return ENCODINGS[encoding] | (FLAG_MAX_NORM if norm == "max" else 0)
 
 
-def _pack(q: Quantized) -> bytes:
-    width = 1 + bits_per_level_index(q.levels)
-    codes = (q.magnitudes.numpy().astype(np.uint32) << 1) | q.signs.numpy().astype(np.uint32)
-    shifts = np.arange(width, dtype=np.uint32)
-    bits = ((codes[:, None] >> shifts) & 1).astype(np.uint8)
-    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+def _check_encoding(encoding: str) -> None:
+    if encoding not in _QUANTIZED_ENCODINGS:
+        raise ValueError(
+            f"encoding must be 'packed' or 'entropy' for a Quantized, got {encoding!r}"
+        )
 
 
 # --------------------------------------------------------------------------- decode
-
-
-def peek_header(data: bytes | bytearray | memoryview) -> Header:
-    """Parse and check a message's header against its own length; nothing else is read.
-
-    Raises
-    ------
-    CodecError
-        If the header is malformed or disagrees with the message length.
-    """
-    buf = _as_bytes(data)
-    minimum = _FIXED_BYTES + 4 + _CRC_BYTES
-    if len(buf) < minimum:
-        raise CodecError(f"message is {len(buf)} bytes; a v1 message has at least {minimum}")
-    if buf[:2] != MAGIC:
-        raise CodecError(f"bad magic {bytes(buf[:2])!r}; expected {MAGIC!r}")
-    if buf[2] != FORMAT_VERSION:
-        raise CodecError(
-            f"unsupported format version {buf[2]}; this decoder reads {FORMAT_VERSION}"
-        )
-    code = buf[3]
-    encoding = _ENCODING_NAMES.get(code & 0x0F)
-    if encoding is None:
-        raise CodecError(f"unknown encoding code {code & 0x0F}; known: {_ENCODING_NAMES}")
-    flags = code & 0xF0
-    if flags & ~_KNOWN_FLAGS:
-        raise CodecError(f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:02x} in byte 3")
-    pos = _FIXED_BYTES
-    fields = []
-    for name in ("numel", "levels", "bucket size", "body length"):
-        value, pos = _get_varint(buf, pos, name)
-        fields.append(value)
-    numel, levels, bucket, body_bytes = fields
-    norm = NORMS[1] if flags & _FLAG_MAX_NORM else NORMS[0]
-    if encoding == "raw":
-        if levels != 0 or bucket != 0 or flags:
-            raise CodecError(
-                f"raw message must have levels 0, bucket size 0 and no flags; got levels "
-                f"{levels}, bucket size {bucket}, flags 0x{flags:02x}"
-            )
-        if body_bytes != 4 * numel:
-            raise CodecError(f"raw body length {body_bytes} != 4 * numel = {4 * numel}")
-    else:
-        if not 1 <= levels <= MAX_LEVELS:
-            raise CodecError(f"levels {levels} out of range [1, {MAX_LEVELS}]")
-        if encoding == "packed" and body_bytes != packed_body_bytes(numel, levels):
-            raise CodecError(
-                f"packed body length {body_bytes} != {packed_body_bytes(numel, levels)} "
-                f"expected for numel {numel} and levels {levels}"
-            )
-    header = Header(
-        encoding=encoding,
-        numel=numel,
-        levels=levels,
-        bucket_size=bucket or None,
-        norm=norm,
-        body_bytes=body_bytes,
-        header_bytes=pos,
-    )
-    if header.total_bytes != len(buf):
-        raise CodecError(
-            f"message is {len(buf)} bytes but its header describes {header.total_bytes} "
-            f"(header {pos} + norms {4 * header.num_norms} + body {body_bytes} + CRC 4)"
-        )
-    return header
 
 
 def decode(
@@ -317,34 +277,67 @@ def decode(
         If any field is malformed, disagrees with the length or the caller's
         expectations, the CRC does not match, or the body is not canonical.
     """
-    buf = _as_bytes(data)
-    header = _checked_header(buf, expected_numel)
-    if header.encoding == "raw":
-        raise CodecError("message is raw full precision; use decode_dense")
-    if expected_levels is not None and header.levels != expected_levels:
-        raise CodecError(f"message has levels {header.levels}; expected {expected_levels}")
-    nb = header.num_norms
-    start = header.header_bytes
-    norms_np = np.frombuffer(buf, dtype="<f4", count=nb, offset=start).astype(np.float32)
-    if not np.all(np.isfinite(norms_np)) or np.any(norms_np < 0):
-        raise CodecError("a bucket norm is negative or not finite")
-    norms = torch.from_numpy(norms_np.copy())
-    body = memoryview(buf)[start + 4 * nb : start + 4 * nb + header.body_bytes]
-    if header.encoding == "packed":
-        magnitudes, signs = _unpack(body, header.numel, header.levels)
-    else:
-        from adaquantfl.entropy import decode_body
-
-        magnitudes, signs = decode_body(body, header.numel, header.levels)
+    buf, header, norms = _open(data, expected_numel, expected_levels)
+    mags, signs = _level_indices(buf, header)
     return Quantized(
         levels=header.levels,
         numel=header.numel,
         bucket_size=header.bucket_size,
         norm=header.norm,  # type: ignore[arg-type]
-        norms=norms,
-        magnitudes=magnitudes,
-        signs=signs,
+        norms=torch.from_numpy(norms),
+        magnitudes=torch.from_numpy(mags),
+        signs=torch.from_numpy(signs),
     )
+
+
+def decode_dequantize(
+    data: bytes | bytearray | memoryview,
+    *,
+    expected_numel: int,
+    expected_levels: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dequantize(decode(data, ...), out=out)`` in one pass for packed messages.
+
+    Parameters
+    ----------
+    data : bytes-like
+    expected_numel, expected_levels
+        As :func:`decode`.
+    out : torch.Tensor, optional
+        A contiguous float32 CPU tensor of ``expected_numel`` entries to write
+        into (allocating a fresh 40 MB tensor costs more than decoding it).
+
+    Returns
+    -------
+    torch.Tensor
+        ``out`` (flattened), or a new float32 tensor.
+
+    Raises
+    ------
+    CodecError
+        As :func:`decode`. Every header field, the CRC and the norms are
+        checked before ``out`` is touched; an invalid code in the body is found
+        while decoding, so ``out`` then holds partial results.
+    ValueError
+        If ``out`` has the wrong size, dtype or layout.
+    """
+    from adaquantfl import kernels
+
+    buf, header, norms = _open(data, expected_numel, expected_levels)
+    flat = output_buffer(out, header.numel)
+    span = bucket_span(header.numel, header.bucket_size)
+    steps = bucket_steps(norms, header.levels)
+    if header.encoding == "entropy":
+        mags, signs = _level_indices(buf, header)
+        kernels.dequantize_into(mags, signs, steps, span, flat.detach().numpy())
+        return flat
+    body = _packed_body(buf, header)
+    w = 1 + bits_per_level_index(header.levels)
+    target = flat.detach().numpy()
+    if kernels.decode_packed_into(body, header.numel, header.levels, w, steps, span, target):
+        _level_indices(buf, header)  # raises the specific CodecError
+    return flat
 
 
 def decode_dense(data: bytes | bytearray | memoryview, *, expected_numel: int) -> torch.Tensor:
@@ -355,72 +348,75 @@ def decode_dense(data: bytes | bytearray | memoryview, *, expected_numel: int) -
     CodecError
         As :func:`decode`, and if the message is not raw or holds non-finite values.
     """
-    buf = _as_bytes(data)
-    header = _checked_header(buf, expected_numel)
+    buf = as_buffer(data)
+    header = checked_header(buf, expected_numel)
     if header.encoding != "raw":
         raise CodecError(f"message is {header.encoding}-encoded; use decode for quantized data")
     values = np.frombuffer(buf, dtype="<f4", count=header.numel, offset=header.header_bytes)
-    bad = int((~np.isfinite(values)).sum())
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:
         raise CodecError(f"raw body holds {bad} non-finite values")
     return torch.from_numpy(values.astype(np.float32, copy=True))
 
 
-def _checked_header(buf: bytes, expected_numel: int) -> Header:
-    if isinstance(expected_numel, bool) or not isinstance(expected_numel, int | np.integer):
-        raise ValueError(f"expected_numel must be an integer, got {expected_numel!r}")
-    header = peek_header(buf)
-    if header.numel != expected_numel:
-        raise CodecError(f"message has numel {header.numel}; expected {expected_numel}")
-    stored = struct.unpack_from("<I", buf, len(buf) - _CRC_BYTES)[0]
-    actual = zlib.crc32(memoryview(buf)[: len(buf) - _CRC_BYTES])
-    if stored != actual:
-        raise CodecError(
-            f"CRC32 mismatch: message says 0x{stored:08x}, content gives 0x{actual:08x}"
-        )
-    return header
+def _open(
+    data: bytes | bytearray | memoryview, expected_numel: int, expected_levels: int | None
+) -> tuple[memoryview, Header, np.ndarray]:
+    """Check a quantized message's header, CRC and norms; return them with the buffer."""
+    buf = as_buffer(data)
+    header = checked_header(buf, expected_numel)
+    if header.encoding == "raw":
+        raise CodecError("message is raw full precision; use decode_dense")
+    if expected_levels is not None and header.levels != expected_levels:
+        raise CodecError(f"message has levels {header.levels}; expected {expected_levels}")
+    return buf, header, read_norms(buf, header)
 
 
-def _unpack(body: memoryview, numel: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = 1 + bits_per_level_index(levels)
-    raw = np.frombuffer(body, dtype=np.uint8)
-    bits = np.unpackbits(raw, bitorder="little")
-    used = numel * width
-    if bits[used:].any():
+def _packed_body(buf: memoryview, header: Header) -> np.ndarray:
+    """The packed body through the end of the message (the unpacker reads past the body)."""
+    body = np.frombuffer(buf, dtype=np.uint8, offset=header.body_offset)
+    _check_padding(body, header.body_bytes, header.numel, header.levels)
+    return body
+
+
+def _check_padding(body: np.ndarray, body_bytes: int, numel: int, levels: int) -> None:
+    body.flags.writeable = False  # one compiled kernel variant for bytes and bytearray input
+    used = numel * (1 + bits_per_level_index(levels))
+    if used % 8 and int(body[body_bytes - 1]) >> (used % 8):
         raise CodecError("packed body has non-zero padding bits after the last entry")
-    weights = np.left_shift(np.uint32(1), np.arange(width, dtype=np.uint32))
-    codes = bits[:used].reshape(numel, width).astype(np.uint32) @ weights
-    magnitudes = (codes >> 1).astype(np.int32)
-    signs = (codes & 1).astype(bool)
-    if numel and int(magnitudes.max()) > levels:
-        raise CodecError(f"a level index exceeds levels {levels}")
-    if bool((signs & (magnitudes == 0)).any()):
+
+
+def packed_levels(
+    body: memoryview | np.ndarray, numel: int, levels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Level indices (int32) and signs (bool) of a packed body, validated.
+
+    ``body`` holds exactly the packed body or extends past it.
+
+    Raises
+    ------
+    CodecError
+        On non-zero padding, a level index above ``levels`` or a sign on a zero level.
+    """
+    from adaquantfl import kernels
+
+    arr = np.frombuffer(body, dtype=np.uint8)
+    _check_padding(arr, packed_body_bytes(numel, levels), numel, levels)
+    mags = np.empty(numel, dtype=np.int32)
+    signs = np.empty(numel, dtype=np.bool_)
+    w = 1 + bits_per_level_index(levels)
+    if kernels.decode_packed_to_codes(arr, numel, levels, w, mags, signs):
+        if int(mags.max()) > levels:
+            raise CodecError(f"a level index exceeds levels {levels}")
         raise CodecError("a sign bit is set on a zero level (non-canonical encoding)")
-    return torch.from_numpy(magnitudes), torch.from_numpy(signs)
+    return mags, signs
 
 
-def _get_varint(buf: bytes, pos: int, name: str) -> tuple[int, int]:
-    value = 0
-    for i in range(5):
-        if pos >= len(buf):
-            raise CodecError(f"header ends inside the {name} field")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            if i and byte == 0:
-                raise CodecError(f"{name} field is not minimally encoded")
-            if value > _U32_MAX:
-                raise CodecError(f"{name} field exceeds 32 bits")
-            return value, pos
-    raise CodecError(f"{name} field is longer than 5 bytes")
+def _level_indices(buf: memoryview, header: Header) -> tuple[np.ndarray, np.ndarray]:
+    """Level indices (int32) and signs (bool) of a packed or entropy body, validated."""
+    start = header.body_offset
+    if header.encoding == "entropy":
+        from adaquantfl.entropy import decode_body
 
-
-def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
-    if isinstance(data, bytes):
-        return data
-    if isinstance(data, bytearray | memoryview):
-        return bytes(data)
-    if isinstance(data, np.ndarray) and data.dtype == np.uint8:
-        return data.tobytes()
-    raise CodecError(f"a message must be bytes, got {type(data).__name__}")
+        return decode_body(buf[start : start + header.body_bytes], header.numel, header.levels)
+    return packed_levels(buf[start:], header.numel, header.levels)

@@ -16,14 +16,14 @@ import torch
 
 from adaquantfl.codec import (
     CodecError,
-    decode,
     decode_dense,
-    encode,
+    decode_dequantize,
     encode_dense,
     formula_bits,
     peek_header,
+    quantize_encode,
 )
-from adaquantfl.quantize import NORMS, dequantize, num_buckets, quantize
+from adaquantfl.quantize import NORMS, num_buckets
 
 __all__ = ["COMPRESSORS", "MESSAGE_ENCODINGS", "Compressor", "QSGDCompressor", "make_compressor"]
 
@@ -96,17 +96,21 @@ class QSGDCompressor:
     def compress(
         self, update: torch.Tensor, levels: int | None, *, generator: torch.Generator
     ) -> bytes:
-        """Quantize (unless ``levels`` is None) and encode ``update``."""
+        """Quantize (unless ``levels`` is None) and encode ``update``.
+
+        Uses the fused :func:`adaquantfl.codec.quantize_encode`: the bytes are
+        those of ``encode(quantize(update, levels, ...), encoding)``.
+        """
         if levels is None:
             return encode_dense(update)
-        q = quantize(
+        return quantize_encode(
             update,
             levels,
             generator=generator,
+            encoding=self.encoding,
             bucket_size=self.bucket_size,
             norm=self.norm,  # type: ignore[arg-type]
         )
-        return encode(q, self.encoding)
 
     def decompress(
         self,
@@ -117,6 +121,10 @@ class QSGDCompressor:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode ``payload`` to a flat float32 tensor of ``numel`` entries.
+
+        Quantized payloads go through the fused
+        :func:`adaquantfl.codec.decode_dequantize`, which writes into ``out``
+        when given (the server passes one reusable buffer).
 
         Raises
         ------
@@ -133,8 +141,7 @@ class QSGDCompressor:
         header = peek_header(payload)
         if header.encoding == "raw":
             raise CodecError(f"expected a quantized message at levels {levels}, got raw float32")
-        q = decode(payload, expected_numel=numel, expected_levels=levels)
-        return dequantize(q, out=out)
+        return decode_dequantize(payload, expected_numel=numel, expected_levels=levels, out=out)
 
     def formula_bits(self, numel: int, levels: int | None) -> int:
         """Paper-style bits of one message of ``numel`` entries at ``levels``."""

@@ -13,14 +13,24 @@ where, with ``r_i = s |v_i| / ||v||`` and ``l = floor(r_i)``, ``xi_i`` is
 Notes
 -----
 The rounding noise comes from a counter-based stream: a 63-bit key is drawn
-from the caller's ``torch.Generator``; element ``i`` then uses the SplitMix64
-output for counter ``i``. Each element's noise therefore depends only on the
-key and the element's index. A chunked torch kernel, a compiled kernel and the
-slow reference in ``tests/`` all produce the same bytes, and no kernel needs to
-touch global random state.
+from the caller's ``torch.Generator``; entry ``i`` then uses the top 24 bits of
+the SplitMix64 output (Steele, Lea, Flood 2014) for state
+``key + (i + 1) * 0x9E3779B97F4A7C15`` (mod 2**64). Each entry's noise
+therefore depends only on the key and the entry's index, so the compiled
+kernels (:mod:`adaquantfl.kernels`), :func:`rounding_uniforms` and the slow
+reference in ``tests/`` produce the same bytes, and no kernel touches global
+random state.
 
-Every float operation is a single IEEE-754 float32 operation in a fixed order
-(``r = (|v| / norm) * s``; dequantised ``y = xi * (norm / s)``), so any
+The L2 norm of a bucket ``v_0 .. v_{m-1}`` is defined exactly, so that every
+implementation gets the same float32: 64 float64 partial sums, lane ``j``
+adding ``v_k**2`` for ``k = j, j + 64, j + 128, ...`` in order (a float32 square
+is exact in float64); the lanes are added in order ``0 .. 63``; the float64
+square root of that sum is rounded to float32. (For ``m <= 64`` this is the
+plain left-to-right sum.) The interleaving lets the kernel use SIMD while the
+order stays fixed. The max-norm is ``max |v_k|``, which is exact in any order.
+
+Every other float operation is a single IEEE-754 float32 operation in a fixed
+order (``r = (|v| / norm) * s``; dequantised ``y = xi * (norm / s)``), so any
 implementation that follows the same steps reproduces the same bits.
 """
 
@@ -38,11 +48,15 @@ __all__ = [
     "Quantized",
     "bits_per_level_index",
     "bucket_norms",
+    "bucket_span",
+    "bucket_steps",
     "dequantize",
     "draw_key",
     "num_buckets",
+    "output_buffer",
     "quantization_variance",
     "quantize",
+    "quantize_inputs",
     "rounding_uniforms",
 ]
 
@@ -62,7 +76,6 @@ _GOLDEN = 0x9E3779B97F4A7C15 - 2**64
 _MIX1 = 0xBF58476D1CE4E5B9 - 2**64
 _MIX2 = 0x94D049BB133111EB - 2**64
 _UNIFORM_BITS = 24
-_CHUNK = 1 << 20  # elements per chunk: bounds the int64 temporaries at 8 MiB each
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,32 +192,68 @@ def _srl(z: torch.Tensor, shift: int) -> torch.Tensor:
 
 
 def bucket_norms(v: torch.Tensor, bucket_size: int | None, norm: NormName = "l2") -> torch.Tensor:
-    """Per-bucket norms of a flat float32 vector, as float32 of shape ``(num_buckets,)``.
+    """Per-bucket norms of a flat float tensor, as float32 of shape ``(num_buckets,)``.
 
-    The L2 norm is accumulated in float64 and rounded once to float32, so that
-    it does not overflow for large finite entries and does not depend on the
-    reduction order beyond float64 rounding.
+    The L2 norm is the exactly specified float64 sum of the module docstring,
+    rounded once to float32, so it does not overflow for large finite entries
+    and every implementation gets the same bits.
+
+    Raises
+    ------
+    ValueError
+        If an entry is NaN or infinite, or the norm overflows float32.
     """
-    d = v.numel()
-    nb = num_buckets(d, bucket_size)
-    if d == 0:
-        return torch.zeros(1, dtype=torch.float32)
-    b = d if bucket_size is None else bucket_size
-    padded = v
-    if nb * b != d:
-        padded = torch.zeros(nb * b, dtype=v.dtype)
-        padded[:d] = v
-    rows = padded.view(nb, b)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    _check_bucket_size(bucket_size)
+    return torch.from_numpy(_norms(_flat_float32(v).numpy(), bucket_size, norm))
+
+
+def _norms(v: np.ndarray, bucket_size: int | None, norm: str) -> np.ndarray:
+    from adaquantfl import kernels
+
+    out = np.empty(num_buckets(v.size, bucket_size), dtype=np.float32)
+    bucket = bucket_span(v.size, bucket_size)
     if norm == "l2":
-        out = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).to(torch.float32)
+        kernels.norms_l2(v, bucket, out)
     else:
-        out = rows.abs().amax(dim=1)
-    if not bool(torch.isfinite(out).all()):
+        kernels.norms_max(v, bucket, out)
+    if not np.isfinite(out).all():
+        bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+        if bad:
+            raise ValueError(f"cannot quantize a vector with {bad} non-finite entries (NaN or inf)")
         raise ValueError(
             "the vector's norm overflows float32 (entries near 3.4e38); scale the update down"
         )
-    result: torch.Tensor = out.contiguous()
-    return result
+    return out
+
+
+def bucket_span(numel: int, bucket_size: int | None) -> int:
+    """Entries per bucket as the kernels take it: ``numel`` for one bucket, never 0."""
+    return max(numel, 1) if bucket_size is None else int(bucket_size)
+
+
+def quantize_inputs(
+    x: torch.Tensor,
+    levels: int,
+    *,
+    generator: torch.Generator,
+    bucket_size: int | None,
+    norm: NormName,
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Validate the arguments of :func:`quantize`; return ``(v, key, norms)``.
+
+    ``v`` is the flat float32 input (a view when ``x`` already is one), ``key``
+    the stream key drawn from ``generator`` and ``norms`` the bucket norms.
+    Shared by :func:`quantize` and the fused encoder in :mod:`adaquantfl.codec`.
+    """
+    _check_levels(levels)
+    _check_bucket_size(bucket_size)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+    v = _flat_float32(x).numpy()
+    key = draw_key(generator)
+    return v, key, _norms(v, bucket_size, norm)
 
 
 def quantize(
@@ -247,22 +296,23 @@ def quantize(
     ValueError
         On bad arguments or on non-finite entries in ``x``.
     """
-    _check_levels(levels)
-    _check_bucket_size(bucket_size)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    v = _flat_float32(x)
-    key = draw_key(generator)
-    norms = bucket_norms(v, bucket_size, norm)
-    magnitudes, signs = _quantize_torch(v, norms, levels, bucket_size, key)
+    from adaquantfl import kernels
+
+    v, key, norms = quantize_inputs(
+        x, levels, generator=generator, bucket_size=bucket_size, norm=norm
+    )
+    magnitudes = np.empty(v.size, dtype=np.int32)
+    signs = np.empty(v.size, dtype=np.bool_)
+    span = bucket_span(v.size, bucket_size)
+    kernels.quantize_into(v, norms, span, int(levels), np.uint64(key), magnitudes, signs)
     return Quantized(
         levels=int(levels),
-        numel=v.numel(),
-        bucket_size=bucket_size,
+        numel=v.size,
+        bucket_size=None if bucket_size is None else int(bucket_size),
         norm=norm,
-        norms=norms,
-        magnitudes=magnitudes,
-        signs=signs,
+        norms=torch.from_numpy(norms),
+        magnitudes=torch.from_numpy(magnitudes),
+        signs=torch.from_numpy(signs),
     )
 
 
@@ -278,25 +328,44 @@ def dequantize(q: Quantized, *, out: torch.Tensor | None = None) -> torch.Tensor
     out : torch.Tensor, optional
         A contiguous float32 tensor of ``q.numel`` entries to write into.
     """
-    d = q.numel
-    if out is None:
-        out = torch.empty(d, dtype=torch.float32)
-    elif out.dtype != torch.float32 or out.numel() != d or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous float32 tensor with {d} entries, got "
-            f"{out.dtype} with {out.numel()} entries"
-        )
-    flat = out.view(-1)
-    if d == 0:
-        return flat
-    steps = _bucket_steps(q.norms, q.levels)
-    b = d if q.bucket_size is None else q.bucket_size
-    for start in range(0, d, _CHUNK):
-        stop = min(start + _CHUNK, d)
-        step = _expand_buckets(steps, b, start, stop)
-        vals = q.magnitudes[start:stop].to(torch.float32) * step
-        flat[start:stop] = torch.where(q.signs[start:stop], -vals, vals)
+    from adaquantfl import kernels
+
+    flat = output_buffer(out, q.numel)
+    steps = bucket_steps(q.norms.numpy(), q.levels)
+    kernels.dequantize_into(
+        q.magnitudes.numpy(),
+        q.signs.numpy(),
+        steps,
+        bucket_span(q.numel, q.bucket_size),
+        flat.detach().numpy(),
+    )
     return flat
+
+
+def output_buffer(out: torch.Tensor | None, numel: int) -> torch.Tensor:
+    """``out`` viewed as a flat float32 tensor after checking it, or a new one."""
+    if out is None:
+        return torch.empty(numel, dtype=torch.float32)
+    if (
+        not isinstance(out, torch.Tensor)
+        or out.dtype != torch.float32
+        or out.device.type != "cpu"
+        or out.numel() != numel
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous CPU float32 tensor with {numel} entries, got "
+            f"{getattr(out, 'dtype', type(out).__name__)} with "
+            f"{getattr(out, 'numel', lambda: '?')()} entries"
+        )
+    return out.view(-1)
+
+
+def bucket_steps(norms: np.ndarray, levels: int) -> np.ndarray:
+    """``norm / s`` per bucket: one IEEE float32 division each (float32 array)."""
+    # Done in NumPy so that it is a true division (a tensor-by-scalar division
+    # may be computed as a reciprocal multiply, which would change the last bit).
+    return np.ascontiguousarray(norms / np.float32(levels), dtype=np.float32)
 
 
 def quantization_variance(
@@ -321,25 +390,6 @@ def quantization_variance(
     return float((step * step * p * (1.0 - p)).sum())
 
 
-def _quantize_torch(
-    v: torch.Tensor, norms: torch.Tensor, levels: int, bucket_size: int | None, key: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    d = v.numel()
-    magnitudes = torch.empty(d, dtype=torch.int32)
-    signs = torch.empty(d, dtype=torch.bool)
-    b = d if bucket_size is None else bucket_size
-    scale = 2.0**-_UNIFORM_BITS
-    for start in range(0, d, _CHUNK):
-        stop = min(start + _CHUNK, d)
-        r = _ratios(v, norms, levels, b, start, stop)
-        floor = torch.floor(r)
-        u = rounding_uniforms(key, start, stop - start).to(torch.float32) * scale
-        xi = floor.to(torch.int32) + (u < (r - floor)).to(torch.int32)
-        magnitudes[start:stop] = xi
-        signs[start:stop] = (v[start:stop] < 0) & (xi > 0)
-    return magnitudes, signs
-
-
 def _ratios(
     v: torch.Tensor, norms: torch.Tensor, levels: int, b: int, start: int, stop: int
 ) -> torch.Tensor:
@@ -349,14 +399,6 @@ def _ratios(
     a = v[start:stop].abs()
     r = torch.minimum((a / torch.where(n > 0, n, 1.0)) * s, s)
     return torch.where(n > 0, r, 0.0)
-
-
-def _bucket_steps(norms: torch.Tensor, levels: int) -> torch.Tensor:
-    # One IEEE float32 division per bucket, done in NumPy so that it is a true
-    # division (a tensor-by-scalar division may be computed as a reciprocal
-    # multiply, which would change the last bit).
-    steps = norms.numpy() / np.float32(levels)
-    return torch.from_numpy(np.ascontiguousarray(steps, dtype=np.float32))
 
 
 def _expand_buckets(per_bucket: torch.Tensor, b: int, start: int, stop: int) -> torch.Tensor:
@@ -372,11 +414,9 @@ def _flat_float32(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point()):
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    v = x.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
-    bad = int((~torch.isfinite(v)).sum())
-    if bad:
-        raise ValueError(f"cannot quantize a vector with {bad} non-finite entries (NaN or inf)")
-    return v
+    # Finiteness is checked by the norm kernels (a non-finite entry gives a
+    # non-finite norm), which saves a pass over the data.
+    return x.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
 
 
 def _check_levels(levels: int) -> None:

@@ -40,11 +40,18 @@ def golden_cases() -> dict[str, bytes]:
     )
     x = torch.linspace(-1.0, 1.0, 410)
     seeded = quantize(x, 2, generator=torch.Generator().manual_seed(2026))
+    # Entropy bodies: the categorical form (k = 0), uniform low bits (k > 0:
+    # s = 65535 on 300 entries), and the packed fallback of a tiny vector.
+    wide = torch.logspace(-2.0, 0.0, 300) * torch.linspace(-1.0, 1.0, 300).sign()
+    large_s = quantize(wide, 65535, generator=torch.Generator().manual_seed(7), bucket_size=100)
     return {
         "packed_s3_hand.bin": encode(hand, "packed"),
         "packed_s1_bucket3_maxnorm.bin": encode(bucketed, "packed"),
         "packed_s2_linspace410_seed2026.bin": encode(seeded, "packed"),
         "raw_3.bin": encode_dense(torch.tensor([1.0, -2.0, 0.5])),
+        "entropy_s3_hand.bin": encode(hand, "entropy"),
+        "entropy_s2_linspace410_seed2026.bin": encode(seeded, "entropy"),
+        "entropy_s65535_bucket100_logspace300_seed7.bin": encode(large_s, "entropy"),
     }
 
 

@@ -1,0 +1,104 @@
+"""Timing, machine description and output shared by the codec and bits benchmarks.
+
+Every speed figure is reported next to a baseline measured in the same
+process (``torch.Tensor.copy_`` into a preallocated buffer), because absolute
+numbers on a shared machine mean little.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def pin_one_thread() -> None:
+    """One core: torch intra-op threads and numba's thread pool set to 1."""
+    import numba
+    import torch
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, threads and library versions."""
+    import numba
+    import numpy
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+    }
+
+
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """The fastest of ``repeats`` timed calls (seconds), after ``warmup`` untimed ones.
+
+    The minimum is the least disturbed run: on a shared machine, other
+    processes only ever add time.
+    """
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def write_json(name: str, payload: dict[str, Any], directory: Path = RESULTS) -> Path:
+    """Write ``payload`` to ``<directory>/<name>.json``; return the path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A rich table on stdout (plain text if rich is missing)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(title)
+        print("  ".join(header))
+        for row in rows:
+            print("  ".join(row))
+        return
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)
+
+
+def describe(info: dict[str, Any]) -> str:
+    return (
+        f"{info['cpu']}, {info['cores']} cores; torch {info['torch']} with "
+        f"{info['torch_threads']} thread(s), numba {info['numba']} with "
+        f"{info['numba_threads']} thread(s)"
+    )

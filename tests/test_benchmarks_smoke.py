@@ -1,0 +1,49 @@
+"""Smoke tests of the benchmarks: their core functions run at tiny sizes (speed is not tested)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from benchmarks import _common, bits, codec
+
+
+def test_codec_benchmark_measures_every_pair_and_its_naive_baseline_round_trips() -> None:
+    rows = codec.measure([1000], [1, 255], quick=True)
+    assert [(r["numel"], r["levels"]) for r in rows] == [(1000, 1), (1000, 255)]
+    for row in rows:
+        for key in ("copy", "encode", "decode", "naive_encode", "naive_decode", "entropy_encode"):
+            assert row[f"{key}_gbps"] > 0
+        assert len(codec.table_rows([row])[0]) == len(codec.HEADER)
+    # The naive baseline is a working codec too (same grid, its own noise).
+    x = torch.randn(999, generator=torch.Generator().manual_seed(0))
+    out = torch.empty(999)
+    data = codec.naive_encode(x, 3, torch.Generator().manual_seed(1))
+    y = codec.naive_decode(data, 999, 3, out)
+    step = float(torch.linalg.vector_norm(x)) / 3
+    assert float((y - x).abs().max()) <= step * (1 + 1e-5)
+
+
+def test_bits_benchmark_orders_the_encodings() -> None:
+    updates = [torch.randn(2000, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rows = bits.measure(updates, [1, 15])
+    for row in rows:
+        assert row["ideal"] <= row["entropy"] < row["packed"]
+        assert row["formula"] < row["packed"]  # the header is extra
+    assert len(bits.table_rows(rows)[0]) == len(bits.HEADER)
+
+
+def test_bits_benchmark_captures_client_updates() -> None:
+    updates = bits.capture_updates(bits.CONFIGS / "mnist1d-floor.toml", [1])
+    assert len(updates) == 10 and all(u.numel() == 410 for u in updates)
+    assert all(bool(u.abs().sum() > 0) for u in updates)
+
+
+def test_common_helpers(tmp_path: Path) -> None:
+    calls = []
+    assert _common.best_time(lambda: calls.append(1), repeats=3, warmup=1) >= 0
+    assert len(calls) == 4
+    path = _common.write_json("x", {"a": 1}, directory=tmp_path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert {"cpu", "cores", "numba_threads"} <= set(_common.machine())

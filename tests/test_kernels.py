@@ -1,0 +1,129 @@
+"""Tests of the compiled kernels: every code width, block and group edges, buffer bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adaquantfl import kernels
+from adaquantfl.kernels import BLOCK, PACK_SLACK
+from tests.reference import reference_pack, reference_quantize
+
+# Code widths w = 1 + bits(s): 2..8 (byte lanes), 9..16 (two-byte lanes), 17..25 (one by one).
+LEVELS_BY_WIDTH = [(1 << (w - 1)) - 1 for w in range(2, 26)]
+SIZES = [0, 1, 7, 8, 9, 63, 65, 1000, BLOCK - 1, BLOCK + 9]
+
+
+def random_levels(
+    numel: int, levels: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:  # level indices and canonical signs
+    rng = np.random.default_rng(seed)
+    mags = rng.integers(0, levels + 1, size=numel, dtype=np.int32)
+    mags[: min(numel, 3)] = [0, levels, levels][: min(numel, 3)]  # the extremes
+    signs = rng.integers(0, 2, size=numel).astype(bool) & (mags > 0)
+    return mags, signs
+
+
+def packed_bytes(numel: int, levels: int) -> int:
+    return -(-numel * (1 + levels.bit_length()) // 8)
+
+
+@pytest.mark.parametrize("levels", LEVELS_BY_WIDTH, ids=lambda s: f"w{1 + s.bit_length()}")
+def test_pack_matches_reference_and_stays_within_its_slack(levels: int) -> None:
+    w = 1 + levels.bit_length()
+    for numel in SIZES if w <= 16 else SIZES[:8]:
+        mags, signs = random_levels(numel, levels, numel)
+        size = packed_bytes(numel, levels)
+        out = np.full(size + PACK_SLACK + 8, 0xA5, dtype=np.uint8)
+        assert not kernels.pack_quantized(mags, signs, levels, w, out)
+        if numel <= 1000:
+            assert out[:size].tobytes() == reference_pack(mags.tolist(), signs.tolist(), levels)
+        assert (out[size + PACK_SLACK :] == 0xA5).all()  # canary past the allowed slack
+
+
+@pytest.mark.parametrize("levels", LEVELS_BY_WIDTH, ids=lambda s: f"w{1 + s.bit_length()}")
+def test_unpack_inverts_pack_reading_only_the_body(levels: int) -> None:
+    w = 1 + levels.bit_length()
+    for numel in SIZES if w <= 16 else SIZES[:8]:
+        mags, signs = random_levels(numel, levels, numel + 1)
+        size = packed_bytes(numel, levels)
+        out = np.zeros(size + PACK_SLACK, dtype=np.uint8)
+        kernels.pack_quantized(mags, signs, levels, w, out)
+        body = out[:size].copy()  # exactly the body: nothing to read past it
+        got_mags = np.empty(numel, np.int32)
+        got_signs = np.empty(numel, np.bool_)
+        assert not kernels.decode_packed_to_codes(body, numel, levels, w, got_mags, got_signs)
+        assert np.array_equal(got_mags, mags) and np.array_equal(got_signs, signs)
+        steps = np.array([0.375], dtype=np.float32)
+        y = np.empty(numel, np.float32)
+        assert not kernels.decode_packed_into(body, numel, levels, w, steps, max(numel, 1), y)
+        expected = mags.astype(np.float32) * np.float32(0.375)
+        assert np.array_equal(y, np.where(signs, -expected, expected))
+
+
+@pytest.mark.parametrize("levels", [1, 2, 255, 256, 70_000])
+def test_decoders_flag_level_above_s_and_sign_on_zero(levels: int) -> None:
+    w = 1 + levels.bit_length()
+    numel = 20
+    mags, signs = random_levels(numel, levels, 5)
+    for bad_code in [(levels + 1) << 1, 1]:  # xi = s + 1; sign bit on xi = 0
+        codes = (mags.astype(np.int64) << 1) | signs
+        codes[13] = bad_code
+        if bad_code >= 1 << w:
+            continue  # s = 2^k - 1 has no room for s + 1
+        stream = "".join(format(int(c), f"0{w}b")[::-1] for c in codes)
+        stream += "0" * (-len(stream) % 8)
+        body = np.array([int(stream[i : i + 8][::-1], 2) for i in range(0, len(stream), 8)])
+        body = body.astype(np.uint8)
+        out_m, out_s = np.empty(numel, np.int32), np.empty(numel, np.bool_)
+        assert kernels.decode_packed_to_codes(body, numel, levels, w, out_m, out_s)
+        y = np.empty(numel, np.float32)
+        steps = np.ones(1, np.float32)
+        assert kernels.decode_packed_into(body, numel, levels, w, steps, numel, y)
+    # Control: the valid body is not flagged.
+    good = np.zeros(packed_bytes(numel, levels) + PACK_SLACK, np.uint8)
+    kernels.pack_quantized(mags, signs, levels, w, good)
+    out_m, out_s = np.empty(numel, np.int32), np.empty(numel, np.bool_)
+    assert not kernels.decode_packed_to_codes(good, numel, levels, w, out_m, out_s)
+
+
+def test_pack_quantized_flags_invalid_level_indices() -> None:
+    out = np.zeros(64, np.uint8)
+    ok = np.array([0, 1, 3], np.int32)
+    assert not kernels.pack_quantized(ok, np.array([False, True, False]), 3, 3, out)
+    assert kernels.pack_quantized(np.array([0, 4], np.int32), np.zeros(2, bool), 3, 3, out)
+    assert kernels.pack_quantized(np.array([-1, 1], np.int32), np.zeros(2, bool), 3, 3, out)
+    assert kernels.pack_quantized(np.array([0, 1], np.int32), np.array([True, False]), 3, 3, out)
+
+
+@pytest.mark.parametrize("levels", [1, 3, 255, 40_000, 2**24 - 1])
+@pytest.mark.parametrize("bucket", [1, 10, 64, 300])
+def test_fused_encoder_equals_quantize_then_pack_and_the_reference(
+    levels: int, bucket: int
+) -> None:
+    rng = np.random.default_rng(levels + bucket)
+    x = (rng.standard_normal(300) * np.exp(3 * rng.standard_normal(300))).astype(np.float32)
+    norms = np.empty(-(-300 // bucket), np.float32)
+    kernels.norms_l2(x, bucket, norms)
+    key = int(rng.integers(0, 2**63 - 1))
+    mags = np.empty(300, np.int32)
+    signs = np.empty(300, np.bool_)
+    kernels.quantize_into(x, norms, bucket, levels, np.uint64(key), mags, signs)
+    ref_mags, ref_signs = reference_quantize(x, levels, key, list(norms), bucket)
+    assert mags.tolist() == ref_mags and signs.tolist() == ref_signs
+    w = 1 + levels.bit_length()
+    size = packed_bytes(300, levels)
+    fused = np.zeros(size + PACK_SLACK, np.uint8)
+    kernels.encode_packed(x, norms, bucket, levels, key, w, fused)
+    assert fused[:size].tobytes() == reference_pack(ref_mags, ref_signs, levels)
+
+
+def test_zero_norm_bucket_quantizes_to_zero() -> None:
+    x = np.array([0, 0, 0, 1, -2, 0], np.float32)
+    norms = np.empty(2, np.float32)
+    kernels.norms_max(x, 3, norms)
+    assert norms.tolist() == [0.0, 2.0]
+    mags, signs = np.empty(6, np.int32), np.empty(6, np.bool_)
+    kernels.quantize_into(x, norms, 3, 4, np.uint64(7), mags, signs)
+    assert mags.tolist() == [0, 0, 0, 2, 4, 0]
+    assert signs.tolist() == [False, False, False, False, True, False]
