@@ -1,0 +1,201 @@
+"""``adaquant_mod``: the client half of AdaQuantFL for any Flower ClientApp.
+
+    app = ClientApp(mods=[adaquant_mod])
+
+The user's train function stays as it is: it receives the global arrays,
+trains, and replies with its local arrays and metrics. Around it, the mod
+
+1. reads the round's plan (levels, seed, round, compressor) from the
+   ``aq-*`` keys that :class:`~adaquantfl.flower.AdaQuantFedAvg` put in the
+   train ConfigRecord, and flattens the received arrays to ``w_k``;
+2. calls the train function (``call_next``);
+3. forms ``Delta_i = w_i - w_k`` from the reply's arrays, quantizes it at
+   ``s_k`` with the noise stream (seed, round, client id, "quantize") and
+   encodes it with :mod:`adaquantfl.codec` (DESIGN §2, step 3), exactly as
+   :func:`adaquantfl.fl.client.client_update` does;
+4. replies with the encoded bytes (a uint8 Array), ``F_i(w_k)`` and ``n_i``.
+
+Messages without an AdaQuantFL plan (evaluate, query, or a plain FedAvg's
+train) pass through untouched.
+
+Notes
+-----
+The pre-training loss ``F_i(w_k)`` (the schedule's input) is read from the
+train reply's MetricRecord under ``pre-train-loss``: the mean loss of the
+*received* model on the node's training data, measured before training. The
+mod cannot measure it itself (it knows neither the model nor the data), and
+it cannot call the app's evaluate function instead: Flower 1.41 wraps each
+registered function separately with the app's mods
+(``flwr.clientapp.client_app._get_decorator``), so ``call_next`` inside a train
+message always leads to the train function. A train function that reports
+its loss under another name can be used with
+``make_adaquant_mod(loss_key=...)``; the schedule then sees that metric, so it
+should be the loss before training. A reply without the key is an error (the
+strategy drops that node for the round) rather than a silently invented loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from adaquantfl.compressor import Compressor
+from adaquantfl.fl.client import ClientError
+from adaquantfl.flower.records import (
+    CLIENT_ID_KEY,
+    METRICS_RECORD,
+    NUM_EXAMPLES_KEY,
+    PAYLOAD_KEY,
+    PRE_TRAIN_LOSS_KEY,
+    ArrayLayout,
+    RecordError,
+    RoundPlan,
+    client_id_of,
+    payload_array,
+    single_array_record,
+    single_metric_record,
+)
+from adaquantfl.rng import torch_generator
+
+__all__ = ["adaquant_mod", "encode_update", "make_adaquant_mod"]
+
+
+def encode_update(
+    update: torch.Tensor,
+    *,
+    levels: int | None,
+    compressor: Compressor,
+    seed: int,
+    round_idx: int,
+    client_id: int,
+) -> bytes:
+    """Quantize and encode one client's update: the last step of ``client_update``.
+
+    Same checks and the same noise stream (seed, round, client, "quantize") as
+    :func:`adaquantfl.fl.client.client_update`, so a Flower node and the
+    simulator produce the same bytes for the same update.
+
+    Raises
+    ------
+    ClientError
+        If the update has non-finite entries.
+    """
+    bad = int((~torch.isfinite(update)).sum())
+    if bad:
+        raise ClientError(
+            f"client {client_id}: local training diverged in round {round_idx} "
+            f"({bad} non-finite entries in the update; lower lr?)"
+        )
+    noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)
+    return compressor.compress(update, levels, generator=noise_gen)
+
+
+def make_adaquant_mod(*, loss_key: str = PRE_TRAIN_LOSS_KEY) -> Mod:
+    """Build the client mod; ``loss_key`` names the train reply's pre-training loss metric.
+
+    Parameters
+    ----------
+    loss_key : str
+        Metric of the user's train reply that holds ``F_i(w_k)``.
+
+    Returns
+    -------
+    Mod
+        ``(msg, context, call_next) -> msg``, for ``ClientApp(mods=[...])``.
+    """
+
+    def adaquant_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if not _is_adaquant_train(msg):
+            return call_next(msg, context)
+        plan = RoundPlan.from_config(_plan_config(msg))
+        client_id = client_id_of(context)
+        if plan.probe:
+            # The strategy only wants to know which client this node is.
+            return Message(
+                RecordDict({METRICS_RECORD: MetricRecord({CLIENT_ID_KEY: client_id})}),
+                reply_to=msg,
+            )
+        name, received = single_array_record(msg.content, "the train instruction")
+        layout = ArrayLayout.of(received)
+        params = layout.flatten(received)
+
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        _, local_record = single_array_record(reply.content, "the train function's reply")
+        metrics = single_metric_record(reply.content, "the train function's reply")
+        local = layout.flatten(local_record)
+        loss = _loss(metrics, loss_key)
+        num_examples = _num_examples(metrics)
+
+        payload = encode_update(
+            local - params,
+            levels=plan.levels,
+            compressor=plan.compressor,
+            seed=plan.seed,
+            round_idx=plan.round_idx,
+            client_id=client_id,
+        )
+        out_metrics = MetricRecord(dict(metrics))
+        out_metrics[CLIENT_ID_KEY] = client_id
+        out_metrics[PRE_TRAIN_LOSS_KEY] = loss
+        out_metrics[NUM_EXAMPLES_KEY] = num_examples
+        content = RecordDict(
+            {
+                name: ArrayRecord({PAYLOAD_KEY: payload_array(payload)}),
+                METRICS_RECORD: out_metrics,
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    adaquant_mod.__doc__ = __doc__
+    return adaquant_mod
+
+
+#: The mod with the default ``pre-train-loss`` convention (see the module notes).
+adaquant_mod: Mod = make_adaquant_mod()
+
+
+def _is_adaquant_train(msg: Message) -> bool:
+    if not msg.has_content():
+        return False
+    category = msg.metadata.message_type.split(".", 1)[0]
+    if category != "train":
+        return False
+    return any(RoundPlan.present(c) for c in msg.content.config_records.values())
+
+
+def _plan_config(msg: Message) -> dict[str, object]:
+    for config in msg.content.config_records.values():
+        if RoundPlan.present(config):
+            return dict(config)
+    raise RecordError("the train instruction has no AdaQuantFL plan")  # pragma: no cover
+
+
+def _loss(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise RecordError(
+            f"the train function's reply has no {key!r} metric. adaquant_mod needs F_i(w_k), "
+            "the mean loss of the received model on the local training data before training "
+            f"(the AdaQuantFL schedule's input): add it to the reply's MetricRecord as {key!r}, "
+            "or build the mod with make_adaquant_mod(loss_key=...) to name the metric that holds it"
+        )
+    value = metrics[key]
+    if isinstance(value, list) or not math.isfinite(float(value)) or float(value) < 0:
+        raise RecordError(f"metric {key!r} must be a finite non-negative number, got {value!r}")
+    return float(value)
+
+
+def _num_examples(metrics: MetricRecord) -> int:
+    value = metrics.get(NUM_EXAMPLES_KEY)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or value < 1:
+        raise RecordError(
+            f"the train function's reply must report {NUM_EXAMPLES_KEY!r} as a positive integer "
+            f"(the client's aggregation weight n_i), got {value!r}"
+        )
+    return value

@@ -1,0 +1,331 @@
+"""What AdaQuantFedAvg and adaquant_mod put in Flower's records, and how to read it back.
+
+One module owns every key and conversion, so the strategy (server side), the
+mod (client side) and the engine cannot disagree about the message layout.
+
+Train instruction (server -> node), one ``ConfigRecord`` per node::
+
+    aq-levels       int   levels s_k of this round; 0 means full precision (raw float32)
+    aq-seed         int   run seed of every derived random stream
+    aq-round        int   0-based round index (FedServer.round_idx)
+    aq-encoding     str   "packed" | "entropy"
+    aq-bucket-size  int   entries per norm bucket; 0 means one bucket
+    aq-norm         str   "l2" | "max"
+    aq-probe        int   1: only report the client id, do not train (see AdaQuantFedAvg)
+
+Train reply (node -> server)::
+
+    <the instruction's ArrayRecord name>: ArrayRecord {"aq-payload": Array(uint8)}
+        the codec's bytes, unchanged: Array(dtype="uint8", shape=(n,), stype=PAYLOAD_STYPE)
+    "metrics": MetricRecord {client-id, pre-train-loss, num-examples, ...the user's metrics}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from adaquantfl.compressor import Compressor, QSGDCompressor
+from adaquantfl.fl.client import ClientReply
+from adaquantfl.quantize import MAX_LEVELS
+
+__all__ = [
+    "CLIENT_ID_KEY",
+    "LEVELS_KEY",
+    "NUM_EXAMPLES_KEY",
+    "PAYLOAD_KEY",
+    "PAYLOAD_STYPE",
+    "PRE_TRAIN_LOSS_KEY",
+    "PROBE_KEY",
+    "ROUND_KEY",
+    "SEED_KEY",
+    "ArrayLayout",
+    "RecordError",
+    "RoundPlan",
+    "client_id_of",
+    "parse_train_reply",
+    "payload_array",
+    "payload_bytes",
+    "single_array_record",
+    "single_metric_record",
+]
+
+LEVELS_KEY = "aq-levels"
+SEED_KEY = "aq-seed"
+ROUND_KEY = "aq-round"
+ENCODING_KEY = "aq-encoding"
+BUCKET_SIZE_KEY = "aq-bucket-size"
+NORM_KEY = "aq-norm"
+PROBE_KEY = "aq-probe"
+
+PAYLOAD_KEY = "aq-payload"
+#: The Array's serialisation type: the bytes are a v1 message of adaquantfl.codec,
+#: not a .npy file (``Array(ndarray)`` would add a 128-byte .npy header).
+PAYLOAD_STYPE = "adaquantfl.codec.v1"
+METRICS_RECORD = "metrics"
+CLIENT_ID_KEY = "client-id"
+#: F_i(w_k): mean training loss of the received model on the local data, before training.
+PRE_TRAIN_LOSS_KEY = "pre-train-loss"
+#: Flower's usual weighting key (FedAvg's ``weighted_by_key`` default).
+NUM_EXAMPLES_KEY = "num-examples"
+
+_INT64_MAX = 2**63 - 1
+
+
+class RecordError(ValueError):
+    """A Flower record does not have the layout this module describes; the text says why."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server asks of a node in one round (the ``aq-*`` config keys)."""
+
+    levels: int | None
+    seed: int
+    round_idx: int
+    compressor: QSGDCompressor
+    probe: bool = False
+
+    def to_config(self) -> dict[str, int | str]:
+        """The ``aq-*`` entries of a train instruction's ConfigRecord."""
+        c = self.compressor
+        return {
+            LEVELS_KEY: 0 if self.levels is None else self.levels,
+            SEED_KEY: self.seed,
+            ROUND_KEY: self.round_idx,
+            ENCODING_KEY: c.encoding,
+            BUCKET_SIZE_KEY: 0 if c.bucket_size is None else c.bucket_size,
+            NORM_KEY: c.norm,
+            PROBE_KEY: int(self.probe),
+        }
+
+    @staticmethod
+    def present(config: Mapping[str, object]) -> bool:
+        """Whether ``config`` carries an AdaQuantFL plan (else the mod stays out of the way)."""
+        return LEVELS_KEY in config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> RoundPlan:
+        """Read and validate the plan; raises :class:`RecordError` naming the bad key."""
+        levels = _int(config, LEVELS_KEY, 0, MAX_LEVELS)
+        bucket = _int(config, BUCKET_SIZE_KEY, 0, _INT64_MAX)
+        try:
+            compressor = QSGDCompressor(
+                encoding=_str(config, ENCODING_KEY),
+                bucket_size=bucket or None,
+                norm=_str(config, NORM_KEY),
+            )
+        except ValueError as exc:
+            raise RecordError(f"bad compressor settings in the train config: {exc}") from None
+        return cls(
+            levels=levels or None,
+            seed=_int(config, SEED_KEY, -_INT64_MAX - 1, _INT64_MAX),
+            round_idx=_int(config, ROUND_KEY, 0, _INT64_MAX),
+            compressor=compressor,
+            probe=bool(config.get(PROBE_KEY, 0)),
+        )
+
+
+def describe_compressor(compressor: Compressor) -> QSGDCompressor:
+    """The compressor as something a node can rebuild from the config.
+
+    Raises
+    ------
+    ValueError
+        If the compressor is not a :class:`QSGDCompressor` (the only kind the
+        ``aq-*`` keys can describe).
+    """
+    if not isinstance(compressor, QSGDCompressor):
+        raise ValueError(
+            f"AdaQuantFedAvg can only describe a QSGDCompressor to its nodes, got "
+            f"{type(compressor).__name__}"
+        )
+    return compressor
+
+
+def _int(config: Mapping[str, object], key: str, low: int, high: int) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RecordError(
+            f"train config {key!r} must be an integer in [{low}, {high}], got {value!r}"
+        )
+    return value
+
+
+def _str(config: Mapping[str, object], key: str) -> str:
+    value = config.get(key)
+    if not isinstance(value, str):
+        raise RecordError(f"train config {key!r} must be a string, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- payload
+
+
+def payload_array(payload: bytes) -> Array:
+    """The codec's bytes as a uint8 Array, with nothing added.
+
+    Built from (dtype, shape, stype, data) so that ``Array.data`` is the
+    payload itself: ``len(array.data) * 8 == wire_bits`` of the message.
+    """
+    return Array(dtype="uint8", shape=(len(payload),), stype=PAYLOAD_STYPE, data=bytes(payload))
+
+
+def payload_bytes(array: Array) -> bytes:
+    """The codec bytes carried by ``array``; raises :class:`RecordError` if it is not one."""
+    shape = tuple(array.shape)
+    if array.stype != PAYLOAD_STYPE or array.dtype != "uint8" or shape != (len(array.data),):
+        raise RecordError(
+            f"update payload must be Array(dtype='uint8', shape=(len(data),), "
+            f"stype={PAYLOAD_STYPE!r}), got dtype={array.dtype!r} shape={shape} "
+            f"stype={array.stype!r} with {len(array.data)} bytes"
+        )
+    return bytes(array.data)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def single_array_record(content: RecordDict, what: str) -> tuple[str, ArrayRecord]:
+    """The one ArrayRecord of ``content`` and its name."""
+    records = list(content.array_records.items())
+    if len(records) != 1:
+        raise RecordError(f"{what} must hold exactly one ArrayRecord, found {len(records)}")
+    return records[0]
+
+
+def single_metric_record(content: RecordDict, what: str) -> MetricRecord:
+    """The one MetricRecord of ``content``."""
+    records = list(content.metric_records.values())
+    if len(records) != 1:
+        raise RecordError(f"{what} must hold exactly one MetricRecord, found {len(records)}")
+    return records[0]
+
+
+def client_id_of(context: Context) -> int:
+    """The client id of a node: its ``partition-id`` node config.
+
+    The random streams (minibatches, quantizer noise) and the server's
+    aggregation order are keyed by this id, as in the simulator. A node
+    without ``partition-id`` falls back to its Flower node id (masked to a
+    signed 64-bit integer, which the streams and MetricRecord require).
+    """
+    value = context.node_config.get("partition-id")
+    if value is None:
+        return int(context.node_id) & _INT64_MAX
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RecordError(
+            f"node config 'partition-id' must be a non-negative integer, got {value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """Names and shapes of a model's arrays: ArrayRecord <-> flat float32 vector.
+
+    The federated loop works on one flat vector (DESIGN §2). Flower carries a
+    model as named arrays. The layout is taken from the first ArrayRecord seen
+    and every later record must match it exactly.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, record: ArrayRecord) -> ArrayLayout:
+        names, shapes = [], []
+        for name, array in record.items():
+            if array.dtype != "float32":
+                raise RecordError(
+                    f"array {name!r} has dtype {array.dtype}; the federated loop averages "
+                    "float32 parameters only (convert the model to float32, drop buffers)"
+                )
+            names.append(name)
+            shapes.append(tuple(int(d) for d in array.shape))
+        if not names:
+            raise RecordError("the model's ArrayRecord is empty")
+        return cls(tuple(names), tuple(shapes))
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def flatten(self, record: ArrayRecord) -> torch.Tensor:
+        """The arrays of ``record`` as one flat float32 tensor, in layout order."""
+        if tuple(record.keys()) != self.names:
+            raise RecordError(
+                f"ArrayRecord keys {list(record.keys())} differ from the model's {list(self.names)}"
+            )
+        parts = []
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            array = record[name]
+            if array.dtype != "float32" or tuple(int(d) for d in array.shape) != shape:
+                raise RecordError(
+                    f"array {name!r} is {array.dtype} {tuple(array.shape)}, "
+                    f"expected float32 {shape}"
+                )
+            parts.append(torch.from_numpy(np.ascontiguousarray(array.numpy())).reshape(-1))
+        return torch.cat(parts).to(torch.float32)
+
+    def to_record(self, flat: torch.Tensor) -> ArrayRecord:
+        """``flat`` as an ArrayRecord of .npy arrays (what a user's train function expects)."""
+        if flat.dtype != torch.float32 or flat.numel() != self.numel:
+            raise ValueError(
+                f"expected a flat float32 tensor of {self.numel} entries, "
+                f"got {flat.dtype} with {flat.numel()}"
+            )
+        values = flat.detach().cpu().numpy()
+        arrays: dict[str, Array] = {}
+        offset = 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            size = math.prod(shape)
+            arrays[name] = Array(values[offset : offset + size].reshape(shape).copy())
+            offset += size
+        return ArrayRecord(arrays)
+
+
+def parse_train_reply(content: RecordDict) -> ClientReply:
+    """The :class:`ClientReply` carried by an ``adaquant_mod`` train reply.
+
+    Only the layout is checked here; whether the payload decodes, has the
+    right size and levels, and whether the loss and ``n_i`` are acceptable is
+    :meth:`FedServer.aggregate`'s to judge (and to report as a rejection).
+
+    Raises
+    ------
+    RecordError
+        If the reply does not have the layout of :mod:`adaquantfl.flower.records`.
+    """
+    _, arrays = single_array_record(content, "a train reply")
+    if PAYLOAD_KEY not in arrays:
+        raise RecordError(f"a train reply's ArrayRecord has no {PAYLOAD_KEY!r} array")
+    payload = payload_bytes(arrays[PAYLOAD_KEY])
+    metrics = single_metric_record(content, "a train reply")
+    client_id = metrics.get(CLIENT_ID_KEY)
+    if isinstance(client_id, bool) or not isinstance(client_id, int):
+        raise RecordError(
+            f"a train reply's {CLIENT_ID_KEY!r} must be an integer, got {client_id!r}"
+        )
+    loss = metrics.get(PRE_TRAIN_LOSS_KEY)
+    if isinstance(loss, bool) or not isinstance(loss, int | float):
+        raise RecordError(f"a train reply's {PRE_TRAIN_LOSS_KEY!r} must be a number, got {loss!r}")
+    n = metrics.get(NUM_EXAMPLES_KEY)
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise RecordError(f"a train reply's {NUM_EXAMPLES_KEY!r} must be an integer, got {n!r}")
+    return ClientReply(client_id=client_id, payload=payload, loss=float(loss), num_examples=n)
+
+
+def plan_config(base: ConfigRecord, plan: RoundPlan) -> ConfigRecord:
+    """A fresh ConfigRecord: the user's train config plus the round's plan."""
+    config = ConfigRecord(dict(base))
+    for key, value in plan.to_config().items():
+        config[key] = value
+    return config

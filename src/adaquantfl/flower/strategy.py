@@ -1,0 +1,494 @@
+"""``AdaQuantFedAvg``: Flower's message-based FedAvg with AdaQuantFL's uplink compression.
+
+Swap ``FedAvg`` for ``AdaQuantFedAvg`` in a ServerApp and add
+:data:`~adaquantfl.flower.adaquant_mod` to the ClientApp. Every round the strategy
+
+1. sends each sampled node the global arrays and, in its own ConfigRecord,
+   the levels ``s_k`` that the schedule chose, the run seed, the round index
+   and the compressor settings (see :mod:`adaquantfl.flower.records`);
+2. turns every well-formed reply into a :class:`~adaquantfl.fl.client.ClientReply`
+   and hands them to :meth:`adaquantfl.fl.server.FedServer.aggregate`, which
+   decodes the payloads with :mod:`adaquantfl.codec`, averages them weighted by
+   ``n_i`` and feeds ``F(w_k)`` to the schedule (DESIGN §2, steps 4-5);
+3. returns the new global arrays and a MetricRecord with the round's
+   ``levels``, ``wire_bits``, ``formula_bits``, ``train_loss``, ... (kept in
+   ``Result.train_metrics_clientapp``; the full outcomes, payload digests
+   included, in :attr:`AdaQuantFedAvg.rounds`).
+
+Nothing of quantization, aggregation or the schedule is re-implemented here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from logging import INFO, WARNING
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+
+from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.fl.client import ClientReply
+from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
+from adaquantfl.flower.records import (
+    CLIENT_ID_KEY,
+    NUM_EXAMPLES_KEY,
+    ArrayLayout,
+    RecordError,
+    RoundPlan,
+    describe_compressor,
+    parse_train_reply,
+    plan_config,
+    single_metric_record,
+)
+from adaquantfl.schedule import LevelSchedule
+
+__all__ = ["AdaQuantFedAvg", "FlowerRound"]
+
+#: Error codes with which Flower reports that a node never answered (as
+#: opposed to a ClientApp that answered with an exception).
+_UNAVAILABLE = frozenset(
+    {
+        ErrorCode.MESSAGE_UNAVAILABLE,
+        ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+        ErrorCode.NODE_UNAVAILABLE,
+    }
+)
+
+
+@dataclass(frozen=True)
+class FlowerRound:
+    """One training round as the strategy saw it.
+
+    Attributes
+    ----------
+    server_round : int
+        Flower's 1-based round number.
+    outcome : RoundOutcome
+        The server's outcome; ``rejected`` also counts the failures below.
+    sent : int
+        Train messages sent (each carried the global model).
+    downlink_bits : int
+        ``sent`` x 8 x the bytes of the model as a raw float32 codec message
+        (the simulator's measure; Flower carries the same float32 values as
+        .npy arrays, 128 header bytes more per array).
+    failures : tuple of (node_id, reason)
+        Error and malformed replies (counted in ``outcome.rejected``).
+    dropouts : tuple of (node_id, reason)
+        Nodes that never replied: no answer before the round's timeout, or
+        Flower reported the node or its reply unavailable.
+    time_s : float
+        Seconds from configuring the round to the end of its aggregation.
+    """
+
+    server_round: int
+    outcome: RoundOutcome
+    sent: int
+    downlink_bits: int
+    failures: tuple[tuple[int, str], ...]
+    dropouts: tuple[tuple[int, str], ...]
+    time_s: float
+
+    @property
+    def dropped(self) -> int:
+        """Nodes that were sent a train message and never replied."""
+        return len(self.dropouts)
+
+
+@dataclass
+class _Pending:
+    server_round: int
+    nodes: frozenset[int]
+    downlink_bits: int
+    started: float
+
+
+class AdaQuantFedAvg(FedAvg):
+    """FedAvg whose clients send quantized, encoded updates at scheduled levels.
+
+    Parameters
+    ----------
+    schedule : LevelSchedule
+        Any schedule of :mod:`adaquantfl.schedule`: ``FullPrecision`` (raw
+        float32), ``FixedLevels`` or ``AdaQuantLevels``.
+    compressor : QSGDCompressor, optional
+        Quantizer settings and encoding (default: packed, one bucket, l2).
+    seed : int
+        Run seed; nodes derive their minibatch and quantizer-noise streams
+        from (seed, round, client id), and node sampling uses (seed, round).
+    num_clients, clients_per_round : int, optional
+        Select participants by client id (the nodes' ``partition-id``) with
+        :func:`~adaquantfl.fl.server.select_clients`, exactly as the
+        simulator does. Nodes whose id is not yet known are asked for it with
+        a probe message first. When unset, nodes are sampled Flower-style
+        with ``fraction_train`` / ``min_train_nodes``.
+    node_wait_s : float
+        Longest wait for ``min_available_nodes`` to connect before a round
+        (and for probe replies). Flower's own FedAvg waits without limit; after
+        this the round goes on with the nodes that are there, or with none.
+    record_digests : bool
+        Keep the SHA-256 of every payload in :attr:`rounds` (for comparing engines).
+    max_message_bytes : int, optional
+        Payloads larger than this are rejected unread.
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, \
+min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key, \
+train_metrics_aggr_fn, evaluate_metrics_aggr_fn
+        As in Flower's ``FedAvg``. ``train_metrics_aggr_fn`` aggregates the
+        user's own train metrics of the accepted replies.
+
+    Notes
+    -----
+    Replies are validated one by one: an error reply, a malformed reply or a
+    node that does not answer within ``start(timeout=...)`` is dropped and
+    counted in the round's ``rejected``; the round goes on with the rest.
+    (Flower's FedAvg checks all replies together with
+    ``validate_message_reply_consistency`` and skips the whole aggregation if
+    one differs.) The strategy owns the global model: ``configure_train``
+    takes its first ``arrays`` as ``w_0`` and afterwards expects back the
+    record ``aggregate_train`` returned; other arrays replace the model.
+    """
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        schedule: LevelSchedule,
+        compressor: QSGDCompressor | None = None,
+        *,
+        seed: int = 0,
+        num_clients: int | None = None,
+        clients_per_round: int | None = None,
+        node_wait_s: float = 60.0,
+        record_digests: bool = True,
+        max_message_bytes: int | None = None,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = NUM_EXAMPLES_KEY,
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        self.schedule = schedule
+        self.compressor: QSGDCompressor = describe_compressor(compressor or QSGDCompressor())
+        self.seed = seed
+        if (num_clients is None) != (clients_per_round is None):
+            raise ValueError("num_clients and clients_per_round must be given together")
+        if num_clients is not None and clients_per_round is not None:
+            select_clients(num_clients, clients_per_round, seed=seed, round_idx=0)  # validates
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        finite = isinstance(node_wait_s, int | float) and math.isfinite(node_wait_s)
+        if not finite or node_wait_s < 0:
+            raise ValueError(f"node_wait_s must be a finite number >= 0, got {node_wait_s!r}")
+        self.node_wait_s = float(node_wait_s)
+        self.record_digests = record_digests
+        self.max_message_bytes = max_message_bytes
+        #: The server state (global model, round counter, schedule); built from
+        #: the first arrays that ``configure_train`` sees.
+        self.server: FedServer | None = None
+        self.layout: ArrayLayout | None = None
+        #: Every completed training round, in order.
+        self.rounds: list[FlowerRound] = []
+        #: Client id of every node that has told us (node id -> partition id).
+        self.node_clients: dict[int, int] = {}
+        self._global: ArrayRecord | None = None
+        self._pending: _Pending | None = None
+
+    # ----------------------------------------------------------------- summary
+
+    def summary(self) -> None:
+        """Log the FedAvg settings plus the compression settings."""
+        super().summary()
+        log(INFO, "\t└──> AdaQuantFL:")
+        log(INFO, "\t\t├── Schedule: %r", self.schedule)
+        log(INFO, "\t\t├── Compressor: %r", self.compressor)
+        log(INFO, "\t\t└── Node wait: %.0f s", self.node_wait_s)
+
+    # ----------------------------------------------------------------- training
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes and send each the global arrays plus its own ConfigRecord with the plan."""
+        server = self._sync(arrays)
+        self._pending = None
+        if self.fraction_train == 0.0:
+            return []
+        started = time.perf_counter()
+        plan = RoundPlan(server.levels, self.seed, server.round_idx, self.compressor)
+        nodes = self._wait_for_nodes(grid, self.min_available_nodes)
+        chosen = self._choose_train_nodes(grid, nodes, plan)
+        log(
+            INFO,
+            "configure_train: round %d, levels %s, %d of %d nodes",
+            server_round,
+            "fp32" if plan.levels is None else plan.levels,
+            len(chosen),
+            len(nodes),
+        )
+        base = ConfigRecord(dict(config))
+        base["server-round"] = server_round
+        record = self._global
+        if record is None:  # pragma: no cover - set by _sync
+            raise RuntimeError("no global model to send")
+        messages = [
+            Message(
+                content=RecordDict(
+                    {self.arrayrecord_key: record, self.configrecord_key: plan_config(base, plan)}
+                ),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+            )
+            for node in chosen
+        ]
+        self._pending = _Pending(
+            server_round=server_round,
+            nodes=frozenset(chosen),
+            downlink_bits=8 * len(server.downlink_payload()) * len(messages),
+            started=started,
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode and average the replies with :class:`FedServer`; drop bad ones, not the round."""
+        server = self._require_server()
+        replies = list(replies)
+        pending = self._pending
+        if pending is None or pending.server_round != server_round:
+            pending = _Pending(server_round, frozenset(), 0, time.perf_counter())
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        failures: list[tuple[int, str]] = []
+        dropouts: list[tuple[int, str]] = []
+        for m in errors:
+            entry = (m.metadata.src_node_id, f"error reply ({m.error.code}): {m.error.reason}")
+            (dropouts if m.error.code in _UNAVAILABLE else failures).append(entry)
+        client_replies: list[ClientReply] = []
+        contents: list[RecordDict] = []
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            try:
+                reply = parse_train_reply(msg.content)
+            except RecordError as exc:
+                log(WARNING, "aggregate_train: dropped malformed reply from node %d: %s", node, exc)
+                failures.append((node, f"malformed reply: {exc}"))
+                continue
+            self.node_clients[node] = reply.client_id
+            client_replies.append(reply)
+            contents.append(msg.content)
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in sorted(pending.nodes - answered):
+            log(WARNING, "aggregate_train: no reply from node %d in round %d", node, server_round)
+            dropouts.append((node, "no reply before the round's timeout"))
+
+        outcome = server.aggregate(client_replies)
+        if failures:
+            outcome = replace(outcome, rejected=outcome.rejected + len(failures))
+        self._global = self._layout().to_record(server.params)
+        flower_round = FlowerRound(
+            server_round=server_round,
+            outcome=outcome,
+            sent=len(pending.nodes),
+            downlink_bits=pending.downlink_bits,
+            failures=tuple(failures),
+            dropouts=tuple(dropouts),
+            time_s=time.perf_counter() - pending.started,
+        )
+        self.rounds.append(flower_round)
+        self._pending = None
+        return self._global, self._round_metrics(flower_round, contents)
+
+    # ----------------------------------------------------------------- evaluation
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation as in FedAvg, but with a bounded wait for nodes."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._wait_for_nodes(grid, self.min_available_nodes)
+        if not nodes:
+            return []
+        size = max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
+        size = max(1, min(len(nodes), size))
+        round_idx = self.server.round_idx if self.server is not None else server_round
+        picked = select_clients(len(nodes), size, seed=self.seed, round_idx=round_idx)
+        chosen = [nodes[i] for i in picked]
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, chosen, MessageType.EVALUATE)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the evaluation metrics of the well-formed replies; drop the others."""
+        valid, _ = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        good: list[RecordDict] = []
+        for msg in valid:
+            try:
+                validate_message_reply_consistency(
+                    [msg.content], weighted_by_key=self.weighted_by_key, check_arrayrecord=False
+                )
+            except InconsistentMessageReplies as exc:
+                log(
+                    WARNING,
+                    "aggregate_evaluate: dropped reply from node %d: %s",
+                    msg.metadata.src_node_id,
+                    exc,
+                )
+                continue
+            good.append(msg.content)
+        if not good:
+            return None
+        try:
+            return self.evaluate_metrics_aggr_fn(good, self.weighted_by_key)
+        except (TypeError, ValueError) as exc:  # e.g. metric lists of different lengths
+            log(WARNING, "aggregate_evaluate: could not aggregate the metrics: %s", exc)
+            return None
+
+    # ----------------------------------------------------------------- helpers
+
+    def _sync(self, arrays: ArrayRecord) -> FedServer:
+        if self.server is None:
+            self.layout = ArrayLayout.of(arrays)
+            self.server = FedServer(
+                self.layout.flatten(arrays),
+                self.schedule,
+                self.compressor,
+                max_message_bytes=self.max_message_bytes,
+                record_digests=self.record_digests,
+            )
+            self._global = arrays
+        elif arrays is not self._global:
+            # Someone handed us a different model than the one we returned
+            # (a custom loop); it becomes the global model.
+            log(INFO, "configure_train: adopting the arrays passed in as the global model")
+            self.server.params = self._layout().flatten(arrays)
+            self._global = arrays
+        return self.server
+
+    def _require_server(self) -> FedServer:
+        if self.server is None:
+            raise RuntimeError("aggregate_train before configure_train: no global model yet")
+        return self.server
+
+    def _layout(self) -> ArrayLayout:
+        if self.layout is None:  # pragma: no cover - set together with the server
+            raise RuntimeError("no model layout yet")
+        return self.layout
+
+    def _wait_for_nodes(self, grid: Grid, minimum: int) -> list[int]:
+        """Connected node ids (sorted), after waiting at most ``node_wait_s`` for ``minimum``."""
+        deadline = time.monotonic() + self.node_wait_s
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            remaining = deadline - time.monotonic()
+            if len(nodes) >= minimum or remaining <= 0:
+                break
+            log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), minimum)
+            time.sleep(min(1.0, remaining))
+        if len(nodes) < minimum:
+            log(
+                WARNING,
+                "only %d of the %d required nodes connected within %.0f s; going on with them",
+                len(nodes),
+                minimum,
+                self.node_wait_s,
+            )
+        return nodes
+
+    def _choose_train_nodes(self, grid: Grid, nodes: Sequence[int], plan: RoundPlan) -> list[int]:
+        if not nodes:
+            return []
+        if self.num_clients is None or self.clients_per_round is None:
+            size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+            size = max(1, min(size, len(nodes)))
+            picked = select_clients(len(nodes), size, seed=self.seed, round_idx=plan.round_idx)
+            return [nodes[i] for i in picked]
+        unknown = [n for n in nodes if n not in self.node_clients]
+        if unknown:
+            self._probe(grid, unknown, plan)
+        wanted = set(
+            select_clients(
+                self.num_clients, self.clients_per_round, seed=self.seed, round_idx=plan.round_idx
+            )
+        )
+        return [n for n in nodes if self.node_clients.get(n) in wanted]
+
+    def _probe(self, grid: Grid, nodes: Sequence[int], plan: RoundPlan) -> None:
+        """Ask ``nodes`` for their client id (the mod answers without training)."""
+        probe = replace(plan, probe=True)
+        messages = [
+            Message(
+                content=RecordDict({self.configrecord_key: plan_config(ConfigRecord(), probe)}),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
+        for reply in grid.send_and_receive(messages, timeout=self.node_wait_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "probe: node %d answered with an error: %s", node, reply.error.reason)
+                continue
+            try:
+                client_id = single_metric_record(reply.content, "a probe reply").get(CLIENT_ID_KEY)
+            except RecordError as exc:
+                log(WARNING, "probe: node %d: %s", node, exc)
+                continue
+            if isinstance(client_id, int) and not isinstance(client_id, bool):
+                self.node_clients[node] = client_id
+
+    def _round_metrics(self, flower_round: FlowerRound, contents: list[RecordDict]) -> MetricRecord:
+        outcome = flower_round.outcome
+        metrics = MetricRecord()
+        if contents:
+            try:
+                metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+            except (TypeError, ValueError) as exc:
+                log(WARNING, "aggregate_train: could not aggregate the clients' metrics: %s", exc)
+            if CLIENT_ID_KEY in metrics:
+                del metrics[CLIENT_ID_KEY]
+        # fp32 is levels 0, as in the codec's header (MetricRecord has no None).
+        metrics["levels"] = outcome.levels or 0
+        metrics["next_levels"] = outcome.next_levels or 0
+        metrics["wire_bits"] = outcome.wire_bits
+        metrics["formula_bits"] = outcome.formula_bits
+        metrics["downlink_bits"] = flower_round.downlink_bits
+        metrics["participants"] = outcome.participants
+        metrics["rejected"] = outcome.rejected
+        metrics["dropped"] = flower_round.dropped
+        if outcome.train_loss is not None:
+            metrics["train_loss"] = outcome.train_loss
+        return metrics

@@ -1,0 +1,449 @@
+"""Tests of the Flower strategy and client mod, in process (no Ray, no network).
+
+The Flower pieces run against :class:`tests.flower_helpers.InProcessGrid`, which
+hands every message to a ClientApp in this process, so the tests exercise
+Flower's own Message, records and ClientApp/mod machinery in milliseconds.
+The Ray simulation engine is tested in test_flower_engine.py, real
+SuperLink/SuperNode processes in test_flower_deployment.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Flower reads these when it is first imported: no telemetry or update check from tests.
+for _name, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1")):
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+
+pytest.importorskip("flwr", reason="the Flower extra is not installed")
+
+import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode  # noqa: E402
+from flwr.serverapp.exception import InconsistentMessageReplies  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+from adaquantfl.codec import encode_dense, peek_header  # noqa: E402
+from adaquantfl.compressor import QSGDCompressor  # noqa: E402
+from adaquantfl.config import load_config  # noqa: E402
+from adaquantfl.engines import build_model, build_server, load_data  # noqa: E402
+from adaquantfl.fl.client import ClientReply  # noqa: E402
+from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients  # noqa: E402
+from adaquantfl.flower import (  # noqa: E402
+    PAYLOAD_KEY,
+    AdaQuantFedAvg,
+    ArrayLayout,
+    FlowerRound,
+    RecordError,
+    RoundPlan,
+    make_adaquant_mod,
+    parse_train_reply,
+    payload_array,
+)
+from adaquantfl.flower.engine import (  # noqa: E402
+    _raise_unexpected_failures,
+    engine_client_app,
+    flat_layout,
+)
+from adaquantfl.flower.records import LEVELS_KEY, PROBE_KEY, ROUND_KEY, SEED_KEY  # noqa: E402
+from adaquantfl.schedule import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels  # noqa: E402
+from tests.flower_helpers import (  # noqa: E402
+    InProcessGrid,
+    initial_arrays,
+    simulate,
+    tiny_shards,
+    user_client_app,
+)
+
+NUM_NODES = 4
+
+
+def strategy_for(schedule: Any, **kwargs: Any) -> AdaQuantFedAvg:
+    defaults: dict[str, Any] = {
+        "seed": 3,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": NUM_NODES,
+        "min_available_nodes": NUM_NODES,
+        "node_wait_s": 1.0,
+    }
+    return AdaQuantFedAvg(schedule, QSGDCompressor(), **{**defaults, **kwargs})
+
+
+def one_round(
+    strategy: AdaQuantFedAvg, grid: InProcessGrid, arrays: ArrayRecord, server_round: int = 1
+) -> tuple[list[Message], ArrayRecord | None, MetricRecord | None]:
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(messages, timeout=5))
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return messages, new_arrays, metrics
+
+
+# ------------------------------------------------------------------ same bytes as the simulator
+
+SMALL = {
+    "data": {"dataset": "digits", "num_clients": 3},
+    "model": {"name": "logreg"},
+    "train": {"rounds": 4, "local_steps": 3, "batch_size": 16, "lr": 0.1, "seed": 0,
+              "vectorize": False},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "compression",
+    [
+        {"method": "fp32"},
+        {"method": "qsgd", "levels": 3},
+        {"method": "adaquantfl", "levels": 2},
+        {"method": "qsgd", "levels": 5, "bucket_size": 64, "norm": "max"},
+        pytest.param(
+            {"method": "qsgd", "levels": 5, "encoding": "entropy"},
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("adaquantfl.entropy") is None,
+                reason="the entropy encoding is not in this tree yet",
+            ),
+        ),
+    ],
+    ids=["fp32", "qsgd-s3", "adaquantfl-s2", "qsgd-s5-bucket64-max", "qsgd-s5-entropy"],
+)
+def test_strategy_and_mod_send_the_simulators_bytes(compression: dict[str, Any]) -> None:
+    # Prepare: the engine's ClientApp (simulator's training + adaquant_mod) behind a grid.
+    config = load_config({**SMALL, "compression": compression})
+    sim_outcomes, sim_params = simulate(config)
+    data = load_data(config)
+    model, params = build_model(config, data)
+    template = build_server(config, params)
+    strategy = AdaQuantFedAvg(
+        template.schedule, template.compressor, seed=0,  # type: ignore[arg-type]
+        max_message_bytes=template.max_message_bytes, fraction_evaluate=0.0,
+        min_train_nodes=3, min_available_nodes=3,
+    )  # fmt: skip
+    grid = InProcessGrid(engine_client_app(config), 3)
+
+    # Execute
+    result = strategy.start(
+        grid, flat_layout(model).to_record(params), num_rounds=config.train.rounds, timeout=10
+    )
+
+    # Assert: the same payload hashes, levels and losses in every round, the same model.
+    assert [r.outcome.digests for r in strategy.rounds] == [o.digests for o in sim_outcomes]
+    assert all(len(o.digests) == 3 for o in sim_outcomes)
+    assert [r.outcome.levels for r in strategy.rounds] == [o.levels for o in sim_outcomes]
+    assert [r.outcome.train_loss for r in strategy.rounds] == [o.train_loss for o in sim_outcomes]
+    assert torch.equal(strategy.server.params, sim_params)  # type: ignore[union-attr]
+    assert torch.equal(flat_layout(model).flatten(result.arrays), sim_params)
+    # The bytes Flower carried are the codec's bytes, and wire_bits counts exactly them.
+    for r in range(config.train.rounds):
+        replies = grid.replies[3 * r : 3 * r + 3]
+        arrays = [m.content["arrays"][PAYLOAD_KEY] for m in replies]
+        digests = sorted(
+            (m.content["metrics"]["client-id"], hashlib.sha256(a.data).hexdigest())
+            for m, a in zip(replies, arrays, strict=True)
+        )
+        assert tuple(digests) == sim_outcomes[r].digests
+        metrics = result.train_metrics_clientapp[r + 1]
+        assert metrics["wire_bits"] == sum(8 * len(a.data) for a in arrays)
+        assert metrics["wire_bits"] == sim_outcomes[r].wire_bits
+        assert metrics["formula_bits"] == sim_outcomes[r].formula_bits
+        assert metrics["levels"] == (sim_outcomes[r].levels or 0)
+
+
+def test_payload_array_is_the_bare_codec_message() -> None:
+    # Prepare
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
+    strategy = strategy_for(FixedLevels(3))
+
+    # Execute
+    _, _, metrics = one_round(strategy, grid, initial_arrays())
+
+    # Assert: uint8, 1-D, custom stype, starts with the codec's magic, not a .npy header.
+    assert metrics is not None
+    total = 0
+    for reply in grid.replies:
+        array = reply.content["arrays"][PAYLOAD_KEY]
+        assert (array.dtype, tuple(array.shape), array.stype) == (
+            "uint8", (len(array.data),), "adaquantfl.codec.v1"
+        )  # fmt: skip
+        assert array.data[:2] == b"AQ" and not array.data.startswith(b"\x93NUMPY")
+        header = peek_header(array.data)
+        assert (header.levels, header.numel, header.encoding) == (3, 5 * 3 + 3, "packed")
+        total += len(array.data)
+    assert metrics["wire_bits"] == 8 * total
+    # Negative control: the same bytes through Array(ndarray) would carry a .npy header.
+    data = grid.replies[0].content["arrays"][PAYLOAD_KEY].data
+    assert len(Array(np.frombuffer(data, dtype=np.uint8)).data) == len(data) + 128
+
+
+# --------------------------------------------------------------------------- levels per node
+
+
+def test_levels_are_sent_per_node_and_follow_the_schedule() -> None:
+    # Prepare
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
+    strategy = strategy_for(AdaQuantLevels(2))
+    arrays = initial_arrays()
+    losses: list[float] = []
+
+    for server_round in range(1, 6):
+        # Execute
+        messages, arrays, metrics = one_round(strategy, grid, arrays, server_round)  # type: ignore[assignment]
+        assert metrics is not None and arrays is not None
+
+        # Assert: every node gets its own ConfigRecord with this round's plan.
+        configs = [m.content["config"] for m in messages]
+        assert len(messages) == NUM_NODES and len({id(c) for c in configs}) == NUM_NODES
+        assert {m.metadata.dst_node_id for m in messages} == set(grid.contexts)
+        expected = 2 if not losses else adaquant_levels(losses[0], losses[-1], 2, 1, 2**16)
+        for c in configs:
+            assert (c[LEVELS_KEY], c[ROUND_KEY], c[SEED_KEY]) == (expected, server_round - 1, 3)
+            assert c["server-round"] == server_round
+        assert metrics["levels"] == expected
+        losses.append(float(metrics["train_loss"]))
+    assert losses[-1] < losses[0]
+    assert strategy.rounds[-1].outcome.next_levels == adaquant_levels(
+        losses[0], losses[-1], 2, 1, 2**16
+    )
+
+
+def test_fp32_sends_raw_float32_through_the_codec() -> None:
+    # Prepare
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
+    strategy = strategy_for(FullPrecision())
+    arrays = initial_arrays()
+
+    # Execute
+    messages, _, metrics = one_round(strategy, grid, arrays)
+
+    # Assert
+    assert metrics is not None
+    assert all(m.content["config"][LEVELS_KEY] == 0 for m in messages)
+    d = 5 * 3 + 3
+    for reply in grid.replies:
+        payload = reply.content["arrays"][PAYLOAD_KEY].data
+        assert peek_header(payload).encoding == "raw"
+        assert len(payload) == len(encode_dense(torch.zeros(d)))
+    assert metrics["levels"] == 0 and metrics["formula_bits"] == NUM_NODES * 32 * d
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_bad_or_missing_replies_are_dropped_and_the_round_goes_on() -> None:
+    # Prepare: of 6 nodes, one raises, one replies with other record keys, one
+    # sends bytes that do not decode, one never answers; two are fine.
+    shards = tiny_shards(6)
+    grid = InProcessGrid(user_client_app(shards), 6)
+    raising, odd_keys, garbage, silent, *good = grid.contexts
+
+    def raise_error(msg: Message, reply: Message) -> Message:
+        return Message(
+            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="boom"), reply_to=msg
+        )
+
+    def other_keys(msg: Message, reply: Message) -> Message:
+        content = RecordDict(
+            {"weights": reply.content["arrays"], "metrics": reply.content["metrics"]}
+        )
+        content["metrics"]["extra"] = 1.0
+        content["more"] = MetricRecord({"x": 1})
+        return Message(content, reply_to=msg)
+
+    def bad_bytes(msg: Message, reply: Message) -> Message:
+        reply.content["arrays"][PAYLOAD_KEY] = payload_array(b"AQ\x01garbage")
+        return reply
+
+    grid.tamper = {raising: raise_error, odd_keys: other_keys, garbage: bad_bytes}
+    grid.drop = {silent}
+    strategy = strategy_for(FixedLevels(7), min_train_nodes=6, min_available_nodes=6)
+    arrays = initial_arrays()
+
+    # Execute
+    messages, new_arrays, metrics = one_round(strategy, grid, arrays)
+
+    # Assert: the round aggregated the two good replies, exactly as FedServer would.
+    assert len(messages) == 6 and new_arrays is not None and metrics is not None
+    assert (metrics["participants"], metrics["rejected"], metrics["dropped"]) == (2, 3, 1)
+    outcome = strategy.rounds[0]
+    assert {n for n, _ in outcome.failures} == {raising, odd_keys}
+    garbage_client = grid.contexts[garbage].node_config["partition-id"]
+    assert [c for c, _ in outcome.outcome.rejections] == [garbage_client]
+    assert [n for n, _ in outcome.dropouts] == [silent]
+    layout = ArrayLayout.of(arrays)
+    reference = FedServer(layout.flatten(arrays), FixedLevels(7), QSGDCompressor())
+    good_replies = [
+        parse_train_reply(r.content) for r in grid.replies if r.metadata.src_node_id in good
+    ]
+    reference.aggregate(good_replies)
+    assert torch.equal(layout.flatten(new_arrays), reference.params)
+    assert not torch.equal(reference.params, layout.flatten(arrays))
+    # Negative control: Flower's own FedAvg gives up on the whole round.
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_train(1, grid.replies)
+
+
+def test_mod_fails_clearly_without_the_pre_training_loss() -> None:
+    # Prepare: a train function that reports no loss, then one that names it differently.
+    shards = tiny_shards(NUM_NODES)
+    silent = InProcessGrid(user_client_app(shards, loss_key=None), NUM_NODES)
+    renamed = InProcessGrid(
+        user_client_app(
+            shards, loss_key="loss-before", mods=[make_adaquant_mod(loss_key="loss-before")]
+        ),
+        NUM_NODES,
+    )
+
+    # Execute
+    _, _, failed = one_round(strategy_for(FixedLevels(3)), silent, initial_arrays())
+    _, _, ok = one_round(strategy_for(FixedLevels(3)), renamed, initial_arrays())
+
+    # Assert: every node's reply is an error naming the missing metric; none is invented.
+    assert failed is not None and (failed["participants"], failed["rejected"]) == (0, NUM_NODES)
+    assert all(r.has_error() and "'pre-train-loss'" in r.error.reason for r in silent.replies)
+    assert ok is not None and ok["participants"] == NUM_NODES and ok["train_loss"] > 0
+
+
+def test_mod_leaves_other_messages_alone() -> None:
+    # Prepare
+    grid = InProcessGrid(user_client_app(tiny_shards(2)), 2)
+    node = next(iter(grid.contexts))
+    arrays = initial_arrays()
+    plain_train = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.1})}), node, MessageType.TRAIN
+    )
+    evaluate = Message(RecordDict({"arrays": arrays}), node, MessageType.EVALUATE)
+
+    # Execute
+    train_reply, eval_reply = grid.send_and_receive([plain_train, evaluate])
+
+    # Assert: a plain FedAvg train reply keeps the user's float arrays; evaluate is untouched.
+    assert set(train_reply.content["arrays"].keys()) == {"fc.weight", "fc.bias"}
+    assert train_reply.content["arrays"]["fc.weight"].stype == "numpy.ndarray"
+    assert set(eval_reply.content["metrics"].keys()) == {"eval-loss", "num-examples"}
+
+
+# --------------------------------------------------------------------------- sampling and waiting
+
+
+def test_waiting_for_nodes_is_bounded() -> None:
+    # Prepare: 1 of the 4 required nodes is connected.
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
+    grid.available = {next(iter(grid.contexts))}
+    strategy = strategy_for(FixedLevels(3), node_wait_s=0.3)
+
+    # Execute
+    start = time.monotonic()
+    messages, _, metrics = one_round(strategy, grid, initial_arrays())
+
+    # Assert: the round went on with the one node instead of waiting forever.
+    assert time.monotonic() - start < 3
+    assert len(messages) == 1 and metrics is not None and metrics["participants"] == 1
+
+
+def test_participants_are_chosen_by_client_id_like_the_simulator() -> None:
+    # Prepare
+    grid = InProcessGrid(user_client_app(tiny_shards(5)), 5)
+    strategy = strategy_for(FixedLevels(3), num_clients=5, clients_per_round=2,
+                            min_train_nodes=1, min_available_nodes=5)  # fmt: skip
+    arrays = initial_arrays()
+
+    for server_round in (1, 2, 3):
+        # Execute
+        before = len(grid.sent)
+        messages, arrays, metrics = one_round(strategy, grid, arrays, server_round)  # type: ignore[assignment]
+
+        # Assert: the trained clients are select_clients' choice; the first round
+        # probed every node for its id (no model sent), later rounds did not.
+        chosen = select_clients(5, 2, seed=3, round_idx=server_round - 1)
+        assert sorted(grid.contexts[m.metadata.dst_node_id].node_config["partition-id"]
+                      for m in messages) == chosen  # fmt: skip
+        probes = [m for m in grid.sent[before:] if m.content["config"].get(PROBE_KEY) == 1]
+        assert len(probes) == (5 if server_round == 1 else 0)
+        assert all(not p.content.array_records for p in probes)
+        assert metrics is not None and metrics["participants"] == 2
+        assert [c for c, _ in strategy.rounds[-1].outcome.digests] == chosen
+
+
+def test_aggregate_evaluate_drops_a_malformed_reply() -> None:
+    # Prepare: one evaluate reply lacks num-examples.
+    grid = InProcessGrid(user_client_app(tiny_shards(3)), 3)
+    strategy = strategy_for(FixedLevels(3), fraction_evaluate=1.0, min_evaluate_nodes=3,
+                            min_available_nodes=3)  # fmt: skip
+    bad = next(iter(grid.contexts))
+    grid.tamper = {
+        bad: lambda msg, reply: Message(
+            RecordDict({"metrics": MetricRecord({"eval-loss": 99.0})}), reply_to=msg
+        )
+    }
+    messages = strategy.configure_evaluate(1, initial_arrays(), ConfigRecord(), grid)
+
+    # Execute
+    replies = list(grid.send_and_receive(messages))
+    metrics = strategy.aggregate_evaluate(1, replies)
+
+    # Assert: the other two are averaged; Flower's FedAvg would have dropped everything.
+    good = [r for r in replies if r.metadata.src_node_id != bad]
+    n = [r.content["metrics"]["num-examples"] for r in good]
+    mean = sum(r.content["metrics"]["eval-loss"] * k for r, k in zip(good, n, strict=True)) / sum(n)
+    assert metrics is not None and math.isclose(metrics["eval-loss"], mean, rel_tol=1e-12)
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_evaluate(1, replies)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_round_plan_round_trips_and_rejects_bad_values() -> None:
+    plan = RoundPlan(7, 11, 4, QSGDCompressor("entropy", 32, "max"))
+    assert RoundPlan.from_config(plan.to_config()) == plan
+    assert RoundPlan.from_config(RoundPlan(None, 0, 0, QSGDCompressor()).to_config()).levels is None
+    for key, value in [(LEVELS_KEY, -1), (LEVELS_KEY, 1.5), (ROUND_KEY, -3), ("aq-norm", "l3")]:
+        with pytest.raises(RecordError, match=key if key != "aq-norm" else "norm"):
+            RoundPlan.from_config({**plan.to_config(), key: value})
+
+
+def test_parse_train_reply_rejects_npy_payloads() -> None:
+    payload = payload_array(b"AQ-bytes")
+    metrics = MetricRecord({"client-id": 1, "pre-train-loss": 0.5, "num-examples": 3})
+    ok = parse_train_reply(
+        RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics})
+    )
+    assert ok == ClientReply(1, b"AQ-bytes", 0.5, 3)
+    npy = Array(np.frombuffer(b"AQ-bytes", dtype=np.uint8))
+    with pytest.raises(RecordError, match="stype"):
+        parse_train_reply(RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: npy}), "m": metrics}))
+    with pytest.raises(RecordError, match="client-id"):
+        del metrics["client-id"]
+        parse_train_reply(RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics}))
+
+
+def test_engine_raises_on_client_failures_other_than_divergence() -> None:
+    # The simulator counts a diverged client as failed and goes on; anything
+    # else a client raises is a bug that the simulator would have raised too.
+    outcome = RoundOutcome(2, 1, 1, 0, 0, 1.0, 2)
+    diverged = "client 3: local training diverged in round 0 (5 non-finite entries ...)"
+    fine = FlowerRound(1, outcome, 2, 0, ((7, f"error reply (2): {diverged}"),), (), 0.1)
+    _raise_unexpected_failures(fine)
+    broken = replace(fine, failures=((7, "error reply (2): KeyError: 'partition-id'"),))
+    with pytest.raises(RuntimeError, match=r"node 7: .*partition-id"):
+        _raise_unexpected_failures(broken)
+    lost = replace(fine, failures=(), dropouts=((8, "no reply before the round's timeout"),))
+    with pytest.raises(RuntimeError, match="node 8"):
+        _raise_unexpected_failures(lost)

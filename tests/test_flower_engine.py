@@ -1,0 +1,151 @@
+"""``[train] engine = "flower"``: the demo config on Flower's simulation engine vs the simulator.
+
+One Flower run for the whole module (Ray and Flower take ~10 s to start):
+``adaquantfl run`` with ``train.engine=flower`` on configs/mnist1d-floor.toml,
+with partial participation so that client selection by id is exercised too,
+against the in-process simulator on the same config (``vectorize = false``,
+the per-client path).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Flower and Ray read these when they are first imported: no telemetry, no update check.
+for _name, _value in (
+    ("FLWR_TELEMETRY_ENABLED", "0"),
+    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+    ("RAY_USAGE_STATS_ENABLED", "0"),
+):
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+
+pytest.importorskip("flwr", reason="the Flower extra is not installed")
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+import adaquantfl.flower.engine as flower_engine  # noqa: E402
+from adaquantfl.cli import app  # noqa: E402
+from adaquantfl.config import load_config  # noqa: E402
+from adaquantfl.fl.server import RoundOutcome, select_clients  # noqa: E402
+from adaquantfl.flower import FlowerRound  # noqa: E402
+from tests.flower_helpers import simulate  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
+ROUNDS = 6
+OVERRIDES = [
+    f"train.rounds={ROUNDS}",
+    "train.clients_per_round=7",
+    "train.vectorize=false",
+    "compression.method=adaquantfl",
+    "compression.levels=2",
+]
+#: Fields of a metrics row that both engines must agree on (all but time_s).
+SAME = ("round", "levels", "participants", "rejected", "dropped", "wire_bits", "formula_bits",
+        "downlink_bits", "cum_wire_bits", "train_loss", "test_loss", "test_accuracy")  # fmt: skip
+
+
+@dataclass
+class Runs:
+    out: Path
+    exit_code: int
+    output: str
+    flower_rounds: list[FlowerRound]
+    flower_s: float
+    sim_outcomes: list[RoundOutcome]
+    sim_params: torch.Tensor
+    sim_rows: list[dict[str, Any]]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    out = tmp_path_factory.mktemp("flower-engine")
+    rounds: list[FlowerRound] = []
+    runner = CliRunner()
+    with pytest.MonkeyPatch.context() as mp:
+        # The runner imports run_flower when the engine starts; hand it a
+        # version that also reports the strategy's rounds (payload digests).
+        mp.setattr(
+            flower_engine,
+            "run_flower",
+            functools.partial(flower_engine.run_flower, on_flower_round=rounds.append),
+        )
+        start = time.perf_counter()
+        result = runner.invoke(
+            app,
+            ["run", str(CONFIG), "--out", str(out / "flower"), "-q"]
+            + [f"--set={o}" for o in [*OVERRIDES, "train.engine=flower"]],
+        )
+        flower_s = time.perf_counter() - start
+    sim = runner.invoke(
+        app,
+        ["run", str(CONFIG), "--out", str(out / "sim"), "-q"] + [f"--set={o}" for o in OVERRIDES],
+    )
+    assert sim.exit_code == 0, sim.output
+    outcomes, params = simulate(load_config(CONFIG, OVERRIDES))
+    return Runs(
+        out=out,
+        exit_code=result.exit_code,
+        output=result.output + repr(result.exception),
+        flower_rounds=rounds,
+        flower_s=flower_s,
+        sim_outcomes=outcomes,
+        sim_params=params,
+        sim_rows=read_rows(out / "sim" / "adaquantfl-s2" / "metrics.jsonl"),
+    )
+
+
+def test_flower_engine_writes_the_results_directory(runs: Runs) -> None:
+    assert runs.exit_code == 0, runs.output
+    run_dir = runs.out / "flower" / "adaquantfl-s2"
+    rows = read_rows(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    assert (run_dir / "model.pt").is_file() and (runs.out / "flower" / "config.toml").is_file()
+    summary = json.loads((runs.out / "flower" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"adaquantfl-s2"}
+    assert all(r["participants"] == 7 and r["rejected"] == 0 and r["dropped"] == 0 for r in rows)
+    print(f"\nFlower engine: {ROUNDS} rounds in {runs.flower_s:.1f} s (Ray start included)")
+
+
+def test_both_engines_send_the_same_bytes_in_every_round(runs: Runs) -> None:
+    assert runs.exit_code == 0, runs.output
+    assert len(runs.flower_rounds) == len(runs.sim_outcomes) == ROUNDS
+    for k, (fr, sim) in enumerate(zip(runs.flower_rounds, runs.sim_outcomes, strict=True)):
+        # Same clients (select_clients by partition id), same SHA-256 of every payload.
+        assert [c for c, _ in fr.outcome.digests] == select_clients(10, 7, seed=0, round_idx=k)
+        assert fr.outcome.digests == sim.digests
+        assert fr.outcome.levels == sim.levels and fr.outcome.next_levels == sim.next_levels
+    # Levels moved (AdaQuantFL), so the comparison covers more than one level.
+    assert len({fr.outcome.levels for fr in runs.flower_rounds}) > 1
+    final = torch.load(runs.out / "flower" / "adaquantfl-s2" / "model.pt")
+    sim_final = torch.load(runs.out / "sim" / "adaquantfl-s2" / "model.pt")
+    assert all(torch.equal(final[k], sim_final[k]) for k in sim_final)
+
+
+def test_both_engines_log_the_same_metrics(runs: Runs) -> None:
+    assert runs.exit_code == 0, runs.output
+    rows = read_rows(runs.out / "flower" / "adaquantfl-s2" / "metrics.jsonl")
+    gaps = []
+    for flower_row, sim_row in zip(rows, runs.sim_rows, strict=True):
+        for key in SAME:
+            a, b = flower_row[key], sim_row[key]
+            if isinstance(b, float):
+                assert math.isclose(a, b, rel_tol=1e-5), (key, a, b)
+                gaps.append(abs(a - b) / abs(b))
+            else:
+                assert a == b, (key, a, b)
+    print(f"\nmax relative gap in loss/accuracy: {max(gaps):.3g}")
