@@ -102,3 +102,23 @@ def describe(info: dict[str, Any]) -> str:
         f"{info['torch_threads']} thread(s), numba {info['numba']} with "
         f"{info['numba_threads']} thread(s)"
     )
+
+
+def markdown(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """One table as Markdown, under a level-3 heading."""
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(
+    path: Path, title: str, tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]]]]
+) -> None:
+    """Print the tables and write them, with the machine, as Markdown to ``path``."""
+    text = [f"## {title}", ""]
+    for name, header, rows in tables:
+        print_table(name, header, rows)
+        text.append(markdown(name, header, rows))
+    text.append(f"Machine: {describe(machine())}.\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))

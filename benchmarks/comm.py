@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._report import RESULTS, machine_info, write_markdown
+from benchmarks._common import RESULTS, machine, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 REGIMES = {
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                     name, REGIMES[name], encoding=encoding, seeds=seeds, rounds_scale=scale, out=out
                 )
             )
-    report = {"machine": machine_info(), "quick": args.quick, "results": results}
+    report = {"machine": machine(), "quick": args.quick, "results": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "comm.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(RESULTS / "comm.md", "Communication: bits to target", tables(results))

@@ -18,7 +18,7 @@ import json
 import resource
 import time
 
-from benchmarks._report import RESULTS, machine_info, write_markdown
+from benchmarks._common import RESULTS, machine, write_markdown
 
 TARGET_GB = 4.0
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         [f"under {TARGET_GB:.0f} GB", "yes" if ok else "NO"],
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps({"machine": machine_info(), **r}, indent=2))
+    (RESULTS / "memory.json").write_text(json.dumps({"machine": machine(), **r}, indent=2))
     write_markdown(RESULTS / "memory.md", "Memory", [("many clients", ["", "value"], rows)])
 
 

@@ -122,7 +122,6 @@ def _good(cid: int, levels: int | None = 2, loss: float = 1.0, n: int = 5) -> Cl
         (ClientReply(9, _good(9).payload[:-1], 1.0, 5), "undecodable"),
         (_good(9, loss=float("nan")), "loss"),
         (_good(9, n=0), "num_examples"),
-        (_good(0), "duplicate"),
         (ClientReply(9, "text", 1.0, 5), "bytes"),  # type: ignore[arg-type]
     ],
 )
@@ -136,6 +135,20 @@ def test_bad_reply_is_excluded_and_the_round_goes_on(bad: ClientReply, reason: s
     assert reason in out.rejections[0][1]
     assert torch.equal(server.params, ref.params)  # the bad reply changed nothing
     assert schedule.losses == [1.0]
+
+
+def test_replies_sharing_a_client_id_are_all_rejected() -> None:
+    # Whichever arrived first must not win: both are excluded, in any order.
+    for order in (
+        [_good(0), _good(1), _good(1, loss=5.0)],
+        [_good(1, loss=5.0), _good(1), _good(0)],
+    ):
+        schedule = RecordingSchedule(levels=2)
+        server = FedServer(torch.zeros(4), schedule, QSGDCompressor())
+        out = server.aggregate(order)
+        assert out.participants == 1 and out.rejected == 2
+        assert all("2 replies claim this client id" in why for _, why in out.rejections)
+        assert schedule.losses == [1.0]
 
 
 def test_oversized_payload_is_rejected_unread() -> None:

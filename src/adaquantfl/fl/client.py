@@ -22,6 +22,7 @@ __all__ = [
     "LocalTraining",
     "client_update",
     "draw_minibatches",
+    "encode_update",
     "evaluate",
     "local_sgd",
 ]
@@ -148,6 +149,36 @@ def local_sgd(
     return w.detach()
 
 
+def encode_update(
+    update: torch.Tensor,
+    *,
+    levels: int | None,
+    compressor: Compressor,
+    seed: int,
+    round_idx: int,
+    client_id: int,
+) -> bytes:
+    """Check and encode one client's update: step 3 of :func:`client_update`.
+
+    The quantization noise comes from the (seed, round, client, "quantize")
+    stream, so every engine that calls this produces the same bytes for the
+    same update.
+
+    Raises
+    ------
+    ClientError
+        If the update has non-finite entries (local training diverged).
+    """
+    bad = int((~torch.isfinite(update)).sum())
+    if bad:
+        raise ClientError(
+            f"client {client_id}: local training diverged in round {round_idx} "
+            f"({bad} non-finite entries in the update; lower lr?)"
+        )
+    noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)
+    return compressor.compress(update, levels, generator=noise_gen)
+
+
 def client_update(
     model: FlatModel,
     params: torch.Tensor,
@@ -176,15 +207,14 @@ def client_update(
     loss, _ = evaluate(model, params, x, y)
     batch_gen = torch_generator(seed, purpose="batch", round_idx=round_idx, client_id=client_id)
     local = local_sgd(model, params, x, y, training=training, generator=batch_gen)
-    update = local - params
-    bad = int((~torch.isfinite(update)).sum())
-    if bad:
-        raise ClientError(
-            f"client {client_id}: local training diverged in round {round_idx} "
-            f"({bad} non-finite entries in the update; lower lr?)"
-        )
-    noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)
-    payload = compressor.compress(update, levels, generator=noise_gen)
+    payload = encode_update(
+        local - params,
+        levels=levels,
+        compressor=compressor,
+        seed=seed,
+        round_idx=round_idx,
+        client_id=client_id,
+    )
     return ClientReply(
         client_id=client_id, payload=payload, loss=loss, num_examples=int(y.shape[0])
     )

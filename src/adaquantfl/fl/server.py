@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,13 +174,15 @@ class FedServer:
         weights: list[int] = []
         rejections: list[tuple[int, str]] = []
         digests: list[tuple[int, str]] = []
-        seen: set[int] = set()
+        # Two replies claiming one client id: neither can be trusted, and keeping
+        # the first would let arrival order (a race on Flower) pick the winner.
+        counts = Counter(reply.client_id for reply in replies)
         for reply in sorted(replies, key=lambda r: r.client_id):
             size = len(reply.payload) if isinstance(reply.payload, bytes | bytearray) else 0
             wire_bits += 8 * size
             if self.record_digests and size:
                 digests.append((reply.client_id, hashlib.sha256(reply.payload).hexdigest()))
-            reason = self._check_reply(reply, seen)
+            reason = self._check_reply(reply, counts)
             if reason is None:
                 try:
                     update = self.compressor.decompress(
@@ -189,7 +192,6 @@ class FedServer:
                         reason = "decoded update has non-finite values"
                 except CodecError as exc:
                     reason = f"undecodable payload: {exc}"
-            seen.add(reply.client_id)
             if reason is not None:
                 logger.warning(
                     "round %d: rejected client %s: %s", self.round_idx, reply.client_id, reason
@@ -225,9 +227,9 @@ class FedServer:
             digests=tuple(digests),
         )
 
-    def _check_reply(self, reply: ClientReply, seen: set[int]) -> str | None:
-        if reply.client_id in seen:
-            return "duplicate reply for this client in the same round"
+    def _check_reply(self, reply: ClientReply, counts: Counter[int]) -> str | None:
+        if counts[reply.client_id] > 1:
+            return f"{counts[reply.client_id]} replies claim this client id in the same round"
         if not isinstance(reply.payload, bytes | bytearray):
             return f"payload must be bytes, got {type(reply.payload).__name__}"
         if self.max_message_bytes is not None and len(reply.payload) > self.max_message_bytes:

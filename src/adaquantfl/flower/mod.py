@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from adaquantfl.compressor import Compressor
-from adaquantfl.fl.client import ClientError
+from adaquantfl.fl.client import encode_update
 from adaquantfl.flower.records import (
     CLIENT_ID_KEY,
     METRICS_RECORD,
@@ -58,39 +56,8 @@ from adaquantfl.flower.records import (
     single_array_record,
     single_metric_record,
 )
-from adaquantfl.rng import torch_generator
 
 __all__ = ["adaquant_mod", "encode_update", "make_adaquant_mod"]
-
-
-def encode_update(
-    update: torch.Tensor,
-    *,
-    levels: int | None,
-    compressor: Compressor,
-    seed: int,
-    round_idx: int,
-    client_id: int,
-) -> bytes:
-    """Quantize and encode one client's update: the last step of ``client_update``.
-
-    Same checks and the same noise stream (seed, round, client, "quantize") as
-    :func:`adaquantfl.fl.client.client_update`, so a Flower node and the
-    simulator produce the same bytes for the same update.
-
-    Raises
-    ------
-    ClientError
-        If the update has non-finite entries.
-    """
-    bad = int((~torch.isfinite(update)).sum())
-    if bad:
-        raise ClientError(
-            f"client {client_id}: local training diverged in round {round_idx} "
-            f"({bad} non-finite entries in the update; lower lr?)"
-        )
-    noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)
-    return compressor.compress(update, levels, generator=noise_gen)
 
 
 def make_adaquant_mod(*, loss_key: str = PRE_TRAIN_LOSS_KEY) -> Mod:

@@ -17,7 +17,14 @@ import torch
 
 from adaquantfl.compressor import Compressor
 from adaquantfl.data import FederatedData
-from adaquantfl.fl.client import ClientError, ClientReply, LocalTraining, client_update, evaluate
+from adaquantfl.fl.client import (
+    ClientError,
+    ClientReply,
+    LocalTraining,
+    client_update,
+    encode_update,
+    evaluate,
+)
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
@@ -234,15 +241,19 @@ class Simulator:
         replies = []
         failed = 0
         for row, cid, shard, loss in zip(local, chosen, shards, losses, strict=True):
-            update = row - params
-            if not bool(torch.isfinite(update).all()):
-                logger.warning("round %d: client %d: local training diverged", round_idx, cid)
+            try:
+                payload = encode_update(
+                    row - params,
+                    levels=levels,
+                    compressor=self.compressor,
+                    seed=self.seed,
+                    round_idx=round_idx,
+                    client_id=cid,
+                )
+            except ClientError as exc:
+                logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
                 failed += 1
                 continue
-            noise = torch_generator(
-                self.seed, purpose="quantize", round_idx=round_idx, client_id=cid
-            )
-            payload = self.compressor.compress(update, levels, generator=noise)
             replies.append(ClientReply(cid, payload, loss, len(shard)))
         return replies, failed
 
