@@ -305,3 +305,17 @@ def test_round_record_accounts_bits_and_downlink() -> None:
     assert rec.downlink_bits == 3 * 8 * len(encode_dense(torch.zeros(numel)))
     assert rec.wire_bits > rec.formula_bits  # headers and CRC are on the wire too
     assert rec.train_loss == pytest.approx(float(torch.log(torch.tensor(3.0))), rel=1e-6)
+
+
+def test_all_finite() -> None:
+    from adaquantfl.fl.client import all_finite
+
+    assert all_finite(torch.full((1000,), 3e38))  # the float64 sum does not overflow
+    assert all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(100)
+        x[57] = bad
+        assert not all_finite(x)
+    x = torch.ones(10)
+    x[0], x[1] = float("inf"), -float("inf")
+    assert not all_finite(x)

@@ -146,3 +146,18 @@ def test_initial_losses_match_per_client_evaluation() -> None:
     single = [evaluate(model, params, c.x, c.y)[0] for c in data.clients]
     assert batched == pytest.approx(single, rel=1e-6)
     assert len(set(single)) == 4
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_hand_written_batched_steps_match_autograd(name: str) -> None:
+    model = make_model(name, (6,), 4)
+    assert model.has_batched_sgd_step
+    data = make_data([5, 30, 9, 12], (6,), classes=4)
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(3))
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
+    manual = BatchedTrainer(model, LocalTraining(7, 8, 0.5))
+    auto = BatchedTrainer(model, LocalTraining(7, 8, 0.5), manual_gradients=False)
+    a = manual.train(params, manual.plan(data.clients, gens()))
+    b = auto.train(params, auto.plan(data.clients, gens()))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float((a - params).abs().max()) > 1e-2  # the steps moved the models

@@ -26,6 +26,23 @@ def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
+def _cross_entropy_grad(
+    logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """d/dlogits of ``sum_j weights_j * CE(logits_j, y_j)``: ``(softmax - onehot) * weights``."""
+    grad = torch.softmax(logits, dim=-1)
+    grad.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(y, -1, dtype=grad.dtype).unsqueeze(-1))
+    return grad.mul_(weights.unsqueeze(-1))
+
+
+def _linear_sgd_(
+    weight: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, lr: float
+) -> None:
+    """``W -= lr * grad_out^T x`` and ``b -= lr * sum grad_out``, fused into one GEMM per model."""
+    weight.baddbmm_(grad_out.transpose(1, 2), x, alpha=-lr)
+    bias.sub_(grad_out.sum(dim=1), alpha=lr)
+
+
 class LogisticRegression(nn.Module):
     """Multinomial logistic regression: one linear layer on the flattened input."""
 
@@ -43,6 +60,15 @@ class LogisticRegression(nn.Module):
     @staticmethod
     def batched_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return _batched_linear(x.flatten(2), p["linear.weight"], p["linear.bias"])
+
+    @staticmethod
+    def batched_sgd_step_(
+        p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, lr: float
+    ) -> None:
+        """One SGD step on ``sum_j w_ij CE`` for every model, in place, gradients by hand."""
+        x = x.flatten(2)
+        g = _cross_entropy_grad(_batched_linear(x, p["linear.weight"], p["linear.bias"]), y, w)
+        _linear_sgd_(p["linear.weight"], p["linear.bias"], g, x, lr)
 
 
 class MLP(nn.Module):
@@ -65,6 +91,24 @@ class MLP(nn.Module):
     def batched_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(_batched_linear(x.flatten(2), p["hidden.weight"], p["hidden.bias"]))
         return _batched_linear(h, p["out.weight"], p["out.bias"])
+
+    @staticmethod
+    def batched_sgd_step_(
+        p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, lr: float
+    ) -> None:
+        """One SGD step on ``sum_j w_ij CE`` for every model, in place, gradients by hand.
+
+        Backpropagation through linear - ReLU - linear written out, so that
+        each weight update is one fused GEMM (``W.baddbmm_(g^T, a, alpha=-lr)``)
+        and no gradient tensor of the weights' size is ever materialised.
+        """
+        x = x.flatten(2)
+        pre = _batched_linear(x, p["hidden.weight"], p["hidden.bias"])
+        h = torch.relu(pre)
+        g_out = _cross_entropy_grad(_batched_linear(h, p["out.weight"], p["out.bias"]), y, w)
+        g_hidden = torch.bmm(g_out, p["out.weight"]).mul_(pre > 0)  # before W_out changes
+        _linear_sgd_(p["out.weight"], p["out.bias"], g_out, h, lr)
+        _linear_sgd_(p["hidden.weight"], p["hidden.bias"], g_hidden, x, lr)
 
 
 class CNN(nn.Module):
@@ -159,6 +203,7 @@ class FlatModel:
         # than the whole forward pass of a small model.
         self._forward = getattr(module, "functional_forward", None)
         self._batched = getattr(module, "batched_forward", None)
+        self._batched_step = getattr(module, "batched_sgd_step_", None)
 
     def initial_parameters(
         self, init: str = "default", *, generator: torch.Generator
@@ -217,6 +262,24 @@ class FlatModel:
             return self._batched(params, x)  # type: ignore[no-any-return]
         out: torch.Tensor = vmap(self._named_forward)(params, x)
         return out
+
+    @property
+    def has_batched_sgd_step(self) -> bool:
+        """Whether the model provides hand-written batched SGD steps (the reference models)."""
+        return self._batched_step is not None
+
+    def batched_sgd_step_(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor,
+        lr: float,
+    ) -> None:
+        """In-place SGD step of m models on ``sum_j weights_ij * CE(f(w_i; x_ij), y_ij)``."""
+        if self._batched_step is None:
+            raise ValueError("this model has no hand-written batched SGD step; use autograd")
+        self._batched_step(params, x, y, weights, lr)
 
     def _named_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self._forward is not None:

@@ -20,6 +20,7 @@ __all__ = [
     "ClientError",
     "ClientReply",
     "LocalTraining",
+    "all_finite",
     "client_update",
     "draw_minibatches",
     "encode_update",
@@ -28,6 +29,15 @@ __all__ = [
 ]
 
 _EVAL_CHUNK = 1024
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of a float tensor is finite, in one pass with no temporary.
+
+    The float64 sum of float32 values cannot overflow, and it is NaN or
+    infinite exactly when some entry is.
+    """
+    return math.isfinite(float(t.sum(dtype=torch.float64)))
 
 
 class ClientError(ValueError):
@@ -169,8 +179,8 @@ def encode_update(
     ClientError
         If the update has non-finite entries (local training diverged).
     """
-    bad = int((~torch.isfinite(update)).sum())
-    if bad:
+    if not all_finite(update):
+        bad = int((~torch.isfinite(update)).sum())
         raise ClientError(
             f"client {client_id}: local training diverged in round {round_idx} "
             f"({bad} non-finite entries in the update; lower lr?)"

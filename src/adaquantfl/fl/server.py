@@ -19,7 +19,7 @@ import torch
 
 from adaquantfl.codec import CodecError, encode_dense
 from adaquantfl.compressor import Compressor
-from adaquantfl.fl.client import ClientReply
+from adaquantfl.fl.client import ClientReply, all_finite
 from adaquantfl.rng import torch_generator
 from adaquantfl.schedule import LevelSchedule
 
@@ -188,7 +188,7 @@ class FedServer:
                     update = self.compressor.decompress(
                         bytes(reply.payload), numel=self.numel, levels=levels, out=buffer
                     )
-                    if not bool(torch.isfinite(update).all()):
+                    if not all_finite(update):
                         reason = "decoded update has non-finite values"
                 except CodecError as exc:
                     reason = f"undecodable payload: {exc}"

@@ -83,12 +83,24 @@ class BatchedTrainer:
     deduplicate : bool
         Evaluate clients with at most ``B`` examples once per example with
         draw-count weights (exact up to rounding) instead of once per draw.
+    manual_gradients : bool
+        Use the model's hand-written batched SGD step where it has one
+        (logistic regression and the MLP): the same math as autograd, with each
+        weight update fused into one GEMM. Other models use autograd.
     """
 
-    def __init__(self, model: FlatModel, training: LocalTraining, *, deduplicate: bool = True):
+    def __init__(
+        self,
+        model: FlatModel,
+        training: LocalTraining,
+        *,
+        deduplicate: bool = True,
+        manual_gradients: bool = True,
+    ):
         self.model = model
         self.training = training
         self.deduplicate = deduplicate
+        self.manual_gradients = manual_gradients
 
     def _total_loss(
         self,
@@ -164,6 +176,15 @@ class BatchedTrainer:
         }
         leaves = list(w.values())
         lr = self.training.lr
+        if self.manual_gradients and self.model.has_batched_sgd_step:
+            with torch.no_grad():
+                for leaf in leaves:
+                    leaf.requires_grad_(False)
+                for step in range(self.training.local_steps):
+                    self.model.batched_sgd_step_(
+                        w, plan.x[step], plan.y[step], plan.weights[step], lr
+                    )
+            return self.model.flatten_named(w)
         for step in range(self.training.local_steps):
             total = self._total_loss(w, plan.x[step], plan.y[step], plan.weights[step])
             grads = torch.autograd.grad(total, leaves)
