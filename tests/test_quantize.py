@@ -253,6 +253,21 @@ def test_non_finite_input_raises(bad: float, norm: str, bucket_size: int | None)
         quantize(x, 2, generator=gen(), norm=norm, bucket_size=bucket_size)  # type: ignore[arg-type]
 
 
+def test_largest_allowed_norm_dequantizes_finitely() -> None:
+    from adaquantfl.quantize import MAX_NORM
+
+    just_below = float(np.nextafter(MAX_NORM, np.float32(0)))
+    for levels in (1, 100, 65535):
+        y = dequantize(quantize(torch.tensor([just_below, 0.0]), levels, generator=gen()))
+        assert torch.isfinite(y).all()
+    # Negative control: the same arithmetic at float32's maximum overflows.
+    step = np.float32(3.4028235e38) / np.float32(100)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.float32(100) * step)
+    with pytest.raises(ValueError, match="exceeds"):
+        quantize(torch.tensor([3.4028235e38]), 100, generator=gen())
+
+
 def test_norm_overflow_raises() -> None:
     with pytest.raises(ValueError, match="overflows"):
         quantize(torch.full((4,), 3e38), 2, generator=gen())

@@ -60,7 +60,7 @@ import constriction
 import numpy as np
 
 from adaquantfl import kernels
-from adaquantfl.framing import CodecError, _get_varint, packed_body_bytes
+from adaquantfl.framing import CodecError, get_varint, packed_body_bytes, put_varint
 
 __all__ = ["MAX_ALPHABET", "decode_body", "empirical_entropy_bits", "encode_body"]
 
@@ -151,7 +151,9 @@ def encode_body(mags: np.ndarray, signs: np.ndarray, levels: int) -> bytes:
         for j in range(m - 1, -1, -1):
             _push_bounded(coder, int(counts[j]), int(remaining[j]))
     words = coder.get_compressed().astype("<u4", copy=False)
-    body: bytes = bytes([k]) + _varint(m) + words.tobytes()
+    head = bytearray([k])
+    put_varint(head, m)
+    body: bytes = bytes(head) + words.tobytes()
     packed = packed_body_bytes(d, levels)
     if len(body) <= 1 + packed:
         return body
@@ -187,7 +189,7 @@ def decode_body(body: memoryview, numel: int, levels: int) -> tuple[np.ndarray, 
         return packed_levels(body[1:], numel, levels)
     if k > min(_MAX_LOW_BITS, levels.bit_length()):
         raise CodecError(f"entropy body sends {k} low bits; at most {levels.bit_length()} here")
-    m, pos = _get_varint(body, 1, "entropy high-part maximum")
+    m, pos = get_varint(body, 1, "entropy high-part maximum")
     if m > levels >> k or m >= MAX_ALPHABET:
         raise CodecError(f"entropy high-part maximum {m} exceeds {min(levels >> k, 4095)}")
     if (len(body) - pos) % 4:
@@ -248,15 +250,3 @@ def _pop_bounded(coder: constriction.stream.stack.AnsCoder, bound: int) -> int:
     low_size = 0x10000 if high < bound >> 16 else (bound & 0xFFFF) + 1
     low = int(coder.decode(_Uniform(low_size), 1)[0]) if low_size > 1 else 0
     return (high << 16) | low
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)

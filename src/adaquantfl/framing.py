@@ -38,6 +38,8 @@ __all__ = [
     "packed_body_bytes",
     "peek_header",
     "read_norms",
+    "get_varint",
+    "put_varint",
     "varint_bytes",
 ]
 
@@ -139,7 +141,7 @@ def build_message(
     head.append(FORMAT_VERSION)
     head.append(code)
     for value in (numel, levels, bucket, body_bytes):
-        _put_varint(head, value)
+        put_varint(head, value)
     start = len(head) + 4 * norms.size
     total = start + body_bytes + CRC_BYTES
     buf = np.empty(total + _BODY_SLACK, dtype=np.uint8)
@@ -151,7 +153,7 @@ def build_message(
     return buf[:total].tobytes()
 
 
-def _put_varint(out: bytearray, value: int) -> None:
+def put_varint(out: bytearray, value: int) -> None:
     if not 0 <= value <= U32_MAX:
         raise ValueError(f"header field {value} does not fit in 32 bits")
     while True:
@@ -208,7 +210,7 @@ def peek_header(data: bytes | bytearray | memoryview) -> Header:
     pos = FIXED_BYTES
     fields = []
     for name in ("numel", "levels", "bucket size", "body length"):
-        value, pos = _get_varint(buf, pos, name)
+        value, pos = get_varint(buf, pos, name)
         fields.append(value)
     numel, levels, bucket, body_bytes = fields
     norm = NORMS[1] if flags & FLAG_MAX_NORM else NORMS[0]
@@ -270,7 +272,7 @@ def read_norms(buf: memoryview, header: Header) -> np.ndarray:
     return norms
 
 
-def _get_varint(buf: memoryview, pos: int, name: str) -> tuple[int, int]:
+def get_varint(buf: memoryview, pos: int, name: str) -> tuple[int, int]:
     value = 0
     for i in range(5):
         if pos >= len(buf):

@@ -64,6 +64,9 @@ __all__ = [
 #: and a packed entry (sign + index) then fits in 25 bits.
 MAX_LEVELS = 2**24 - 1
 
+#: Bucket norms must stay below this (2**127) so that dequantized values are finite.
+MAX_NORM = np.float32(2.0**127)
+
 #: Norms the quantizer can scale by: the L2 norm of QSGD, or the max-norm
 #: (L-infinity), which gives lower variance at the same levels.
 NORMS: tuple[str, ...] = ("l2", "max")
@@ -222,8 +225,13 @@ def _norms(v: np.ndarray, bucket_size: int | None, norm: str) -> np.ndarray:
         bad = int(v.size - np.count_nonzero(np.isfinite(v)))
         if bad:
             raise ValueError(f"cannot quantize a vector with {bad} non-finite entries (NaN or inf)")
+    # Dequantization computes xi * (norm / s) with the step rounded to float32;
+    # for norms within an ulp of float32's maximum that product can round up
+    # to infinity. Below 2**127 it cannot.
+    if not (out < MAX_NORM).all():
         raise ValueError(
-            "the vector's norm overflows float32 (entries near 3.4e38); scale the update down"
+            f"the vector's norm overflows float32 or exceeds {MAX_NORM:.3g}, the largest "
+            "that dequantizes finitely; scale the update down"
         )
     return out
 
