@@ -34,12 +34,12 @@ __all__ = [
     "build_message",
     "checked_header",
     "crc32",
+    "get_varint",
     "message_bytes",
     "packed_body_bytes",
     "peek_header",
-    "read_norms",
-    "get_varint",
     "put_varint",
+    "read_norms",
     "varint_bytes",
 ]
 
