@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 
 # Before flwr is imported anywhere: no telemetry, no update check from tests.
@@ -35,8 +36,8 @@ from adaquantfl.fl.server import RoundOutcome
 from adaquantfl.flower import adaquant_mod
 from adaquantfl.flower.records import NUM_EXAMPLES_KEY, PRE_TRAIN_LOSS_KEY
 
-#: Rewrites a node's reply: (instruction, reply) -> new reply.
-Tamper = Callable[[Message, Message], Message]
+#: Rewrites a node's reply: (instruction, reply) -> new reply, or None: the reply is lost.
+Tamper = Callable[[Message, Message], Message | None]
 
 
 class InProcessGrid(Grid):
@@ -45,7 +46,8 @@ class InProcessGrid(Grid):
     A stand-in for the SuperLink with the same contract as Flower's grids
     (``send_and_receive`` returns the replies that arrived, in any order).
     ``drop`` holds nodes that never answer; ``tamper`` rewrites a node's reply
-    before the server sees it; ``available`` limits the nodes that are connected.
+    before the server sees it (or loses it, by returning None); ``available``
+    limits the nodes that are connected.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, first_node_id: int = 1000):
@@ -108,6 +110,8 @@ class InProcessGrid(Grid):
     ) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            # As Flower's grids do when they push a message.
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             if node in self.drop:
@@ -120,7 +124,10 @@ class InProcessGrid(Grid):
                     reply_to=msg,
                 )
             if node in self.tamper:
-                reply = self.tamper[node](msg, reply)
+                tampered = self.tamper[node](msg, reply)
+                if tampered is None:
+                    continue
+                reply = tampered
             replies.append(reply)
         self.replies.extend(replies)
         return replies

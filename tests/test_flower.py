@@ -299,6 +299,34 @@ def test_bad_or_missing_replies_are_dropped_and_the_round_goes_on() -> None:
         FedAvg().aggregate_train(1, grid.replies)
 
 
+def test_a_node_the_superlink_gives_up_on_is_dropped_once() -> None:
+    # Prepare: the SuperLink answers for a node that stopped sending heartbeats
+    # with an error reply of its own (from the SuperLink's node id), as Flower 1.41 does.
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message,
+    )
+
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
+    lost = grid.node_of(2)
+    grid.tamper = {
+        lost: lambda msg, reply: create_message_error_unavailable_res_message(
+            msg.metadata, "node_unavail"
+        )
+    }
+    strategy = strategy_for(FixedLevels(3))
+
+    # Execute
+    _, _, metrics = one_round(strategy, grid, initial_arrays())
+
+    # Assert: one dropout, named after the lost node, not the SuperLink.
+    (error,) = [r for r in grid.replies if r.has_error()]
+    assert error.metadata.src_node_id not in grid.contexts
+    assert metrics is not None
+    assert (metrics["participants"], metrics["rejected"], metrics["dropped"]) == (3, 0, 1)
+    ((node, reason),) = strategy.rounds[0].dropouts
+    assert node == lost and f"({ErrorCode.NODE_UNAVAILABLE})" in reason
+
+
 def test_mod_fails_clearly_without_the_pre_training_loss() -> None:
     # Prepare: a train function that reports no loss, then one that names it differently.
     shards = tiny_shards(NUM_NODES)

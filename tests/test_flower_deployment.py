@@ -1,13 +1,21 @@
-"""A real Flower deployment on 127.0.0.1: SuperLink + SuperNodes over TLS, driven by ``flwr run``.
+"""Real Flower deployments on 127.0.0.1: SuperLink + SuperNodes over TLS, driven by ``flwr``.
 
-The test starts one ``flower-superlink`` and two ``flower-supernode``
-processes with certificates it generates itself, runs the example app of
-examples/flower-app with AdaQuantFL for 3 rounds, kills one SuperNode after
-the second round, and judges the run by the results the ServerApp wrote (``flwr run``
-can exit 0 when the run failed). Every process it starts carries a marker in
-its environment, and teardown kills every process with that marker (the
-SuperLink's SuperExec and the ``flwr-serverapp`` it starts run in sessions of
-their own, and can outlive both ``flwr run`` and the SuperLink).
+Two tests, each with its own SuperLink, SuperNodes and certificates, run the
+example app of examples/flower-app with AdaQuantFL and judge the run by the
+results the ServerApp wrote (``flwr run`` can exit 0 when the run failed):
+
+- a healthy run: 2 SuperNodes admitted by Flower's node authentication (their
+  public keys registered with ``flwr supernode register``), plus a SuperNode
+  whose key is not registered, which the SuperLink must turn away;
+- a node failure: 3 SuperNodes, a minimum of 2 available and training nodes,
+  a round timeout, and one SuperNode killed (SIGKILL to every process it
+  started) after the first round; the run must finish with the other two.
+
+Every process a test starts carries markers in its environment (inherited by
+everything it starts), and teardown kills the process group of every marked
+process: the SuperLink's SuperExec, the ``flwr-serverapp`` it starts and a
+SuperNode's SuperExec and ``flwr-clientapp`` processes run in sessions of
+their own, and can outlive whoever started them.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,16 @@ import pytest
 from adaquantfl.codec import message_bytes
 from adaquantfl.schedule import adaquant_levels
 
-pytestmark = pytest.mark.deployment
+pytestmark = [
+    pytest.mark.deployment,
+    pytest.mark.skipif(
+        not all(
+            (Path(sys.executable).parent / b).is_file()
+            for b in ("flower-superlink", "flower-supernode", "flwr")
+        ),
+        reason="Flower's executables are not next to this Python",
+    ),
+]
 pytest.importorskip("flwr", reason="the Flower extra is not installed")
 pytest.importorskip("cryptography", reason="the dev extra (cryptography) is not installed")
 
@@ -42,16 +59,27 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "examples" / "flower-app"
 BIN = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"
+CONNECTION = "test"  # the `flwr` connection name in the test's private FLWR_HOME
 ROUNDS = 3
-NODES = 2
-#: Fixed limits: the whole test must end within these, whatever breaks.
+#: Fixed limits: each test ends within these, whatever breaks. A round of the
+#: example app takes 10-20 s on a 2-core machine: every message starts a
+#: `flwr-clientapp` process (torch, flwr, the data), and the SuperNodes and
+#: the ServerApp poll the SuperLink every 3 s.
 START_TIMEOUT_S = 60.0
-RUN_TIMEOUT_S = 240.0
-ROUND_TIMEOUT_S = 30.0
+RUN_TIMEOUT_S = 300.0
 NODE_WAIT_S = 10.0
+#: Longest wait for a round's replies. A killed SuperNode stays "online" on the
+#: SuperLink until it misses two heartbeats (30 s apart in Flower 1.41), at most
+#: 60 s; then the SuperLink answers its pending message with NODE_UNAVAILABLE.
+#: Waiting this long keeps healthy rounds far from the limit on a slow machine
+#: and costs nothing more: the lost node's round ends when Flower gives it up.
+ROUND_TIMEOUT_S = 60.0
+POLL_S = 0.25
+#: The digits MLP of examples/flower-app/task.py: 64-200-10.
+NUMEL = 64 * 200 + 200 + 200 * 10 + 10
 
 
-# --------------------------------------------------------------------------- certificates
+# --------------------------------------------------------------------------- keys
 
 
 def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -103,6 +131,36 @@ def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+def write_node_key(directory: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's authentication key pair, as ``ssh-keygen -t ecdsa -b 384`` writes it.
+
+    Flower 1.41 reads the private key in OpenSSH format
+    (``flower-supernode --auth-supernode-private-key``) and the public key as
+    an OpenSSH public key line (``flwr supernode register``), on a NIST curve.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    directory.mkdir(parents=True, exist_ok=True)
+    private, public = directory / name, directory / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b"\n"
+    )
+    return private, public
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -112,34 +170,62 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Pids of this user's processes whose environment carries ``marker``."""
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+def pids_with(entry: str) -> list[int]:
+    """Pids of this user's processes whose environment holds ``entry`` (``NAME=value``)."""
     found = []
-    needle = f"AQF_DEPLOYMENT_TEST={marker}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    needle = entry.encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
         except OSError:  # gone, or not ours
             continue
     return found
 
 
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(os.getpgid(pid), sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
+            rows.append(json.loads(line))
+    return rows
+
+
 @dataclass
 class Deployment:
-    """Processes of one test deployment; :meth:`teardown` ends all of them."""
+    """The processes of one test deployment on 127.0.0.1; :meth:`teardown` ends all of them."""
 
     root: Path
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    port: int = 0
+    ca: Path = Path()
 
-    @property
-    def env(self) -> dict[str, str]:
+    # ----------------------------------------------------------------- plumbing
+
+    def env(self, name: str = "") -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             AQF_DEPLOYMENT_TEST=self.marker,
+            AQF_DEPLOYMENT_PROC=f"{self.marker}:{name}",
             FLWR_HOME=str(self.root / "flwr-home"),  # never the user's ~/.flwr
             FLWR_TELEMETRY_ENABLED="0",
             FLWR_DISABLE_UPDATE_CHECK="1",
@@ -154,7 +240,8 @@ class Deployment:
         proc = subprocess.Popen(
             [str(BIN / args[0]), *args[1:]],
             cwd=self.root,
-            env=self.env,
+            env=self.env(name),
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, killed as a whole
@@ -162,12 +249,22 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
+    def pids_of(self, name: str) -> list[int]:
+        """``name``'s process and every process it started (they inherit its marker)."""
+        return pids_with(f"AQF_DEPLOYMENT_PROC={self.marker}:{name}")
+
     def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        for pid in _children_of(proc.pid):
-            _signal_group(pid, signal.SIGKILL)
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        """SIGKILL the process groups of ``name`` and of everything it started; wait till gone."""
+
+        def gone() -> bool:
+            pids = self.pids_of(name)  # again and again: one may start another meanwhile
+            for pid in pids:
+                _signal_group(pid, signal.SIGKILL)
+            return not pids
+
+        _signal_group(self.procs[name].pid, signal.SIGKILL)
+        self.wait_for(gone, 10, f"{name}'s processes to die")
+        self.procs[name].wait(timeout=10)
 
     def logs(self) -> str:
         parts = []
@@ -176,66 +273,117 @@ class Deployment:
             parts.append(f"----- {log.name} (last 3000 chars)\n{text[-3000:]}")
         return "\n".join(parts)
 
+    def wait_for(self, condition: Callable[[], object], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+            time.sleep(POLL_S)
+
     def teardown(self) -> list[int]:
-        """SIGTERM then SIGKILL every marked process; returns the pids still alive after."""
+        """SIGTERM then SIGKILL every marked process group; returns the pids still alive."""
+        marker = f"AQF_DEPLOYMENT_TEST={self.marker}"
         for proc in self.procs.values():
             _signal_group(proc.pid, signal.SIGTERM)
-        for pid in marked_pids(self.marker):
+        for pid in pids_with(marker):
             _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while marked_pids(self.marker) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in marked_pids(self.marker):
+        while pids_with(marker) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        for pid in pids_with(marker):
             _signal_group(pid, signal.SIGKILL)
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-        time.sleep(0.5)
-        return marked_pids(self.marker)
+        deadline = time.monotonic() + 5
+        while pids_with(marker) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        return pids_with(marker)
 
+    # ----------------------------------------------------------------- Flower
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(os.getpgid(pid), sig)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+    def start_superlink(self, *, node_auth: bool = False) -> None:
+        """The SuperLink on a free loopback port, with TLS; a `flwr` connection to it."""
+        self.ca, cert, key = write_certificates(self.root / "certs")
+        self.port = free_port()
+        self.start(
+            "superlink", "flower-superlink",
+            "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(cert),
+            "--ssl-keyfile", str(key), "--host", LOOPBACK, "--port", str(self.port),
+            # No `uv sync` of the app's dependencies at run time: offline.
+            "--disable-runtime-dependency-installation",
+            *(["--enable-supernode-auth"] if node_auth else []),
+        )  # fmt: skip
+        home = self.root / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{LOOPBACK}:{self.port}"\nroot-certificates = "{self.ca}"\n'
+        )
+        self.wait_for(lambda: port_open(self.port), START_TIMEOUT_S, "the SuperLink")
 
+    def start_supernode(
+        self, name: str, partition: int, partitions: int, *extra: str
+    ) -> subprocess.Popen[bytes]:
+        return self.start(
+            name, "flower-supernode",
+            "--root-certificates", str(self.ca), "--superlink", f"{LOOPBACK}:{self.port}",
+            "--host", LOOPBACK, "--port", str(free_port()),
+            "--node-config", f"partition-id={partition} num-partitions={partitions}",
+            *extra,
+        )  # fmt: skip
 
-def _children_of(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
+    def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            cwd=self.root, env=self.env("flwr"), capture_output=True, text=True,
+            timeout=START_TIMEOUT_S,
+        )  # fmt: skip
 
+    def flwr_json(self, *args: str) -> dict[str, Any]:
+        done = self.flwr(*args, "--format", "json")
+        text = done.stdout
+        try:
+            result: dict[str, Any] = json.loads(text[text.index("{") :])
+        except ValueError:
+            pytest.fail(f"`flwr {' '.join(args)}` printed no JSON:\n{text}\n{done.stderr}")
+        return result
 
-def wait_for(condition: Any, timeout: float, what: str, deployment: Deployment) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{deployment.logs()}")
-        time.sleep(0.25)
+    def online_nodes(self) -> set[int]:
+        listing = self.flwr_json("supernode", "list", CONNECTION)
+        return {int(n["node-id"]) for n in listing.get("nodes", []) if n["status"] == "online"}
 
+    def wait_for_online_nodes(self, count: int) -> set[int]:
+        nodes: set[int] = set()
 
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((LOOPBACK, port)) == 0
+        def enough() -> bool:
+            nodes.clear()
+            nodes.update(self.online_nodes())
+            return len(nodes) >= count
 
+        self.wait_for(enough, START_TIMEOUT_S, f"{count} SuperNodes online")
+        return nodes
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    def run_app(self, **config: object) -> Path:
+        """Submit the example app with ``flwr run``; the ServerApp's results directory."""
+        results = self.root / "results"
+        config = {"num-server-rounds": ROUNDS, "method": "'adaquantfl'", "levels": 2,
+                  "local-steps": 20, "node-wait-s": NODE_WAIT_S,
+                  "results-dir": f"'{results}'", **config}  # fmt: skip
+        run_config = " ".join(f"{k}={v}" for k, v in config.items())
+        done = self.flwr("run", str(APP), CONNECTION, "--run-config", run_config)
+        assert "Successfully started run" in done.stdout, done.stdout + done.stderr
+        return results
 
+    def wait_for_rows(self, results: Path, count: int) -> list[dict[str, Any]]:
+        path = results / "metrics.jsonl"
+        self.wait_for(lambda: len(read_rows(path)) >= count, RUN_TIMEOUT_S, f"{count} rounds")
+        return read_rows(path)
 
-# --------------------------------------------------------------------------- the test
+    def results(self, results: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        summary = results / "summary.json"
+        self.wait_for(summary.is_file, RUN_TIMEOUT_S, "the run's summary")
+        return json.loads(summary.read_text()), read_rows(results / "metrics.jsonl")
 
 
 @pytest.fixture
@@ -248,65 +396,10 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         assert not survivors, f"processes survived teardown: {survivors}"
 
 
-@pytest.mark.skipif(
-    not all((BIN / b).is_file() for b in ("flower-superlink", "flower-supernode", "flwr")),
-    reason="Flower's executables are not next to this Python",
-)
-def test_adaquantfl_on_a_tls_deployment(deployment: Deployment) -> None:
-    started = time.monotonic()
-    root = deployment.root
-    ca, cert, key = write_certificates(root / "certs")
-    results = root / "results"
-    link_port = free_port()
-
-    # Prepare: the SuperLink (TLS, no runtime dependency installation: offline) ...
-    deployment.start(
-        "superlink", "flower-superlink",
-        "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
-        "--host", LOOPBACK, "--port", str(link_port),
-        "--disable-runtime-dependency-installation",
-    )  # fmt: skip
-    wait_for(lambda: port_open(link_port), START_TIMEOUT_S, "the SuperLink", deployment)
-    # ... two SuperNodes, each with its partition of the data ...
-    for i in range(NODES):
-        deployment.start(
-            f"supernode-{i}", "flower-supernode",
-            "--root-certificates", str(ca),
-            "--superlink", f"{LOOPBACK}:{link_port}",
-            "--host", LOOPBACK, "--port", str(free_port()),
-            "--node-config", f"partition-id={i} num-partitions={NODES}",
-            "--max-retries", "5", "--max-wait-time", "60",
-        )  # fmt: skip
-    # ... and a connection for `flwr` in a private FLWR_HOME.
-    home = root / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-        f'address = "{LOOPBACK}:{link_port}"\nroot-certificates = "{ca}"\n'
-    )
-
-    # Execute: `flwr run` submits the run; the ServerApp writes the results.
-    run_config = (
-        f"num-server-rounds={ROUNDS} method='adaquantfl' levels=2 min-nodes={NODES} "
-        f"node-wait-s={NODE_WAIT_S} round-timeout-s={ROUND_TIMEOUT_S} local-steps=20 "
-        f"results-dir='{results}'"
-    )
-    submit = subprocess.run(
-        [str(BIN / "flwr"), "run", str(APP), "test", "--run-config", run_config],
-        cwd=root, env=deployment.env, capture_output=True, text=True, timeout=START_TIMEOUT_S,
-    )  # fmt: skip
-    assert "Successfully started run" in submit.stdout, submit.stdout + submit.stderr
-    # Lose a node after the second round: the run must go on without it.
-    wait_for(lambda: len(read_rows(results / "metrics.jsonl")) >= 2, RUN_TIMEOUT_S,
-             "two rounds", deployment)  # fmt: skip
-    deployment.kill(f"supernode-{NODES - 1}")
-    wait_for(lambda: (results / "summary.json").is_file(), RUN_TIMEOUT_S, "the results",
-             deployment)  # fmt: skip
-
-    # Assert: judged by what the ServerApp wrote, not by exit codes.
-    summary = json.loads((results / "summary.json").read_text())
-    rows = read_rows(results / "metrics.jsonl")
+def check_run(summary: dict[str, Any], rows: list[dict[str, Any]], results: Path) -> None:
+    """What every complete AdaQuantFL run of the example app must show."""
     assert summary["complete"] and summary["rounds"] == ROUNDS and len(rows) == ROUNDS
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     assert (results / "model.pt").is_file()
     assert summary["final_test_loss"] < summary["initial_test_loss"]
     assert summary["final_test_accuracy"] > summary["initial_test_accuracy"]
@@ -316,16 +409,81 @@ def test_adaquantfl_on_a_tls_deployment(deployment: Deployment) -> None:
     for prev, row in itertools.pairwise(rows):
         assert row["levels"] == adaquant_levels(f0, prev["train_loss"], 2, 1, 2**16)
     assert max(r["levels"] for r in rows) > 2
-    # Bits: each reply is exactly one packed codec message of the MLP's 15,010 entries.
-    d = 64 * 200 + 200 + 200 * 10 + 10
+    # Bits: each accepted reply is exactly one packed codec message of the MLP.
     for r in rows:
         s = r["levels"]
         assert r["participants"] > 0 and r["rejected"] == 0
-        assert r["wire_bits"] == r["participants"] * 8 * message_bytes(d, s)
-        assert r["formula_bits"] == r["participants"] * (d * s.bit_length() + d + 32)
-    # The lost node: both nodes in the first two rounds, the survivor alone at the end.
-    assert [r["participants"] for r in rows[:2]] == [NODES, NODES]
-    assert (rows[-1]["participants"], rows[-1]["dropped"]) == (NODES - 1, 1)
-    assert rows[-1]["time_s"] < ROUND_TIMEOUT_S + 15  # waited for the lost node, then went on
-    print(f"\ndeployment test: {time.monotonic() - started:.1f} s for {ROUNDS} rounds; "
+        assert r["wire_bits"] == r["participants"] * 8 * message_bytes(NUMEL, s)
+        assert r["formula_bits"] == r["participants"] * (NUMEL * s.bit_length() + NUMEL + 32)
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_a_tls_deployment_with_node_authentication(deployment: Deployment) -> None:
+    started = time.monotonic()
+    nodes = 2
+    keys = deployment.root / "keys"
+
+    # Prepare: a SuperLink that admits only SuperNodes whose public key is registered ...
+    deployment.start_superlink(node_auth=True)
+    registered = set()
+    for i in range(nodes):
+        _, public = write_node_key(keys, f"supernode-{i}")
+        answer = deployment.flwr_json("supernode", "register", str(public), CONNECTION)
+        assert answer.get("success"), answer
+        registered.add(int(answer["node-id"]))
+    # ... two SuperNodes that sign with the registered keys, and one whose key is not.
+    for i in range(nodes):
+        deployment.start_supernode(
+            f"supernode-{i}", i, nodes, "--auth-supernode-private-key", str(keys / f"supernode-{i}")
+        )
+    stranger_key, _ = write_node_key(keys, "stranger")
+    stranger = deployment.start_supernode(
+        "stranger", 0, nodes, "--auth-supernode-private-key", str(stranger_key),
+        "--max-retries", "1", "--max-wait-time", "5",
+    )  # fmt: skip
+    assert deployment.wait_for_online_nodes(nodes) == registered
+
+    # Execute
+    results = deployment.run_app(**{"min-nodes": nodes, "round-timeout-s": ROUND_TIMEOUT_S})
+    summary, rows = deployment.results(results)
+
+    # Assert: the run, and only the registered nodes took part in it.
+    check_run(summary, rows, results)
+    assert [(r["participants"], r["dropped"]) for r in rows] == [(nodes, 0)] * ROUNDS
+    assert stranger.poll() not in (None, 0)  # turned away, and gave up
+    assert deployment.online_nodes() == registered
+    print(f"\nauthenticated deployment: {time.monotonic() - started:.1f} s for {ROUNDS} rounds; "
+          f"per round {[round(r['time_s'], 1) for r in rows]} s")  # fmt: skip
+
+
+def test_a_lost_supernode_does_not_stop_the_run(deployment: Deployment) -> None:
+    started = time.monotonic()
+    nodes, lost = 3, "supernode-2"
+
+    # Prepare: three SuperNodes, all connected before the run starts; two suffice.
+    deployment.start_superlink()
+    for i in range(nodes):
+        deployment.start_supernode(f"supernode-{i}", i, nodes)
+    deployment.wait_for_online_nodes(nodes)
+
+    # Execute: kill one SuperNode, and everything it started, after the first round.
+    results = deployment.run_app(**{"min-nodes": nodes - 1, "round-timeout-s": ROUND_TIMEOUT_S})
+    first = deployment.wait_for_rows(results, 1)
+    killed_at = time.monotonic()
+    deployment.kill(lost)
+    summary, rows = deployment.results(results)
+
+    # Assert: the run finished all rounds with the survivors, and the model improved.
+    check_run(summary, rows, results)
+    participants = [r["participants"] for r in rows]
+    assert len(first) == 1 and participants == [nodes] + [nodes - 1] * (ROUNDS - 1)
+    assert rows[0]["dropped"] == 0 and rows[1]["dropped"] == 1  # the lost node's round
+    assert all(r["time_s"] < ROUND_TIMEOUT_S + 15 for r in rows)  # bounded, not forever
+    assert not deployment.pids_of(lost)
+    assert not deployment.teardown()  # and nothing is left behind
+    print(f"\nnode-failure deployment: {time.monotonic() - started:.1f} s for {ROUNDS} rounds "
+          f"({time.monotonic() - killed_at:.1f} s after the kill); participants {participants}, "
+          f"dropped {[r['dropped'] for r in rows]}, "
           f"per round {[round(r['time_s'], 1) for r in rows]} s")  # fmt: skip

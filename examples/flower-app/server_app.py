@@ -47,6 +47,8 @@ def main(grid: Grid, context: Context) -> None:
         QSGDCompressor(encoding=str(run["encoding"])),
         seed=seed,
         node_wait_s=float(run["node-wait-s"]),
+        # 0: the largest payload an honest node can send for this model (the default).
+        max_message_bytes=int(run["max-message-bytes"]) or None,
         fraction_evaluate=0.0,  # central evaluation below
         min_train_nodes=min_nodes,
         min_evaluate_nodes=0,

@@ -293,18 +293,29 @@ class ArrayLayout:
 def parse_train_reply(content: RecordDict) -> ClientReply:
     """The :class:`ClientReply` carried by an ``adaquant_mod`` train reply.
 
-    Only the layout is checked here; whether the payload decodes, has the
-    right size and levels, and whether the loss and ``n_i`` are acceptable is
-    :meth:`FedServer.aggregate`'s to judge (and to report as a rejection).
+    Only the layout is checked here: one ArrayRecord holding only the
+    payload Array, one MetricRecord with the three keys, nothing else.
+    Whether the payload decodes, has the right size and levels, and whether
+    the loss and ``n_i`` are acceptable is :meth:`FedServer.aggregate`'s to
+    judge (and to report as a rejection).
 
     Raises
     ------
     RecordError
         If the reply does not have the layout of :mod:`adaquantfl.flower.records`.
     """
+    if content.config_records:
+        raise RecordError(
+            f"a train reply must not carry ConfigRecords, found {sorted(content.config_records)}"
+        )
     _, arrays = single_array_record(content, "a train reply")
-    if PAYLOAD_KEY not in arrays:
-        raise RecordError(f"a train reply's ArrayRecord has no {PAYLOAD_KEY!r} array")
+    if list(arrays.keys()) != [PAYLOAD_KEY]:
+        # Only the payload is size-checked and decoded: anything else would be
+        # carried, stored and never looked at.
+        raise RecordError(
+            f"a train reply's ArrayRecord must hold only the {PAYLOAD_KEY!r} array, "
+            f"found {sorted(arrays.keys())}"
+        )
     payload = payload_bytes(arrays[PAYLOAD_KEY])
     metrics = single_metric_record(content, "a train reply")
     client_id = metrics.get(CLIENT_ID_KEY)

@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.engines import default_message_limit
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.flower.records import (
@@ -115,6 +116,26 @@ class _Pending:
     nodes: frozenset[int]
     downlink_bits: int
     started: float
+    #: The train messages sent; the Grid gives each its message id when it pushes it.
+    messages: tuple[Message, ...] = ()
+
+    def sender(self, reply: Message) -> int:
+        """The node a reply stands for.
+
+        An error reply that the SuperLink itself generates for a node that
+        stopped sending heartbeats (NODE_UNAVAILABLE) or for an expired message
+        comes from the SuperLink's node id, not the lost node's; it names the
+        instruction it answers.
+        """
+        src = reply.metadata.src_node_id
+        if src in self.nodes:
+            return src
+        for msg in self.messages:
+            if msg.metadata.message_id and (
+                msg.metadata.message_id == reply.metadata.reply_to_message_id
+            ):
+                return msg.metadata.dst_node_id
+        return src
 
 
 class AdaQuantFedAvg(FedAvg):
@@ -143,7 +164,12 @@ class AdaQuantFedAvg(FedAvg):
     record_digests : bool
         Keep the SHA-256 of every payload in :attr:`rounds` (for comparing engines).
     max_message_bytes : int, optional
-        Payloads larger than this are rejected unread.
+        Payloads larger than this are rejected unread (and counted in
+        ``rejected``). By default the limit is
+        :func:`adaquantfl.engines.default_message_limit` of the model: the
+        largest message a well-behaved node can send (a raw float32 update,
+        or a packed one at the maximum levels, plus 1 KiB). The effective
+        limit is ``strategy.server.max_message_bytes``.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, \
 min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key, \
 train_metrics_aggr_fn, evaluate_metrics_aggr_fn
@@ -152,9 +178,15 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
 
     Notes
     -----
-    Replies are validated one by one: an error reply, a malformed reply or a
-    node that does not answer within ``start(timeout=...)`` is dropped and
-    counted in the round's ``rejected``; the round goes on with the rest.
+    Replies are validated one by one. An error reply, a malformed reply
+    (records other than one ``aq-payload`` Array and one MetricRecord), or one
+    that :meth:`FedServer.aggregate` rejects (undecodable, wrong size or
+    levels, non-finite values or loss, too large, a client id claimed twice)
+    is left out of the model and of the schedule's loss, logged, and counted
+    in the round's ``rejected``; a node that does not answer within
+    ``start(timeout=...)`` is counted in ``dropped``. The round goes on with
+    the rest; if nothing is accepted the model and the schedule stay as they
+    were and the round is recorded with ``participants`` 0.
     (Flower's FedAvg checks all replies together with
     ``validate_message_reply_consistency`` and skips the whole aggregation if
     one differs.) The strategy owns the global model: ``configure_train``
@@ -211,6 +243,16 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             raise ValueError(f"node_wait_s must be a finite number >= 0, got {node_wait_s!r}")
         self.node_wait_s = float(node_wait_s)
         self.record_digests = record_digests
+        if max_message_bytes is not None and (
+            isinstance(max_message_bytes, bool)
+            or not isinstance(max_message_bytes, int)
+            or max_message_bytes < 1
+        ):
+            raise ValueError(
+                f"max_message_bytes must be a positive integer or None (the model's default "
+                f"limit), got {max_message_bytes!r}"
+            )
+        #: The limit asked for; None: :func:`default_message_limit` of the model.
         self.max_message_bytes = max_message_bytes
         #: The server state (global model, round counter, schedule); built from
         #: the first arrays that ``configure_train`` sees.
@@ -231,6 +273,8 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         log(INFO, "\t└──> AdaQuantFL:")
         log(INFO, "\t\t├── Schedule: %r", self.schedule)
         log(INFO, "\t\t├── Compressor: %r", self.compressor)
+        limit = self.max_message_bytes
+        log(INFO, "\t\t├── Max payload: %s", "model default" if limit is None else f"{limit} B")
         log(INFO, "\t\t└── Node wait: %.0f s", self.node_wait_s)
 
     # ----------------------------------------------------------------- training
@@ -275,6 +319,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             nodes=frozenset(chosen),
             downlink_bits=8 * len(server.downlink_payload()) * len(messages),
             started=started,
+            messages=tuple(messages),
         )
         return messages
 
@@ -291,29 +336,40 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         failures: list[tuple[int, str]] = []
         dropouts: list[tuple[int, str]] = []
         for m in errors:
-            entry = (m.metadata.src_node_id, f"error reply ({m.error.code}): {m.error.reason}")
+            entry = (pending.sender(m), f"error reply ({m.error.code}): {m.error.reason}")
             (dropouts if m.error.code in _UNAVAILABLE else failures).append(entry)
         client_replies: list[ClientReply] = []
         contents: list[RecordDict] = []
+        nodes_of: dict[int, list[int]] = {}  # client id -> nodes that claimed it
         for msg in valid:
             node = msg.metadata.src_node_id
             try:
                 reply = parse_train_reply(msg.content)
             except RecordError as exc:
-                log(WARNING, "aggregate_train: dropped malformed reply from node %d: %s", node, exc)
                 failures.append((node, f"malformed reply: {exc}"))
                 continue
-            self.node_clients[node] = reply.client_id
+            nodes_of.setdefault(reply.client_id, []).append(node)
             client_replies.append(reply)
             contents.append(msg.content)
-        answered = {m.metadata.src_node_id for m in replies}
+        answered = {pending.sender(m) for m in replies}
         for node in sorted(pending.nodes - answered):
-            log(WARNING, "aggregate_train: no reply from node %d in round %d", node, server_round)
             dropouts.append((node, "no reply before the round's timeout"))
 
         outcome = server.aggregate(client_replies)
+        rejected = {c for c, _ in outcome.rejections}
+        contents = [
+            content
+            for content, reply in zip(contents, client_replies, strict=True)
+            if reply.client_id not in rejected
+        ]
+        for client_id, nodes in nodes_of.items():
+            # Learn a node's client id only from a reply the server accepted (a
+            # node that claims another's id must not take its place in sampling).
+            if client_id not in rejected:
+                self.node_clients.update(dict.fromkeys(nodes, client_id))
         if failures:
             outcome = replace(outcome, rejected=outcome.rejected + len(failures))
+        _log_exclusions(server_round, outcome, failures, dropouts, nodes_of)
         self._global = self._layout().to_record(server.params)
         flower_round = FlowerRound(
             server_round=server_round,
@@ -382,11 +438,14 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
     def _sync(self, arrays: ArrayRecord) -> FedServer:
         if self.server is None:
             self.layout = ArrayLayout.of(arrays)
+            limit = self.max_message_bytes or default_message_limit(
+                self.layout.numel, self.compressor.bucket_size
+            )
             self.server = FedServer(
                 self.layout.flatten(arrays),
                 self.schedule,
                 self.compressor,
-                max_message_bytes=self.max_message_bytes,
+                max_message_bytes=limit,
                 record_digests=self.record_digests,
             )
             self._global = arrays
@@ -492,3 +551,42 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         if outcome.train_loss is not None:
             metrics["train_loss"] = outcome.train_loss
         return metrics
+
+
+def _log_exclusions(
+    server_round: int,
+    outcome: RoundOutcome,
+    failures: Sequence[tuple[int, str]],
+    dropouts: Sequence[tuple[int, str]],
+    nodes_of: dict[int, list[int]],
+) -> None:
+    """One WARNING per node left out of the round, then the round's tally.
+
+    Through Flower's logger, so that a deployment's ``flwr log`` shows them
+    (:class:`FedServer` also logs its rejections, by client id, through
+    :mod:`logging`).
+    """
+    for node, reason in failures:
+        log(WARNING, "aggregate_train: round %d: rejected node %d: %s", server_round, node, reason)
+    for client_id, reason in dict.fromkeys(outcome.rejections):  # a shared id: once
+        nodes = ", ".join(str(n) for n in nodes_of.get(client_id, [])) or "?"
+        log(
+            WARNING,
+            "aggregate_train: round %d: rejected node %s (client %d): %s",
+            server_round,
+            nodes,
+            client_id,
+            reason,
+        )
+    for node, reason in dropouts:
+        log(WARNING, "aggregate_train: round %d: dropped node %d: %s", server_round, node, reason)
+    if outcome.rejected or dropouts:
+        log(
+            WARNING,
+            "aggregate_train: round %d: %d accepted, %d rejected, %d dropped%s",
+            server_round,
+            outcome.participants,
+            outcome.rejected,
+            len(dropouts),
+            "" if outcome.participants else "; the global model is unchanged",
+        )
