@@ -16,7 +16,7 @@ from adaquantfl.models import make_model
 from adaquantfl.schedule import AdaQuantLevels
 from adaquantfl.sim.faults import ClientFaults
 from adaquantfl.sim.simulator import Simulator
-from tests.test_fl import tiny_data
+from tests.test_fl import RecordingSchedule, tiny_data
 
 BAD_ROUND = 1  # 0-based round in which the faulty client misbehaves
 
@@ -169,3 +169,15 @@ def test_fault_parameters_are_validated() -> None:
         ClientFaults(dropout=1.5)
     with pytest.raises(ValueError, match="deadline_s"):
         ClientFaults(deadline_s=0)
+
+
+def test_valid_updates_whose_average_overflows_leave_the_model_unchanged() -> None:
+    # Each raw update is finite (3e38), but w + 3e38 overflows float32 once w is large.
+    schedule = RecordingSchedule(levels=None)
+    server = FedServer(torch.full((3,), 3e38), schedule, QSGDCompressor())
+    replies = [ClientReply(i, encode_dense(torch.full((3,), 3e38)), 1.0, 5) for i in range(2)]
+    out = server.aggregate(replies)
+    assert out.participants == 0 and out.rejected == 2 and out.train_loss is None
+    assert "overflows" in out.rejections[0][1]
+    assert torch.equal(server.params, torch.full((3,), 3e38))
+    assert schedule.losses == []  # the schedule was not fed the round's loss

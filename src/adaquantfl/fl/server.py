@@ -173,6 +173,7 @@ class FedServer:
         losses: list[float] = []
         weights: list[int] = []
         rejections: list[tuple[int, str]] = []
+        accepted: list[int] = []
         digests: list[tuple[int, str]] = []
         # Two replies claiming one client id: neither can be trusted, and keeping
         # the first would let arrival order (a race on Flower) pick the winner.
@@ -194,7 +195,7 @@ class FedServer:
                     reason = f"undecodable payload: {exc}"
             if reason is not None:
                 logger.warning(
-                    "round %d: rejected client %s: %s", self.round_idx, reply.client_id, reason
+                    "round %d: rejected client %s: %s", self.round_idx + 1, reply.client_id, reason
                 )
                 rejections.append((reply.client_id, reason))
                 continue
@@ -202,18 +203,28 @@ class FedServer:
             formula_bits += self.compressor.formula_bits(self.numel, levels)
             losses.append(float(reply.loss))
             weights.append(int(reply.num_examples))
+            accepted.append(reply.client_id)
 
         train_loss: float | None = None
+        new_params = None
         if weights:
-            total = sum(weights)
-            self.params = (self.params.to(torch.float64) + accum / total).to(torch.float32)
+            new_params = (self.params.to(torch.float64) + accum / sum(weights)).to(torch.float32)
+            if not all_finite(new_params):
+                # Each update was finite, but together they overflow float32 (e.g.
+                # valid raw values near 3e38): keep the old model and schedule.
+                reason = "the weighted average of the accepted updates overflows float32"
+                logger.warning("round %d: %s; all replies rejected", self.round_idx + 1, reason)
+                rejections += [(cid, reason) for cid in accepted]
+                weights, losses, formula_bits, new_params = [], [], 0, None
+        if new_params is not None:
+            self.params = new_params
             train_loss = weighted_mean(losses, weights)
             if train_loss > 0:
                 self.schedule.update(train_loss)
             else:
                 # A zero loss is a perfect fit; AdaQuantFL's sqrt(F_0 / F) is then
                 # undefined, so the levels are kept.
-                logger.warning("round %d: weighted loss is 0; levels unchanged", self.round_idx)
+                logger.warning("round %d: weighted loss is 0; levels unchanged", self.round_idx + 1)
         self.round_idx += 1
         return RoundOutcome(
             levels=levels,
