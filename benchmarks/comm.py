@@ -125,7 +125,12 @@ def tables(results: list[dict[str, Any]]) -> list[tuple[str, list[str], list[lis
         labels += [label for label in r["methods"] if label not in labels]
     rows = [
         [label]
-        + [_ratio(r["methods"].get(label, {}).get("bits_to_target_vs_best_fixed")) for r in results]
+        + [
+            _ratio(r["methods"][label].get("bits_to_target_vs_best_fixed"))
+            if label in r["methods"]
+            else "not run"
+            for r in results
+        ]
         for label in labels
     ]
     out.append(("regime map: wire bits to target / best fixed level's", ["method", *columns], rows))
@@ -138,7 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encodings", default="packed,entropy")
     parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--quick", action="store_true", help="1 seed, a fifth of the rounds")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the tables from results/comm.json"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads((RESULTS / "comm.json").read_text())
+        write_markdown(
+            RESULTS / "comm.md", "Communication: bits to target", tables(saved["results"])
+        )
+        return
     seeds = 1 if args.quick else args.seeds
     scale = 0.2 if args.quick else 1.0
     out = RESULTS / "comm"
