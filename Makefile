@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # local CPU wheel; any other version would pull several GB of CUDA packages.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test bench lint typecheck clean
+.PHONY: demo test bench lint typecheck clean clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples tools
 	$(BIN)/mypy
 
-clean:
+clean: clean-cache
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache
+
+# numba's on-disk kernel caches (see src/adaquantfl/kernels.py on when to drop them)
+clean-cache:
+	find src -name '*.nbi' -delete -o -name '*.nbc' -delete

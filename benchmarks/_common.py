@@ -33,6 +33,8 @@ def machine() -> dict[str, Any]:
     import numpy
     import torch
 
+    from adaquantfl.bitpack import FAST_PEXT
+
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -50,6 +52,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "numba": numba.__version__,
+        "bit_packing": "pext/pdep" if FAST_PEXT else "shifts and masks",
     }
 
 
@@ -100,7 +103,7 @@ def describe(info: dict[str, Any]) -> str:
     return (
         f"{info['cpu']}, {info['cores']} cores; torch {info['torch']} with "
         f"{info['torch_threads']} thread(s), numba {info['numba']} with "
-        f"{info['numba_threads']} thread(s)"
+        f"{info['numba_threads']} thread(s); bit packing with {info['bit_packing']}"
     )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
-from adaquantfl import kernels
+from adaquantfl import bitpack, kernels
 from adaquantfl.kernels import BLOCK, PACK_SLACK
 from tests.reference import reference_pack, reference_quantize
 
@@ -39,6 +40,69 @@ def test_pack_matches_reference_and_stays_within_its_slack(levels: int) -> None:
         if numel <= 1000:
             assert out[:size].tobytes() == reference_pack(mags.tolist(), signs.tolist(), levels)
         assert (out[size + PACK_SLACK :] == 0xA5).all()  # canary past the allowed slack
+
+
+@pytest.mark.parametrize("use_pext", [False, True], ids=["shifts", "pext"])
+@pytest.mark.parametrize("levels", LEVELS_BY_WIDTH[:15], ids=lambda s: f"w{1 + s.bit_length()}")
+def test_both_compactions_give_the_reference_bytes(levels: int, use_pext: bool) -> None:
+    # pack() takes one of the two at import (bitpack.FAST_PEXT); both are run
+    # here, the pext one through the instruction or its bit-by-bit stand-in.
+    w = 1 + levels.bit_length()
+    dtype = np.uint8 if w <= 8 else np.uint16
+    for numel in (8, 9, 64, 203):
+        mags, signs = random_levels(numel, levels, 7 * numel + w)
+        codes = np.zeros(-(-numel // 8) * 8, dtype)  # whole groups of 8
+        codes[:numel] = (mags << 1) | signs
+        size = packed_bytes(numel, levels)
+        out = np.full(size + PACK_SLACK + 8, 0xA5, dtype=np.uint8)
+        bitpack.pack_with(codes, numel, w, out, 0, use_pext)
+        assert out[:size].tobytes() == reference_pack(mags.tolist(), signs.tolist(), levels)
+        assert (out[size + PACK_SLACK :] == 0xA5).all()
+
+
+@pytest.mark.parametrize("use_pdep", [False, True], ids=["shifts", "pdep"])
+@pytest.mark.parametrize("levels", LEVELS_BY_WIDTH[:15], ids=lambda s: f"w{1 + s.bit_length()}")
+def test_both_spreads_recover_the_codes(levels: int, use_pdep: bool) -> None:
+    w = 1 + levels.bit_length()
+    dtype = np.uint8 if w <= 8 else np.uint16
+    for numel in (8, 9, 64, 203):
+        mags, signs = random_levels(numel, levels, 5 * numel + w)
+        body = np.frombuffer(reference_pack(mags.tolist(), signs.tolist(), levels), np.uint8)
+        codes = np.zeros(-(-numel // 8) * 8, dtype)
+        bitpack.unpack_with(body, 0, numel, w, codes, use_pdep)
+        assert np.array_equal(codes[:numel], (mags << 1) | signs)
+
+
+def test_software_pext_and_pdep_by_hand() -> None:
+    # pext: the bits of the value under the mask, gathered at the bottom, lowest first.
+    assert bitpack._pext_sw(np.uint64(0b1011_0110), np.uint64(0b1111_0000)) == 0b1011
+    assert bitpack._pext_sw(np.uint64(0b1011_0110), np.uint64(0b0101_0101)) == 0b0110
+    assert bitpack._pext_sw(np.uint64(2**64 - 1), np.uint64(0)) == 0
+    top = np.uint64(1 << 63)
+    assert bitpack._pext_sw(top, top) == 1
+    # pdep: the low bits of the value scattered to the mask's bits.
+    assert bitpack._pdep_sw(np.uint64(0b0110), np.uint64(0b0101_0101)) == 0b0001_0100
+    assert bitpack._pdep_sw(np.uint64(1), top) == top
+
+
+@numba.njit
+def _selected_pext_pdep(values, masks, out):  # type: ignore[no-untyped-def]
+    for i in range(values.size):
+        out[i, 0] = bitpack._pext(values[i], masks[i])
+        out[i, 1] = bitpack._pdep(values[i], masks[i])
+
+
+def test_selected_pext_and_pdep_match_the_bitwise_definitions() -> None:
+    # Where FAST_PEXT holds these are the CPU instructions, checked against the
+    # bit-by-bit definitions; elsewhere they are those definitions themselves.
+    rng = np.random.default_rng(11)
+    values = rng.integers(0, 2**64, size=2000, dtype=np.uint64)
+    masks = rng.integers(0, 2**64, size=2000, dtype=np.uint64)
+    masks[:64] = [bitpack._lane_mask(w, 8 if w <= 8 else 16) for w in range(1, 17)] * 4
+    out = np.empty((2000, 2), np.uint64)
+    _selected_pext_pdep(values, masks, out)
+    for (v, m), (px, pd) in zip(zip(values, masks, strict=True), out, strict=True):
+        assert px == bitpack._pext_sw(v, m) and pd == bitpack._pdep_sw(v, m)
 
 
 @pytest.mark.parametrize("levels", LEVELS_BY_WIDTH, ids=lambda s: f"w{1 + s.bit_length()}")

@@ -19,7 +19,9 @@ Array indices are always slices or non-negative loop counters: indexing with
 an offset of unknown sign makes numba emit a wrap-around check per element,
 which blocks vectorisation (a 7x slowdown measured on the quantize loop).
 Every kernel is compiled lazily on first use and cached on disk
-(``cache=True``).
+(``cache=True``). Numba keys a cached kernel on its own source file only: after
+editing :mod:`adaquantfl.bitpack` in a source checkout, delete the caches
+(``make clean-cache``) or the kernels here keep the old packing compiled in.
 """
 
 from __future__ import annotations
