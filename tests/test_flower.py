@@ -21,6 +21,7 @@ pytest.importorskip("flwr", reason="the Flower extra is not installed")
 
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -32,13 +33,16 @@ from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
     ConfigRecord,
+    Context,
     Error,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
+from flwr.common.logger import FLOWER_LOGGER  # noqa: E402
 from flwr.serverapp.exception import InconsistentMessageReplies  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
@@ -55,6 +59,7 @@ from adaquantfl.flower import (  # noqa: E402
     FlowerRound,
     RecordError,
     RoundPlan,
+    adaquant_mod,
     make_adaquant_mod,
     parse_train_reply,
     payload_array,
@@ -64,10 +69,17 @@ from adaquantfl.flower.engine import (  # noqa: E402
     engine_client_app,
     flat_layout,
 )
-from adaquantfl.flower.records import LEVELS_KEY, PROBE_KEY, ROUND_KEY, SEED_KEY  # noqa: E402
+from adaquantfl.flower.records import (  # noqa: E402
+    LEVELS_KEY,
+    LOSS_PROXY_KEY,
+    PROBE_KEY,
+    ROUND_KEY,
+    SEED_KEY,
+)
 from adaquantfl.schedule import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels  # noqa: E402
 from tests.flower_helpers import (  # noqa: E402
     InProcessGrid,
+    TinyNet,
     initial_arrays,
     simulate,
     tiny_shards,
@@ -327,7 +339,7 @@ def test_a_node_the_superlink_gives_up_on_is_dropped_once() -> None:
     assert node == lost and f"({ErrorCode.NODE_UNAVAILABLE})" in reason
 
 
-def test_mod_fails_clearly_without_the_pre_training_loss() -> None:
+def test_mod_fails_clearly_without_any_loss() -> None:
     # Prepare: a train function that reports no loss, then one that names it differently.
     shards = tiny_shards(NUM_NODES)
     silent = InProcessGrid(user_client_app(shards, loss_key=None), NUM_NODES)
@@ -342,10 +354,81 @@ def test_mod_fails_clearly_without_the_pre_training_loss() -> None:
     _, _, failed = one_round(strategy_for(FixedLevels(3)), silent, initial_arrays())
     _, _, ok = one_round(strategy_for(FixedLevels(3)), renamed, initial_arrays())
 
-    # Assert: every node's reply is an error naming the missing metric; none is invented.
+    # Assert: every node's reply is an error naming the missing metrics; none is invented.
     assert failed is not None and (failed["participants"], failed["rejected"]) == (0, NUM_NODES)
-    assert all(r.has_error() and "'pre-train-loss'" in r.error.reason for r in silent.replies)
+    for r in silent.replies:
+        assert r.has_error()
+        assert "'pre-train-loss'" in r.error.reason and "'train_loss'" in r.error.reason
     assert ok is not None and ok["participants"] == NUM_NODES and ok["train_loss"] > 0
+    assert LOSS_PROXY_KEY not in ok
+
+
+def flower_template_app(shards: list[Any], mods: list[Any]) -> ClientApp:
+    """A train function as Flower's app templates write it: ``train_loss`` after training."""
+    app = ClientApp(mods=mods)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        shard = shards[int(context.node_config["partition-id"])]
+        model = TinyNet()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        running = 0.0
+        for _ in range(3):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(shard.x), shard.y)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+        metrics = {"train_loss": running / 3, "num-examples": len(shard)}
+        content = RecordDict(
+            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def test_mod_runs_a_stock_flower_train_function_on_its_train_loss() -> None:
+    # Prepare: Flower's template train function, which reports no pre-training loss.
+    shards = tiny_shards(NUM_NODES)
+    stock = InProcessGrid(flower_template_app(shards, [adaquant_mod]), NUM_NODES)
+    strict = InProcessGrid(
+        flower_template_app(shards, [make_adaquant_mod(fallback_loss_key=None)]), NUM_NODES
+    )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    FLOWER_LOGGER.addHandler(handler)
+
+    # Execute
+    try:
+        _, _, first = one_round(strategy := strategy_for(FixedLevels(3)), stock, initial_arrays())
+        _, _, second = one_round(strategy, stock, initial_arrays(), 2)
+        _, _, refused = one_round(strategy_for(FixedLevels(3)), strict, initial_arrays())
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+
+    # Assert: every node takes part; the loss fed to the schedule is the reported
+    # train_loss, flagged as a proxy; mod and strategy each warn once, not every round.
+    assert first is not None and second is not None
+    assert first["participants"] == second["participants"] == NUM_NODES
+    for reply in stock.replies:
+        metrics = reply.content["metrics"]
+        assert metrics["pre-train-loss"] == metrics["train_loss"]
+        assert metrics[LOSS_PROXY_KEY] == 1
+    expected = np.average(
+        [r.content["metrics"]["train_loss"] for r in stock.replies[:NUM_NODES]],
+        weights=[r.content["metrics"]["num-examples"] for r in stock.replies[:NUM_NODES]],
+    )
+    assert strategy.rounds[0].outcome.train_loss == pytest.approx(expected, rel=1e-6)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    # One mod instance serves every node of this in-process app: one warning.
+    assert sum("the AdaQuantFL schedule uses 'train_loss'" in w for w in warnings) == 1
+    assert sum("sends its train function's training loss" in w for w in warnings) == 1
+    # With the fallback off the same function is refused, naming the metric.
+    assert refused is not None and refused["participants"] == 0
+    assert all("'pre-train-loss'" in r.error.reason for r in strict.replies)
 
 
 def test_mod_leaves_other_messages_alone() -> None:

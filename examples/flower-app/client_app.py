@@ -2,9 +2,10 @@
 
 The mod computes the update against the received arrays, quantizes it at the
 levels the server asked for and replies with the codec's bytes. The train
-function only has to report ``pre-train-loss`` (F_i(w_k), the mean loss of the
-received model on the local training data, before training) next to the
-usual ``num-examples``.
+function reports ``pre-train-loss`` (F_i(w_k), the mean loss of the received
+model on the local training data, before training) next to the usual
+``num-examples``, so that the schedule follows the exact rule (without it the
+mod falls back to ``train_loss``, see docs/flower.md).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@
 
 The strategy sends the levels of each round; the mod quantizes and encodes the
 update with :mod:`adaquantfl.codec`; the strategy decodes and aggregates with
-:class:`adaquantfl.fl.server.FedServer`. The train reply must report
-``pre-train-loss`` (see :mod:`adaquantfl.flower.mod`). ``flwr`` is imported
+:class:`adaquantfl.fl.server.FedServer`. The train reply reports
+``pre-train-loss`` for the exact rule, or else Flower's usual ``train_loss``
+stands in for it (see :mod:`adaquantfl.flower.mod`). ``flwr`` is imported
 only inside this subpackage.
 
 Importing this package sets ``FLWR_TELEMETRY_ENABLED=0``,
@@ -29,8 +30,14 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 
-from adaquantfl.flower.mod import adaquant_mod, encode_update, make_adaquant_mod  # noqa: E402
+from adaquantfl.flower.mod import (  # noqa: E402
+    FLOWER_TRAIN_LOSS_KEY,
+    adaquant_mod,
+    encode_update,
+    make_adaquant_mod,
+)
 from adaquantfl.flower.records import (  # noqa: E402
+    LOSS_PROXY_KEY,
     PAYLOAD_KEY,
     PRE_TRAIN_LOSS_KEY,
     ArrayLayout,
@@ -43,6 +50,8 @@ from adaquantfl.flower.records import (  # noqa: E402
 from adaquantfl.flower.strategy import AdaQuantFedAvg, FlowerRound  # noqa: E402
 
 __all__ = [
+    "FLOWER_TRAIN_LOSS_KEY",
+    "LOSS_PROXY_KEY",
     "PAYLOAD_KEY",
     "PRE_TRAIN_LOSS_KEY",
     "AdaQuantFedAvg",

@@ -20,30 +20,41 @@ train) pass through untouched.
 
 Notes
 -----
-The pre-training loss ``F_i(w_k)`` (the schedule's input) is read from the
-train reply's MetricRecord under ``pre-train-loss``: the mean loss of the
-*received* model on the node's training data, measured before training. The
-mod cannot measure it itself (it knows neither the model nor the data), and
-it cannot call the app's evaluate function instead: Flower 1.41 wraps each
+The schedule's input is the pre-training loss ``F_i(w_k)``: the mean loss of
+the *received* model on the node's training data, measured before training.
+The mod cannot measure it itself (it knows neither the model nor the data),
+and it cannot call the app's evaluate function instead: Flower 1.41 wraps each
 registered function separately with the app's mods
 (``flwr.clientapp.client_app._get_decorator``), so ``call_next`` inside a train
-message always leads to the train function. A train function that reports
-its loss under another name can be used with
-``make_adaquant_mod(loss_key=...)``; the schedule then sees that metric, so it
-should be the loss before training. A reply without the key is an error (the
-strategy drops that node for the round) rather than a silently invented loss.
+message always leads to the train function. The mod therefore reads it from
+the train reply's MetricRecord:
+
+- ``pre-train-loss`` (``loss_key``) when the reply has it: the exact rule.
+  The example app and the experiment runner's Flower engine report it.
+- Otherwise ``train_loss`` (``fallback_loss_key``), the training loss that
+  Flower's app templates already report and that Flower's own ``QFedAvg``
+  reads as a client's loss. A stock train function then works unchanged, but
+  the schedule follows the loss *during* local training (typically below
+  ``F_i(w_k)``), not the paper's ``F(w_k)``; the mod logs a warning once.
+  ``make_adaquant_mod(fallback_loss_key=None)`` turns this off.
+
+A reply with neither is an error (the strategy drops that node for the
+round) rather than a silently invented loss.
 """
 
 from __future__ import annotations
 
 import math
+from logging import WARNING
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.logger import log
 
 from adaquantfl.fl.client import encode_update
 from adaquantfl.flower.records import (
     CLIENT_ID_KEY,
+    LOSS_PROXY_KEY,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     PAYLOAD_KEY,
@@ -57,22 +68,52 @@ from adaquantfl.flower.records import (
     single_metric_record,
 )
 
-__all__ = ["adaquant_mod", "encode_update", "make_adaquant_mod"]
+__all__ = ["FLOWER_TRAIN_LOSS_KEY", "adaquant_mod", "encode_update", "make_adaquant_mod"]
+
+#: The training-loss metric of Flower's app templates (and of Flower's ``QFedAvg``).
+FLOWER_TRAIN_LOSS_KEY = "train_loss"
 
 
-def make_adaquant_mod(*, loss_key: str = PRE_TRAIN_LOSS_KEY) -> Mod:
+def make_adaquant_mod(
+    *,
+    loss_key: str = PRE_TRAIN_LOSS_KEY,
+    fallback_loss_key: str | None = FLOWER_TRAIN_LOSS_KEY,
+) -> Mod:
     """Build the client mod; ``loss_key`` names the train reply's pre-training loss metric.
 
     Parameters
     ----------
     loss_key : str
         Metric of the user's train reply that holds ``F_i(w_k)``.
+    fallback_loss_key : str or None
+        Metric used instead when the reply has no ``loss_key`` (with a warning,
+        once); None makes a missing ``loss_key`` an error. See the module notes.
 
     Returns
     -------
     Mod
         ``(msg, context, call_next) -> msg``, for ``ClientApp(mods=[...])``.
     """
+
+    warned = False
+
+    def read_loss(metrics: MetricRecord) -> tuple[float, bool]:
+        """The loss to report, and whether it is the fallback."""
+        nonlocal warned
+        if loss_key in metrics or fallback_loss_key is None or fallback_loss_key not in metrics:
+            return _loss(metrics, loss_key, fallback_loss_key), False
+        if not warned:
+            warned = True
+            log(
+                WARNING,
+                "adaquant_mod: the train reply has no %r metric; the AdaQuantFL schedule uses "
+                "%r (the loss during local training) instead of the received model's loss "
+                "before training. Report %r for the exact rule.",
+                loss_key,
+                fallback_loss_key,
+                loss_key,
+            )
+        return _loss(metrics, fallback_loss_key, None), True
 
     def adaquant_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if not _is_adaquant_train(msg):
@@ -95,7 +136,7 @@ def make_adaquant_mod(*, loss_key: str = PRE_TRAIN_LOSS_KEY) -> Mod:
         _, local_record = single_array_record(reply.content, "the train function's reply")
         metrics = single_metric_record(reply.content, "the train function's reply")
         local = layout.flatten(local_record)
-        loss = _loss(metrics, loss_key)
+        loss, proxy = read_loss(metrics)
         num_examples = _num_examples(metrics)
 
         payload = encode_update(
@@ -110,6 +151,8 @@ def make_adaquant_mod(*, loss_key: str = PRE_TRAIN_LOSS_KEY) -> Mod:
         out_metrics[CLIENT_ID_KEY] = client_id
         out_metrics[PRE_TRAIN_LOSS_KEY] = loss
         out_metrics[NUM_EXAMPLES_KEY] = num_examples
+        if proxy:
+            out_metrics[LOSS_PROXY_KEY] = 1
         content = RecordDict(
             {
                 name: ArrayRecord({PAYLOAD_KEY: payload_array(payload)}),
@@ -142,13 +185,15 @@ def _plan_config(msg: Message) -> dict[str, object]:
     raise RecordError("the train instruction has no AdaQuantFL plan")  # pragma: no cover
 
 
-def _loss(metrics: MetricRecord, key: str) -> float:
+def _loss(metrics: MetricRecord, key: str, fallback: str | None) -> float:
     if key not in metrics:
+        also = f" (nor the fallback {fallback!r})" if fallback is not None else ""
         raise RecordError(
-            f"the train function's reply has no {key!r} metric. adaquant_mod needs F_i(w_k), "
-            "the mean loss of the received model on the local training data before training "
-            f"(the AdaQuantFL schedule's input): add it to the reply's MetricRecord as {key!r}, "
-            "or build the mod with make_adaquant_mod(loss_key=...) to name the metric that holds it"
+            f"the train function's reply has no {key!r} metric{also}. adaquant_mod needs "
+            "F_i(w_k), the mean loss of the received model on the local training data before "
+            f"training (the AdaQuantFL schedule's input): add it to the reply's MetricRecord as "
+            f"{key!r}, or build the mod with make_adaquant_mod(loss_key=...) to name the metric "
+            "that holds it"
         )
     value = metrics[key]
     if isinstance(value, list) or not math.isfinite(float(value)) or float(value) < 0:

@@ -37,6 +37,7 @@ from adaquantfl.quantize import MAX_LEVELS
 __all__ = [
     "CLIENT_ID_KEY",
     "LEVELS_KEY",
+    "LOSS_PROXY_KEY",
     "NUM_EXAMPLES_KEY",
     "PAYLOAD_KEY",
     "PAYLOAD_STYPE",
@@ -71,6 +72,9 @@ METRICS_RECORD = "metrics"
 CLIENT_ID_KEY = "client-id"
 #: F_i(w_k): mean training loss of the received model on the local data, before training.
 PRE_TRAIN_LOSS_KEY = "pre-train-loss"
+#: Set to 1 by the mod when the loss it sent is the train function's training-loss
+#: fallback, not ``pre-train-loss`` (see :mod:`adaquantfl.flower.mod`).
+LOSS_PROXY_KEY = "aq-loss-proxy"
 #: Flower's usual weighting key (FedAvg's ``weighted_by_key`` default).
 NUM_EXAMPLES_KEY = "num-examples"
 

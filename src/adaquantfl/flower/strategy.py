@@ -47,7 +47,9 @@ from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.flower.records import (
     CLIENT_ID_KEY,
+    LOSS_PROXY_KEY,
     NUM_EXAMPLES_KEY,
+    PRE_TRAIN_LOSS_KEY,
     ArrayLayout,
     RecordError,
     RoundPlan,
@@ -260,6 +262,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         self.layout: ArrayLayout | None = None
         #: Every completed training round, in order.
         self.rounds: list[FlowerRound] = []
+        self._warned_loss_proxy = False
         #: Client id of every node that has told us (node id -> partition id).
         self.node_clients: dict[int, int] = {}
         self._global: ArrayRecord | None = None
@@ -349,6 +352,18 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
                 failures.append((node, f"malformed reply: {exc}"))
                 continue
             nodes_of.setdefault(reply.client_id, []).append(node)
+            if not self._warned_loss_proxy and LOSS_PROXY_KEY in single_metric_record(
+                msg.content, "a train reply"
+            ):
+                self._warned_loss_proxy = True
+                log(
+                    WARNING,
+                    "aggregate_train: node %d sends its train function's training loss, not "
+                    "%r: the schedule follows the loss during local training (see "
+                    "adaquantfl.flower.mod)",
+                    node,
+                    PRE_TRAIN_LOSS_KEY,
+                )
             client_replies.append(reply)
             contents.append(msg.content)
         answered = {pending.sender(m) for m in replies}
