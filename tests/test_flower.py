@@ -9,27 +9,21 @@ SuperLink/SuperNode processes in test_flower_deployment.py.
 
 from __future__ import annotations
 
-import os
-
-# Flower reads these when it is first imported: no telemetry or update check from tests.
-for _name, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1")):
-    os.environ.setdefault(_name, _value)
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed")
 
-import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from typing import Any  # noqa: E402
+import hashlib
+import importlib.util
+import logging
+import math
+import time
+from dataclasses import replace
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.app import (  # noqa: E402
+import numpy as np
+import torch
+from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
@@ -40,19 +34,19 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.constant import ErrorCode  # noqa: E402
-from flwr.common.logger import FLOWER_LOGGER  # noqa: E402
-from flwr.serverapp.exception import InconsistentMessageReplies  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import FLOWER_LOGGER
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
 
-from adaquantfl.codec import encode_dense, peek_header  # noqa: E402
-from adaquantfl.compressor import QSGDCompressor  # noqa: E402
-from adaquantfl.config import load_config  # noqa: E402
-from adaquantfl.engines import build_model, build_server, load_data  # noqa: E402
-from adaquantfl.fl.client import ClientReply  # noqa: E402
-from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients  # noqa: E402
-from adaquantfl.flower import (  # noqa: E402
+from adaquantfl.codec import encode_dense, peek_header
+from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.config import load_config
+from adaquantfl.engines import build_model, build_server, load_data
+from adaquantfl.fl.client import ClientReply
+from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
+from adaquantfl.flower import (
     PAYLOAD_KEY,
     AdaQuantFedAvg,
     ArrayLayout,
@@ -64,20 +58,20 @@ from adaquantfl.flower import (  # noqa: E402
     parse_train_reply,
     payload_array,
 )
-from adaquantfl.flower.engine import (  # noqa: E402
+from adaquantfl.flower.engine import (
     _raise_unexpected_failures,
     engine_client_app,
     flat_layout,
 )
-from adaquantfl.flower.records import (  # noqa: E402
+from adaquantfl.flower.records import (
     LEVELS_KEY,
     LOSS_PROXY_KEY,
     PROBE_KEY,
     ROUND_KEY,
     SEED_KEY,
 )
-from adaquantfl.schedule import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels  # noqa: E402
-from tests.flower_helpers import (  # noqa: E402
+from adaquantfl.schedule import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels
+from tests.flower_helpers import (
     InProcessGrid,
     TinyNet,
     initial_arrays,

@@ -9,37 +9,27 @@ the per-client path).
 
 from __future__ import annotations
 
-import os
-
-# Flower and Ray read these when they are first imported: no telemetry, no update check.
-for _name, _value in (
-    ("FLWR_TELEMETRY_ENABLED", "0"),
-    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-):
-    os.environ.setdefault(_name, _value)
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed")
 
-import functools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import torch  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import torch
+from typer.testing import CliRunner
 
-import adaquantfl.flower.engine as flower_engine  # noqa: E402
-from adaquantfl.cli import app  # noqa: E402
-from adaquantfl.config import load_config  # noqa: E402
-from adaquantfl.fl.server import RoundOutcome, select_clients  # noqa: E402
-from adaquantfl.flower import FlowerRound  # noqa: E402
-from tests.flower_helpers import simulate  # noqa: E402
+import adaquantfl.flower.engine as flower_engine
+from adaquantfl.cli import app
+from adaquantfl.config import load_config
+from adaquantfl.fl.server import RoundOutcome, select_clients
+from adaquantfl.flower import FlowerRound
+from tests.flower_helpers import simulate
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
 ROUNDS = 6

@@ -14,37 +14,31 @@ with the reason that caught it.
 
 from __future__ import annotations
 
-import os
-
-# Flower reads these when it is first imported: no telemetry or update check from tests.
-for _name, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1")):
-    os.environ.setdefault(_name, _value)
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed")
 
-import logging  # noqa: E402
-import math  # noqa: E402
-import struct  # noqa: E402
-import zlib  # noqa: E402
-from collections.abc import Callable, Collection  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import logging
+import math
+import struct
+import zlib
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message  # noqa: E402
-from flwr.clientapp.typing import ClientAppCallable, Mod  # noqa: E402
-from flwr.serverapp.strategy import Result  # noqa: E402
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.serverapp.strategy import Result
 
-from adaquantfl.codec import encode_dense, peek_header  # noqa: E402
-from adaquantfl.compressor import QSGDCompressor  # noqa: E402
-from adaquantfl.engines import default_message_limit  # noqa: E402
-from adaquantfl.flower import PAYLOAD_KEY, AdaQuantFedAvg, ArrayLayout, adaquant_mod  # noqa: E402
-from adaquantfl.flower.records import LEVELS_KEY, PROBE_KEY, ROUND_KEY  # noqa: E402
-from adaquantfl.schedule import AdaQuantLevels, FullPrecision, LevelSchedule  # noqa: E402
-from tests.flower_helpers import (  # noqa: E402
+from adaquantfl.codec import encode_dense, peek_header
+from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.engines import default_message_limit
+from adaquantfl.flower import PAYLOAD_KEY, AdaQuantFedAvg, ArrayLayout, adaquant_mod
+from adaquantfl.flower.records import LEVELS_KEY, PROBE_KEY, ROUND_KEY
+from adaquantfl.schedule import AdaQuantLevels, FullPrecision, LevelSchedule
+from tests.flower_helpers import (
     InProcessGrid,
     initial_arrays,
     tiny_shards,

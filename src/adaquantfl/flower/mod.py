@@ -101,6 +101,7 @@ def make_adaquant_mod(
         """The loss to report, and whether it is the fallback."""
         nonlocal warned
         if loss_key in metrics or fallback_loss_key is None or fallback_loss_key not in metrics:
+            # The exact rule, or the error that names both keys.
             return _loss(metrics, loss_key, fallback_loss_key), False
         if not warned:
             warned = True
