@@ -40,15 +40,32 @@ KEYS = (
 #: digits MLP (which trains through the batched simulator path).
 CASES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("demo-fp32", "configs/mnist1d-floor.toml", ("compression.method=fp32",)),
-    ("demo-qsgd-s3", "configs/mnist1d-floor.toml", ("compression.method=qsgd",
-                                                     "compression.levels=3")),
-    ("demo-qsgd-s15-entropy", "configs/mnist1d-floor.toml", (
-        "compression.method=qsgd", "compression.levels=15", "compression.encoding=entropy")),
-    ("demo-adaquantfl-s2", "configs/mnist1d-floor.toml", ("compression.method=adaquantfl",
-                                                           "compression.levels=2")),
-    ("digits-adaquantfl-s2-partial", "configs/digits-mlp.toml", (
-        "compression.method=adaquantfl", "compression.levels=2", "train.clients_per_round=4",
-        "train.dropout=0.2", "compression.bucket_size=512")),
+    (
+        "demo-qsgd-s3",
+        "configs/mnist1d-floor.toml",
+        ("compression.method=qsgd", "compression.levels=3"),
+    ),
+    (
+        "demo-qsgd-s15-entropy",
+        "configs/mnist1d-floor.toml",
+        ("compression.method=qsgd", "compression.levels=15", "compression.encoding=entropy"),
+    ),
+    (
+        "demo-adaquantfl-s2",
+        "configs/mnist1d-floor.toml",
+        ("compression.method=adaquantfl", "compression.levels=2"),
+    ),
+    (
+        "digits-adaquantfl-s2-partial",
+        "configs/digits-mlp.toml",
+        (
+            "compression.method=adaquantfl",
+            "compression.levels=2",
+            "train.clients_per_round=4",
+            "train.dropout=0.2",
+            "compression.bucket_size=512",
+        ),
+    ),
 )
 ROUNDS = 40
 
@@ -57,12 +74,18 @@ def run_cases(root: Path) -> dict[str, Any]:
     """Rows of every case, restricted to :data:`KEYS`."""
     from adaquantfl import run
 
-    out: dict[str, Any] = {"torch": torch.__version__,
-                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                           "rounds": ROUNDS, "cases": {}}
+    out: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "rounds": ROUNDS,
+        "cases": {},
+    }
     for name, path, overrides in CASES:
-        result = run(root / path, None, overrides=[*overrides, f"train.rounds={ROUNDS}",
-                                                    "compare.methods=[]"])
+        result = run(
+            root / path,
+            None,
+            overrides=[*overrides, f"train.rounds={ROUNDS}", "compare.methods=[]"],
+        )
         out["cases"][name] = [{k: row.get(k) for k in KEYS} for row in result.metrics]
     return out
 
