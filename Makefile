@@ -34,6 +34,6 @@ lint: $(STAMP)
 clean: clean-cache
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache
 
-# numba's on-disk kernel caches (see src/adaquantfl/kernels.py on when to drop them)
+# numba's on-disk kernel caches (see src/adaquantfl/compression/_kernels/fused.py on when to drop them)
 clean-cache:
 	find src -name '*.nbi' -delete -o -name '*.nbc' -delete

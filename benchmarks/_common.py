@@ -33,7 +33,7 @@ def machine() -> dict[str, Any]:
     import numpy
     import torch
 
-    from adaquantfl.bitpack import FAST_PEXT
+    from adaquantfl.compression._kernels.bitpack import FAST_PEXT
 
     cpu = platform.processor() or "unknown"
     try:

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaquantfl.codec import encode, formula_bits
-from adaquantfl.config import load_config
-from adaquantfl.entropy import empirical_entropy_bits
-from adaquantfl.experiment import build_simulator
-from adaquantfl.quantize import quantize
+from adaquantfl.compression.codec import encode, formula_bits
+from adaquantfl.compression.entropy import empirical_entropy_bits
+from adaquantfl.compression.qsgd import quantize
+from adaquantfl.runner.build import build_simulator
+from adaquantfl.runner.config import load_config
 from benchmarks._common import describe, machine, print_table, write_json
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

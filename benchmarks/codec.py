@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaquantfl.codec import decode_dequantize, quantize_encode
+from adaquantfl.compression.codec import decode_dequantize, quantize_encode
 from benchmarks._common import (
     best_time,
     describe,

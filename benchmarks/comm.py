@@ -37,8 +37,8 @@ def run_regime(
     name: str, config: Path, *, encoding: str, seeds: int, rounds_scale: float, out: Path
 ) -> dict[str, Any]:
     """Run one regime's comparison and return its summary plus the regime-map ratios."""
-    from adaquantfl.config import load_config
-    from adaquantfl.experiment import compare
+    from adaquantfl.runner.config import load_config
+    from adaquantfl.runner.experiment import compare
 
     base = load_config(config)
     rounds = max(10, round(base.train.rounds * rounds_scale))

@@ -29,8 +29,8 @@ def peak_rss_gb() -> float:
 
 
 def measure(clients: int, fraction: float, rounds: int) -> dict[str, float | int]:
-    from adaquantfl.config import load_config
-    from adaquantfl.engines import build_simulator, load_data
+    from adaquantfl.runner.build import build_simulator, load_data
+    from adaquantfl.runner.config import load_config
 
     per_round = max(1, round(clients * fraction))
     config = load_config(

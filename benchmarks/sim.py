@@ -53,7 +53,7 @@ TRAIN_FLOPS = FWD_FLOPS + 2 * (64 * HIDDEN + HIDDEN * 10) + 2 * HIDDEN * 10
 
 
 def config(num_clients: int, *, vectorize: bool, rounds: int = 1000) -> Any:
-    from adaquantfl.config import load_config
+    from adaquantfl.runner.config import load_config
 
     return load_config(
         {
@@ -83,7 +83,7 @@ def median_round_s(run_round: Callable[[], object], rounds: int, warmup: int = 2
 
 
 def ours(num_clients: int, *, vectorize: bool, dedup: bool, threads: int, rounds: int) -> float:
-    from adaquantfl.engines import build_simulator
+    from adaquantfl.runner.build import build_simulator
 
     torch.set_num_threads(threads)
     sim = build_simulator(config(num_clients, vectorize=vectorize))
@@ -144,8 +144,8 @@ def flower(num_clients: int, *, rounds: int) -> dict[str, Any]:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from adaquantfl.flower.engine import loopback_ray, ray_backend_config
     from adaquantfl.models import MLP
+    from adaquantfl.runner.flower_engine import loopback_ray, ray_backend_config
 
     cpus = min(os.cpu_count() or 1, num_clients)
     backend = ray_backend_config(cpus)

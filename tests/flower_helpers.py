@@ -22,13 +22,13 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from adaquantfl.config import Config
 from adaquantfl.data import ClientData
-from adaquantfl.engines import build_simulator
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.server import RoundOutcome
 from adaquantfl.flower import adaquant_mod
 from adaquantfl.flower.records import NUM_EXAMPLES_KEY, PRE_TRAIN_LOSS_KEY
+from adaquantfl.runner.build import build_simulator
+from adaquantfl.runner.config import Config
 
 #: Rewrites a node's reply: (instruction, reply) -> new reply, or None: the reply is lost.
 Tamper = Callable[[Message, Message], Message | None]

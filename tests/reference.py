@@ -2,7 +2,7 @@
 
 Everything here is written element by element with Python integers and NumPy
 float32 scalars, following the definitions in the module docstrings of
-``adaquantfl.quantize`` and ``adaquantfl.codec``. The fast kernels must
+``adaquantfl.compression.qsgd`` and ``adaquantfl.compression.codec``. The fast kernels must
 reproduce these byte for byte.
 """
 
@@ -37,7 +37,7 @@ LANES = 64
 
 
 def reference_l2(chunk: list[float]) -> np.float32:
-    """The L2 norm as defined in ``adaquantfl.quantize``: 64 interleaved float64 sums."""
+    """The L2 norm as defined in ``adaquantfl.compression.qsgd``: 64 interleaved float64 sums."""
     lanes = [0.0] * LANES
     for k, x in enumerate(chunk):
         lanes[k % LANES] += x * x  # Python floats are float64; x*x of a float32 is exact
@@ -136,7 +136,7 @@ def reference_message(
     body: bytes,
     flags: int = 0,
 ) -> bytes:
-    """A v1 message assembled field by field (see adaquantfl.codec)."""
+    """A v1 message assembled field by field (see adaquantfl.compression.codec)."""
     head = b"AQ" + bytes([1, encoding_code | flags])
     head += _varint(numel) + _varint(levels) + _varint(bucket) + _varint(len(body))
     head += b"".join(struct.pack("<f", float(n)) for n in norms)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import adaquantfl
-from adaquantfl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from adaquantfl.config import ConfigError
+from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from adaquantfl.runner.config import ConfigError
 
 CONFIG = """
 [data]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaquantfl.codec import (
+from adaquantfl.compression.codec import (
     CodecError,
     decode,
     decode_dense,
@@ -24,7 +24,7 @@ from adaquantfl.codec import (
     quantize_encode,
     varint_bytes,
 )
-from adaquantfl.quantize import MAX_LEVELS, Quantized, dequantize, quantize
+from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, dequantize, quantize
 from tests.golden.make_golden import golden_cases
 from tests.reference import reference_message, reference_pack
 
@@ -366,7 +366,7 @@ def test_encode_rejects_an_invalid_quantized(encoding: str) -> None:
 
 
 def test_crc_is_zlibs_crc32() -> None:
-    from adaquantfl.framing import crc32
+    from adaquantfl.compression.container import crc32
 
     data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8).tobytes()
     assert crc32(data) == zlib.crc32(data) and crc32(b"") == 0

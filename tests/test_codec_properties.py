@@ -54,9 +54,9 @@ from tools.fuzz_codec import (
     values,
 )
 
-import adaquantfl.codec as codec
-import adaquantfl.entropy as entropy
-from adaquantfl.codec import (
+import adaquantfl.compression.codec as codec
+import adaquantfl.compression.entropy as entropy
+from adaquantfl.compression.codec import (
     CodecError,
     decode,
     decode_dense,
@@ -65,8 +65,8 @@ from adaquantfl.codec import (
     encode_dense,
     quantize_encode,
 )
-from adaquantfl.compressor import QSGDCompressor
-from adaquantfl.quantize import MAX_LEVELS, NORMS, dequantize, num_buckets, quantize
+from adaquantfl.compression.compressor import QSGDCompressor
+from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, dequantize, num_buckets, quantize
 
 PROFILE = settings(
     deadline=None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adaquantfl.config import Config, ConfigError, load_config, parse_overrides
+from adaquantfl.runner.config import Config, ConfigError, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

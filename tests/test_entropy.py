@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaquantfl.codec import (
+from adaquantfl.compression.codec import (
     CodecError,
     decode,
     encode,
@@ -18,8 +18,8 @@ from adaquantfl.codec import (
     packed_body_bytes,
     peek_header,
 )
-from adaquantfl.entropy import MAX_ALPHABET, empirical_entropy_bits
-from adaquantfl.quantize import MAX_LEVELS, Quantized, quantize
+from adaquantfl.compression.entropy import MAX_ALPHABET, empirical_entropy_bits
+from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, quantize
 from tests.reference import reference_message, reference_pack
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 import adaquantfl
 from adaquantfl.cli import app
-from adaquantfl.experiment import run
-from adaquantfl.metrics import final_mean, first_round_at_target
-from adaquantfl.schedule import adaquant_levels
+from adaquantfl.policy import adaquant_levels
+from adaquantfl.runner.experiment import run
+from adaquantfl.runner.metrics import final_mean, first_round_at_target
 
 ROWS_KEYS = {
     "round", "levels", "wire_bits", "cum_wire_bits", "formula_bits", "downlink_bits",

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from adaquantfl.codec import encode_dense
-from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.compression.codec import encode_dense
+from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.fl.client import ClientReply, LocalTraining
 from adaquantfl.fl.server import FedServer
 from adaquantfl.models import make_model
-from adaquantfl.schedule import AdaQuantLevels
+from adaquantfl.policy import AdaQuantLevels
 from adaquantfl.sim.faults import ClientFaults
 from adaquantfl.sim.simulator import Simulator
 from tests.test_fl import RecordingSchedule, tiny_data

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaquantfl.codec import encode_dense, peek_header
-from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.compression.codec import encode_dense, peek_header
+from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import (
     ClientError,
@@ -21,8 +21,8 @@ from adaquantfl.fl.client import (
 )
 from adaquantfl.fl.server import FedServer, select_clients, weighted_mean
 from adaquantfl.models import make_model
+from adaquantfl.policy import AdaQuantLevels, FixedLevels, FullPrecision
 from adaquantfl.rng import torch_generator
-from adaquantfl.schedule import AdaQuantLevels, FixedLevels, FullPrecision
 from adaquantfl.sim.simulator import Simulator
 
 

@@ -40,10 +40,8 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
-from adaquantfl.codec import encode_dense, peek_header
-from adaquantfl.compressor import QSGDCompressor
-from adaquantfl.config import load_config
-from adaquantfl.engines import build_model, build_server, load_data
+from adaquantfl.compression.codec import encode_dense, peek_header
+from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.flower import (
@@ -58,11 +56,6 @@ from adaquantfl.flower import (
     parse_train_reply,
     payload_array,
 )
-from adaquantfl.flower.engine import (
-    _raise_unexpected_failures,
-    engine_client_app,
-    flat_layout,
-)
 from adaquantfl.flower.records import (
     LEVELS_KEY,
     LOSS_PROXY_KEY,
@@ -70,7 +63,14 @@ from adaquantfl.flower.records import (
     ROUND_KEY,
     SEED_KEY,
 )
-from adaquantfl.schedule import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels
+from adaquantfl.policy import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels
+from adaquantfl.runner.build import build_model, build_server, load_data
+from adaquantfl.runner.config import load_config
+from adaquantfl.runner.flower_engine import (
+    _raise_unexpected_failures,
+    engine_client_app,
+    flat_layout,
+)
 from tests.flower_helpers import (
     InProcessGrid,
     TinyNet,
@@ -123,7 +123,7 @@ SMALL = {
         pytest.param(
             {"method": "qsgd", "levels": 5, "encoding": "entropy"},
             marks=pytest.mark.skipif(
-                importlib.util.find_spec("adaquantfl.entropy") is None,
+                importlib.util.find_spec("adaquantfl.compression.entropy") is None,
                 reason="the entropy encoding is not in this tree yet",
             ),
         ),

@@ -39,8 +39,8 @@ from typing import Any
 
 import pytest
 
-from adaquantfl.codec import message_bytes
-from adaquantfl.schedule import adaquant_levels
+from adaquantfl.compression.codec import message_bytes
+from adaquantfl.policy import adaquant_levels
 
 pytestmark = [
     pytest.mark.deployment,

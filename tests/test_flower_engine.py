@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from typer.testing import CliRunner
 
-import adaquantfl.flower.engine as flower_engine
+import adaquantfl.runner.flower_engine as flower_engine
 from adaquantfl.cli import app
-from adaquantfl.config import load_config
 from adaquantfl.fl.server import RoundOutcome, select_clients
 from adaquantfl.flower import FlowerRound
+from adaquantfl.runner.config import load_config
 from tests.flower_helpers import simulate
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"

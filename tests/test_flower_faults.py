@@ -32,12 +32,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp.strategy import Result
 
-from adaquantfl.codec import encode_dense, peek_header
-from adaquantfl.compressor import QSGDCompressor
-from adaquantfl.engines import default_message_limit
+from adaquantfl.compression.codec import encode_dense, peek_header
+from adaquantfl.compression.compressor import QSGDCompressor, default_message_limit
 from adaquantfl.flower import PAYLOAD_KEY, AdaQuantFedAvg, ArrayLayout, adaquant_mod
 from adaquantfl.flower.records import LEVELS_KEY, PROBE_KEY, ROUND_KEY
-from adaquantfl.schedule import AdaQuantLevels, FullPrecision, LevelSchedule
+from adaquantfl.policy import AdaQuantLevels, FullPrecision, LevelSchedule
 from tests.flower_helpers import (
     InProcessGrid,
     initial_arrays,

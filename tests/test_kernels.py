@@ -6,8 +6,8 @@ import numba
 import numpy as np
 import pytest
 
-from adaquantfl import bitpack, kernels
-from adaquantfl.kernels import BLOCK, PACK_SLACK
+from adaquantfl.compression import _kernels as kernels
+from adaquantfl.compression._kernels import BLOCK, PACK_SLACK, bitpack
 from tests.reference import reference_pack, reference_quantize
 
 # Code widths w = 1 + bits(s): 2..8 (byte lanes), 9..16 (two-byte lanes), 17..25 (one by one).

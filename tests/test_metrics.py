@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from adaquantfl.metrics import aggregate_seeds, final_mean, first_round_at_target, summarize_run
+from adaquantfl.runner.metrics import (
+    aggregate_seeds,
+    final_mean,
+    first_round_at_target,
+    summarize_run,
+)
 
 
 def rows(losses: list[float | None]) -> list[dict[str, float | int | None]]:

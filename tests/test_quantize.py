@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaquantfl.quantize import (
+from adaquantfl.compression.qsgd import (
     MAX_LEVELS,
     Quantized,
     bits_per_level_index,
@@ -82,7 +82,7 @@ def test_matches_reference_implementation(levels: int, bucket_size: int | None, 
 
 
 def test_blocked_kernel_matches_reference_across_block_boundary() -> None:
-    from adaquantfl.kernels import BLOCK
+    from adaquantfl.compression._kernels import BLOCK
 
     d = 2 * BLOCK + 37
     x = torch.randn(d, generator=gen(3))
@@ -108,10 +108,10 @@ def test_lane_order_is_what_the_norm_test_checks() -> None:
     # Negative control: the float64 sums of the 64-lane order and of the plain
     # left-to-right order differ for this vector, so the test above can tell
     # the definitions apart (at float64; float32 rounding hides it mostly).
-    from adaquantfl import kernels
+    from adaquantfl.compression._kernels import fused
 
     x = (torch.randn(1000, generator=gen(1000)) * torch.logspace(-6, 6, 1000)).numpy()
-    lanes = float(kernels._sum_squares(x, np.zeros(64)))
+    lanes = float(fused._sum_squares(x, np.zeros(64)))
     plain = 0.0
     for v in x.astype(np.float64):
         plain += v * v
@@ -254,7 +254,7 @@ def test_non_finite_input_raises(bad: float, norm: str, bucket_size: int | None)
 
 
 def test_largest_allowed_norm_dequantizes_finitely() -> None:
-    from adaquantfl.quantize import MAX_NORM
+    from adaquantfl.compression.qsgd import MAX_NORM
 
     just_below = float(np.nextafter(MAX_NORM, np.float32(0)))
     for levels in (1, 100, 65535):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from adaquantfl.schedule import (
+from adaquantfl.policy import (
     SCHEDULES,
     AdaQuantLevels,
     FixedLevels,

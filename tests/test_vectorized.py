@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import LocalTraining, local_sgd
 from adaquantfl.fl.server import FedServer
 from adaquantfl.models import FlatModel, make_model
+from adaquantfl.policy import FixedLevels, FullPrecision
 from adaquantfl.rng import torch_generator
-from adaquantfl.schedule import FixedLevels, FullPrecision
 from adaquantfl.sim.simulator import Simulator
 from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
 

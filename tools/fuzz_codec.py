@@ -76,7 +76,7 @@ import constriction
 import numpy as np
 import torch
 
-from adaquantfl.codec import (
+from adaquantfl.compression.codec import (
     CodecError,
     decode,
     decode_dense,
@@ -84,8 +84,8 @@ from adaquantfl.codec import (
     encode,
     encode_dense,
 )
-from adaquantfl.compressor import QSGDCompressor
-from adaquantfl.quantize import MAX_LEVELS, Quantized, dequantize, num_buckets, quantize
+from adaquantfl.compression.compressor import QSGDCompressor
+from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, dequantize, num_buckets, quantize
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 DECODERS = ("decode", "decode_dense", "decode_dequantize", "decompress")
@@ -316,7 +316,7 @@ def _push_bounded(coder: Any, value: int, bound: int) -> None:
 def entropy_body(mags: np.ndarray, signs: np.ndarray, k: int) -> bytes | None:
     """The ANS entropy body of these level indices with ``k`` uniform low bits.
 
-    Built from the layout in :mod:`adaquantfl.entropy`'s docstring with any
+    Built from the layout in :mod:`adaquantfl.compression.entropy`'s docstring with any
     legal ``k``, not only the one the encoder picks; None if the high
     alphabet would exceed 4096 symbols.
     """

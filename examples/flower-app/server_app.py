@@ -21,9 +21,9 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from task import load_data, make_model, mean_loss
 
-from adaquantfl.compressor import QSGDCompressor
+from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.flower import AdaQuantFedAvg
-from adaquantfl.schedule import make_schedule
+from adaquantfl.policy import make_schedule
 
 app = ServerApp()
 

@@ -107,8 +107,8 @@ def run(
     resume: ResumeOpt = False,
 ) -> None:
     """Run the one method in [compression] and write its results directory."""
-    from adaquantfl.config import load_config
-    from adaquantfl.experiment import run as run_experiment
+    from adaquantfl.runner.config import load_config
+    from adaquantfl.runner.experiment import run as run_experiment
 
     out_dir = _default_out(config, out)
     try:
@@ -136,9 +136,9 @@ def compare(
     resume: ResumeOpt = False,
 ) -> None:
     """Run every method in [compare], then print the table and draw the plots."""
-    from adaquantfl.config import load_config
-    from adaquantfl.experiment import compare as compare_experiment
-    from adaquantfl.report import rich_table
+    from adaquantfl.runner.config import load_config
+    from adaquantfl.runner.experiment import compare as compare_experiment
+    from adaquantfl.runner.report import rich_table
 
     out_dir = _default_out(config, out)
     try:
@@ -157,7 +157,7 @@ def compare(
 @app.command()
 def report(results: Annotated[Path, typer.Argument(help="A results directory.")]) -> None:
     """Re-draw the plots and table of a results directory."""
-    from adaquantfl.report import load_results, rich_table, write_report
+    from adaquantfl.runner.report import load_results, rich_table, write_report
 
     try:
         paths = write_report(results)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from adaquantfl.codec import encode, encode_dense
-from adaquantfl.quantize import Quantized, quantize
+from adaquantfl.compression.codec import encode, encode_dense
+from adaquantfl.compression.qsgd import Quantized, quantize
 
 HERE = Path(__file__).parent
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adaquantfl.compressor import Compressor
+from adaquantfl.compression.compressor import Compressor
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
 
@@ -81,7 +81,7 @@ class ClientReply:
     ----------
     client_id : int
     payload : bytes
-        The encoded update (a v1 message from :mod:`adaquantfl.codec`).
+        The encoded update (a v1 message from :mod:`adaquantfl.compression.codec`).
     loss : float
         ``F_i(w_k)``: the mean training loss on the client's data, evaluated on
         the received model before local training.

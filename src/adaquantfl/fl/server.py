@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from adaquantfl.codec import CodecError, encode_dense
-from adaquantfl.compressor import Compressor
+from adaquantfl.compression.codec import CodecError, encode_dense
+from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.client import ClientReply, all_finite
+from adaquantfl.policy import LevelSchedule
 from adaquantfl.rng import torch_generator
-from adaquantfl.schedule import LevelSchedule
 
 __all__ = ["FedServer", "RoundOutcome", "select_clients", "weighted_mean"]
 

@@ -1,13 +1,13 @@
 """AdaQuantFL on Flower: a strategy and a client mod (``pip install 'adaquantfl[flower]'``).
 
     from adaquantfl.flower import AdaQuantFedAvg, adaquant_mod
-    from adaquantfl.schedule import AdaQuantLevels
+    from adaquantfl.policy import AdaQuantLevels
 
     client_app = ClientApp(mods=[adaquant_mod])              # the user's train function unchanged
     strategy = AdaQuantFedAvg(AdaQuantLevels(2), seed=0)     # instead of FedAvg(...)
 
 The strategy sends the levels of each round; the mod quantizes and encodes the
-update with :mod:`adaquantfl.codec`; the strategy decodes and aggregates with
+update with :mod:`adaquantfl.compression.codec`; the strategy decodes and aggregates with
 :class:`adaquantfl.fl.server.FedServer`. The train reply reports
 ``pre-train-loss`` for the exact rule, or else Flower's usual ``train_loss``
 stands in for it (see :mod:`adaquantfl.flower.mod`). ``flwr`` is imported

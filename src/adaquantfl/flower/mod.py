@@ -11,7 +11,7 @@ trains, and replies with its local arrays and metrics. Around it, the mod
 2. calls the train function (``call_next``);
 3. forms ``Delta_i = w_i - w_k`` from the reply's arrays, quantizes it at
    ``s_k`` with the noise stream (seed, round, client id, "quantize") and
-   encodes it with :mod:`adaquantfl.codec` (DESIGN §2, step 3), exactly as
+   encodes it with :mod:`adaquantfl.compression.codec` (DESIGN §2, step 3), exactly as
    :func:`adaquantfl.fl.client.client_update` does;
 4. replies with the encoded bytes (a uint8 Array), ``F_i(w_k)`` and ``n_i``.
 

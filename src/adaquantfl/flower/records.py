@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from adaquantfl.compressor import Compressor, QSGDCompressor
+from adaquantfl.compression.compressor import Compressor, QSGDCompressor
+from adaquantfl.compression.qsgd import MAX_LEVELS
 from adaquantfl.fl.client import ClientReply
-from adaquantfl.quantize import MAX_LEVELS
 
 __all__ = [
     "CLIENT_ID_KEY",
@@ -65,7 +65,7 @@ NORM_KEY = "aq-norm"
 PROBE_KEY = "aq-probe"
 
 PAYLOAD_KEY = "aq-payload"
-#: The Array's serialisation type: the bytes are a v1 message of adaquantfl.codec,
+#: The Array's serialisation type: the bytes are a v1 message of adaquantfl.compression.codec,
 #: not a .npy file (``Array(ndarray)`` would add a 128-byte .npy header).
 PAYLOAD_STYPE = "adaquantfl.codec.v1"
 METRICS_RECORD = "metrics"

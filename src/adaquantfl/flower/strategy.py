@@ -8,7 +8,7 @@ Swap ``FedAvg`` for ``AdaQuantFedAvg`` in a ServerApp and add
    and the compressor settings (see :mod:`adaquantfl.flower.records`);
 2. turns every well-formed reply into a :class:`~adaquantfl.fl.client.ClientReply`
    and hands them to :meth:`adaquantfl.fl.server.FedServer.aggregate`, which
-   decodes the payloads with :mod:`adaquantfl.codec`, averages them weighted by
+   decodes the payloads with :mod:`adaquantfl.compression.codec`, averages them weighted by
    ``n_i`` and feeds ``F(w_k)`` to the schedule (DESIGN §2, steps 4-5);
 3. returns the new global arrays and a MetricRecord with the round's
    ``levels``, ``wire_bits``, ``formula_bits``, ``train_loss``, ... (kept in
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from logging import INFO, WARNING
 
 from flwr.app import (
@@ -34,17 +34,16 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-from adaquantfl.compressor import QSGDCompressor
-from adaquantfl.engines import default_message_limit
+from adaquantfl.compression.compressor import QSGDCompressor, default_message_limit
 from adaquantfl.fl.client import ClientReply
-from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
+from adaquantfl.fl.server import FedServer, select_clients
+from adaquantfl.flower.nodes import probe_client_ids, wait_for_nodes
 from adaquantfl.flower.records import (
     CLIENT_ID_KEY,
     LOSS_PROXY_KEY,
@@ -58,86 +57,10 @@ from adaquantfl.flower.records import (
     plan_config,
     single_metric_record,
 )
-from adaquantfl.schedule import LevelSchedule
+from adaquantfl.flower.rounds import UNAVAILABLE, FlowerRound, PendingRound, log_exclusions
+from adaquantfl.policy import LevelSchedule
 
 __all__ = ["AdaQuantFedAvg", "FlowerRound"]
-
-#: Error codes with which Flower reports that a node never answered (as
-#: opposed to a ClientApp that answered with an exception).
-_UNAVAILABLE = frozenset(
-    {
-        ErrorCode.MESSAGE_UNAVAILABLE,
-        ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-        ErrorCode.NODE_UNAVAILABLE,
-    }
-)
-
-
-@dataclass(frozen=True)
-class FlowerRound:
-    """One training round as the strategy saw it.
-
-    Attributes
-    ----------
-    server_round : int
-        Flower's 1-based round number.
-    outcome : RoundOutcome
-        The server's outcome; ``rejected`` also counts the failures below.
-    sent : int
-        Train messages sent (each carried the global model).
-    downlink_bits : int
-        ``sent`` x 8 x the bytes of the model as a raw float32 codec message
-        (the simulator's measure; Flower carries the same float32 values as
-        .npy arrays, 128 header bytes more per array).
-    failures : tuple of (node_id, reason)
-        Error and malformed replies (counted in ``outcome.rejected``).
-    dropouts : tuple of (node_id, reason)
-        Nodes that never replied: no answer before the round's timeout, or
-        Flower reported the node or its reply unavailable.
-    time_s : float
-        Seconds from configuring the round to the end of its aggregation.
-    """
-
-    server_round: int
-    outcome: RoundOutcome
-    sent: int
-    downlink_bits: int
-    failures: tuple[tuple[int, str], ...]
-    dropouts: tuple[tuple[int, str], ...]
-    time_s: float
-
-    @property
-    def dropped(self) -> int:
-        """Nodes that were sent a train message and never replied."""
-        return len(self.dropouts)
-
-
-@dataclass
-class _Pending:
-    server_round: int
-    nodes: frozenset[int]
-    downlink_bits: int
-    started: float
-    #: The train messages sent; the Grid gives each its message id when it pushes it.
-    messages: tuple[Message, ...] = ()
-
-    def sender(self, reply: Message) -> int:
-        """The node a reply stands for.
-
-        An error reply that the SuperLink itself generates for a node that
-        stopped sending heartbeats (NODE_UNAVAILABLE) or for an expired message
-        comes from the SuperLink's node id, not the lost node's; it names the
-        instruction it answers.
-        """
-        src = reply.metadata.src_node_id
-        if src in self.nodes:
-            return src
-        for msg in self.messages:
-            if msg.metadata.message_id and (
-                msg.metadata.message_id == reply.metadata.reply_to_message_id
-            ):
-                return msg.metadata.dst_node_id
-        return src
 
 
 class AdaQuantFedAvg(FedAvg):
@@ -146,7 +69,7 @@ class AdaQuantFedAvg(FedAvg):
     Parameters
     ----------
     schedule : LevelSchedule
-        Any schedule of :mod:`adaquantfl.schedule`: ``FullPrecision`` (raw
+        Any schedule of :mod:`adaquantfl.policy`: ``FullPrecision`` (raw
         float32), ``FixedLevels`` or ``AdaQuantLevels``.
     compressor : QSGDCompressor, optional
         Quantizer settings and encoding (default: packed, one bucket, l2).
@@ -168,7 +91,7 @@ class AdaQuantFedAvg(FedAvg):
     max_message_bytes : int, optional
         Payloads larger than this are rejected unread (and counted in
         ``rejected``). By default the limit is
-        :func:`adaquantfl.engines.default_message_limit` of the model: the
+        :func:`adaquantfl.compression.compressor.default_message_limit` of the model: the
         largest message a well-behaved node can send (a raw float32 update,
         or a packed one at the maximum levels, plus 1 KiB). The effective
         limit is ``strategy.server.max_message_bytes``.
@@ -266,7 +189,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         #: Client id of every node that has told us (node id -> partition id).
         self.node_clients: dict[int, int] = {}
         self._global: ArrayRecord | None = None
-        self._pending: _Pending | None = None
+        self._pending: PendingRound | None = None
 
     # ----------------------------------------------------------------- summary
 
@@ -292,7 +215,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             return []
         started = time.perf_counter()
         plan = RoundPlan(server.levels, self.seed, server.round_idx, self.compressor)
-        nodes = self._wait_for_nodes(grid, self.min_available_nodes)
+        nodes = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_s)
         chosen = self._choose_train_nodes(grid, nodes, plan)
         log(
             INFO,
@@ -317,7 +240,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             )
             for node in chosen
         ]
-        self._pending = _Pending(
+        self._pending = PendingRound(
             server_round=server_round,
             nodes=frozenset(chosen),
             downlink_bits=8 * len(server.downlink_payload()) * len(messages),
@@ -334,13 +257,13 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         replies = list(replies)
         pending = self._pending
         if pending is None or pending.server_round != server_round:
-            pending = _Pending(server_round, frozenset(), 0, time.perf_counter())
+            pending = PendingRound(server_round, frozenset(), 0, time.perf_counter())
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         failures: list[tuple[int, str]] = []
         dropouts: list[tuple[int, str]] = []
         for m in errors:
             entry = (pending.sender(m), f"error reply ({m.error.code}): {m.error.reason}")
-            (dropouts if m.error.code in _UNAVAILABLE else failures).append(entry)
+            (dropouts if m.error.code in UNAVAILABLE else failures).append(entry)
         client_replies: list[ClientReply] = []
         contents: list[RecordDict] = []
         nodes_of: dict[int, list[int]] = {}  # client id -> nodes that claimed it
@@ -384,7 +307,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
                 self.node_clients.update(dict.fromkeys(nodes, client_id))
         if failures:
             outcome = replace(outcome, rejected=outcome.rejected + len(failures))
-        _log_exclusions(server_round, outcome, failures, dropouts, nodes_of)
+        log_exclusions(server_round, outcome, failures, dropouts, nodes_of)
         self._global = self._layout().to_record(server.params)
         flower_round = FlowerRound(
             server_round=server_round,
@@ -407,7 +330,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         """Federated evaluation as in FedAvg, but with a bounded wait for nodes."""
         if self.fraction_evaluate == 0.0:
             return []
-        nodes = self._wait_for_nodes(grid, self.min_available_nodes)
+        nodes = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_s)
         if not nodes:
             return []
         size = max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
@@ -482,26 +405,6 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             raise RuntimeError("no model layout yet")
         return self.layout
 
-    def _wait_for_nodes(self, grid: Grid, minimum: int) -> list[int]:
-        """Connected node ids (sorted), after waiting at most ``node_wait_s`` for ``minimum``."""
-        deadline = time.monotonic() + self.node_wait_s
-        while True:
-            nodes = sorted(grid.get_node_ids())
-            remaining = deadline - time.monotonic()
-            if len(nodes) >= minimum or remaining <= 0:
-                break
-            log(INFO, "Waiting for nodes: %d of %d connected", len(nodes), minimum)
-            time.sleep(min(1.0, remaining))
-        if len(nodes) < minimum:
-            log(
-                WARNING,
-                "only %d of the %d required nodes connected within %.0f s; going on with them",
-                len(nodes),
-                minimum,
-                self.node_wait_s,
-            )
-        return nodes
-
     def _choose_train_nodes(self, grid: Grid, nodes: Sequence[int], plan: RoundPlan) -> list[int]:
         if not nodes:
             return []
@@ -512,37 +415,15 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             return [nodes[i] for i in picked]
         unknown = [n for n in nodes if n not in self.node_clients]
         if unknown:
-            self._probe(grid, unknown, plan)
+            self.node_clients.update(
+                probe_client_ids(grid, unknown, plan, self.configrecord_key, self.node_wait_s)
+            )
         wanted = set(
             select_clients(
                 self.num_clients, self.clients_per_round, seed=self.seed, round_idx=plan.round_idx
             )
         )
         return [n for n in nodes if self.node_clients.get(n) in wanted]
-
-    def _probe(self, grid: Grid, nodes: Sequence[int], plan: RoundPlan) -> None:
-        """Ask ``nodes`` for their client id (the mod answers without training)."""
-        probe = replace(plan, probe=True)
-        messages = [
-            Message(
-                content=RecordDict({self.configrecord_key: plan_config(ConfigRecord(), probe)}),
-                message_type=MessageType.TRAIN,
-                dst_node_id=node,
-            )
-            for node in nodes
-        ]
-        for reply in grid.send_and_receive(messages, timeout=self.node_wait_s):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "probe: node %d answered with an error: %s", node, reply.error.reason)
-                continue
-            try:
-                client_id = single_metric_record(reply.content, "a probe reply").get(CLIENT_ID_KEY)
-            except RecordError as exc:
-                log(WARNING, "probe: node %d: %s", node, exc)
-                continue
-            if isinstance(client_id, int) and not isinstance(client_id, bool):
-                self.node_clients[node] = client_id
 
     def _round_metrics(self, flower_round: FlowerRound, contents: list[RecordDict]) -> MetricRecord:
         outcome = flower_round.outcome
@@ -566,42 +447,3 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         if outcome.train_loss is not None:
             metrics["train_loss"] = outcome.train_loss
         return metrics
-
-
-def _log_exclusions(
-    server_round: int,
-    outcome: RoundOutcome,
-    failures: Sequence[tuple[int, str]],
-    dropouts: Sequence[tuple[int, str]],
-    nodes_of: dict[int, list[int]],
-) -> None:
-    """One WARNING per node left out of the round, then the round's tally.
-
-    Through Flower's logger, so that a deployment's ``flwr log`` shows them
-    (:class:`FedServer` also logs its rejections, by client id, through
-    :mod:`logging`).
-    """
-    for node, reason in failures:
-        log(WARNING, "aggregate_train: round %d: rejected node %d: %s", server_round, node, reason)
-    for client_id, reason in dict.fromkeys(outcome.rejections):  # a shared id: once
-        nodes = ", ".join(str(n) for n in nodes_of.get(client_id, [])) or "?"
-        log(
-            WARNING,
-            "aggregate_train: round %d: rejected node %s (client %d): %s",
-            server_round,
-            nodes,
-            client_id,
-            reason,
-        )
-    for node, reason in dropouts:
-        log(WARNING, "aggregate_train: round %d: dropped node %d: %s", server_round, node, reason)
-    if outcome.rejected or dropouts:
-        log(
-            WARNING,
-            "aggregate_train: round %d: %d accepted, %d rejected, %d dropped%s",
-            server_round,
-            outcome.participants,
-            outcome.rejected,
-            len(dropouts),
-            "" if outcome.participants else "; the global model is unchanged",
-        )

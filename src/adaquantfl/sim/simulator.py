@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 
-from adaquantfl.compressor import Compressor
+from adaquantfl.compression.compressor import Compressor
 from adaquantfl.data import FederatedData
 from adaquantfl.fl.client import (
     ClientError,
@@ -25,70 +24,16 @@ from adaquantfl.fl.client import (
     encode_update,
     evaluate,
 )
+from adaquantfl.fl.record import RoundRecord, record_round
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
 from adaquantfl.sim.faults import ClientFaults
 from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
 
-__all__ = ["RoundRecord", "Simulator", "record_round"]
+__all__ = ["Simulator"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """One row of ``metrics.jsonl`` (before the running totals are added).
-
-    ``train_loss`` is ``F(w_{k-1})``, the participants' weighted loss on the
-    model they received (the schedule's input); ``test_*`` evaluate the global
-    model after this round's aggregation. Of the clients selected for the
-    round, ``participants`` were aggregated, ``rejected`` replied with
-    something unusable or failed, and ``dropped`` never replied.
-    """
-
-    round: int
-    levels: int | None
-    participants: int
-    rejected: int
-    wire_bits: int
-    formula_bits: int
-    downlink_bits: int
-    train_loss: float | None
-    test_loss: float
-    test_accuracy: float
-    time_s: float
-    dropped: int = 0
-
-    def as_row(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def record_round(
-    round_number: int,
-    outcome: RoundOutcome,
-    *,
-    downlink_bits: int,
-    test_loss: float,
-    test_accuracy: float,
-    time_s: float,
-    dropped: int = 0,
-) -> RoundRecord:
-    """Combine the server's outcome with the engine's own measurements."""
-    return RoundRecord(
-        round=round_number,
-        levels=outcome.levels,
-        participants=outcome.participants,
-        rejected=outcome.rejected,
-        wire_bits=outcome.wire_bits,
-        formula_bits=outcome.formula_bits,
-        downlink_bits=downlink_bits,
-        train_loss=outcome.train_loss,
-        test_loss=test_loss,
-        test_accuracy=test_accuracy,
-        time_s=time_s,
-        dropped=dropped,
-    )
 
 
 class Simulator:

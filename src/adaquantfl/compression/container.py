@@ -1,9 +1,11 @@
-"""The container of wire format v1: header, norms, CRC (the layout is in :mod:`adaquantfl.codec`).
+"""The container of wire format v1: header, norms, CRC (the layout is in :mod:`.codec`).
 
 This module reads and writes everything around a message's body: the fixed
-header and its varints, the per-bucket norms and the trailing CRC32. It knows
-nothing about how a body encodes the entries; :mod:`adaquantfl.codec` and
-:mod:`adaquantfl.entropy` do.
+header and its varints, the per-bucket norms and the trailing CRC32. It
+checks only what holds for every encoding (magic, version, known encoding and
+flags, canonical varints, total length, CRC); what a header field must be for
+a given encoding is checked by :mod:`.codec`, and the bodies are read by
+:mod:`.packed` and :mod:`.entropy`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ try:
 except ImportError:  # the standard library's, always there
     from zlib import crc32
 
-from adaquantfl.quantize import MAX_LEVELS, NORMS, bits_per_level_index, num_buckets
+from adaquantfl.compression.qsgd import NORMS, num_buckets
 
 __all__ = [
     "ENCODINGS",
@@ -32,15 +34,15 @@ __all__ = [
     "Header",
     "as_buffer",
     "build_message",
-    "checked_header",
+    "check_length",
     "crc32",
+    "frame_bytes",
     "get_varint",
-    "message_bytes",
-    "packed_body_bytes",
-    "peek_header",
+    "parse_header",
     "put_varint",
     "read_norms",
     "varint_bytes",
+    "verify_crc",
 ]
 
 MAGIC = b"AQ"
@@ -63,7 +65,7 @@ class CodecError(ValueError):
 
 @dataclass(frozen=True)
 class Header:
-    """The parsed header of a message (see :mod:`adaquantfl.codec`)."""
+    """The parsed header of a message (see :mod:`adaquantfl.compression.codec`)."""
 
     encoding: str
     numel: int
@@ -72,6 +74,7 @@ class Header:
     norm: str
     body_bytes: int
     header_bytes: int  # bytes before the norms
+    flags: int = 0  # high nibble of byte 3
 
     @property
     def num_norms(self) -> int:
@@ -86,37 +89,18 @@ class Header:
         return self.body_offset + self.body_bytes + CRC_BYTES
 
 
-def packed_body_bytes(numel: int, levels: int) -> int:
-    """``ceil(d * (1 + ceil(log2(s + 1))) / 8)``: the packed body size."""
-    return -(-numel * (1 + bits_per_level_index(levels)) // 8)
-
-
 def varint_bytes(value: int) -> int:
     """Length of the unsigned LEB128 encoding of ``value``."""
     return max(1, -(-int(value).bit_length() // 7))
 
 
-def message_bytes(
-    numel: int, levels: int | None, *, bucket_size: int | None = None, encoding: str = "packed"
-) -> int:
-    """Exact size in bytes of a raw (``levels=None``) or packed message.
+def frame_bytes(fields: tuple[int, int, int, int], num_norms: int) -> int:
+    """Total bytes of a message with header fields ``(d, s, b, body)`` and ``num_norms`` norms.
 
-    ``4 + varints(d, s, b, body) + 4 * num_buckets + body + 4``. Entropy-coded
-    messages depend on the data and have no closed form.
+    ``4 + varints(d, s, b, body) + 4 * num_norms + body + 4``.
     """
-    if levels is None or encoding == "raw":
-        body = 4 * numel
-        fields = (numel, 0, 0, body)
-        norms = 0
-    elif encoding == "packed":
-        body = packed_body_bytes(numel, levels)
-        fields = (numel, levels, bucket_size or 0, body)
-        norms = 4 * num_buckets(numel, bucket_size)
-    else:
-        raise ValueError(
-            f"message_bytes has a closed form for 'raw' and 'packed', not {encoding!r}"
-        )
-    return FIXED_BYTES + sum(varint_bytes(f) for f in fields) + norms + body + CRC_BYTES
+    varints = sum(varint_bytes(f) for f in fields)
+    return FIXED_BYTES + varints + 4 * num_norms + fields[3] + CRC_BYTES
 
 
 # --------------------------------------------------------------------------- writing
@@ -182,8 +166,12 @@ def as_buffer(data: bytes | bytearray | memoryview) -> memoryview:
     raise CodecError(f"a message must be bytes, got {type(data).__name__}")
 
 
-def peek_header(data: bytes | bytearray | memoryview) -> Header:
-    """Parse and check a message's header against its own length; nothing else is read.
+def parse_header(data: bytes | bytearray | memoryview) -> Header:
+    """Parse a message's header: magic, version, encoding, flags and four varints.
+
+    Only what holds for every encoding is checked here (magic, version, a
+    known encoding code and flags, canonical varints). :func:`.codec.peek_header`
+    adds the checks of each encoding's fields and :func:`check_length`.
 
     Raises
     ------
@@ -213,54 +201,36 @@ def peek_header(data: bytes | bytearray | memoryview) -> Header:
         value, pos = get_varint(buf, pos, name)
         fields.append(value)
     numel, levels, bucket, body_bytes = fields
-    norm = NORMS[1] if flags & FLAG_MAX_NORM else NORMS[0]
-    if encoding == "raw":
-        if levels != 0 or bucket != 0 or flags:
-            raise CodecError(
-                f"raw message must have levels 0, bucket size 0 and no flags; got levels "
-                f"{levels}, bucket size {bucket}, flags 0x{flags:02x}"
-            )
-        if body_bytes != 4 * numel:
-            raise CodecError(f"raw body length {body_bytes} != 4 * numel = {4 * numel}")
-    else:
-        if not 1 <= levels <= MAX_LEVELS:
-            raise CodecError(f"levels {levels} out of range [1, {MAX_LEVELS}]")
-        if encoding == "packed" and body_bytes != packed_body_bytes(numel, levels):
-            raise CodecError(
-                f"packed body length {body_bytes} != {packed_body_bytes(numel, levels)} "
-                f"expected for numel {numel} and levels {levels}"
-            )
-    header = Header(
+    return Header(
         encoding=encoding,
         numel=numel,
         levels=levels,
         bucket_size=bucket or None,
-        norm=norm,
+        norm=NORMS[1] if flags & FLAG_MAX_NORM else NORMS[0],
         body_bytes=body_bytes,
         header_bytes=pos,
+        flags=flags,
     )
-    if header.total_bytes != len(buf):
+
+
+def check_length(header: Header, length: int) -> None:
+    """Check that header, norms, body and CRC add up to the message's ``length``."""
+    if header.total_bytes != length:
         raise CodecError(
-            f"message is {len(buf)} bytes but its header describes {header.total_bytes} "
-            f"(header {pos} + norms {4 * header.num_norms} + body {body_bytes} + CRC 4)"
+            f"message is {length} bytes but its header describes {header.total_bytes} "
+            f"(header {header.header_bytes} + norms {4 * header.num_norms} + body "
+            f"{header.body_bytes} + CRC 4)"
         )
-    return header
 
 
-def checked_header(buf: memoryview, expected_numel: int) -> Header:
-    """:func:`peek_header`, then the caller's element count and the CRC32."""
-    if isinstance(expected_numel, bool) or not isinstance(expected_numel, int | np.integer):
-        raise ValueError(f"expected_numel must be an integer, got {expected_numel!r}")
-    header = peek_header(buf)
-    if header.numel != expected_numel:
-        raise CodecError(f"message has numel {header.numel}; expected {expected_numel}")
+def verify_crc(buf: memoryview) -> None:
+    """Check the trailing CRC32 of a whole message (its length already checked)."""
     stored = struct.unpack_from("<I", buf, len(buf) - CRC_BYTES)[0]
     actual = crc32(buf[: len(buf) - CRC_BYTES])
     if stored != actual:
         raise CodecError(
             f"CRC32 mismatch: message says 0x{stored:08x}, content gives 0x{actual:08x}"
         )
-    return header
 
 
 def read_norms(buf: memoryview, header: Header) -> np.ndarray:

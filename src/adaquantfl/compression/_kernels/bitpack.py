@@ -1,6 +1,6 @@
-"""Bit packing of QSGD codes: ``w``-bit codes to bytes and back (layout in :mod:`adaquantfl.codec`).
+"""Bit packing of QSGD codes: ``w``-bit codes to bytes and back (layout in :mod:`..packed`).
 
-Serial numba kernels used by :mod:`adaquantfl.kernels`. 8 codes of ``w`` bits
+Serial numba kernels used by :mod:`adaquantfl.compression._kernels`. 8 codes of ``w`` bits
 are exactly ``w`` bytes, so a group of 8 codes is compacted into one word
 (``w <= 8``, codes in byte lanes) or two (``w <= 16``, two-byte lanes) and
 written with overlapping unaligned 8-byte stores; wider codes go one at a
@@ -36,7 +36,9 @@ PACK_SLACK = 16
 _jit = numba.njit(cache=True, nogil=True)
 
 if sys.byteorder != "little":  # pragma: no cover - numba's targets are all little-endian
-    raise ImportError("adaquantfl.bitpack needs a little-endian machine (the wire format is)")
+    raise ImportError(
+        "adaquantfl.compression._kernels.bitpack needs a little-endian machine (the wire format is)"
+    )
 
 
 def _load_u64_intrinsic(typingctx, arr, pos):  # type: ignore[no-untyped-def]

@@ -59,8 +59,9 @@ import math
 import constriction
 import numpy as np
 
-from adaquantfl import kernels
-from adaquantfl.framing import CodecError, get_varint, packed_body_bytes, put_varint
+from adaquantfl.compression import _kernels as kernels
+from adaquantfl.compression.container import CodecError, get_varint, put_varint
+from adaquantfl.compression.packed import pack_into, packed_body_bytes, packed_levels
 
 __all__ = ["MAX_ALPHABET", "decode_body", "empirical_entropy_bits", "encode_body"]
 
@@ -159,7 +160,7 @@ def encode_body(mags: np.ndarray, signs: np.ndarray, levels: int) -> bytes:
         return body
     out = np.empty(1 + packed + kernels.PACK_SLACK, dtype=np.uint8)
     out[0] = _STORED
-    kernels.pack_quantized(mags, signs, levels, 1 + levels.bit_length(), out[1:])
+    pack_into(mags, signs, levels, out[1:])
     return out[: 1 + packed].tobytes()
 
 
@@ -179,8 +180,6 @@ def decode_body(body: memoryview, numel: int, levels: int) -> tuple[np.ndarray, 
         raise CodecError(f"entropy body is {len(body)} bytes; it has at least 2")
     k = body[0]
     if k == _STORED:
-        from adaquantfl.codec import packed_levels
-
         if len(body) != 1 + packed_body_bytes(numel, levels):
             raise CodecError(
                 f"stored entropy body is {len(body)} bytes; expected "

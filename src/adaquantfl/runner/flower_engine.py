@@ -1,7 +1,7 @@
 """``[train] engine = "flower"``: the experiment runner's rounds on Flower's simulation engine.
 
 The same config, data, model and server pieces as the simulator
-(:func:`adaquantfl.experiment.load_data`, ``build_model``, ``build_server``),
+(:func:`adaquantfl.runner.experiment.load_data`, ``build_model``, ``build_server``),
 run as a Flower app on the Ray backend: a ServerApp with
 :class:`~adaquantfl.flower.AdaQuantFedAvg`, and a ClientApp whose train
 function does what :func:`adaquantfl.fl.client.client_update` does before
@@ -29,10 +29,9 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from adaquantfl.config import Config
 from adaquantfl.data import FederatedData
-from adaquantfl.engines import EngineRun, build_model, build_server, load_data
 from adaquantfl.fl.client import LocalTraining, evaluate, local_sgd
+from adaquantfl.fl.record import RoundRecord, record_round
 from adaquantfl.flower.mod import adaquant_mod
 from adaquantfl.flower.records import (
     METRICS_RECORD,
@@ -46,7 +45,8 @@ from adaquantfl.flower.records import (
 from adaquantfl.flower.strategy import AdaQuantFedAvg, FlowerRound
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
-from adaquantfl.sim.simulator import RoundRecord, record_round
+from adaquantfl.runner.build import EngineRun, build_model, build_server, load_data
+from adaquantfl.runner.config import Config
 
 __all__ = ["engine_client_app", "flat_layout", "loopback_ray", "ray_backend_config", "run_flower"]
 
@@ -230,7 +230,7 @@ def run_flower(
     Parameters
     ----------
     config : Config
-        A single-method config (as :func:`adaquantfl.experiment.run` passes it).
+        A single-method config (as :func:`adaquantfl.runner.experiment.run` passes it).
     on_record : callable
         Called after every round, in order, with the round's record (the same
         fields the simulator produces; test metrics are a central evaluation

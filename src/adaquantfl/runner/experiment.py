@@ -6,7 +6,7 @@ Results directory (DESIGN §7)::
     DIR/summary.json            {"target_loss": ..., "methods": {label: {...}}}
     DIR/<label>/metrics.jsonl   one row per round (DIR/<label>/seed-<n>/ when seeds > 1)
     DIR/<label>/model.pt        the final global model (state_dict)
-    DIR/*.png                   plots (see adaquantfl.report)
+    DIR/*.png                   plots (see adaquantfl.runner.report)
 """
 
 from __future__ import annotations
@@ -22,31 +22,18 @@ from typing import Any
 import tomli_w
 import torch
 
-from adaquantfl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from adaquantfl.config import Config, ConfigError, MethodSpec, load_config
-from adaquantfl.engines import (
-    ENGINES,
-    EngineRun,
-    build_model,
-    build_server,
-    build_simulator,
-    load_data,
+from adaquantfl.fl.record import RoundRecord
+from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from adaquantfl.runner.config import Config, ConfigError, MethodSpec, load_config
+from adaquantfl.runner.engines import ENGINES
+from adaquantfl.runner.metrics import (
+    DEFAULT_TARGET_FACTOR,
+    aggregate_seeds,
+    final_mean,
+    summarize_run,
 )
-from adaquantfl.metrics import DEFAULT_TARGET_FACTOR, aggregate_seeds, final_mean, summarize_run
-from adaquantfl.sim.simulator import RoundRecord
 
-__all__ = [
-    "ENGINES",
-    "CompareResult",
-    "EngineRun",
-    "RunResult",
-    "build_model",
-    "build_server",
-    "build_simulator",
-    "compare",
-    "load_data",
-    "run",
-]
+__all__ = ["CompareResult", "RunResult", "compare", "run"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -320,7 +307,7 @@ def compare(
     if out is not None:
         _write_summary(out, summary)
         if plots:
-            from adaquantfl.report import write_report
+            from adaquantfl.runner.report import write_report
 
             result.plots = write_report(out)
     return result

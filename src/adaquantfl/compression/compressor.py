@@ -14,18 +14,26 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from adaquantfl.codec import (
+from adaquantfl.compression.codec import (
     CodecError,
     decode_dense,
     decode_dequantize,
     encode_dense,
     formula_bits,
+    message_bytes,
     peek_header,
     quantize_encode,
 )
-from adaquantfl.quantize import NORMS, num_buckets
+from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, num_buckets
 
-__all__ = ["COMPRESSORS", "MESSAGE_ENCODINGS", "Compressor", "QSGDCompressor", "make_compressor"]
+__all__ = [
+    "COMPRESSORS",
+    "MESSAGE_ENCODINGS",
+    "Compressor",
+    "QSGDCompressor",
+    "default_message_limit",
+    "make_compressor",
+]
 
 #: Encodings of quantized messages a compressor can produce.
 MESSAGE_ENCODINGS: tuple[str, ...] = ("packed", "entropy")
@@ -53,7 +61,7 @@ class Compressor(Protocol):
 
 @dataclass(frozen=True)
 class QSGDCompressor:
-    """QSGD quantization (:mod:`adaquantfl.quantize`) in the v1 wire format.
+    """QSGD quantization (:mod:`adaquantfl.compression.qsgd`) in the v1 wire format.
 
     Parameters
     ----------
@@ -98,7 +106,7 @@ class QSGDCompressor:
     ) -> bytes:
         """Quantize (unless ``levels`` is None) and encode ``update``.
 
-        Uses the fused :func:`adaquantfl.codec.quantize_encode`: the bytes are
+        Uses the fused :func:`adaquantfl.compression.codec.quantize_encode`: the bytes are
         those of ``encode(quantize(update, levels, ...), encoding)``.
         """
         if levels is None:
@@ -123,7 +131,7 @@ class QSGDCompressor:
         """Decode ``payload`` to a flat float32 tensor of ``numel`` entries.
 
         Quantized payloads go through the fused
-        :func:`adaquantfl.codec.decode_dequantize`, which writes into ``out``
+        :func:`adaquantfl.compression.codec.decode_dequantize`, which writes into ``out``
         when given (the server passes one reusable buffer).
 
         Raises
@@ -160,3 +168,16 @@ def make_compressor(kind: str = "qsgd", **kwargs: Any) -> Compressor:
     except KeyError:
         raise ValueError(f"unknown compressor {kind!r}; allowed: {sorted(COMPRESSORS)}") from None
     return factory(**kwargs)
+
+
+def default_message_limit(numel: int, bucket_size: int | None) -> int:
+    """The largest payload a well-behaved client can send for a model of ``numel`` entries.
+
+    The larger of a raw float32 message and a packed message at the maximum
+    number of levels (which exceeds raw only with very small buckets), plus
+    1 KiB for the entropy coder's model description. Anything bigger is
+    rejected unread.
+    """
+    raw = message_bytes(numel, None)
+    packed = message_bytes(numel, MAX_LEVELS, bucket_size=bucket_size)
+    return max(raw, packed) + 1024

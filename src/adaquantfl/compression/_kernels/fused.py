@@ -1,8 +1,8 @@
-"""Compiled kernels behind :mod:`adaquantfl.quantize` and the packed codec.
+"""Compiled kernels behind :mod:`adaquantfl.compression.qsgd` and the packed codec.
 
 Every function here is a serial numba kernel over flat NumPy arrays; the
 definitions they implement (norms, rounding stream, packed layout) are stated
-in the docstrings of :mod:`adaquantfl.quantize` and :mod:`adaquantfl.codec`,
+in the docstrings of :mod:`adaquantfl.compression.qsgd` and :mod:`adaquantfl.compression.codec`,
 and ``tests/reference.py`` re-implements them element by element.
 
 Notes
@@ -10,7 +10,7 @@ Notes
 Work is done in blocks of :data:`BLOCK` entries. A block is first turned into
 codes ``(xi << 1) | sign`` in a small scratch array (one loop with no
 cross-iteration dependence, which LLVM vectorises), and the codes are then
-packed by :mod:`adaquantfl.bitpack` straight into the message buffer; the
+packed by :mod:`adaquantfl.compression._kernels.bitpack` straight into the message buffer; the
 scratch holds bytes for ``w <= 8`` (``s <= 127``), two-byte codes for
 ``w <= 16`` and four-byte codes above. Decoding unpacks a block into the
 scratch and dequantizes it in a second vectorised loop.
@@ -20,7 +20,7 @@ an offset of unknown sign makes numba emit a wrap-around check per element,
 which blocks vectorisation (a 7x slowdown measured on the quantize loop).
 Every kernel is compiled lazily on first use and cached on disk
 (``cache=True``). Numba keys a cached kernel on its own source file only: after
-editing :mod:`adaquantfl.bitpack` in a source checkout, delete the caches
+editing :mod:`adaquantfl.compression._kernels.bitpack` in a source checkout, delete the caches
 (``make clean-cache``) or the kernels here keep the old packing compiled in.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from adaquantfl.bitpack import PACK_SLACK, pack, unpack
+from adaquantfl.compression._kernels.bitpack import PACK_SLACK, pack, unpack
 
 __all__ = [
     "BLOCK",
@@ -53,7 +53,7 @@ _MIX2 = _U(0x94D049BB133111EB)
 _INV24 = _F(2.0**-24)
 #: Entries per block: the code scratch (<= 16 KiB) stays in the L1 cache.
 BLOCK = 4096
-#: Interleaved float64 partial sums of the L2 norm (see ``adaquantfl.quantize``).
+#: Interleaved float64 partial sums of the L2 norm (see ``adaquantfl.compression.qsgd``).
 LANES = 64
 
 _jit = numba.njit(cache=True, nogil=True)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaquantfl.compressor import MESSAGE_ENCODINGS
+from adaquantfl.compression.compressor import MESSAGE_ENCODINGS
+from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS
 from adaquantfl.data import DATASETS, PARTITIONS
 from adaquantfl.models import INITS, MODELS
-from adaquantfl.quantize import MAX_LEVELS, NORMS
-from adaquantfl.schedule import SCHEDULES
+from adaquantfl.policy import SCHEDULES
 
 __all__ = [
     "CompareConfig",

@@ -1,0 +1,112 @@
+"""From a config to the pieces of a run: data, model, server and simulator.
+
+Shared by every engine (:mod:`.engines`) and by the Flower engine
+(:mod:`.flower_engine`), so that all of them build the same run from a config.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adaquantfl.compression.compressor import default_message_limit, make_compressor
+from adaquantfl.data import FederatedData, load_federated
+from adaquantfl.fl.client import LocalTraining
+from adaquantfl.fl.server import FedServer
+from adaquantfl.models import FlatModel, make_model
+from adaquantfl.policy import make_schedule
+from adaquantfl.rng import torch_generator
+from adaquantfl.runner.config import Config
+from adaquantfl.sim.faults import ClientFaults
+from adaquantfl.sim.simulator import Simulator
+
+__all__ = ["EngineRun", "build_model", "build_server", "build_simulator", "load_data"]
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_data(data_key: str, seed: int) -> FederatedData:
+    params = json.loads(data_key)
+    return load_federated(seed=seed, **params)
+
+
+def load_data(config: Config) -> FederatedData:
+    """The federated data set of ``config`` (cached per data config and seed)."""
+    d = config.data
+    key = json.dumps(
+        {
+            "dataset": d.dataset,
+            "num_clients": d.num_clients,
+            "partition": d.partition,
+            "dirichlet_alpha": d.dirichlet_alpha,
+            "shards_per_client": d.shards_per_client,
+            "min_client_samples": d.min_client_samples,
+            "synthetic_alpha": d.synthetic_alpha,
+            "synthetic_beta": d.synthetic_beta,
+            "data_dir": d.data_dir,
+        },
+        sort_keys=True,
+    )
+    return _cached_data(key, config.train.seed)
+
+
+def build_model(config: Config, data: FederatedData) -> tuple[FlatModel, torch.Tensor]:
+    """The model and its initial flat parameters (stream: seed, "init")."""
+    model = make_model(config.model.name, data.input_shape, data.num_classes)
+    params = model.initial_parameters(
+        config.model.init, generator=torch_generator(config.train.seed, purpose="init")
+    )
+    return model, params
+
+
+def build_server(config: Config, params: torch.Tensor, **kwargs: Any) -> FedServer:
+    """The server of a single-method config: schedule, compressor, message size limit.
+
+    ``[train] max_message_bytes`` bounds the size of a client's payload; by
+    default it is :func:`default_message_limit` for the model.
+    """
+    c = config.compression
+    schedule = make_schedule(
+        c.method, levels=c.levels, min_levels=c.min_levels, max_levels=c.max_levels
+    )
+    compressor = make_compressor(encoding=c.encoding, bucket_size=c.bucket_size, norm=c.norm)
+    limit = config.train.max_message_bytes or default_message_limit(
+        int(params.numel()), c.bucket_size
+    )
+    return FedServer(params, schedule, compressor, max_message_bytes=limit, **kwargs)
+
+
+def build_simulator(config: Config, data: FederatedData | None = None) -> Simulator:
+    """A ready-to-run simulator for a single-method config."""
+    data = data if data is not None else load_data(config)
+    model, params = build_model(config, data)
+    server = build_server(config, params)
+    t = config.train
+    return Simulator(
+        model,
+        data,
+        server,
+        server.compressor,
+        training=LocalTraining(t.local_steps, t.batch_size, t.lr),
+        clients_per_round=config.clients_per_round,
+        seed=t.seed,
+        vectorize=t.vectorize,
+        faults=ClientFaults(
+            dropout=t.dropout,
+            deadline_s=t.deadline_s,
+            client_time_s=t.client_time_s,
+            client_time_sigma=t.client_time_sigma,
+            round_time_sigma=t.round_time_sigma,
+        ),
+    )
+
+
+@dataclass
+class EngineRun:
+    """What an engine hands back after its last round."""
+
+    params: torch.Tensor
+    model: FlatModel

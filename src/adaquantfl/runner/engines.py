@@ -1,0 +1,90 @@
+"""The engines that run one method's rounds: ``sim`` and ``flower``.
+
+An engine runs the rounds of one method and hands each round's
+:class:`~adaquantfl.fl.record.RoundRecord` to a callback. ``sim`` is the
+in-process simulator; ``flower`` runs the same client and server code on
+Flower's simulation engine (needs the ``flower`` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from adaquantfl.fl.record import RoundRecord
+from adaquantfl.runner.build import EngineRun, build_simulator
+from adaquantfl.runner.config import Config, ConfigError
+
+__all__ = ["ENGINES", "CheckpointFn", "Engine", "sim_engine"]
+
+#: Called with the server's state and the number of completed rounds.
+CheckpointFn = Callable[[dict[str, Any], int], None]
+
+
+class Engine(Protocol):
+    """Runs the rounds of ``config`` (from ``resume_state`` if given), calling ``on_record``."""
+
+    def __call__(
+        self,
+        config: Config,
+        on_record: Callable[[RoundRecord], None],
+        *,
+        resume_state: Mapping[str, Any] | None = None,
+        on_checkpoint: CheckpointFn | None = None,
+    ) -> EngineRun: ...
+
+
+def sim_engine(
+    config: Config,
+    on_record: Callable[[RoundRecord], None],
+    *,
+    resume_state: Mapping[str, Any] | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+) -> EngineRun:
+    """The in-process simulator; checkpoints every ``[train] checkpoint_every`` rounds."""
+    sim = build_simulator(config)
+    if resume_state is not None:
+        sim.server.load_state_dict(resume_state)
+    every = config.train.checkpoint_every
+    while sim.server.round_idx < config.train.rounds:
+        on_record(sim.run_round())
+        done = sim.server.round_idx
+        if (
+            on_checkpoint is not None
+            and every
+            and (done % every == 0 or done == config.train.rounds)
+        ):
+            on_checkpoint(sim.server.state_dict(), done)
+    return EngineRun(sim.server.params.clone(), sim.model)
+
+
+def flower_engine(
+    config: Config,
+    on_record: Callable[[RoundRecord], None],
+    *,
+    resume_state: Mapping[str, Any] | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+) -> EngineRun:
+    """Flower's simulation engine (Ray backend) running the shared client and server code."""
+    if resume_state is not None or (on_checkpoint is not None and config.train.checkpoint_every):
+        raise ConfigError(
+            "[train] checkpoint_every and --resume are supported by engine = 'sim' only"
+        )
+    if config.train.dropout or config.train.deadline_s is not None:
+        raise ConfigError(
+            "[train] dropout and deadline_s simulate faults in engine = 'sim'; on Flower, "
+            "faults are real (see the node-failure test), so they cannot be set"
+        )
+    try:
+        from adaquantfl.runner.flower_engine import run_flower
+    except ImportError as exc:
+        raise ConfigError(
+            "[train] engine = 'flower' needs the Flower extra: pip install 'adaquantfl[flower]' "
+            f"({exc})"
+        ) from None
+    result: EngineRun = run_flower(config, on_record)
+    return result
+
+
+#: Engines by ``[train] engine`` name.
+ENGINES: dict[str, Engine] = {"sim": sim_engine, "flower": flower_engine}

@@ -1,0 +1,164 @@
+"""The package's shape: no import cycles, Flower's import boundary, module size.
+
+The import graph is read from the source with ``ast`` (every ``import`` and
+``from ... import`` of an ``adaquantfl`` module, at module level or inside a
+function: a lazy import is still a dependency), so a cycle is found even where
+Python would happen to tolerate it at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = "adaquantfl"
+#: "About 400 lines" (STYLE.md): a module beyond this is asking to split.
+MAX_MODULE_LINES = 450
+#: What the Flower integration may depend on, directly or not (DESIGN §3).
+FLOWER_FORBIDDEN = ("adaquantfl.runner", "adaquantfl.data", "adaquantfl.sim", "adaquantfl.cli")
+
+
+def module_files() -> dict[str, Path]:
+    """Module name -> source file, for every module of the package."""
+    out = {}
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports."""
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, is_package, node.module, node.level)
+                # `from pkg import sub` depends on pkg.sub when that is a module.
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    for alias in node.names
+                ]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:  # `import a.b.c` -> nearest module
+                    target = target.rpartition(".")[0]
+                if target.startswith(PACKAGE) and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _resolve(module: str, is_package: bool, target: str | None, level: int) -> str:
+    if level == 0:
+        return target or ""
+    parts = module.split(".")
+    if not is_package:
+        parts = parts[:-1]
+    parts = parts[: len(parts) - (level - 1)]
+    return ".".join(parts + ([target] if target else []))
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        v = todo.pop()
+        for w in graph.get(v, ()):
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph(module_files())
+
+
+def test_the_graph_sees_the_package(graph: dict[str, set[str]]) -> None:
+    # A walker that found nothing would pass every test below.
+    assert "adaquantfl.compression.codec" in graph
+    assert "adaquantfl.compression.container" in graph["adaquantfl.compression.codec"]
+    assert "adaquantfl.compression._kernels" in graph["adaquantfl.compression.qsgd"]  # lazy
+
+
+def test_no_import_cycle(graph: dict[str, set[str]]) -> None:
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_planted_cycle(graph: dict[str, set[str]]) -> None:
+    planted = {k: set(v) for k, v in graph.items()}
+    planted["adaquantfl.compression.container"].add("adaquantfl.compression.codec")
+    pair = {"adaquantfl.compression.codec", "adaquantfl.compression.container"}
+    assert any(pair <= set(component) for component in cycles(planted))
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in module_files() if m.startswith("adaquantfl.flower"))
+)
+def test_flower_imports_only_the_algorithm(graph: dict[str, set[str]], module: str) -> None:
+    bad = sorted(m for m in reachable(graph, module) if m.startswith(FLOWER_FORBIDDEN))
+    assert bad == [], f"{module} depends on {bad}"
+
+
+def test_importing_the_flower_strategy_loads_no_runner_data_or_simulator() -> None:
+    code = (
+        "import sys, adaquantfl.flower.strategy; "
+        f"print(sorted(m for m in sys.modules if m.startswith({FLOWER_FORBIDDEN!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", sorted(module_files()))
+def test_module_size(module: str) -> None:
+    lines = len(module_files()[module].read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{module} has {lines} lines; split it"
