@@ -65,7 +65,7 @@ from adaquantfl.compression.codec import (
     encode_dense,
     quantize_encode,
 )
-from adaquantfl.compression.compressor import QSGDCompressor
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, dequantize, num_buckets, quantize
 
 PROFILE = settings(
@@ -128,7 +128,10 @@ def test_quantized_messages_round_trip_exactly(sample: Sample) -> None:
     y = decode_dequantize(sample.data, expected_numel=n, expected_levels=levels, out=out)
     assert y.data_ptr() == out.data_ptr()
     assert bitwise_equal(y, dequantize(sample.quantized))
-    z = QSGDCompressor().decompress(sample.data, numel=n, levels=levels)
+    compressor = QSGDCompressor(
+        encoding=sample.encoding, bucket_size=q.bucket_size, norm=q.norm
+    )
+    z = compressor.decompress(sample.data, numel=n, levels=levels)
     assert bitwise_equal(z, y)
 
 

@@ -41,7 +41,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 from adaquantfl.compression.codec import encode_dense, peek_header
-from adaquantfl.compression.compressor import QSGDCompressor
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.flower import (
@@ -519,8 +519,18 @@ def test_round_plan_round_trips_and_rejects_bad_values() -> None:
     plan = RoundPlan(7, 11, 4, QSGDCompressor("entropy", 32, "max"))
     assert RoundPlan.from_config(plan.to_config()) == plan
     assert RoundPlan.from_config(RoundPlan(None, 0, 0, QSGDCompressor()).to_config()).levels is None
-    for key, value in [(LEVELS_KEY, -1), (LEVELS_KEY, 1.5), (ROUND_KEY, -3), ("aq-norm", "l3")]:
-        with pytest.raises(RecordError, match=key if key != "aq-norm" else "norm"):
+    bad = [
+        (LEVELS_KEY, -1, LEVELS_KEY),
+        (LEVELS_KEY, 1.5, LEVELS_KEY),
+        (ROUND_KEY, -3, ROUND_KEY),
+        ("aq-compressor-options", '{"norm": "l3"}', "norm"),
+        ("aq-compressor-options", "{not json", "compressor settings"),
+        ("aq-compressor-options", '{"bucket": 3}', "unknown compressor 'qsgd' option"),
+        ("aq-compressor", "zip", "unknown compressor 'zip'"),
+        ("aq-error-feedback", 2, "aq-error-feedback"),
+    ]
+    for key, value, message in bad:
+        with pytest.raises(RecordError, match=message):
             RoundPlan.from_config({**plan.to_config(), key: value})
 
 

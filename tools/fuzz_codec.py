@@ -84,7 +84,7 @@ from adaquantfl.compression.codec import (
     encode,
     encode_dense,
 )
-from adaquantfl.compression.compressor import QSGDCompressor
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, dequantize, num_buckets, quantize
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -702,6 +702,24 @@ def wrap(data: bytes, container: str) -> Any:
     return data
 
 
+def _compressor_of(sample: Sample) -> QSGDCompressor:
+    """The compressor a server expecting ``sample``'s kind of message uses."""
+    if sample.quantized is None:
+        return QSGDCompressor()
+    return QSGDCompressor(
+        encoding=sample.encoding,
+        bucket_size=sample.quantized.bucket_size,
+        norm=sample.quantized.norm,
+    )
+
+
+def _encoding_of(data: bytes) -> str | None:
+    """The encoding byte 3 names (None if the message is too short to say)."""
+    if len(data) < 4:
+        return None
+    return {code: name for name, code in CODES.items()}.get(data[3] & 0x0F)
+
+
 def run_case(
     sample: Sample, data: bytes, *, measure_alloc: bool = False, container: str = "bytes"
 ) -> list[Call]:
@@ -746,9 +764,12 @@ def _run_case(sample: Sample, data: bytes, measure_alloc: bool, container: str) 
     )
     _mirror(fused, y, out, reference, dec)
     out2 = torch.full((n,), math.nan)
+    # The server's compressor has the original's settings; it rejects any
+    # other encoding, norm or bucket size before decoding.
+    compressor = _compressor_of(sample)
     z, comp = _timed(
         "decompress",
-        lambda: QSGDCompressor().decompress(message, numel=n, levels=sample.levels, out=out2),
+        lambda: compressor.decompress(message, numel=n, levels=sample.levels, out=out2),
         bound,
         measure_alloc,
     )
@@ -756,8 +777,15 @@ def _run_case(sample: Sample, data: bytes, measure_alloc: bool, container: str) 
         expected = x if dense.outcome in OK_OUTCOMES else None
         _mirror(comp, z, out2, expected, dense)
     else:
-        same_levels = q is not None and q.levels == sample.levels
-        _mirror(comp, z, out2, reference if same_levels else None, dec)
+        same = (
+            q is not None
+            and sample.quantized is not None
+            and q.levels == sample.levels
+            and q.norm == sample.quantized.norm
+            and q.bucket_size == sample.quantized.bucket_size
+            and _encoding_of(data) == sample.encoding
+        )
+        _mirror(comp, z, out2, reference if same else None, dec)
     if bytes(message) != data:
         comp.outcome, comp.detail = "inconsistent", "a decoder modified its input"
     return [dec, dense, fused, comp]

@@ -5,13 +5,15 @@ A message is a fixed-order header, the per-bucket norms, a body and a CRC32::
     offset  size  field
     0       2     magic b"AQ"
     2       1     format version (1)
-    3       1     low nibble: encoding (0 raw, 1 packed, 2 entropy);
+    3       1     low nibble: encoding (0 raw, 1 packed, 2 entropy, 3 sparse);
                   high nibble: flags (bit 4: max-norm); other bits must be 0
     4       ...   four unsigned LEB128 varints (canonical, at most 5 bytes):
-                  numel d, levels s (0 for raw), bucket size (0 = one bucket),
+                  numel d, levels s (0 for raw; entries sent for sparse),
+                  bucket size (0 = one bucket),
                   body length in bytes
-    ...     4*nb  norms, float32 little-endian (none for raw)
-    ...     body  raw: d float32 LE; packed: see below; entropy: adaquantfl.compression.entropy
+    ...     4*nb  norms, float32 little-endian (none for raw and sparse)
+    ...     body  raw: d float32 LE; packed: see below; entropy: adaquantfl.compression.entropy;
+                  sparse: adaquantfl.compression.topk
     -4      4     CRC32 (zlib) of every byte before it, little-endian
 
 Packed body: entry ``i`` becomes the code ``(xi_i << 1) | sign_i`` of
@@ -312,6 +314,8 @@ def _open(
     header = checked_header(buf, expected_numel)
     if header.encoding == "raw":
         raise CodecError("message is raw full precision; use decode_dense")
+    if header.encoding not in _QUANTIZED_ENCODINGS:
+        raise CodecError(f"message is {header.encoding}-encoded, not a quantized vector")
     if expected_levels is not None and header.levels != expected_levels:
         raise CodecError(f"message has levels {header.levels}; expected {expected_levels}")
     return buf, header, read_norms(buf, header)

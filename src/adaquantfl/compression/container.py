@@ -48,7 +48,7 @@ __all__ = [
 MAGIC = b"AQ"
 FORMAT_VERSION = 1
 #: Encodings by name, with their code in the header.
-ENCODINGS: dict[str, int] = {"raw": 0, "packed": 1, "entropy": 2}
+ENCODINGS: dict[str, int] = {"raw": 0, "packed": 1, "entropy": 2, "sparse": 3}
 _ENCODING_NAMES = {code: name for name, code in ENCODINGS.items()}
 FLAG_MAX_NORM = 0x10
 _KNOWN_FLAGS = FLAG_MAX_NORM
@@ -78,7 +78,9 @@ class Header:
 
     @property
     def num_norms(self) -> int:
-        return 0 if self.encoding == "raw" else num_buckets(self.numel, self.bucket_size)
+        if self.encoding in ("raw", "sparse"):
+            return 0
+        return num_buckets(self.numel, self.bucket_size)
 
     @property
     def body_offset(self) -> int:

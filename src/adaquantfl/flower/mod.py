@@ -47,18 +47,24 @@ from __future__ import annotations
 import math
 from logging import WARNING
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 
-from adaquantfl.fl.client import encode_update
+from adaquantfl.compression.feedback import ErrorFeedback
+from adaquantfl.fl.client import ClientState, encode_update
 from adaquantfl.flower.records import (
     CLIENT_ID_KEY,
+    CLIENT_STATE_RECORD,
+    DISTORTION_KEY,
     LOSS_PROXY_KEY,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     PAYLOAD_KEY,
     PRE_TRAIN_LOSS_KEY,
+    UPDATE_NORM_KEY,
     ArrayLayout,
     RecordError,
     RoundPlan,
@@ -69,6 +75,8 @@ from adaquantfl.flower.records import (
 )
 
 __all__ = ["FLOWER_TRAIN_LOSS_KEY", "adaquant_mod", "encode_update", "make_adaquant_mod"]
+
+RESIDUAL_KEY = "residual"
 
 #: The training-loss metric of Flower's app templates (and of Flower's ``QFedAvg``).
 FLOWER_TRAIN_LOSS_KEY = "train_loss"
@@ -140,18 +148,25 @@ def make_adaquant_mod(
         loss, proxy = read_loss(metrics)
         num_examples = _num_examples(metrics)
 
-        payload = encode_update(
+        state = _load_client_state(context) if isinstance(plan.compressor, ErrorFeedback) else None
+        encoded = encode_update(
             local - params,
             levels=plan.levels,
             compressor=plan.compressor,
             seed=plan.seed,
             round_idx=plan.round_idx,
             client_id=client_id,
+            state=state,
         )
+        if state is not None:
+            _store_client_state(context, state)
+        payload = encoded.payload
         out_metrics = MetricRecord(dict(metrics))
         out_metrics[CLIENT_ID_KEY] = client_id
         out_metrics[PRE_TRAIN_LOSS_KEY] = loss
         out_metrics[NUM_EXAMPLES_KEY] = num_examples
+        out_metrics[UPDATE_NORM_KEY] = encoded.update_norm
+        out_metrics[DISTORTION_KEY] = encoded.distortion
         if proxy:
             out_metrics[LOSS_PROXY_KEY] = 1
         content = RecordDict(
@@ -168,6 +183,22 @@ def make_adaquant_mod(
 
 #: The mod with the default ``pre-train-loss`` convention (see the module notes).
 adaquant_mod: Mod = make_adaquant_mod()
+
+
+def _load_client_state(context: Context) -> ClientState:
+    """The node's own state (its error-feedback residual) from ``Context.state``."""
+    record = context.state.array_records.get(CLIENT_STATE_RECORD)
+    if record is None or RESIDUAL_KEY not in record:
+        return ClientState()
+    residual = torch.from_numpy(record[RESIDUAL_KEY].numpy().astype(np.float32, copy=True))
+    return ClientState(residual.reshape(-1))
+
+
+def _store_client_state(context: Context, state: ClientState) -> None:
+    if state.residual is None:
+        return
+    array = Array(state.residual.detach().cpu().numpy())
+    context.state[CLIENT_STATE_RECORD] = ArrayRecord({RESIDUAL_KEY: array})
 
 
 def _is_adaquant_train(msg: Message) -> bool:

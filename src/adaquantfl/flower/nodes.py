@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import replace
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from adaquantfl.fl.server import select_clients
 from adaquantfl.flower.records import (
     CLIENT_ID_KEY,
     RecordError,
@@ -19,7 +21,7 @@ from adaquantfl.flower.records import (
     single_metric_record,
 )
 
-__all__ = ["probe_client_ids", "wait_for_nodes"]
+__all__ = ["choose_train_nodes", "probe_client_ids", "wait_for_nodes"]
 
 
 def wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
@@ -74,3 +76,41 @@ def probe_client_ids(
         if isinstance(client_id, int) and not isinstance(client_id, bool):
             found[node] = client_id
     return found
+
+
+def choose_train_nodes(
+    grid: Grid,
+    nodes: Sequence[int],
+    plan: RoundPlan,
+    strategy: Any,
+    node_clients: MutableMapping[int, int],
+) -> list[int]:
+    """The nodes that train in ``plan``'s round.
+
+    With ``strategy.num_clients`` and ``clients_per_round`` set, the nodes
+    whose client id :func:`~adaquantfl.fl.server.select_clients` picks, as in
+    the simulator (nodes of unknown id are probed first, and ``node_clients``
+    learns their ids); otherwise a Flower-style sample of ``fraction_train``
+    of the nodes, at least ``min_train_nodes``.
+    """
+    if not nodes:
+        return []
+    if strategy.num_clients is None or strategy.clients_per_round is None:
+        size = max(int(len(nodes) * strategy.fraction_train), strategy.min_train_nodes)
+        size = max(1, min(size, len(nodes)))
+        picked = select_clients(len(nodes), size, seed=strategy.seed, round_idx=plan.round_idx)
+        return [nodes[i] for i in picked]
+    unknown = [n for n in nodes if n not in node_clients]
+    if unknown:
+        node_clients.update(
+            probe_client_ids(grid, unknown, plan, strategy.configrecord_key, strategy.node_wait_s)
+        )
+    wanted = set(
+        select_clients(
+            strategy.num_clients,
+            strategy.clients_per_round,
+            seed=strategy.seed,
+            round_idx=plan.round_idx,
+        )
+    )
+    return [n for n in nodes if node_clients.get(n) in wanted]

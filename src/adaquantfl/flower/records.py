@@ -5,37 +5,51 @@ mod (client side) and the engine cannot disagree about the message layout.
 
 Train instruction (server -> node), one ``ConfigRecord`` per node::
 
-    aq-levels       int   levels s_k of this round; 0 means full precision (raw float32)
-    aq-seed         int   run seed of every derived random stream
-    aq-round        int   0-based round index (FedServer.round_idx)
-    aq-encoding     str   "packed" | "entropy"
-    aq-bucket-size  int   entries per norm bucket; 0 means one bucket
-    aq-norm         str   "l2" | "max"
-    aq-probe        int   1: only report the client id, do not train (see AdaQuantFedAvg)
+    aq-levels               int   this node's levels s_k; 0 means full precision (raw float32)
+    aq-seed                 int   run seed of every derived random stream
+    aq-round                int   0-based round index (FedServer.round_idx)
+    aq-compressor           str   the compressor's registry name (COMPRESSORS), e.g. "qsgd"
+    aq-compressor-options   str   its options as JSON (Compressor.to_config()["options"])
+    aq-error-feedback       int   1: the node adds its residual and keeps the new one
+    aq-probe                int   1: only report the client id, do not train (see AdaQuantFedAvg)
 
 Train reply (node -> server)::
 
     <the instruction's ArrayRecord name>: ArrayRecord {"aq-payload": Array(uint8)}
         the codec's bytes, unchanged: Array(dtype="uint8", shape=(n,), stype=PAYLOAD_STYPE)
-    "metrics": MetricRecord {client-id, pre-train-loss, num-examples, ...the user's metrics}
+    "metrics": MetricRecord {client-id, pre-train-loss, num-examples, aq-update-norm,
+                             aq-distortion, ...the user's metrics}
+
+The node rebuilds the compressor from the registry by name, so a compressor
+of the user's own must be registered (its module imported) in the ClientApp
+too. With error feedback the node keeps its residual in ``Context.state``
+(the ``aq-client-state`` ArrayRecord).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from adaquantfl.compression.compressor import Compressor, QSGDCompressor
+from adaquantfl.compression.compressor import Compressor, compressor_from_config
+from adaquantfl.compression.feedback import ErrorFeedback
 from adaquantfl.compression.qsgd import MAX_LEVELS
 from adaquantfl.fl.client import ClientReply
 
 __all__ = [
     "CLIENT_ID_KEY",
+    "CLIENT_STATE_RECORD",
+    "COMPRESSOR_KEY",
+    "COMPRESSOR_OPTIONS_KEY",
+    "DISTORTION_KEY",
+    "ERROR_FEEDBACK_KEY",
     "LEVELS_KEY",
     "LOSS_PROXY_KEY",
     "NUM_EXAMPLES_KEY",
@@ -45,6 +59,7 @@ __all__ = [
     "PROBE_KEY",
     "ROUND_KEY",
     "SEED_KEY",
+    "UPDATE_NORM_KEY",
     "ArrayLayout",
     "RecordError",
     "RoundPlan",
@@ -59,10 +74,14 @@ __all__ = [
 LEVELS_KEY = "aq-levels"
 SEED_KEY = "aq-seed"
 ROUND_KEY = "aq-round"
-ENCODING_KEY = "aq-encoding"
-BUCKET_SIZE_KEY = "aq-bucket-size"
-NORM_KEY = "aq-norm"
+COMPRESSOR_KEY = "aq-compressor"
+COMPRESSOR_OPTIONS_KEY = "aq-compressor-options"
+ERROR_FEEDBACK_KEY = "aq-error-feedback"
 PROBE_KEY = "aq-probe"
+UPDATE_NORM_KEY = "aq-update-norm"
+DISTORTION_KEY = "aq-distortion"
+#: The node's own state (its error-feedback residual) in ``Context.state``.
+CLIENT_STATE_RECORD = "aq-client-state"
 
 PAYLOAD_KEY = "aq-payload"
 #: The Array's serialisation type: the bytes are a v1 message of adaquantfl.compression.codec,
@@ -92,19 +111,19 @@ class RoundPlan:
     levels: int | None
     seed: int
     round_idx: int
-    compressor: QSGDCompressor
+    compressor: Compressor
     probe: bool = False
 
     def to_config(self) -> dict[str, int | str]:
         """The ``aq-*`` entries of a train instruction's ConfigRecord."""
-        c = self.compressor
+        config = describe_compressor(self.compressor)
         return {
             LEVELS_KEY: 0 if self.levels is None else self.levels,
             SEED_KEY: self.seed,
             ROUND_KEY: self.round_idx,
-            ENCODING_KEY: c.encoding,
-            BUCKET_SIZE_KEY: 0 if c.bucket_size is None else c.bucket_size,
-            NORM_KEY: c.norm,
+            COMPRESSOR_KEY: config["compressor"],
+            COMPRESSOR_OPTIONS_KEY: json.dumps(config["options"], sort_keys=True),
+            ERROR_FEEDBACK_KEY: int(bool(config.get("error_feedback"))),
             PROBE_KEY: int(self.probe),
         }
 
@@ -117,39 +136,66 @@ class RoundPlan:
     def from_config(cls, config: Mapping[str, object]) -> RoundPlan:
         """Read and validate the plan; raises :class:`RecordError` naming the bad key."""
         levels = _int(config, LEVELS_KEY, 0, MAX_LEVELS)
-        bucket = _int(config, BUCKET_SIZE_KEY, 0, _INT64_MAX)
-        try:
-            compressor = QSGDCompressor(
-                encoding=_str(config, ENCODING_KEY),
-                bucket_size=bucket or None,
-                norm=_str(config, NORM_KEY),
-            )
-        except ValueError as exc:
-            raise RecordError(f"bad compressor settings in the train config: {exc}") from None
         return cls(
             levels=levels or None,
             seed=_int(config, SEED_KEY, -_INT64_MAX - 1, _INT64_MAX),
             round_idx=_int(config, ROUND_KEY, 0, _INT64_MAX),
-            compressor=compressor,
+            compressor=_compressor(
+                _str(config, COMPRESSOR_KEY),
+                _str(config, COMPRESSOR_OPTIONS_KEY),
+                _int(config, ERROR_FEEDBACK_KEY, 0, 1),
+            ),
             probe=bool(config.get(PROBE_KEY, 0)),
         )
 
 
-def describe_compressor(compressor: Compressor) -> QSGDCompressor:
-    """The compressor as something a node can rebuild from the config.
+_COMPRESSOR_CACHE: dict[tuple[str, str, int], Compressor] = {}
+
+
+def _compressor(name: str, options_json: str, error_feedback: int) -> Compressor:
+    """The compressor a plan names, rebuilt from the registry (cached per process)."""
+    key = (name, options_json, error_feedback)
+    cached = _COMPRESSOR_CACHE.get(key)
+    if cached is not None:
+        return cached
+    try:
+        options = json.loads(options_json)
+        compressor: Compressor = compressor_from_config({"compressor": name, "options": options})
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise RecordError(f"bad compressor settings in the train config: {exc}") from None
+    if error_feedback:
+        compressor = ErrorFeedback(compressor)
+    if len(_COMPRESSOR_CACHE) > 64:
+        _COMPRESSOR_CACHE.clear()
+    _COMPRESSOR_CACHE[key] = compressor
+    return compressor
+
+
+def describe_compressor(compressor: Compressor) -> dict[str, Any]:
+    """The compressor as plain data a node can rebuild it from (its ``to_config()``).
 
     Raises
     ------
     ValueError
-        If the compressor is not a :class:`QSGDCompressor` (the only kind the
-        ``aq-*`` keys can describe).
+        If the registry does not rebuild an equal compressor from it (the
+        compressor is not registered, or its options do not round-trip).
     """
-    if not isinstance(compressor, QSGDCompressor):
+    to_config = getattr(compressor, "to_config", None)
+    if not callable(to_config):
         raise ValueError(
-            f"AdaQuantFedAvg can only describe a QSGDCompressor to its nodes, got "
+            f"the compressor must have to_config() to be described to the nodes, got "
             f"{type(compressor).__name__}"
         )
-    return compressor
+    config: dict[str, Any] = to_config()
+    rebuilt: Compressor = compressor_from_config(config)
+    if config.get("error_feedback"):
+        rebuilt = ErrorFeedback(rebuilt)
+    if rebuilt != compressor:
+        raise ValueError(
+            f"{compressor!r} does not round-trip through the compressor registry "
+            f"(rebuilt {rebuilt!r}); register its class with @register_compressor"
+        )
+    return config
 
 
 def _int(config: Mapping[str, object], key: str, low: int, high: int) -> int:
@@ -335,7 +381,20 @@ def parse_train_reply(content: RecordDict) -> ClientReply:
         n = int(n)
     if isinstance(n, bool) or not isinstance(n, int):
         raise RecordError(f"a train reply's {NUM_EXAMPLES_KEY!r} must be an integer, got {n!r}")
-    return ClientReply(client_id=client_id, payload=payload, loss=float(loss), num_examples=n)
+    measured = {}
+    for key in (UPDATE_NORM_KEY, DISTORTION_KEY):
+        value = metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise RecordError(f"a train reply's {key!r} must be a number, got {value!r}")
+        measured[key] = None if value is None else float(value)
+    return ClientReply(
+        client_id=client_id,
+        payload=payload,
+        loss=float(loss),
+        num_examples=n,
+        update_norm=measured[UPDATE_NORM_KEY],
+        distortion=measured[DISTORTION_KEY],
+    )
 
 
 def plan_config(base: ConfigRecord, plan: RoundPlan) -> ConfigRecord:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from logging import WARNING
 
-from flwr.app import Message
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from adaquantfl.fl.server import RoundOutcome
+from adaquantfl.flower.records import CLIENT_ID_KEY
 
-__all__ = ["UNAVAILABLE", "FlowerRound", "PendingRound", "log_exclusions"]
+__all__ = ["UNAVAILABLE", "FlowerRound", "PendingRound", "log_exclusions", "round_metrics"]
 
 #: Error codes with which Flower reports that a node never answered (as
 #: opposed to a ClientApp that answered with an exception).
@@ -72,6 +73,8 @@ class PendingRound:
     started: float
     #: The train messages sent; the Grid gives each its message id when it pushes it.
     messages: tuple[Message, ...] = ()
+    #: The levels each node was sent (a per-client plan gives nodes different ones).
+    node_levels: Mapping[int, int | None] = field(default_factory=dict)
 
     def sender(self, reply: Message) -> int:
         """The node a reply stands for.
@@ -129,3 +132,33 @@ def log_exclusions(
             len(dropouts),
             "" if outcome.participants else "; the global model is unchanged",
         )
+
+
+def round_metrics(
+    flower_round: FlowerRound,
+    contents: list[RecordDict],
+    aggregate: Callable[[list[RecordDict], str], MetricRecord],
+    weighted_by_key: str,
+) -> MetricRecord:
+    """The MetricRecord of a training round: the clients' own metrics, aggregated, plus ours."""
+    outcome = flower_round.outcome
+    metrics = MetricRecord()
+    if contents:
+        try:
+            metrics = aggregate(contents, weighted_by_key)
+        except (TypeError, ValueError) as exc:
+            log(WARNING, "aggregate_train: could not aggregate the clients' metrics: %s", exc)
+        if CLIENT_ID_KEY in metrics:
+            del metrics[CLIENT_ID_KEY]
+    # fp32 is levels 0, as in the codec's header (MetricRecord has no None).
+    metrics["levels"] = outcome.levels or 0
+    metrics["next_levels"] = outcome.next_levels or 0
+    metrics["wire_bits"] = outcome.wire_bits
+    metrics["formula_bits"] = outcome.formula_bits
+    metrics["downlink_bits"] = flower_round.downlink_bits
+    metrics["participants"] = outcome.participants
+    metrics["rejected"] = outcome.rejected
+    metrics["dropped"] = flower_round.dropped
+    if outcome.train_loss is not None:
+        metrics["train_loss"] = outcome.train_loss
+    return metrics

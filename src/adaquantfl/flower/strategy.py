@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from logging import INFO, WARNING
 
@@ -40,12 +40,12 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-from adaquantfl.compression.compressor import QSGDCompressor, default_message_limit
+from adaquantfl.compression.compressor import Compressor, default_message_limit
+from adaquantfl.compression.qsgd_compressor import QSGDCompressor
 from adaquantfl.fl.client import ClientReply
-from adaquantfl.fl.server import FedServer, select_clients
-from adaquantfl.flower.nodes import probe_client_ids, wait_for_nodes
+from adaquantfl.fl.server import FedServer, as_policy, select_clients
+from adaquantfl.flower.nodes import choose_train_nodes, wait_for_nodes
 from adaquantfl.flower.records import (
-    CLIENT_ID_KEY,
     LOSS_PROXY_KEY,
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
@@ -57,8 +57,14 @@ from adaquantfl.flower.records import (
     plan_config,
     single_metric_record,
 )
-from adaquantfl.flower.rounds import UNAVAILABLE, FlowerRound, PendingRound, log_exclusions
-from adaquantfl.policy import LevelSchedule
+from adaquantfl.flower.rounds import (
+    UNAVAILABLE,
+    FlowerRound,
+    PendingRound,
+    log_exclusions,
+    round_metrics,
+)
+from adaquantfl.policy import LevelPolicy, LevelSchedule
 
 __all__ = ["AdaQuantFedAvg", "FlowerRound"]
 
@@ -68,11 +74,17 @@ class AdaQuantFedAvg(FedAvg):
 
     Parameters
     ----------
-    schedule : LevelSchedule
-        Any schedule of :mod:`adaquantfl.policy`: ``FullPrecision`` (raw
-        float32), ``FixedLevels`` or ``AdaQuantLevels``.
-    compressor : QSGDCompressor, optional
-        Quantizer settings and encoding (default: packed, one bucket, l2).
+    schedule : LevelPolicy or LevelSchedule
+        Any level policy of :mod:`adaquantfl.policy` (``FullPrecision``,
+        ``FixedLevels``, ``AdaQuantLevels``, ...). A per-client policy gives
+        each node the levels of its client id when the strategy knows it
+        (``num_clients`` set, or learned from an earlier reply), else the
+        round's default levels.
+    compressor : Compressor, optional
+        Any registered compressor, possibly wrapped in
+        :class:`~adaquantfl.compression.feedback.ErrorFeedback` (default:
+        QSGD, packed, one bucket, l2). The nodes rebuild it from its name and
+        options, so its module must be imported in the ClientApp too.
     seed : int
         Run seed; nodes derive their minibatch and quantizer-noise streams
         from (seed, round, client id), and node sampling uses (seed, round).
@@ -122,8 +134,8 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
     # pylint: disable=too-many-arguments
     def __init__(
         self,
-        schedule: LevelSchedule,
-        compressor: QSGDCompressor | None = None,
+        schedule: LevelPolicy | LevelSchedule,
+        compressor: Compressor | None = None,
         *,
         seed: int = 0,
         num_clients: int | None = None,
@@ -154,8 +166,9 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
-        self.schedule = schedule
-        self.compressor: QSGDCompressor = describe_compressor(compressor or QSGDCompressor())
+        self.schedule = as_policy(schedule)
+        self.compressor: Compressor = compressor if compressor is not None else QSGDCompressor()
+        describe_compressor(self.compressor)  # the nodes must be able to rebuild it
         self.seed = seed
         if (num_clients is None) != (clients_per_round is None):
             raise ValueError("num_clients and clients_per_round must be given together")
@@ -214,14 +227,23 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         if self.fraction_train == 0.0:
             return []
         started = time.perf_counter()
-        plan = RoundPlan(server.levels, self.seed, server.round_idx, self.compressor)
+        probe = RoundPlan(server.levels, self.seed, server.round_idx, self.compressor)
         nodes = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_s)
-        chosen = self._choose_train_nodes(grid, nodes, plan)
+        chosen = choose_train_nodes(grid, nodes, probe, self, self.node_clients)
+        known = sorted({self.node_clients[n] for n in chosen if n in self.node_clients})
+        sent = server.begin_round(known)
+        level_plan = server.plan()
+        node_levels = {
+            node: level_plan.levels_of(self.node_clients[node])
+            if node in self.node_clients
+            else level_plan.default
+            for node in chosen
+        }
         log(
             INFO,
             "configure_train: round %d, levels %s, %d of %d nodes",
             server_round,
-            "fp32" if plan.levels is None else plan.levels,
+            "fp32" if level_plan.default is None else level_plan.default,
             len(chosen),
             len(nodes),
         )
@@ -233,7 +255,12 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         messages = [
             Message(
                 content=RecordDict(
-                    {self.arrayrecord_key: record, self.configrecord_key: plan_config(base, plan)}
+                    {
+                        self.arrayrecord_key: record,
+                        self.configrecord_key: plan_config(
+                            base, replace(probe, levels=node_levels[node])
+                        ),
+                    }
                 ),
                 message_type=MessageType.TRAIN,
                 dst_node_id=node,
@@ -243,9 +270,10 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         self._pending = PendingRound(
             server_round=server_round,
             nodes=frozenset(chosen),
-            downlink_bits=8 * len(server.downlink_payload()) * len(messages),
+            downlink_bits=sent.bits,
             started=started,
             messages=tuple(messages),
+            node_levels=node_levels,
         )
         return messages
 
@@ -265,6 +293,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             entry = (pending.sender(m), f"error reply ({m.error.code}): {m.error.reason}")
             (dropouts if m.error.code in UNAVAILABLE else failures).append(entry)
         client_replies: list[ClientReply] = []
+        reply_nodes: list[int] = []
         contents: list[RecordDict] = []
         nodes_of: dict[int, list[int]] = {}  # client id -> nodes that claimed it
         for msg in valid:
@@ -288,12 +317,18 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
                     PRE_TRAIN_LOSS_KEY,
                 )
             client_replies.append(reply)
+            reply_nodes.append(node)
             contents.append(msg.content)
         answered = {pending.sender(m) for m in replies}
         for node in sorted(pending.nodes - answered):
             dropouts.append((node, "no reply before the round's timeout"))
 
-        outcome = server.aggregate(client_replies)
+        # Each reply is checked against the levels its node was sent.
+        expected = {
+            reply.client_id: pending.node_levels.get(node, server.plan().default)
+            for reply, node in zip(client_replies, reply_nodes, strict=True)
+        }
+        outcome = server.aggregate(client_replies, expected_levels=expected)
         rejected = {c for c, _ in outcome.rejections}
         contents = [
             content
@@ -320,7 +355,9 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         )
         self.rounds.append(flower_round)
         self._pending = None
-        return self._global, self._round_metrics(flower_round, contents)
+        return self._global, round_metrics(
+            flower_round, contents, self.train_metrics_aggr_fn, self.weighted_by_key
+        )
 
     # ----------------------------------------------------------------- evaluation
 
@@ -377,7 +414,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         if self.server is None:
             self.layout = ArrayLayout.of(arrays)
             limit = self.max_message_bytes or default_message_limit(
-                self.layout.numel, self.compressor.bucket_size
+                self.layout.numel, self.compressor
             )
             self.server = FedServer(
                 self.layout.flatten(arrays),
@@ -404,46 +441,3 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         if self.layout is None:  # pragma: no cover - set together with the server
             raise RuntimeError("no model layout yet")
         return self.layout
-
-    def _choose_train_nodes(self, grid: Grid, nodes: Sequence[int], plan: RoundPlan) -> list[int]:
-        if not nodes:
-            return []
-        if self.num_clients is None or self.clients_per_round is None:
-            size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
-            size = max(1, min(size, len(nodes)))
-            picked = select_clients(len(nodes), size, seed=self.seed, round_idx=plan.round_idx)
-            return [nodes[i] for i in picked]
-        unknown = [n for n in nodes if n not in self.node_clients]
-        if unknown:
-            self.node_clients.update(
-                probe_client_ids(grid, unknown, plan, self.configrecord_key, self.node_wait_s)
-            )
-        wanted = set(
-            select_clients(
-                self.num_clients, self.clients_per_round, seed=self.seed, round_idx=plan.round_idx
-            )
-        )
-        return [n for n in nodes if self.node_clients.get(n) in wanted]
-
-    def _round_metrics(self, flower_round: FlowerRound, contents: list[RecordDict]) -> MetricRecord:
-        outcome = flower_round.outcome
-        metrics = MetricRecord()
-        if contents:
-            try:
-                metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-            except (TypeError, ValueError) as exc:
-                log(WARNING, "aggregate_train: could not aggregate the clients' metrics: %s", exc)
-            if CLIENT_ID_KEY in metrics:
-                del metrics[CLIENT_ID_KEY]
-        # fp32 is levels 0, as in the codec's header (MetricRecord has no None).
-        metrics["levels"] = outcome.levels or 0
-        metrics["next_levels"] = outcome.next_levels or 0
-        metrics["wire_bits"] = outcome.wire_bits
-        metrics["formula_bits"] = outcome.formula_bits
-        metrics["downlink_bits"] = flower_round.downlink_bits
-        metrics["participants"] = outcome.participants
-        metrics["rejected"] = outcome.rejected
-        metrics["dropped"] = flower_round.dropped
-        if outcome.train_loss is not None:
-            metrics["train_loss"] = outcome.train_loss
-        return metrics

@@ -44,7 +44,7 @@ def sim_engine(
     """The in-process simulator; checkpoints every ``[train] checkpoint_every`` rounds."""
     sim = build_simulator(config)
     if resume_state is not None:
-        sim.server.load_state_dict(resume_state)
+        sim.load_state_dict(resume_state)
     every = config.train.checkpoint_every
     while sim.server.round_idx < config.train.rounds:
         on_record(sim.run_round())
@@ -54,7 +54,7 @@ def sim_engine(
             and every
             and (done % every == 0 or done == config.train.rounds)
         ):
-            on_checkpoint(sim.server.state_dict(), done)
+            on_checkpoint(sim.state_dict(), done)
     return EngineRun(sim.server.params.clone(), sim.model)
 
 

@@ -297,7 +297,8 @@ def compare(
         methods[spec.label]["levels"] = (
             None if spec.compression.method == "fp32" else spec.compression.levels
         )
-        methods[spec.label]["encoding"] = spec.compression.encoding
+        methods[spec.label]["encoding"] = spec.compression.resolved_encoding
+        methods[spec.label]["compressor"] = spec.compression.compressor
     summary = {
         "target_loss": target,
         "smooth_rounds": cfg.compare.smooth_rounds,

@@ -4,10 +4,9 @@ The same config, data, model and server pieces as the simulator
 (:func:`adaquantfl.runner.experiment.load_data`, ``build_model``, ``build_server``),
 run as a Flower app on the Ray backend: a ServerApp with
 :class:`~adaquantfl.flower.AdaQuantFedAvg`, and a ClientApp whose train
-function does what :func:`adaquantfl.fl.client.client_update` does before
-compression (``F_i(w_k)`` with :func:`~adaquantfl.fl.client.evaluate`,
-:func:`~adaquantfl.fl.client.local_sgd` on the (seed, round, client, "batch")
-stream), wrapped in :data:`~adaquantfl.flower.adaquant_mod`, which quantizes
+function runs :func:`adaquantfl.fl.client.train_locally`, the simulator's own
+steps before compression (``F_i(w_k)``, then local SGD on the (seed, round,
+client, "batch") stream), wrapped in :data:`~adaquantfl.flower.adaquant_mod`, which quantizes
 and encodes. Every random stream is keyed by (seed, round, client id), so both
 engines send the same bytes in every round (tests/test_flower_engine.py).
 """
@@ -29,8 +28,9 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from adaquantfl.compression.compressor import default_message_limit
 from adaquantfl.data import FederatedData
-from adaquantfl.fl.client import LocalTraining, evaluate, local_sgd
+from adaquantfl.fl.client import LocalTraining, evaluate, train_locally
 from adaquantfl.fl.record import RoundRecord, record_round
 from adaquantfl.flower.mod import adaquant_mod
 from adaquantfl.flower.records import (
@@ -44,9 +44,8 @@ from adaquantfl.flower.records import (
 )
 from adaquantfl.flower.strategy import AdaQuantFedAvg, FlowerRound
 from adaquantfl.models import FlatModel
-from adaquantfl.rng import torch_generator
-from adaquantfl.runner.build import EngineRun, build_model, build_server, load_data
-from adaquantfl.runner.config import Config
+from adaquantfl.runner.build import EngineRun, build_model, load_data
+from adaquantfl.runner.config import Config, ConfigError
 
 __all__ = ["engine_client_app", "flat_layout", "loopback_ray", "ray_backend_config", "run_flower"]
 
@@ -185,12 +184,15 @@ def _train(config: Config, num_threads: int, msg: Message, context: Context) -> 
     name, received = single_array_record(msg.content, "the train instruction")
     layout = ArrayLayout.of(received)
     params = layout.flatten(received)
-    loss, _ = evaluate(state.model, params, shard.x, shard.y)
-    batch_gen = torch_generator(
-        plan.seed, purpose="batch", round_idx=plan.round_idx, client_id=client_id
-    )
-    local = local_sgd(
-        state.model, params, shard.x, shard.y, training=state.training, generator=batch_gen
+    local, loss = train_locally(
+        state.model,
+        params,
+        shard.x,
+        shard.y,
+        training=state.training,
+        seed=plan.seed,
+        round_idx=plan.round_idx,
+        client_id=client_id,
     )
     metrics = MetricRecord({PRE_TRAIN_LOSS_KEY: loss, NUM_EXAMPLES_KEY: len(shard)})
     return Message(
@@ -257,19 +259,26 @@ def run_flower(
     """
     data = load_data(config)
     model, params = build_model(config, data)
-    template = build_server(config, params)  # the simulator's schedule and compressor
+    if config.compression.downlink != "none":
+        raise ConfigError(
+            "[compression] downlink compression runs on engine = 'sim'; the Flower engine "
+            "sends the model as float32 arrays"
+        )
+    compressor = config.compression.build_compressor()
     layout = flat_layout(model)
     num_clients = len(data.clients)
     partial = config.clients_per_round < num_clients
+    # The strategy builds the run's one FedServer from these, as build_server would.
     strategy = AdaQuantFedAvg(
-        template.schedule,
-        template.compressor,  # type: ignore[arg-type]  # build_server makes a QSGDCompressor
+        config.compression.build_policy(),
+        compressor,
         seed=config.train.seed,
         num_clients=num_clients if partial else None,
         clients_per_round=config.clients_per_round if partial else None,
         node_wait_s=round_timeout_s,
         record_digests=True,
-        max_message_bytes=template.max_message_bytes,
+        max_message_bytes=config.train.max_message_bytes
+        or default_message_limit(model.numel, compressor),
         fraction_evaluate=0.0,  # central evaluation below, as in the simulator
         min_train_nodes=num_clients,
         min_evaluate_nodes=0,
