@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from task import load_data, make_model, mean_loss
 
-from adaquantfl.compression.compressor import QSGDCompressor
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.flower import AdaQuantFedAvg
 from adaquantfl.policy import make_schedule
 
