@@ -128,9 +128,7 @@ def test_quantized_messages_round_trip_exactly(sample: Sample) -> None:
     y = decode_dequantize(sample.data, expected_numel=n, expected_levels=levels, out=out)
     assert y.data_ptr() == out.data_ptr()
     assert bitwise_equal(y, dequantize(sample.quantized))
-    compressor = QSGDCompressor(
-        encoding=sample.encoding, bucket_size=q.bucket_size, norm=q.norm
-    )
+    compressor = QSGDCompressor(encoding=sample.encoding, bucket_size=q.bucket_size, norm=q.norm)
     z = compressor.decompress(sample.data, numel=n, levels=levels)
     assert bitwise_equal(z, y)
 

@@ -10,6 +10,7 @@ a bad key or value is reported with its section, name and what is allowed::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -120,11 +121,14 @@ class CompressionConfig:
     :class:`~adaquantfl.compression.feedback.ErrorFeedback`. ``downlink``
     names a compressor for the model the server sends (``"none"``: raw
     float32, the paper), at ``downlink_levels`` with ``[compression.downlink_options]``.
+    ``plugins`` lists modules to import first: a compressor or policy of the
+    user's own registers itself when its module is imported (the Flower
+    engine imports them on every client too).
     """
 
-    method: str = field(default="adaquantfl", metadata=choice(*POLICIES))
+    method: str = "adaquantfl"
     levels: int = field(default=2, metadata={"min": 1, "max": MAX_LEVELS})
-    compressor: str = field(default="qsgd", metadata=choice(*COMPRESSORS))
+    compressor: str = "qsgd"
     options: dict[str, Any] = field(default_factory=dict)
     encoding: str | None = field(default=None, metadata=choice(*MESSAGE_ENCODINGS))
     bucket_size: int | None = field(default=None, metadata=at_least(1))
@@ -133,12 +137,24 @@ class CompressionConfig:
     max_levels: int = field(default=2**16, metadata={"min": 1, "max": MAX_LEVELS})
     policy_options: dict[str, Any] = field(default_factory=dict)
     error_feedback: bool = False
-    downlink: str = field(default="none", metadata=choice("none", *COMPRESSORS))
+    downlink: str = "none"
     downlink_levels: int = field(default=255, metadata={"min": 1, "max": MAX_LEVELS})
     downlink_options: dict[str, Any] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate(self, "compression")
+        self.import_plugins()
+        # Checked here, not by field metadata: a plugin registers its names on import.
+        for key, value, allowed in (
+            ("method", self.method, sorted(POLICIES)),
+            ("compressor", self.compressor, sorted(COMPRESSORS)),
+            ("downlink", self.downlink, ["none", *sorted(COMPRESSORS)]),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"[compression] {key} = {value!r} is not allowed; choose one of {allowed}"
+                )
         if self.method == "adaquantfl" and not (self.min_levels <= self.levels <= self.max_levels):
             raise ConfigError(
                 f"[compression] levels = {self.levels} must lie in [min_levels, max_levels] = "
@@ -149,6 +165,18 @@ class CompressionConfig:
         self.build_compressor()
         self.build_downlink_compressor()
         self.build_policy()
+
+    def import_plugins(self) -> None:
+        """Import the modules of ``plugins`` (each registers compressors or policies)."""
+        for name in self.plugins:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"[compression] plugins must be module names, got {name!r}")
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"[compression] plugins: cannot import module {name!r}: {exc}"
+                ) from None
 
     def compressor_config(self) -> dict[str, Any]:
         """``{"compressor": name, "options": {...}}``; for qsgd with the QSGD keys merged in.

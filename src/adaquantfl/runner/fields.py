@@ -43,8 +43,9 @@ def build_section(
             f"unknown key {section}.{unknown[0]!s}; allowed keys in [{section}]: {', '.join(names)}"
         )
     kwargs = {k: v for k, v in values.items() if k in names}
-    if "methods" in kwargs and isinstance(kwargs["methods"], list):
-        kwargs["methods"] = tuple(kwargs["methods"])
+    for key, value in kwargs.items():  # TOML arrays -> the tuples the dataclasses hold
+        if isinstance(value, list):
+            kwargs[key] = tuple(value)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - guarded by the key check above

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
@@ -116,9 +117,13 @@ def loopback_ray(num_cpus: int) -> Iterator[None]:
         raise RuntimeError(
             "Ray is already running in this process; the Flower engine starts its own"
         )
-    saved = {key: os.environ.get(key) for key in _RAY_ENV}
+    # The workers import what this process can import from its working
+    # directory (a config's plugin modules, e.g. a compressor of the user's own).
+    paths = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**_RAY_ENV, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    saved = {key: os.environ.get(key) for key in env}
     saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(_RAY_ENV)
+    os.environ.update(env)
     # Already read when ray was imported; resolve_ip_for_localhost reads it now.
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -206,7 +211,13 @@ def engine_client_app(config: Config, num_threads: int | None = None) -> ClientA
     ``num_threads`` (default: this process's ``torch.get_num_threads()``) is
     the intra-op thread count the workers train with.
     """
-    app = ClientApp(mods=[adaquant_mod])
+
+    def import_plugins(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        # Before adaquant_mod rebuilds the compressor from the registry by name.
+        config.compression.import_plugins()
+        return call_next(msg, context)
+
+    app = ClientApp(mods=[import_plugins, adaquant_mod])
     threads = num_threads or torch.get_num_threads()
 
     @app.train()
