@@ -56,6 +56,7 @@ from tools.fuzz_codec import (
 
 import adaquantfl.compression.codec as codec
 import adaquantfl.compression.entropy as entropy
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.codec import (
     CodecError,
     decode,
@@ -65,7 +66,6 @@ from adaquantfl.compression.codec import (
     encode_dense,
     quantize_encode,
 )
-from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, dequantize, num_buckets, quantize
 
 PROFILE = settings(

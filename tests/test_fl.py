@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.compression import QSGDCompressor
+from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import (
     ClientError,

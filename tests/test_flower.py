@@ -40,8 +40,8 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
-from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.compression import QSGDCompressor
+from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.flower import (

@@ -32,8 +32,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp.strategy import Result
 
-from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.compression import QSGDCompressor, default_message_limit
+from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.flower import PAYLOAD_KEY, AdaQuantFedAvg, ArrayLayout, adaquant_mod
 from adaquantfl.flower.records import LEVELS_KEY, PROBE_KEY, ROUND_KEY
 from adaquantfl.policy import AdaQuantLevels, FullPrecision, LevelSchedule

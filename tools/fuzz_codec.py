@@ -76,6 +76,7 @@ import constriction
 import numpy as np
 import torch
 
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.codec import (
     CodecError,
     decode,
@@ -84,7 +85,6 @@ from adaquantfl.compression.codec import (
     encode,
     encode_dense,
 )
-from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, dequantize, num_buckets, quantize
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
