@@ -95,6 +95,8 @@ OUTCOMES = OK_OUTCOMES + BAD_OUTCOMES
 CODES = {"raw": 0, "packed": 1, "entropy": 2}
 FLAG_MAX_NORM = 0x10
 U32_MAX = 2**32 - 1
+#: The largest norm an encoder produces (the quantizer refuses 2**127 and above).
+LARGEST_NORM = float(np.nextafter(np.float32(2.0**127), np.float32(0)))
 HUGE_VALUES = (U32_MAX, U32_MAX - 1, 2**31, 2**28 + 3, 10**9, 0x0FFFFFFF, 2**24, 2**24 - 1)
 
 
@@ -153,12 +155,12 @@ def random_quantized(
     numel: int, levels: int, bucket_size: int | None, norm: str, seed: int
 ) -> Quantized:
     """A valid ``Quantized`` that no quantizer would make: uniform level indices,
-    random signs, norms that may be 0 or subnormal."""
+    random signs, norms that may be 0, subnormal or the largest below 2**127."""
     rng = np.random.default_rng(seed)
     mags = rng.integers(0, levels + 1, numel, dtype=np.int64).astype(np.int32)
     signs = rng.integers(0, 2, numel).astype(np.bool_) & (mags > 0)
     nb = num_buckets(numel, bucket_size)
-    norms = rng.choice(np.array([0.0, 1e-45, 1.0, 3.0e38], np.float32), nb)
+    norms = rng.choice(np.array([0.0, 1e-45, 1.0, LARGEST_NORM], np.float32), nb)
     norms = np.where(rng.random(nb) < 0.5, rng.random(nb).astype(np.float32), norms)
     return Quantized(
         levels,

@@ -51,6 +51,7 @@ from adaquantfl.compression.container import (
     Header,
     as_buffer,
     build_message,
+    check_norms,
     read_norms,
     varint_bytes,
 )
@@ -115,7 +116,9 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     ------
     ValueError
         On an unknown encoding, more than 2**32 - 1 entries, or a ``q`` whose
-        level indices are outside ``[0, levels]`` or that has a sign on a zero level.
+        level indices are outside ``[0, levels]``, that has a sign on a zero level,
+        or a norm outside the quantizer's range (NaN, infinite, negative or
+        ``>= 2**127``).
     """
     _check_encoding(encoding)
     if q.numel > U32_MAX:
@@ -123,6 +126,10 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     mags = np.ascontiguousarray(q.magnitudes.numpy())
     signs = np.ascontiguousarray(q.signs.numpy())
     norms = np.ascontiguousarray(q.norms.numpy())
+    try:
+        check_norms(norms)  # what decode rejects, encode must not produce
+    except ValueError as exc:
+        raise ValueError(f"cannot encode: {exc}") from None
     if encoding == "entropy":
         return _entropy_message(q.numel, q.levels, q.bucket_size, q.norm, norms, mags, signs)
 
@@ -239,7 +246,8 @@ def decode(
     ------
     CodecError
         If any field is malformed, disagrees with the length or the caller's
-        expectations, the CRC does not match, or the body is not canonical.
+        expectations, the CRC does not match, a norm is outside the encoder's
+        range (finite, ``>= 0``, ``< 2**127``), or the body is not canonical.
     """
     buf, header, norms = _open(data, expected_numel, expected_levels)
     mags, signs = _level_indices(buf, header)
