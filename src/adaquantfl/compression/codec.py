@@ -31,9 +31,10 @@ Varints keep the header small: a 410-entry s=1 message costs 103 bytes of body
 and 16 bytes of header, norm and CRC, where fixed 32-bit fields would cost 24.
 Every field is validated against the actual length and the caller's
 ``expected_numel`` before anything of a claimed size is allocated, and there is
-exactly one valid raw or packed encoding of each vector (canonical varints,
-zero padding, no sign on zero), so a decoded message re-encodes to the same
-bytes. The entropy body has its own checks (see :mod:`adaquantfl.compression.entropy`).
+exactly one valid encoding of each vector in each encoding (canonical varints,
+zero padding, no sign on zero, and an entropy body that must be the encoder's
+own, see :mod:`adaquantfl.compression.entropy`), so a decoded message
+re-encodes to the same bytes.
 """
 
 from __future__ import annotations
