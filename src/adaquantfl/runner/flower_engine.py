@@ -314,6 +314,7 @@ def run_flower(
             test_accuracy=test_accuracy,
             time_s=flower_round.time_s + time.perf_counter() - start,
             dropped=flower_round.dropped,
+            numel=model.numel,
         )
         records.append(record)
         on_record(record)
