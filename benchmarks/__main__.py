@@ -20,6 +20,7 @@ BENCHMARKS = [
     ("sim", ["--quick"]),
     ("memory", ["--clients", "1000", "--rounds", "2"]),
     ("comm", ["--quick"]),
+    ("stack", ["--quick"]),
 ]
 
 

@@ -9,6 +9,7 @@ precision.
 - :mod:`.base`: the protocol and what a policy observes;
 - :mod:`.classic`: ``fp32``, ``qsgd`` (fixed levels) and ``adaquantfl``, which
   keep the schedule interface of DESIGN §7 (``levels``, ``update(loss)``);
+- :mod:`.dadaquant`: DAdaQuant's time-, client- and doubly-adaptive levels;
 - :mod:`.registry`: :data:`POLICIES` by method name.
 
 Adding a policy is one module whose factory is decorated with
@@ -29,6 +30,7 @@ from adaquantfl.policy.classic import (
     UniformLevels,
     adaquant_levels,
 )
+from adaquantfl.policy.dadaquant import DAdaQuant
 from adaquantfl.policy.registry import POLICIES, make_policy, register_policy
 
 #: The schedules of DESIGN §7 by method name (the same registry as :data:`POLICIES`).
@@ -40,6 +42,7 @@ __all__ = [
     "SCHEDULES",
     "AdaQuantLevels",
     "ClientOutcome",
+    "DAdaQuant",
     "FixedLevels",
     "FullPrecision",
     "LevelPlan",

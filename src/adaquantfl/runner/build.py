@@ -78,7 +78,7 @@ def build_server(config: Config, params: torch.Tensor, **kwargs: Any) -> FedServ
     )
     return FedServer(
         params,
-        c.build_policy(),
+        c.build_policy(config.train.rounds),
         compressor,
         max_message_bytes=limit,
         downlink=downlink,

@@ -226,14 +226,15 @@ class CompressionConfig:
         except ValueError as exc:
             raise ConfigError(f"[compression] downlink: {exc}") from None
 
-    def build_policy(self) -> LevelPolicy:
-        """A fresh level policy of ``method``."""
+    def build_policy(self, rounds: int = 100) -> LevelPolicy:
+        """A fresh level policy of ``method`` for a run of ``rounds`` rounds."""
         try:
             return make_policy(
                 self.method,
                 levels=self.levels,
                 min_levels=self.min_levels,
                 max_levels=self.max_levels,
+                rounds=rounds,
                 options=dict(self.policy_options),
             )
         except ValueError as exc:

@@ -281,7 +281,7 @@ def run_flower(
     partial = config.clients_per_round < num_clients
     # The strategy builds the run's one FedServer from these, as build_server would.
     strategy = AdaQuantFedAvg(
-        config.compression.build_policy(),
+        config.compression.build_policy(config.train.rounds),
         compressor,
         seed=config.train.seed,
         num_clients=num_clients if partial else None,

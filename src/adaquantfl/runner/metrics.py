@@ -31,6 +31,7 @@ DEFAULT_TARGET_FACTOR = 1.01
 SUMMARY_KEYS: tuple[str, ...] = (
     "bits_to_target",
     "formula_bits_to_target",
+    "downlink_bits_to_target",
     "rounds_to_target",
     "final_train_loss",
     "final_test_loss",
@@ -81,6 +82,7 @@ def summarize_run(
     return {
         "bits_to_target": None if hit is None else rows[hit]["cum_wire_bits"],
         "formula_bits_to_target": None if hit is None else rows[hit]["cum_formula_bits"],
+        "downlink_bits_to_target": None if hit is None else rows[hit]["cum_downlink_bits"],
         "rounds_to_target": None if hit is None else rows[hit]["round"],
         "final_train_loss": final_mean(rows, "train_loss"),
         "final_test_loss": final_mean(rows, "test_loss"),
