@@ -97,6 +97,8 @@ class TrainConfig:
     client_time_sigma: float = field(default=0.5, metadata=at_least(0))
     round_time_sigma: float = field(default=0.25, metadata=at_least(0))
     max_message_bytes: int | None = field(default=None, metadata=at_least(1))
+    prox_mu: float = field(default=0.0, metadata=at_least(0))
+    uplink_budget_bits: int | None = field(default=None, metadata=at_least(1))
 
     def __post_init__(self) -> None:
         validate(self, "train")

@@ -168,7 +168,9 @@ def _client_state(config: Config) -> _ClientState:
         data = load_data(config)
         model, _ = build_model(config, data)
         t = config.train
-        state = _ClientState(data, model, LocalTraining(t.local_steps, t.batch_size, t.lr))
+        state = _ClientState(
+            data, model, LocalTraining(t.local_steps, t.batch_size, t.lr, t.prox_mu)
+        )
         _CLIENT_STATE.clear()
         _CLIENT_STATE[key] = state
     return state
