@@ -25,6 +25,7 @@ from adaquantfl.compression.qsgd_compressor import MESSAGE_ENCODINGS
 from adaquantfl.data import DATASETS, PARTITIONS
 from adaquantfl.models import INITS, MODELS
 from adaquantfl.policy import POLICIES, LevelPolicy, make_policy
+from adaquantfl.policy.registry import LEVELLESS
 from adaquantfl.runner.fields import (
     ConfigError,
     at_least,
@@ -257,7 +258,7 @@ class CompressionConfig:
         one that takes levels); ``-ef`` marks error feedback and ``-dl`` a
         compressed downlink.
         """
-        base = "fp32" if self.method == "fp32" else f"{self.method}-s{self.levels}"
+        base = self.method if self.method in LEVELLESS else f"{self.method}-s{self.levels}"
         if self.compressor != "qsgd" and self.method != "fp32":
             takes_levels = COMPRESSORS[self.compressor].takes_levels
             base = f"{self.compressor}-{base}" if takes_levels else self.compressor
