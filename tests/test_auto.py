@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -89,7 +90,7 @@ def test_auto_stays_coarse_where_finer_levels_do_not_help() -> None:
     # Backoff: each rejected probe doubles the wait before the next (10, 20, 40, 80, ...).
     rounds = [r for r, *_ in policy.decisions]
     assert len(rounds) <= math.ceil(math.log2(300 / 10))
-    gaps = [b - a for a, b in zip(rounds, rounds[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(rounds)]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0]
 
 
