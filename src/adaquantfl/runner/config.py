@@ -23,11 +23,19 @@ from adaquantfl.compression.feedback import ErrorFeedback
 from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS
 from adaquantfl.compression.qsgd_compressor import MESSAGE_ENCODINGS
 from adaquantfl.data import DATASETS, PARTITIONS
+from adaquantfl.fl.client import (
+    BATCH_SIZE_LIMIT,
+    LOCAL_STEPS_LIMIT,
+    MAX_BATCH_SIZE,
+    MAX_LOCAL_STEPS,
+    LocalTraining,
+)
 from adaquantfl.models import INITS, MODELS
 from adaquantfl.policy import POLICIES, LevelPolicy, make_policy
 from adaquantfl.runner.fields import (
     ConfigError,
     at_least,
+    at_most,
     build_section,
     choice,
     positive,
@@ -83,8 +91,8 @@ class TrainConfig:
     """``[train]``: rounds, local SGD, participation, seed and engine."""
 
     rounds: int = field(default=100, metadata=at_least(1))
-    local_steps: int = field(default=10, metadata=at_least(1))
-    batch_size: int = field(default=32, metadata=at_least(1))
+    local_steps: int = field(default=10, metadata=at_most(MAX_LOCAL_STEPS, LOCAL_STEPS_LIMIT))
+    batch_size: int = field(default=32, metadata=at_most(MAX_BATCH_SIZE, BATCH_SIZE_LIMIT))
     lr: float = field(default=0.05, metadata=positive())
     clients_per_round: int | None = field(default=None, metadata=at_least(1))
     seed: int = field(default=0, metadata=at_least(0))
@@ -97,9 +105,14 @@ class TrainConfig:
     client_time_sigma: float = field(default=0.5, metadata=at_least(0))
     round_time_sigma: float = field(default=0.25, metadata=at_least(0))
     max_message_bytes: int | None = field(default=None, metadata=at_least(1))
+    max_weight_share: float | None = field(default=None, metadata={**positive(), "max": 1})
 
     def __post_init__(self) -> None:
         validate(self, "train")
+        try:  # the memory bounds of local training (their product, too)
+            LocalTraining(self.local_steps, self.batch_size, self.lr)
+        except ValueError as exc:
+            raise ConfigError(f"[train] {exc}") from None
 
 
 #: The QSGD options that ``[compression]`` also takes as keys of its own (the
