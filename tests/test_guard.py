@@ -154,6 +154,23 @@ def test_weight_share_cap_bounds_one_clients_pull_on_model_and_loss() -> None:
     assert policy.seen[0].train_loss == out.train_loss
 
 
+def test_a_decoder_that_fails_on_the_capped_second_pass_rejects_the_round() -> None:
+    class Flaky(QSGDCompressor):
+        calls = 0
+
+        def decompress(self, payload, *, numel, levels, out=None):  # type: ignore[no-untyped-def]
+            Flaky.calls += 1
+            if Flaky.calls > 3:
+                raise CodecError("different the second time")
+            return super().decompress(payload, numel=numel, levels=levels, out=out)
+
+    server = FedServer(torch.zeros(D), FixedLevels(2), Flaky(), max_weight_share=0.5)
+    out = server.aggregate([good(0, n=1), good(1, n=1), good(2, n=1000)])
+    assert out.participants == 0 and out.rejected == 3
+    assert "did not decode the same way twice" in out.rejections[0][1]
+    assert torch.equal(server.params, torch.zeros(D))
+
+
 # --------------------------------------------------------------------------- losses
 
 

@@ -9,7 +9,8 @@ applies to each reply:
   measurements are unusable (None if they are usable);
 - :func:`aggregation_weights`: the weights ``n_i`` of the accepted replies,
   with an optional cap on one client's share;
-- :func:`policy_loss`: a loss clamped into the range every policy can use.
+- :func:`policy_loss`: a loss clamped into the range every policy can use, and
+  :func:`policy_observation`, what a policy is shown of a round.
 
 Notes
 -----
@@ -27,6 +28,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from adaquantfl.fl.client import ClientReply
+from adaquantfl.policy.base import ClientOutcome, RoundObservation
+
 __all__ = [
     "MAX_CLIENT_ID",
     "MAX_LOSS",
@@ -37,6 +41,7 @@ __all__ = [
     "check_weight_share",
     "client_id_problem",
     "policy_loss",
+    "policy_observation",
     "reply_problem",
 ]
 
@@ -169,3 +174,28 @@ def policy_loss(loss: float) -> float:
     if loss == 0:
         return 0.0
     return min(MAX_LOSS, max(MIN_POLICY_LOSS, loss))
+
+
+def policy_observation(
+    round_idx: int, train_loss: float, accepted: Sequence[tuple[ClientReply, int | None, int]]
+) -> RoundObservation:
+    """What a policy is shown of a round, every loss clamped by :func:`policy_loss`.
+
+    ``accepted`` holds ``(reply, levels, wire bits)`` of each accepted reply, in client-id order.
+    """
+    return RoundObservation(
+        round_idx=round_idx,
+        train_loss=policy_loss(train_loss),
+        clients=tuple(
+            ClientOutcome(
+                client_id=r.client_id,
+                num_examples=int(r.num_examples),
+                loss=policy_loss(float(r.loss)),
+                levels=levels,
+                wire_bits=bits,
+                update_norm=None if r.update_norm is None else float(r.update_norm),
+                distortion=None if r.distortion is None else float(r.distortion),
+            )
+            for r, levels, bits in accepted
+        ),
+    )

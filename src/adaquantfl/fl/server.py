@@ -26,11 +26,10 @@ from adaquantfl.fl.guard import (
     aggregation_weights,
     check_weight_share,
     client_id_problem,
-    policy_loss,
+    policy_observation,
     reply_problem,
 )
 from adaquantfl.policy import (
-    ClientOutcome,
     LevelPlan,
     LevelPolicy,
     LevelSchedule,
@@ -279,16 +278,19 @@ class FedServer:
         weights = aggregation_weights(
             [int(r.num_examples) for r, _, _ in accepted], self.max_weight_share
         )
-        if any(w != r.num_examples for w, (r, _, _) in zip(weights, accepted, strict=True)):
-            accum = self._weighted_sum(accepted, weights, buffer)
+        capped = any(w != r.num_examples for w, (r, _, _) in zip(weights, accepted, strict=True))
         new_params = None
         if weights:
-            total = float(sum(weights))
-            new_params = (self.params.to(torch.float64) + accum / total).to(torch.float32)
-            if not all_finite(new_params):
-                # Each update was finite, but together they overflow float32 (e.g.
-                # valid raw values near 3e38): keep the old model and policy.
+            summed = self._weighted_sum(accepted, weights, buffer) if capped else accum
+            reason = "a payload did not decode the same way twice"
+            if summed is not None:
+                total = float(sum(weights))
+                new_params = (self.params.to(torch.float64) + summed / total).to(torch.float32)
                 reason = "the weighted average of the accepted updates overflows float32"
+            if new_params is None or not all_finite(new_params):
+                # Each update was finite, but together they overflow float32 (e.g.
+                # valid raw values near 3e38), or a decoder failed on its second
+                # pass: keep the old model and policy.
                 logger.warning("round %d: %s; all replies rejected", self.round_idx + 1, reason)
                 rejections += [(r.client_id, reason) for r, _, _ in accepted]
                 accepted, weights, formula_bits, new_params = [], [], 0, None
@@ -299,7 +301,7 @@ class FedServer:
             train_loss = weighted_mean([float(r.loss) for r, _, _ in accepted], weights)
             distortion = _weighted_distortion(accepted, weights)
             if train_loss > 0:
-                self._observe(_observation(self.round_idx, train_loss, accepted))
+                self._observe(policy_observation(self.round_idx, train_loss, accepted))
             else:
                 # A zero loss is a perfect fit; AdaQuantFL's sqrt(F_0 / F) is then
                 # undefined, so the levels are kept.
@@ -371,13 +373,13 @@ class FedServer:
         accepted: Sequence[tuple[ClientReply, int | None, int]],
         weights: Sequence[float],
         buffer: torch.Tensor,
-    ) -> torch.Tensor:
-        """``sum_i w_i C(Delta_i)`` again with capped weights (decoding is deterministic)."""
+    ) -> torch.Tensor | None:
+        """``sum_i w_i C(Delta_i)`` again with capped weights; None if a decode now fails."""
         accum = torch.zeros(self.numel, dtype=torch.float64)
         for (reply, levels, _), weight in zip(accepted, weights, strict=True):
-            update = self.compressor.decompress(
-                bytes(reply.payload), numel=self.numel, levels=levels, out=buffer
-            )
+            update, _ = self._decode(reply.payload, levels, buffer)
+            if update is None:
+                return None
             accum.add_(update.to(torch.float64), alpha=float(weight))
         return accum
 
@@ -406,28 +408,6 @@ class FedServer:
         self.params = params.detach().clone()
         self.round_idx = int(state["round_idx"])
         self._plan = None
-
-
-def _observation(
-    round_idx: int, train_loss: float, accepted: Sequence[tuple[ClientReply, int | None, int]]
-) -> RoundObservation:
-    """What the policy sees; every loss in it is clamped by :func:`.guard.policy_loss`."""
-    return RoundObservation(
-        round_idx=round_idx,
-        train_loss=policy_loss(train_loss),
-        clients=tuple(
-            ClientOutcome(
-                client_id=r.client_id,
-                num_examples=int(r.num_examples),
-                loss=policy_loss(float(r.loss)),
-                levels=levels,
-                wire_bits=bits,
-                update_norm=None if r.update_norm is None else float(r.update_norm),
-                distortion=None if r.distortion is None else float(r.distortion),
-            )
-            for r, levels, bits in accepted
-        ),
-    )
 
 
 def _weighted_distortion(
