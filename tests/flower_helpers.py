@@ -127,6 +127,14 @@ class InProcessGrid(Grid):
         return replies
 
 
+def forget_warnings() -> None:
+    """Let the once-per-process warnings of adaquantfl.flower be logged again (per test)."""
+    from adaquantfl.flower import node_state, replies
+
+    node_state._WARNED.clear()
+    replies._LOGGED.clear()
+
+
 def simulate(config: Config) -> tuple[list[RoundOutcome], torch.Tensor]:
     """Run ``config`` on the in-process simulator; the server's outcomes (with digests)."""
     sim = build_simulator(config)
