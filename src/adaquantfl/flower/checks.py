@@ -74,6 +74,8 @@ def check_settings(
             f"{name} wraps a Flower strategy (e.g. FedAvg(), FedAdam()) as its first argument, "
             f"got {type(strategy).__name__} {strategy!r}: {USAGE}"
         )
+    if values["policy"] is None:
+        raise TypeError(f"{name} needs a level policy, policy=...: {USAGE}")
     out: dict[str, Any] = {"policy": check_policy(values["policy"])}
     _int("seed", values["seed"], -_INT64, _INT64 - 1)
     for key in ("compressor", "downlink"):

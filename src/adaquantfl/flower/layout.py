@@ -211,7 +211,7 @@ class ArrayLayout:
                 arrays[name] = side[name]
                 continue
             size = math.prod(shape)
-            arrays[name] = Array(values[offset : offset + size].reshape(shape).astype(dtype))
+            arrays[name] = Array(np.asarray(values[offset : offset + size].reshape(shape), dtype))
             offset += size
         return ArrayRecord(arrays)
 
@@ -304,13 +304,14 @@ class ArrayLayout:
 
 def cast_values(values: np.ndarray, dtype: str) -> np.ndarray:
     """``values`` in ``dtype``: integers rounded half to even, bools by ``>= 0.5``."""
+    # np.asarray throughout: numpy turns 0-d results into scalars, which Array refuses
+    # (num_batches_tracked is 0-d).
     target = np.dtype(dtype)
     if target.kind == "b":
         return np.asarray(values >= 0.5)
     if target.kind in "iu" and values.dtype.kind not in "iub":
         info = np.iinfo(target)
-        rounded: np.ndarray = np.clip(np.rint(values), info.min, info.max).astype(target)
-        return rounded
+        return np.asarray(np.clip(np.rint(values), info.min, info.max), dtype=target)
     return np.asarray(values, dtype=target)
 
 

@@ -80,6 +80,7 @@ from adaquantfl.flower.records import (
     payload_array,
     single_array_record,
     single_metric_record,
+    with_content,
 )
 
 __all__ = ["FLOWER_TRAIN_LOSS_KEY", "adaquant_mod", "encode_update", "make_adaquant_mod"]
@@ -144,12 +145,15 @@ def make_adaquant_mod(
         name, received = single_array_record(msg.content, "the train instruction")
         if plan.downlink is not None:
             model, params, layout = receive_model(context, received, plan.downlink, plan.round_idx)
-            msg.content[name] = model  # the train function gets x_k in the model's arrays
+            # The train function gets x_k in the model's arrays (a copy: the
+            # instruction itself stays as the server sent it).
+            train_msg = with_content(msg, RecordDict({**dict(msg.content.items()), name: model}))
         else:
             layout = ArrayLayout.of(received, plan.uncompressed)
             params = layout.flatten(received)
+            train_msg = msg
 
-        reply = call_next(msg, context)
+        reply = call_next(train_msg, context)
         if reply.has_error():
             return reply
         _, local_record = single_array_record(reply.content, "the train function's reply")

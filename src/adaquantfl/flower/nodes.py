@@ -156,7 +156,8 @@ def probe_client_ids(
     for reply in grid.send_and_receive(messages, timeout=wait_s):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log(WARNING, "probe: node %d answered with an error: %s", node, reply.error.reason)
+            log(WARNING, "probe: node %d answered with an error (is %s?): %s", node,
+                "adaquant_mod in its ClientApp", reply.error.reason)  # fmt: skip
             continue
         try:
             _, metrics = single_metric_record(reply.content, "a probe reply")

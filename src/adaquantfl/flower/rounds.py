@@ -203,6 +203,11 @@ def why_nothing_accepted(rounds: Sequence[FlowerRound]) -> str:
         reasons.update(reason for _, reason in r.outcome.rejections)
         reasons.update("no reply" for _ in r.dropouts)
     top = "; ".join(f"{reason} ({count}x)" for reason, count in reasons.most_common(3))
+    if not any(r.sent for r in rounds):
+        top = (
+            "no node was sent a training message (none connected, or, with num_clients, none "
+            "answered the probe for its client id: see the 'probe:' warnings)"
+        )
     hint = f" Fix: {MISSING_MOD_HINT}." if NO_MOD_REASON in reasons else ""
     return (
         f"no reply was accepted in any of the {len(rounds)} training rounds, so the model never "

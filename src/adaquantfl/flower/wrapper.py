@@ -132,7 +132,7 @@ class AdaQuant(Strategy):
         self,
         strategy: Strategy,
         *args: object,
-        policy: LevelPolicy | LevelSchedule,
+        policy: LevelPolicy | LevelSchedule | None = None,
         seed: int,
         compressor: Compressor | None = None,
         downlink: Compressor | None = None,
@@ -396,7 +396,9 @@ class AdaQuant(Strategy):
         :meth:`start` calls it at the end; call it after a loop of your own.
         """
         done = self.rounds[first_round:]
-        if any(r.sent for r in done) and not any(r.outcome.participants for r in done):
+        if not done or any(r.outcome.participants for r in done):
+            return
+        if getattr(self.strategy, "fraction_train", None) != 0.0:  # training was asked for
             raise NoAcceptedRepliesError(why_nothing_accepted(done))
 
     # ----------------------------------------------------------------- helpers
