@@ -313,7 +313,7 @@ def test_bad_or_missing_replies_are_dropped_and_the_round_goes_on() -> None:
 
 def test_a_node_the_superlink_gives_up_on_is_dropped_once() -> None:
     # Prepare: the SuperLink answers for a node that stopped sending heartbeats
-    # with an error reply of its own (from the SuperLink's node id), as Flower 1.41 does.
+    # with an error reply of its own (from the SuperLink's node id), as Flower 1.42 does.
     from flwr.server.superlink.linkstate.utils import (
         create_message_error_unavailable_res_message,
     )
