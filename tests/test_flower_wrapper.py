@@ -209,7 +209,8 @@ CONSTRUCTOR_ERRORS = [
      "AdaQuantLevels(2), FixedLevels(3) or FullPrecision() (or a schedule with .levels and "
      ".update(loss)), got int 2"),
     (lambda: AdaQuantFedAvg(0.5, 0.5, 2, 2, 2, seed=0), TypeError,
-     "AdaQuantFedAvg got 3 positional argument(s) too many"),
+     "AdaQuantFedAvg takes 2 positional argument(s) (policy, compressor) but 5 were given; "
+     "everything else, FedAvg's options included, is a keyword argument"),
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2)), TypeError, "missing 1 required keyword-only "
      "argument: 'seed'"),
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2), 0.5, seed=0), ValueError,
@@ -220,7 +221,7 @@ CONSTRUCTOR_ERRORS = [
     (lambda: AdaQuant(AdaQuantLevels(2), policy=AdaQuantLevels(2), seed=0), TypeError,
      "AdaQuant wraps a Flower strategy (e.g. FedAvg(), FedAdam()) as its first argument"),
     (lambda: AdaQuant(FedAvg(), AdaQuantLevels(2), seed=0), TypeError,
-     "AdaQuant got 1 positional argument(s) too many"),
+     "AdaQuant takes 1 positional argument(s) (the inner strategy) but 2 were given"),
     (lambda: AdaQuant(FedAvg(), policy=AdaQuantLevels(2), seed=0, num_clients=4,
                       clients_per_round=2), ValueError, "pass sample_nodes=True"),
     (lambda: AdaQuant(FedAvg(), policy=AdaQuantLevels(2), seed=0, downlink_levels=7),

@@ -24,10 +24,14 @@ _INT64 = 2**63
 USAGE = "AdaQuant(FedAvg(...), policy=AdaQuantLevels(2), seed=0, compressor=QSGDCompressor(), ...)"
 
 
-def positional_error(name: str, usage: str, count: int) -> TypeError:
+def positional_error(
+    name: str, usage: str, positional: tuple[str, ...], extra: int, note: str = ""
+) -> TypeError:
+    """The error for ``extra`` positional arguments beyond ``positional`` (e.g. FedAvg's)."""
     return TypeError(
-        f"{name} got {count} positional argument(s) too many; everything after "
-        f"them is a keyword argument: {usage}"
+        f"{name} takes {len(positional)} positional argument(s) ({', '.join(positional)}) "
+        f"but {len(positional) + extra} were given; everything else{note} is a keyword "
+        f"argument: {usage}"
     )
 
 
@@ -68,7 +72,7 @@ def check_settings(
         For any other argument, naming it, what it must be, and what it got.
     """
     if args:
-        raise positional_error(name, USAGE, len(args))
+        raise positional_error(name, USAGE, ("the inner strategy",), len(args))
     if not isinstance(strategy, Strategy):
         raise TypeError(
             f"{name} wraps a Flower strategy (e.g. FedAvg(), FedAdam()) as its first argument, "

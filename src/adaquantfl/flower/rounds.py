@@ -198,8 +198,10 @@ def why_nothing_accepted(rounds: Sequence[FlowerRound]) -> str:
     reasons: Counter[str] = Counter()
     for r in rounds:
         for _, reason in r.failures:
-            # "error reply (2): <the node's traceback>" -> "error reply (2)"
-            reasons[reason if reason == NO_MOD_REASON else reason.split(": ", 1)[0]] += 1
+            # An error reply's reason can be a whole traceback: its last line says it.
+            head, _, detail = reason.partition(": ")
+            last = detail.strip().splitlines()[-1][:200] if detail.strip() else ""
+            reasons[f"{head}: {last}" if last else head] += 1
         reasons.update(reason for _, reason in r.outcome.rejections)
         reasons.update("no reply" for _ in r.dropouts)
     top = "; ".join(f"{reason} ({count}x)" for reason, count in reasons.most_common(3))

@@ -82,7 +82,10 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
     ) -> None:
         if args:
-            raise positional_error(type(self).__name__, USAGE, len(args))
+            raise positional_error(
+                type(self).__name__, USAGE, ("policy", "compressor"), len(args),
+                ", FedAvg's options included,",
+            )  # fmt: skip
         # The first argument first: FedAvg-style positional arguments
         # (AdaQuantFedAvg(0.5, ...)) land here.
         check_policy(policy, f"{type(self).__name__}'s first argument (policy)")
