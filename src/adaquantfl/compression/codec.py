@@ -33,9 +33,10 @@ Varints keep the header small: a 410-entry s=1 message costs 103 bytes of body
 and 16 bytes of header, norm and CRC, where fixed 32-bit fields would cost 24.
 Every field is validated against the actual length and the caller's
 ``expected_numel`` before anything of a claimed size is allocated, and there is
-exactly one valid raw or packed encoding of each vector (canonical varints,
-zero padding, no sign on zero), so a decoded message re-encodes to the same
-bytes. The entropy body has its own checks (see :mod:`adaquantfl.compression.entropy`).
+exactly one valid encoding of each vector in each encoding (canonical varints,
+zero padding, no sign on zero, and an entropy body that must be the encoder's
+own, see :mod:`adaquantfl.compression.entropy`), so a decoded message
+re-encodes to the same bytes.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from adaquantfl.compression.container import (
     Header,
     as_buffer,
     build_message,
+    check_norms,
     read_norms,
     varint_bytes,
 )
@@ -117,7 +119,9 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     ------
     ValueError
         On an unknown encoding, more than 2**32 - 1 entries, or a ``q`` whose
-        level indices are outside ``[0, levels]`` or that has a sign on a zero level.
+        level indices are outside ``[0, levels]``, that has a sign on a zero level,
+        or a norm outside the quantizer's range (NaN, infinite, negative or
+        ``>= 2**127``).
     """
     _check_encoding(encoding)
     if q.numel > U32_MAX:
@@ -125,6 +129,10 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     mags = np.ascontiguousarray(q.magnitudes.numpy())
     signs = np.ascontiguousarray(q.signs.numpy())
     norms = np.ascontiguousarray(q.norms.numpy())
+    try:
+        check_norms(norms)  # what decode rejects, encode must not produce
+    except ValueError as exc:
+        raise ValueError(f"cannot encode: {exc}") from None
     if encoding == "entropy":
         return _entropy_message(q.numel, q.levels, q.bucket_size, q.norm, norms, mags, signs)
 
@@ -241,7 +249,8 @@ def decode(
     ------
     CodecError
         If any field is malformed, disagrees with the length or the caller's
-        expectations, the CRC does not match, or the body is not canonical.
+        expectations, the CRC does not match, a norm is outside the encoder's
+        range (finite, ``>= 0``, ``< 2**127``), or the body is not canonical.
     """
     buf, header, norms = _open(data, expected_numel, expected_levels)
     mags, signs = _level_indices(buf, header)

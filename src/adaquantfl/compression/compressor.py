@@ -94,6 +94,8 @@ class Compressor(Protocol):
 
     def max_message_bytes(self, numel: int) -> int: ...
 
+    def variance_bound(self, numel: int, levels: int | None) -> float | None: ...
+
     def to_config(self) -> dict[str, Any]: ...
 
 
@@ -229,6 +231,16 @@ class BaseCompressor:
     def encoded_formula_bits(self, numel: int, levels: int) -> int:
         """Paper-style bits of a compressed message; by default 8 x its largest size."""
         return 8 * self.max_encoded_bytes(numel)
+
+    def variance_bound(self, numel: int, levels: int | None) -> float | None:
+        """``omega`` with ``E||C(v) - v||^2 <= omega ||v||^2`` for an unbiased compressor.
+
+        None when the compressor is not unbiased (or the bound is unknown);
+        0 for full precision. Error feedback and the compressed downlink
+        scale an unbiased compressor by ``1 / (1 + omega)`` so that it
+        contracts (see :func:`.feedback.feedback_scale`).
+        """
+        return 0.0 if levels is None else None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BaseCompressor):

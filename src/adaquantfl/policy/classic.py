@@ -20,6 +20,7 @@ from adaquantfl.policy.base import (
     check_int,
     check_loss,
     check_state_keys,
+    round_levels,
 )
 
 __all__ = [
@@ -141,13 +142,25 @@ class AdaQuantLevels(UniformLevels):
         ``s_0`` (the paper and the default: 2).
     min_levels, max_levels : int
         Clamp of the rule's output.
+    round_levels : {"none", "pow2m1"}
+        ``"pow2m1"`` rounds each ``s_{k+1}`` (and ``s_0``) up to the next
+        ``2^k - 1``, which the packed encoding sends at no extra cost (not in
+        the paper; the default is the paper's rule).
     """
 
-    def __init__(self, initial_levels: int = 2, *, min_levels: int = 1, max_levels: int = 2**16):
+    def __init__(
+        self,
+        initial_levels: int = 2,
+        *,
+        min_levels: int = 1,
+        max_levels: int = 2**16,
+        round_levels: str = "none",
+    ):
         self._min = check_int("min_levels", min_levels, 1, MAX_LEVELS)
         self._max = check_int("max_levels", max_levels, self._min, MAX_LEVELS)
         self._s0 = check_int("initial_levels", initial_levels, self._min, self._max)
-        self._levels = self._s0
+        self._rounding = round_levels
+        self._levels = _round(self._s0, round_levels, self._max)
         self._initial_loss: float | None = None
 
     @property
@@ -163,7 +176,8 @@ class AdaQuantLevels(UniformLevels):
         value = check_loss(loss)
         if self._initial_loss is None:
             self._initial_loss = value
-        self._levels = adaquant_levels(self._initial_loss, value, self._s0, self._min, self._max)
+        raw = adaquant_levels(self._initial_loss, value, self._s0, self._min, self._max)
+        self._levels = _round(raw, self._rounding, self._max)
         return self._levels
 
     def state_dict(self) -> dict[str, Any]:
@@ -182,7 +196,10 @@ class AdaQuantLevels(UniformLevels):
             {"initial_levels", "min_levels", "max_levels", "levels", "initial_loss"},
         )
         restored = AdaQuantLevels(
-            state["initial_levels"], min_levels=state["min_levels"], max_levels=state["max_levels"]
+            state["initial_levels"],
+            min_levels=state["min_levels"],
+            max_levels=state["max_levels"],
+            round_levels=self._rounding,
         )
         levels = check_int("levels", state["levels"], restored._min, restored._max)
         initial_loss = state["initial_loss"]
@@ -193,7 +210,12 @@ class AdaQuantLevels(UniformLevels):
         self._initial_loss = initial_loss
 
     def __repr__(self) -> str:
+        rounding = "" if self._rounding == "none" else f", round_levels={self._rounding!r}"
         return (
             f"AdaQuantLevels(initial_levels={self._s0}, min_levels={self._min}, "
-            f"max_levels={self._max})"
+            f"max_levels={self._max}{rounding})"
         )
+
+
+def _round(levels: int, mode: str, max_levels: int) -> int:
+    return round_levels(levels, mode, max_levels)

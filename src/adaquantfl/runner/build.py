@@ -78,7 +78,7 @@ def build_server(config: Config, params: torch.Tensor, **kwargs: Any) -> FedServ
     )
     return FedServer(
         params,
-        c.build_policy(),
+        c.build_policy(config.train.rounds),
         compressor,
         max_message_bytes=limit,
         downlink=downlink,
@@ -97,7 +97,7 @@ def build_simulator(config: Config, data: FederatedData | None = None) -> Simula
         data,
         server,
         server.compressor,
-        training=LocalTraining(t.local_steps, t.batch_size, t.lr),
+        training=LocalTraining(t.local_steps, t.batch_size, t.lr, t.prox_mu),
         clients_per_round=config.clients_per_round,
         seed=t.seed,
         vectorize=t.vectorize,

@@ -25,6 +25,7 @@ from adaquantfl.compression.qsgd_compressor import MESSAGE_ENCODINGS
 from adaquantfl.data import DATASETS, PARTITIONS
 from adaquantfl.models import INITS, MODELS
 from adaquantfl.policy import POLICIES, LevelPolicy, make_policy
+from adaquantfl.policy.registry import LEVELLESS
 from adaquantfl.runner.fields import (
     ConfigError,
     at_least,
@@ -97,6 +98,8 @@ class TrainConfig:
     client_time_sigma: float = field(default=0.5, metadata=at_least(0))
     round_time_sigma: float = field(default=0.25, metadata=at_least(0))
     max_message_bytes: int | None = field(default=None, metadata=at_least(1))
+    prox_mu: float = field(default=0.0, metadata=at_least(0))
+    uplink_budget_bits: int | None = field(default=None, metadata=at_least(1))
 
     def __post_init__(self) -> None:
         validate(self, "train")
@@ -226,14 +229,15 @@ class CompressionConfig:
         except ValueError as exc:
             raise ConfigError(f"[compression] downlink: {exc}") from None
 
-    def build_policy(self) -> LevelPolicy:
-        """A fresh level policy of ``method``."""
+    def build_policy(self, rounds: int = 100) -> LevelPolicy:
+        """A fresh level policy of ``method`` for a run of ``rounds`` rounds."""
         try:
             return make_policy(
                 self.method,
                 levels=self.levels,
                 min_levels=self.min_levels,
                 max_levels=self.max_levels,
+                rounds=rounds,
                 options=dict(self.policy_options),
             )
         except ValueError as exc:
@@ -254,7 +258,7 @@ class CompressionConfig:
         one that takes levels); ``-ef`` marks error feedback and ``-dl`` a
         compressed downlink.
         """
-        base = "fp32" if self.method == "fp32" else f"{self.method}-s{self.levels}"
+        base = self.method if self.method in LEVELLESS else f"{self.method}-s{self.levels}"
         if self.compressor != "qsgd" and self.method != "fp32":
             takes_levels = COMPRESSORS[self.compressor].takes_levels
             base = f"{self.compressor}-{base}" if takes_levels else self.compressor

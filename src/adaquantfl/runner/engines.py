@@ -41,20 +41,37 @@ def sim_engine(
     resume_state: Mapping[str, Any] | None = None,
     on_checkpoint: CheckpointFn | None = None,
 ) -> EngineRun:
-    """The in-process simulator; checkpoints every ``[train] checkpoint_every`` rounds."""
+    """The in-process simulator; checkpoints every ``[train] checkpoint_every`` rounds.
+
+    With ``[train] uplink_budget_bits`` the run stops before the first round
+    that would take the uplink past the budget: that round is computed, found
+    to exceed it, and undone (model, policy, client states), so the run holds
+    only whole rounds within the budget.
+    """
     sim = build_simulator(config)
+    spent = 0
     if resume_state is not None:
         sim.load_state_dict(resume_state)
+        spent = int(resume_state.get("uplink_bits_spent", 0))
+    budget = config.train.uplink_budget_bits
     every = config.train.checkpoint_every
     while sim.server.round_idx < config.train.rounds:
-        on_record(sim.run_round())
+        before = sim.state_dict() if budget is not None else None
+        record = sim.run_round()
+        if budget is not None and before is not None and spent + record.wire_bits > budget:
+            sim.load_state_dict(before)
+            if on_checkpoint is not None and every:
+                on_checkpoint({**before, "uplink_bits_spent": spent}, sim.server.round_idx)
+            break
+        spent += record.wire_bits
+        on_record(record)
         done = sim.server.round_idx
         if (
             on_checkpoint is not None
             and every
             and (done % every == 0 or done == config.train.rounds)
         ):
-            on_checkpoint(sim.state_dict(), done)
+            on_checkpoint({**sim.state_dict(), "uplink_bits_spent": spent}, done)
     return EngineRun(sim.server.params.clone(), sim.model)
 
 
@@ -69,6 +86,11 @@ def flower_engine(
     if resume_state is not None or (on_checkpoint is not None and config.train.checkpoint_every):
         raise ConfigError(
             "[train] checkpoint_every and --resume are supported by engine = 'sim' only"
+        )
+    if config.train.uplink_budget_bits is not None:
+        raise ConfigError(
+            "[train] uplink_budget_bits is supported by engine = 'sim' only (it undoes the "
+            "round that would exceed the budget)"
         )
     if config.train.dropout or config.train.deadline_s is not None:
         raise ConfigError(

@@ -229,7 +229,12 @@ def run(
     )
     if out is not None:
         _write_summary(
-            out, {"target_loss": cfg.compare.target_loss, "methods": {spec.label: result.summary}}
+            out,
+            {
+                "target_loss": cfg.compare.target_loss,
+                "uplink_budget_bits": cfg.train.uplink_budget_bits,
+                "methods": {spec.label: result.summary},
+            },
         )
     return result
 
@@ -302,6 +307,7 @@ def compare(
     summary = {
         "target_loss": target,
         "smooth_rounds": cfg.compare.smooth_rounds,
+        "uplink_budget_bits": cfg.train.uplink_budget_bits,
         "methods": methods,
     }
     result = CompareResult(target_loss=target, summary=summary, runs=runs, out_dir=out)

@@ -168,7 +168,9 @@ def _client_state(config: Config) -> _ClientState:
         data = load_data(config)
         model, _ = build_model(config, data)
         t = config.train
-        state = _ClientState(data, model, LocalTraining(t.local_steps, t.batch_size, t.lr))
+        state = _ClientState(
+            data, model, LocalTraining(t.local_steps, t.batch_size, t.lr, t.prox_mu)
+        )
         _CLIENT_STATE.clear()
         _CLIENT_STATE[key] = state
     return state
@@ -280,7 +282,7 @@ def run_flower(
     partial = config.clients_per_round < num_clients
     # The strategy builds the run's one FedServer from these, as build_server would.
     strategy = AdaQuantFedAvg(
-        config.compression.build_policy(),
+        config.compression.build_policy(config.train.rounds),
         compressor,
         seed=config.train.seed,
         downlink=downlink,
@@ -315,6 +317,7 @@ def run_flower(
             test_accuracy=test_accuracy,
             time_s=flower_round.time_s + time.perf_counter() - start,
             dropped=flower_round.dropped,
+            numel=model.numel,
         )
         records.append(record)
         on_record(record)

@@ -133,6 +133,8 @@ def table_rows(summary: Mapping[str, Any]) -> list[dict[str, str]]:
                 else f"{m['total_wire_bits'] / m['total_formula_bits']:.3f}",
             }
         )
+        if summary.get("uplink_budget_bits") is not None:
+            rows[-1]["rounds run"] = _num(m.get("rounds_run"), "{:.0f}")
     return rows
 
 
@@ -161,6 +163,12 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         if target is not None
         else "\nNo target loss was set.\n"
     )
+    budget = summary.get("uplink_budget_bits")
+    if budget is not None:
+        note += (
+            f"Uplink budget: {budget / 1e6:.3f} Mbit; each run stopped before the round that "
+            "would exceed it, so the final figures are those at the budget.\n"
+        )
     return "\n".join(lines) + "\n" + note
 
 
@@ -170,6 +178,8 @@ def rich_table(summary: Mapping[str, Any]) -> Any:
 
     target = summary.get("target_loss")
     title = "bits to reach the target loss" + (f" {target:.4f}" if target is not None else "")
+    if summary.get("uplink_budget_bits") is not None:
+        title += f"; final figures at the {summary['uplink_budget_bits'] / 1e6:.3f} Mbit budget"
     table = Table(title=title)
     rows = table_rows(summary)
     if not rows:
