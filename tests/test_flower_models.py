@@ -28,6 +28,7 @@ from torch import nn
 from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.header import message_bytes
 from adaquantfl.data import ClientData
+from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.flower import (
     PAYLOAD_KEY,
     AdaQuant,
@@ -128,11 +129,13 @@ def run(s: AdaQuant, grid: InProcessGrid, arrays: ArrayRecord) -> dict[int, Arra
 # --------------------------------------------------------------------------- BatchNorm
 
 
-def test_a_batchnorm_cnn_trains_with_its_buffers_beside_the_update() -> None:
-    # Prepare
+@pytest.mark.parametrize("share", [None, 0.26], ids=["weights-n", "weights-capped"])
+def test_a_batchnorm_cnn_trains_with_its_buffers_beside_the_update(share: float | None) -> None:
+    # Prepare: with a cap on one node's weight (shares 0.20-0.30 here), the buffers
+    # are averaged with FedServer's capped p_i, like the parameters.
     shards = image_shards(NUM_NODES)
     grid = InProcessGrid(torch_app(BatchNormCNN, shards), NUM_NODES)
-    s = strategy()
+    s = strategy(max_weight_share=share)
 
     # Execute
     models = run(s, grid, initial(BatchNormCNN))
@@ -152,7 +155,10 @@ def test_a_batchnorm_cnn_trains_with_its_buffers_beside_the_update() -> None:
         assert r.outcome.wire_bits == 8 * carried and r.outcome.participants == NUM_NODES
     # FedAvg of the buffers: the weighted mean; the counter rounded, still int64.
     last = grid.replies[-NUM_NODES:]
-    n = np.array([m.content["metrics"]["num-examples"] for m in last], dtype=np.float64)
+    last = sorted(last, key=lambda m: m.content["metrics"]["aq-client-id"])
+    sizes = [int(m.content["metrics"]["num-examples"]) for m in last]
+    n = np.array(aggregation_weights(sizes, share), dtype=np.float64)
+    assert (share is None) == (n.tolist() == sizes)
     for name in BN_SIDE:
         values = np.stack([m.content["arrays"][name].numpy() for m in last]).astype(np.float64)
         mean = np.tensordot(n / n.sum(), values, axes=1)

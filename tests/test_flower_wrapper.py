@@ -228,6 +228,8 @@ CONSTRUCTOR_ERRORS = [
      ValueError, "downlink_levels needs a downlink compressor"),
     (lambda: AdaQuant(FedAvg(), policy=AdaQuantLevels(2), seed=0, uncompressed="bn"),
      ValueError, "uncompressed must be a collection of array names"),
+    (lambda: AdaQuantFedAvg(AdaQuantLevels(2), seed=0, max_weight_share=2),
+     ValueError, "max_weight_share must be in (0, 1] or None, got 2"),
 ]  # fmt: skip
 
 

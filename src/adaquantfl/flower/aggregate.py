@@ -17,6 +17,8 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 
 from adaquantfl.compression.compressor import Compressor
+from adaquantfl.fl.guard import aggregation_weights
+from adaquantfl.fl.server import FedServer
 from adaquantfl.flower.layout import ArrayLayout
 from adaquantfl.flower.records import RecordError, TrainReply, with_content
 
@@ -32,18 +34,20 @@ def uses_fedavg_math(strategy: object) -> bool:
 
 def fedavg_model(
     strategy: Any,
-    params: torch.Tensor,
+    server: FedServer,
     layout: ArrayLayout,
     accepted: Accepted,
     metrics: Sequence[MetricRecord],
     weight_key: str,
 ) -> tuple[ArrayRecord, MetricRecord]:
-    """FedAvg's model: ``params`` (FedServer's exact mean) and the weighted mean of the side arrays.
+    """FedAvg's model: FedServer's exact mean, and the side arrays' mean with the same ``p_i``.
 
     The metrics are aggregated with the strategy's ``train_metrics_aggr_fn``.
     """
-    weights = [int(tr.reply.num_examples) for _, tr, _ in accepted]
+    n = [int(tr.reply.num_examples) for _, tr, _ in accepted]
+    weights = aggregation_weights(n, server.max_weight_share)  # FedServer's p_i
     side = layout.mean_side([tr.side for _, tr, _ in accepted], weights)
+    params = server.params
     contents = [
         RecordDict({tr.metrics_name: m}) for (_, tr, _), m in zip(accepted, metrics, strict=True)
     ]

@@ -13,6 +13,7 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from adaquantfl.compression.qsgd import MAX_LEVELS
+from adaquantfl.fl.guard import check_weight_share
 from adaquantfl.fl.server import as_policy, select_clients
 from adaquantfl.flower.nodes import SAMPLING_ATTRIBUTES
 from adaquantfl.flower.plan import describe_compressor
@@ -126,6 +127,7 @@ def check_settings(
         raise ValueError(f"node_wait_s must be a finite number >= 0, got {wait!r}")
     if wait < 0:
         raise ValueError(f"node_wait_s must be a finite number >= 0, got {wait!r}")
+    out["max_weight_share"] = check_weight_share(values["max_weight_share"])
     limit = values["max_message_bytes"]
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(

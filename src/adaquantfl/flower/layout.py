@@ -242,7 +242,7 @@ class ArrayLayout:
         return out
 
     def mean_side(
-        self, sides: Sequence[Mapping[str, Array]], weights: Sequence[int]
+        self, sides: Sequence[Mapping[str, Array]], weights: Sequence[float]
     ) -> dict[str, Array]:
         """FedAvg of the side arrays: ``sum_i p_i a_i`` in float64, cast back to each dtype.
 

@@ -48,7 +48,7 @@ class AdaQuantFedAvg(AdaQuant):
     seed : int
         Required, keyword only: the run seed (see :class:`AdaQuant`).
     num_clients, clients_per_round, node_wait_s, record_digests, \
-max_message_bytes, downlink, downlink_levels, uncompressed
+max_message_bytes, max_weight_share, downlink, downlink_levels, uncompressed
         As in :class:`AdaQuant`.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, \
 min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key, \
@@ -67,6 +67,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         node_wait_s: float = 60.0,
         record_digests: bool = True,
         max_message_bytes: int | None = None,
+        max_weight_share: float | None = None,
         downlink: Compressor | None = None,
         downlink_levels: int | None = None,
         uncompressed: Collection[str] = BATCHNORM_BUFFERS,
@@ -122,6 +123,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             node_wait_s=node_wait_s,
             record_digests=record_digests,
             max_message_bytes=max_message_bytes,
+            max_weight_share=max_weight_share,
         )
 
     def __repr__(self) -> str:

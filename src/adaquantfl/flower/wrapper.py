@@ -114,18 +114,18 @@ class AdaQuant(Strategy):
         Payloads larger than this are rejected unread (default: the largest
         message an honest node can send for the model,
         :func:`~adaquantfl.compression.compressor.default_message_limit`).
+    max_weight_share : float, optional
+        FedServer's cap on a node's ``p_i`` (in ``F(w_k)`` and FedAvg's mean only).
 
     Notes
     -----
-    Replies are validated one by one: an error reply, a malformed one, one
-    that :meth:`FedServer.aggregate` rejects, or one whose side arrays do not
-    match the model, is left out of the model and of the policy's loss,
-    logged, and counted in ``aq-rejected``; a node that does not answer is
-    counted in ``aq-dropped``. The strategy's own figures of each round
-    (``aq-levels``, ``aq-wire-bits``, ...) go to ``Result.evaluate_metrics_serverapp``
-    (:meth:`start`) and :attr:`rounds`; ``train_metrics_clientapp`` holds the
-    inner strategy's aggregate of the nodes' own metrics. A run in which no
-    round accepted a reply ends with :class:`NoAcceptedRepliesError`.
+    A bad reply (an error, a malformed one, one :meth:`FedServer.aggregate`
+    rejects) is left out of the model and of the policy's loss, logged, and
+    counted in ``aq-rejected``; a silent node in ``aq-dropped``. These and the
+    other ``aq-*`` figures go to ``Result.evaluate_metrics_serverapp`` (:meth:`start`)
+    and :attr:`rounds`; ``train_metrics_clientapp`` is the inner strategy's
+    aggregate of the nodes' own metrics. A run in which no round accepted a
+    reply ends with :class:`NoAcceptedRepliesError`.
     """
 
     def __init__(
@@ -144,6 +144,7 @@ class AdaQuant(Strategy):
         node_wait_s: float = 60.0,
         record_digests: bool = True,
         max_message_bytes: int | None = None,
+        max_weight_share: float | None = None,
     ) -> None:
         settings = check_settings(type(self).__name__, strategy, args, locals())
         self.strategy: Any = strategy
@@ -158,6 +159,7 @@ class AdaQuant(Strategy):
         self.record_digests = record_digests
         #: The limit asked for; None: :func:`default_message_limit` of the model.
         self.max_message_bytes = max_message_bytes
+        self.max_weight_share: float | None = settings["max_weight_share"]
         self.downlink = (
             None if downlink is None else DownlinkSender(downlink, downlink_levels, seed)
         )
@@ -178,9 +180,7 @@ class AdaQuant(Strategy):
         return self.policy
 
     def __repr__(self) -> str:
-        return (
-            f"AdaQuant({self.strategy!r}, policy={self.policy!r}, compressor={self.compressor!r})"
-        )
+        return f"AdaQuant({self.strategy!r}, policy={self.policy!r})"
 
     def summary(self) -> None:
         """Log the compression settings, then the inner strategy's."""
@@ -307,7 +307,7 @@ class AdaQuant(Strategy):
         if uses_fedavg_math(self.strategy):
             # FedAvg's mean, computed exactly by FedServer (see the module notes).
             record, aggregated = fedavg_model(
-                self.strategy, server.params, layout, accepted, metrics, weight_key
+                self.strategy, server, layout, accepted, metrics, weight_key
             )
             self._global = record
             return record, aggregated
@@ -431,6 +431,7 @@ class AdaQuant(Strategy):
                 self.compressor,
                 max_message_bytes=limit,
                 record_digests=self.record_digests,
+                max_weight_share=self.max_weight_share,
             )
             self._global = arrays
         elif arrays is not self._global:
@@ -442,6 +443,6 @@ class AdaQuant(Strategy):
         return self.server, self.layout
 
     def _require_server(self) -> tuple[FedServer, ArrayLayout]:
-        if self.server is None or self.layout is None:
-            raise RuntimeError("aggregate_train before configure_train: no global model yet")
+        if self.server is None or self.layout is None:  # aggregate_train before configure_train
+            raise RuntimeError("no global model yet: configure_train has not run")
         return self.server, self.layout

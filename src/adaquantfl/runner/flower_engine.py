@@ -293,6 +293,7 @@ def run_flower(
         record_digests=True,
         max_message_bytes=config.train.max_message_bytes
         or default_message_limit(model.numel, compressor),
+        max_weight_share=config.train.max_weight_share,
         fraction_evaluate=0.0,  # central evaluation below, as in the simulator
         min_train_nodes=num_clients,
         min_evaluate_nodes=0,
