@@ -15,10 +15,12 @@ import importlib
 #: (module, arguments for a quick run)
 BENCHMARKS = [
     ("codec", ["--quick"]),
+    ("entropy_check", ["--quick"]),
     ("bits", ["--quick"]),
     ("sim", ["--quick"]),
     ("memory", ["--clients", "1000", "--rounds", "2"]),
     ("comm", ["--quick"]),
+    ("stack", ["--quick"]),
 ]
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from benchmarks import _common, bits, codec
+from benchmarks import _common, bits, codec, entropy_check
 
 
 def test_codec_benchmark_measures_every_pair_and_its_naive_baseline_round_trips() -> None:
@@ -23,6 +23,17 @@ def test_codec_benchmark_measures_every_pair_and_its_naive_baseline_round_trips(
     y = codec.naive_decode(data, 999, 3, out)
     step = float(torch.linalg.vector_norm(x)) / 3
     assert float((y - x).abs().max()) <= step * (1 + 1e-5)
+
+
+def test_entropy_check_benchmark_times_both_decoders_and_restores_the_check() -> None:
+    import adaquantfl.compression.entropy as entropy
+
+    check = entropy._check_canonical
+    rows = entropy_check.measure([1000], [1, 255], repeats=1)
+    assert [(r["numel"], r["levels"]) for r in rows] == [(1000, 1), (1000, 255)]
+    assert all(r["decode_s"] > 0 and r["decode_without_check_s"] > 0 for r in rows)
+    assert entropy._check_canonical is check
+    assert len(entropy_check.table_rows(rows)[0]) == len(entropy_check.HEADER)
 
 
 def test_bits_benchmark_orders_the_encodings() -> None:

@@ -236,6 +236,51 @@ def test_bad_norms_are_rejected(bad_norm: float) -> None:
         decode(_hand([1, 0], [False, False], norm=bad_norm), expected_numel=2)
 
 
+#: float32's largest value; also the smallest norm from which xi * (norm / s) reaches inf
+#: at s = 25 (25 * (max / 25) rounds up past it).
+F32_MAX = float(np.finfo(np.float32).max)
+BELOW_MAX_NORM = float(np.nextafter(np.float32(2.0**127), np.float32(0)))
+
+
+def _with_norm(data: bytes, norm: float) -> bytes:
+    """A valid one-bucket message with its norm replaced (and its CRC recomputed)."""
+    start = peek_header(data).header_bytes
+    return recrc(data[:start] + struct.pack("<f", norm) + data[start + 4 :])
+
+
+@pytest.mark.parametrize("encoding", ["packed", "entropy"])
+@pytest.mark.parametrize(
+    "norm", [2.0**127, 2.0**127 * 1.5, F32_MAX], ids=["2^127", "1.5*2^127", "f32max"]
+)
+def test_norms_the_encoder_never_produces_are_rejected(encoding: str, norm: float) -> None:
+    # Prepare: s = 25 and xi = 25 everywhere, so that at float32's largest norm
+    # the dequantized value 25 * (norm / 25) rounds up to inf.
+    q = quantize(torch.ones(4), 25, generator=gen(), norm="max")
+    assert q.magnitudes.tolist() == [25] * 4
+    data = _with_norm(encode(q, encoding), norm)
+    # Execute / Assert: both decoders name the problem before producing anything.
+    for decoder in (decode, decode_dequantize):
+        with pytest.raises(CodecError, match=r"norm .* encoder's range.*< 2\*\*127"):
+            decoder(data, expected_numel=4)
+    # The encoder refuses such a vector too, so decode accepts what encode makes.
+    bad = Quantized(25, 4, None, "max", torch.tensor([norm]), q.magnitudes, q.signs)
+    with pytest.raises(ValueError, match="norm"):
+        encode(bad, encoding)
+
+
+@pytest.mark.parametrize("encoding", ["packed", "entropy"])
+def test_largest_norm_the_encoder_produces_decodes_finitely(encoding: str) -> None:
+    # Control for the test above: the largest norm below 2**127 still decodes.
+    q = quantize(torch.ones(4), 25, generator=gen(), norm="max")
+    data = _with_norm(encode(q, encoding), BELOW_MAX_NORM)
+    y = decode_dequantize(data, expected_numel=4)
+    assert torch.isfinite(y).all()
+    assert decode(data, expected_numel=4).norms.tolist() == [BELOW_MAX_NORM]
+    # Negative control: the arithmetic the check guards against does overflow.
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.float32(25) * (np.float32(F32_MAX) / np.float32(25)))
+
+
 def test_raw_non_finite_is_rejected_and_kinds_cannot_be_mixed() -> None:
     bad = reference_message(0, 2, 0, 0, [], struct.pack("<2f", 1.0, float("nan")))
     with pytest.raises(CodecError, match="non-finite"):

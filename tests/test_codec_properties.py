@@ -56,6 +56,7 @@ from tools.fuzz_codec import (
 
 import adaquantfl.compression.codec as codec
 import adaquantfl.compression.entropy as entropy
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.codec import (
     CodecError,
     decode,
@@ -65,7 +66,6 @@ from adaquantfl.compression.codec import (
     encode_dense,
     quantize_encode,
 )
-from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, dequantize, num_buckets, quantize
 
 PROFILE = settings(
@@ -128,7 +128,8 @@ def test_quantized_messages_round_trip_exactly(sample: Sample) -> None:
     y = decode_dequantize(sample.data, expected_numel=n, expected_levels=levels, out=out)
     assert y.data_ptr() == out.data_ptr()
     assert bitwise_equal(y, dequantize(sample.quantized))
-    z = QSGDCompressor().decompress(sample.data, numel=n, levels=levels)
+    compressor = QSGDCompressor(encoding=sample.encoding, bucket_size=q.bucket_size, norm=q.norm)
+    z = compressor.decompress(sample.data, numel=n, levels=levels)
     assert bitwise_equal(z, y)
 
 
@@ -209,7 +210,17 @@ MUTATIONS = (
     "entropy-body+crc",
     "random",
     "random-framed+crc",
+    "norm+crc",
+    "body-field+crc",
+    "entropy-form+crc",
 )
+
+#: The fuzzer's structure-aware mutations, driven here by a drawn seed.
+STRUCTURED: dict[str, Callable[[np.random.Generator, Sample], bytes]] = {
+    "norm+crc": fuzz._mutate_norm,
+    "body-field+crc": fuzz._mutate_body_field,
+    "entropy-form+crc": fuzz._other_entropy_form,
+}
 
 
 def _norm_bytes(sample: Sample) -> tuple[int, bytes]:
@@ -280,6 +291,9 @@ def mutated_messages(draw: Any) -> tuple[Sample, str, bytes]:
         bucket, norms = _norm_bytes(sample)
         levels = sample.levels or draw(LEVELS)
         return sample, kind, frame(2 | flag, sample.numel, levels, bucket, norms, body)
+    if kind in STRUCTURED:  # one field changed by the layout, CRC and body length recomputed
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        return sample, kind, STRUCTURED[kind](rng, sample)
     if kind == "random":
         return sample, kind, draw(st.binary(max_size=300))
     # "random-framed+crc": a header that agrees with its length, random norms and body.
@@ -308,6 +322,33 @@ def test_every_mutation_is_rejected_or_decodes_exactly(
     calls = run_case(sample, data, measure_alloc=True, container=container)
     assert not failures(calls), f"{kind} of {sample.name} as {container}: {failures(calls)}"
     event(f"{kind}: {'/'.join(sorted({c.outcome for c in calls}))}")  # --hypothesis-show-statistics
+
+
+@settings(PROFILE, max_examples=150)
+@given(sample=quantized_samples())
+def test_each_vector_has_one_valid_entropy_body(sample: Sample) -> None:
+    # Every body the entropy layout allows for the vector (each legal k, the
+    # stored form) is rejected, except the encoder's own, which re-encodes.
+    q = sample.quantized
+    assert q is not None
+    canonical = encode(q, "entropy")
+    mags, signs = q.magnitudes.numpy(), q.signs.numpy()
+    packed = encode(q, "packed")
+    bodies = [b"\xff" + fuzz.message_parts(packed)[3]] if q.numel else [b""]
+    bodies += [entropy_body(mags, signs, k) for k in range(min(23, q.levels.bit_length()) + 1)]
+    accepted = []
+    for body in bodies:
+        if body is None:
+            continue
+        data = quantized_message(q, "entropy", body)
+        try:
+            decoded = decode(data, expected_numel=q.numel)
+        except CodecError as exc:
+            assert "canonical" in str(exc) or data == canonical, str(exc)
+            continue
+        assert encode(decoded, "entropy") == data
+        accepted.append(data)
+    assert accepted == [canonical] * len(accepted) and accepted
 
 
 # --------------------------------------------------------------------------- single-bit flips
@@ -472,6 +513,43 @@ def _raise_panic(*args: object, **kwargs: object) -> Any:
 def _allocate_then_reject(*args: object, **kwargs: object) -> Any:
     np.ones(50 * 2**20, dtype=np.uint8)
     raise CodecError("rejected, but only after allocating 50 MiB")
+
+
+def test_the_checker_counts_a_second_form_of_a_vector_as_a_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the sample's vector as an entropy body with another k.
+    sample = make_sample("entropy", 80, 7, kind="sparse", seed=1)
+    assert sample.quantized is not None
+    k = sample.data[sample.body_offset]
+    mags, signs = sample.quantized.magnitudes.numpy(), sample.quantized.signs.numpy()
+    body = entropy_body(mags, signs, (k + 1) % 4)
+    assert body is not None
+    data = quantized_message(sample.quantized, "entropy", body)
+    assert all(c.outcome == "rejected" for c in run_case(sample, data))  # control
+    # Execute: a decoder without the canonical check.
+    monkeypatch.setattr(entropy, "_check_canonical", lambda *args, **kwargs: None)
+    calls = {c.decoder: c for c in run_case(sample, data)}
+    # Assert: it decodes the original vector, and the checker still fails it.
+    quantized = ("decode", "decode_dequantize", "decompress")
+    assert all(calls[name].outcome == "decoded-non-canonical" for name in quantized), calls
+    assert failures(list(calls.values()))
+
+
+def test_the_checker_counts_a_norm_the_encoder_refuses_as_a_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sample = make_sample("packed", 10, 3)
+    data = fuzz.with_parts(sample.data, norms=struct.pack("<f", 2.0**127))
+    assert all(c.outcome == "rejected" for c in run_case(sample, data))  # control
+
+    def lax_norms(buf: memoryview, header: Any) -> np.ndarray:  # the check before 2**127
+        return np.frombuffer(buf, "<f4", header.num_norms, header.header_bytes).copy()
+
+    monkeypatch.setattr(codec, "read_norms", lax_norms)
+    calls = {c.decoder: c for c in run_case(sample, data)}
+    assert calls["decode"].outcome == "decoded-wrong"
+    assert "norm" in calls["decode"].detail
 
 
 @pytest.mark.parametrize(

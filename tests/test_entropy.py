@@ -9,10 +9,12 @@ import constriction
 import numpy as np
 import pytest
 import torch
+from tools.fuzz_codec import entropy_body
 
 from adaquantfl.compression.codec import (
     CodecError,
     decode,
+    decode_dequantize,
     encode,
     message_bytes,
     packed_body_bytes,
@@ -253,6 +255,84 @@ def test_high_alphabet_is_capped() -> None:
         decode(_with_body(b"\x00" + varint + b"\x01\x00\x00\x00", levels=10**6), expected_numel=300)
 
 
+# --------------------------------------------------------------------------- one body per vector
+
+
+def _alternatives(q: Quantized) -> dict[str, bytes]:
+    """Every body the layout allows for ``q``: each legal k, and the stored form."""
+    mags, signs = q.magnitudes.numpy(), q.signs.numpy()
+    out = {"stored": b"\xff" + reference_pack(mags.tolist(), signs.tolist(), q.levels)}
+    for k in range(min(23, q.levels.bit_length()) + 1):
+        body = entropy_body(mags, signs, k)
+        if body is not None:  # None: the high alphabet would exceed MAX_ALPHABET
+            out[f"k={k}"] = body
+    return out
+
+
+def test_the_reviewers_second_form_of_one_vector_is_rejected() -> None:
+    # Both decode to 10 zeros at s = 7 (norm 0): the encoder's body 00 00
+    # (k = 0, m = 0) and 01 00 (k = 1: ten zero low bits from an empty coder).
+    canonical = bytes.fromhex("415101020a070002000000000000339804fe")
+    other = bytes.fromhex("415101020a07000200000000010072a91fe7")
+    q = decode(canonical, expected_numel=10)
+    assert encode(q, "entropy") == canonical
+    with pytest.raises(CodecError, match=r"sends k = 1 low bits; the encoder .* with k = 0"):
+        decode(other, expected_numel=10)
+
+
+QSGD_VECTORS = {
+    "s7-gauss-300": (torch.randn(300, generator=gen(4)), 7, None),
+    "s255-cubed-2000": (torch.randn(2000, generator=gen(5)) ** 3, 255, None),
+    "s65535-cubed-500-bucket100": (torch.randn(500, generator=gen(6)) ** 3, 65535, 100),
+    "s3-zeros-10": (torch.zeros(10), 3, None),
+    "s15-gauss-3": (torch.randn(3, generator=gen(7)), 15, None),  # stored
+    "s1-gauss-40": (torch.randn(40, generator=gen(8)), 1, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QSGD_VECTORS))
+def test_only_the_encoders_body_decodes(name: str) -> None:
+    # Prepare: a vector and every body the layout allows for it.
+    x, levels, bucket = QSGD_VECTORS[name]
+    q = quantize(x, levels, generator=gen(1), bucket_size=bucket)
+    data = encode(q, "entropy")
+    canonical = body_of(data)
+    bodies = _alternatives(q)
+    assert canonical in bodies.values()  # control: the builders cover the encoder's choice
+    assert len(bodies) >= 3
+    # Execute: decode each form with both decoders.
+    verdicts = {}
+    for what, body in bodies.items():
+        framed = reference_message(2, q.numel, levels, bucket or 0, list(q.norms.numpy()), body)
+        for decoder in (decode, decode_dequantize):
+            try:
+                decoder(framed, expected_numel=q.numel)
+                verdicts[what, decoder.__name__] = "decoded"
+            except CodecError as exc:
+                verdicts[what, decoder.__name__] = str(exc)
+        if body == canonical:
+            assert framed == data
+            assert decode(framed, expected_numel=q.numel) == q
+    # Assert: the encoder's body decodes; every other form is rejected, and says why.
+    for (what, decoder_name), verdict in verdicts.items():
+        if bodies[what] == canonical:
+            assert verdict == "decoded", (what, decoder_name)
+        else:
+            assert "one canonical body per vector" in verdict, (what, decoder_name, verdict)
+
+
+def test_a_stored_vector_sent_ans_coded_is_rejected() -> None:
+    # The golden hand vector is stored (0xFF form); its ANS forms decode to it
+    # but are longer than the stored one, which the encoder therefore picks.
+    data = (GOLDEN / "entropy_s3_hand.bin").read_bytes()
+    q = decode(data, expected_numel=5)
+    coded = {w: b for w, b in _alternatives(q).items() if w != "stored"}
+    assert coded
+    for body in coded.values():
+        with pytest.raises(CodecError, match="the encoder stores this vector"):
+            decode(reference_message(2, 5, 3, 0, [np.float32(2.5)], body), expected_numel=5)
+
+
 def test_random_bodies_raise_codec_error_or_decode_validly() -> None:
     rng = np.random.default_rng(1)
     for _ in range(300):
@@ -264,5 +344,5 @@ def test_random_bodies_raise_codec_error_or_decode_validly() -> None:
             q = decode(_with_body(body, numel=50), expected_numel=50)
         except CodecError:
             continue
-        assert encode(q, "entropy")  # a body that decodes is a valid vector
+        assert encode(q, "entropy") == _with_body(body, numel=50)  # the canonical body
         assert int(q.magnitudes.max()) <= 7 and not bool((q.signs & (q.magnitudes == 0)).any())

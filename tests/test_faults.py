@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.codec import encode_dense
-from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.fl.client import ClientReply, LocalTraining
 from adaquantfl.fl.server import FedServer
 from adaquantfl.models import make_model

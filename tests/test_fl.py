@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.codec import encode_dense, peek_header
-from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import (
     ClientError,
@@ -117,7 +117,7 @@ def _good(cid: int, levels: int | None = 2, loss: float = 1.0, n: int = 5) -> Cl
     ("bad", "reason"),
     [
         (_good(9, levels=3), "levels 3; expected 2"),
-        (_good(9, levels=None), "raw float32"),
+        (_good(9, levels=None), "got raw"),
         (ClientReply(9, b"garbage", 1.0, 5), "undecodable"),
         (ClientReply(9, _good(9).payload[:-1], 1.0, 5), "undecodable"),
         (_good(9, loss=float("nan")), "loss"),

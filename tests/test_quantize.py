@@ -21,6 +21,9 @@ from adaquantfl.compression.qsgd import (
     rounding_uniforms,
 )
 from tests.reference import (
+    GOLDEN,
+    MIX1,
+    MIX2,
     reference_dequantize,
     reference_norms,
     reference_quantize,
@@ -169,6 +172,119 @@ def test_negative_control_round_to_nearest_fails_the_same_test() -> None:
     x = torch.randn(64, generator=gen(5))
     stat, dof = _unbiasedness_statistic(_round_to_nearest, x, draws=20_000)
     assert stat > dof + 5 * math.sqrt(2 * dof)
+
+
+# --------------------------------------------------------------------------- exact bias
+
+
+def _key_for(index: int, j24: int) -> int:
+    """A stream key (below 2**63 - 1, as ``draw_key`` gives) whose entry ``index`` has ``J = j24``.
+
+    SplitMix64's output function is a bijection of 64-bit states, so it is
+    inverted for an output with top 24 bits ``j24``, then the counter's offset
+    is removed.
+    """
+    mask = 2**64 - 1
+
+    def unshift(y: int, k: int) -> int:  # inverse of x ^ (x >> k)
+        x, t = y, y >> k
+        while t:
+            x ^= t
+            t >>= k
+        return x
+
+    for low in range(64):
+        z = (j24 << 40) | low
+        z = unshift(z, 31)
+        z = (z * pow(MIX2, -1, 2**64)) & mask
+        z = unshift(z, 27)
+        z = (z * pow(MIX1, -1, 2**64)) & mask
+        key = (unshift(z, 30) - (index + 1) * GOLDEN) & mask
+        if key < 2**63 - 1:
+            assert uniform24(key, index) == j24
+            return key
+    raise AssertionError("no key below 2**63 - 1")  # each try succeeds with probability 1/2
+
+
+def _rounds_up(x: np.float32, levels: int, j24: int) -> bool:
+    """Whether entry 1 of ``(1, x)`` (max-norm 1, so ``r = fl(x * s)``) rounds up when its
+    stream integer is ``j24``: the kernel's and the reference's answer (they must agree)."""
+    from adaquantfl.compression._kernels import quantize_into
+
+    v = np.array([1.0, x], dtype=np.float32)
+    key = _key_for(1, j24)
+    mags, signs = np.empty(2, np.int32), np.empty(2, np.bool_)
+    quantize_into(v, np.ones(1, np.float32), 2, levels, np.uint64(key), mags, signs)
+    ref, _ = reference_quantize(v, levels, key, [np.float32(1.0)], None)
+    assert ref == mags.tolist()
+    lo = math.floor(float(np.float32(x * np.float32(levels))))
+    assert int(mags[1]) in (lo, lo + 1)
+    return int(mags[1]) == lo + 1
+
+
+BIAS_CASES = {
+    # (x, s): r = x * s in float32, its fractional part p and the exact bias b.
+    "grid point 3*2^-24": (np.float32(3 * 2.0**-24), 1),
+    "just above 3*2^-24": (np.nextafter(np.float32(3 * 2.0**-24), np.float32(1)), 1),
+    "tiny 2^-30": (np.float32(2.0**-30), 1),
+    "smallest subnormal": (np.float32(1e-45), 1),
+    "just below 1/2": (np.nextafter(np.float32(0.5), np.float32(0)), 1),
+    "0.3, s=1": (np.float32(0.3), 1),
+    "0.3, s=4 (r >= 1)": (np.float32(0.3), 4),
+    "0.01, s=7": (np.float32(0.01), 7),
+    "1/3, s=255": (np.float32(1 / 3), 255),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BIAS_CASES))
+def test_rounding_probability_is_the_24_bit_ceiling_and_the_bias_below_2_to_minus_24(
+    name: str,
+) -> None:
+    from fractions import Fraction
+
+    # Prepare: r and its fractional part p, exactly (as rationals).
+    x, levels = BIAS_CASES[name]
+    r = Fraction(float(np.float32(x * np.float32(levels))))
+    p = r - math.floor(r)
+    threshold = math.ceil(p * 2**24)  # the documented rule: up iff J < 2**24 p
+    # Execute: the decision at both sides of the threshold and at the grid's ends.
+    # The decision is u < p with u = J / 2**24 increasing in J, so these pin it.
+    if threshold > 0:
+        assert _rounds_up(x, levels, threshold - 1)
+        assert _rounds_up(x, levels, 0)
+    if threshold < 2**24:
+        assert not _rounds_up(x, levels, threshold)
+        assert not _rounds_up(x, levels, 2**24 - 1)
+    # Assert: P(up) = threshold / 2**24 over the 2**24 values of J, so the bias
+    # of xi is b = threshold / 2**24 - p, in [0, 2**-24), and 0 unless r < 1/2.
+    bias = Fraction(threshold, 2**24) - p
+    assert 0 <= bias < Fraction(1, 2**24)
+    if r >= Fraction(1, 2) or (p * 2**24).denominator == 1:
+        assert bias == 0
+    expected = {
+        "grid point 3*2^-24": Fraction(0),
+        "just above 3*2^-24": Fraction(1, 2**24) - Fraction(1, 2**46),  # the bound, nearly
+        "tiny 2^-30": Fraction(1, 2**24) - Fraction(1, 2**30),  # 64 times too likely
+        "smallest subnormal": Fraction(1, 2**24) - Fraction(1, 2**149),
+    }
+    if name in expected:
+        assert bias == expected[name]
+    # And in the dequantized value (step = 1 / s): entries with r < 1/2 become
+    # exactly 0 or step, so |E[Q]| - r * step = b * step exactly.
+    step = Fraction(float(np.float32(np.float32(1.0) / np.float32(levels))))
+    if r < Fraction(1, 2):
+        q = quantize(torch.tensor([1.0, float(x)]), levels, generator=gen(), norm="max")
+        assert float(dequantize(q)[1]) in (0.0, float(step))
+        mean = Fraction(threshold, 2**24) * step
+        assert mean - r * step == bias * step < step / 2**24
+
+
+def test_the_bias_test_tells_a_wrong_threshold_apart() -> None:
+    # Negative control: at a grid point p = 3 * 2**-24 the rule "J < 2**24 p"
+    # rounds up for J = 0, 1, 2 only (probability exactly p); "J <= 2**24 p"
+    # would also round up at J = 3, a bias of exactly 2**-24, outside the bound.
+    x = np.float32(3 * 2.0**-24)
+    assert [_rounds_up(x, 1, j) for j in range(5)] == [True, True, True, False, False]
 
 
 @pytest.mark.parametrize("norm", ["l2", "max"])

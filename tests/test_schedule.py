@@ -111,11 +111,13 @@ def test_fixed_levels_never_change() -> None:
 
 
 def test_registry_builds_each_method() -> None:
-    assert set(SCHEDULES) == {"fp32", "qsgd", "adaquantfl"}
-    for name in SCHEDULES:
+    # At least the paper's three: tests/plugins.py (imported by test_compressor in
+    # the same session) registers more, so equality would depend on test order.
+    assert {"fp32", "qsgd", "adaquantfl"} <= set(SCHEDULES)
+    for name in ("fp32", "qsgd", "adaquantfl"):
         assert isinstance(make_schedule(name, levels=3), LevelSchedule)
     assert make_schedule("qsgd", levels=3).levels == 3
     assert make_schedule("adaquantfl", levels=4).levels == 4
     assert make_schedule("fp32").levels is None
     with pytest.raises(ValueError, match="allowed"):
-        make_schedule("dadaquant", levels=2)
+        make_schedule("adaquant", levels=2)

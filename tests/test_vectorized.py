@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaquantfl.compression.compressor import QSGDCompressor
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import LocalTraining, local_sgd
 from adaquantfl.fl.server import FedServer

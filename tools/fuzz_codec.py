@@ -1,4 +1,4 @@
-"""Mutation fuzzing of wire format v1: every input is rejected with CodecError or decodes exactly.
+"""Mutation fuzzing of wire format v1: every input is rejected or decodes to what re-encodes to it.
 
     python -m tools.fuzz_codec                         # 100,000 cases, seed 0
     python -m tools.fuzz_codec --cases 2000 --seed 3   # a quick run
@@ -13,8 +13,16 @@ truncation, extension, bit flips, bytes overwritten, header fields set to
 arbitrary, non-canonical or huge values, bytes inserted or deleted, splices
 of two messages, bodies moved under another header (an entropy body that
 codes more symbols than the header allows), crafted entropy bodies and
-random bytes. Most mutations that should reach the body recompute the CRC,
-so that the body checks, not the CRC, have to reject them.
+random bytes. Structure-aware mutations change one field by the layout:
+a bucket norm (or raw value) set to a special float32 (``-0.0``, subnormals,
+the edges of the encoder's range ``< 2**127``, inf, NaNs, negatives); a
+packed code set to an edge value or a padding bit set; one field of an
+entropy body (``k``, the varint ``m``, or the coded words: one appended,
+prepended, dropped, nudged, swapped or replaced); and the sample's own
+vector in another form the entropy layout allows (another ``k``, stored
+instead of coded or the reverse). Most mutations that should reach the
+body recompute the CRC (and the body length), so that the body checks, not
+the CRC, have to reject them.
 
 The mutated bytes go through the four decoders a server uses, each with the
 original's element count as ``expected_numel``: ``decode``, ``decode_dense``,
@@ -23,18 +31,28 @@ original's element count as ``expected_numel``: ``decode``, ``decode_dense``,
 in 40% of cases, as a ``bytearray``, a ``memoryview`` (also one sliced out of
 a larger buffer) or a uint8 ``ndarray``. Each call is one of
 
-==================== ==========================================================
-rejected             it raised CodecError
-decoded-equal        it returned the original, bit for bit
-decoded-other-valid  it returned something else, and the mutated bytes are
-                     exactly a valid encoding of what it returned (a
-                     CRC-recomputed mutation can turn one valid message into
-                     another); proved by re-encoding
-decoded-wrong        it returned something that is neither (failure)
-inconsistent         ``decode_dequantize`` or ``decompress`` disagreed with
-                     ``decode`` / ``decode_dense`` on the same bytes (failure)
-other-exception      any other exception (failure)
-==================== ==========================================================
+====================== ========================================================
+rejected               it raised CodecError
+decoded-equal          it returned the original, bit for bit, from the
+                       original's bytes
+decoded-other-valid    it returned something else, and the mutated bytes are
+                       exactly what the encoder makes of it (a CRC-recomputed
+                       mutation can turn one valid message into another);
+                       proved by re-encoding byte for byte
+decoded-non-canonical  it returned something that does not re-encode to the
+                       bytes, which are another form the layout allows for it
+                       (an entropy body with another ``k``, or stored instead
+                       of coded, or the reverse): every vector has one valid
+                       encoding in each encoding (failure)
+decoded-wrong          it returned something that does not re-encode to the
+                       bytes and of which they are no encoding (failure)
+inconsistent           ``decode_dequantize`` or ``decompress`` disagreed with
+                       ``decode`` / ``decode_dense`` on the same bytes (failure)
+other-exception        any other exception (failure)
+====================== ========================================================
+
+The counts are printed per decoder, per mutation and per encoding that the
+mutated header names.
 
 and is also checked against two bounds: its tracemalloc peak against
 :func:`alloc_bound_bytes` (``64 * (expected_numel + len(data)) + 1 MiB``) and
@@ -76,6 +94,7 @@ import constriction
 import numpy as np
 import torch
 
+from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.codec import (
     CodecError,
     decode,
@@ -84,17 +103,18 @@ from adaquantfl.compression.codec import (
     encode,
     encode_dense,
 )
-from adaquantfl.compression.compressor import QSGDCompressor
 from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, dequantize, num_buckets, quantize
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 DECODERS = ("decode", "decode_dense", "decode_dequantize", "decompress")
 OK_OUTCOMES = ("rejected", "decoded-equal", "decoded-other-valid")
-BAD_OUTCOMES = ("decoded-wrong", "inconsistent", "other-exception")
+BAD_OUTCOMES = ("decoded-non-canonical", "decoded-wrong", "inconsistent", "other-exception")
 OUTCOMES = OK_OUTCOMES + BAD_OUTCOMES
 CODES = {"raw": 0, "packed": 1, "entropy": 2}
 FLAG_MAX_NORM = 0x10
 U32_MAX = 2**32 - 1
+#: The largest norm an encoder produces (the quantizer refuses 2**127 and above).
+LARGEST_NORM = float(np.nextafter(np.float32(2.0**127), np.float32(0)))
 HUGE_VALUES = (U32_MAX, U32_MAX - 1, 2**31, 2**28 + 3, 10**9, 0x0FFFFFFF, 2**24, 2**24 - 1)
 
 
@@ -153,12 +173,12 @@ def random_quantized(
     numel: int, levels: int, bucket_size: int | None, norm: str, seed: int
 ) -> Quantized:
     """A valid ``Quantized`` that no quantizer would make: uniform level indices,
-    random signs, norms that may be 0 or subnormal."""
+    random signs, norms that may be 0, subnormal or the largest below 2**127."""
     rng = np.random.default_rng(seed)
     mags = rng.integers(0, levels + 1, numel, dtype=np.int64).astype(np.int32)
     signs = rng.integers(0, 2, numel).astype(np.bool_) & (mags > 0)
     nb = num_buckets(numel, bucket_size)
-    norms = rng.choice(np.array([0.0, 1e-45, 1.0, 3.0e38], np.float32), nb)
+    norms = rng.choice(np.array([0.0, 1e-45, 1.0, LARGEST_NORM], np.float32), nb)
     norms = np.where(rng.random(nb) < 0.5, rng.random(nb).astype(np.float32), norms)
     return Quantized(
         levels,
@@ -352,19 +372,22 @@ def quantized_message(q: Quantized, encoding: str, body: bytes) -> bytes:
     return frame(code, q.numel, q.levels, q.bucket_size or 0, norms, body)
 
 
-def encoding_check(q: Quantized, data: bytes) -> tuple[bool, str]:
-    """Whether ``data`` is exactly a valid v1 encoding of ``q``, and how (or why not).
+def encoding_check(q: Quantized, data: bytes) -> tuple[str, str]:
+    """How ``data`` relates to ``q``: the outcome a decoder that returned ``q`` gets, and why.
 
-    Raw and packed messages have exactly one encoding; an entropy body may
-    also use any other legal number of low bits ``k`` or the stored (0xFF)
-    form, so those are tried too when the encoder's own choice differs.
+    ``"decoded-other-valid"`` if ``data`` is exactly what the encoder makes of
+    ``q`` (of every encoding, only that form is valid);
+    ``"decoded-non-canonical"`` if it is another form the layout allows (an
+    entropy body with a ``k`` the encoder would not pick, or the stored form
+    of a vector the encoder codes, or the reverse); ``"decoded-wrong"`` if it
+    is no encoding of ``q`` at all.
     """
     try:
         packed = encode(q, "packed")
         if data in (packed, encode(q, "entropy")):
-            return True, "the encoder's bytes"
+            return "decoded-other-valid", "the encoder's bytes"
     except ValueError as exc:
-        return False, f"the decoded Quantized is invalid: {exc}"
+        return "decoded-wrong", f"the decoded Quantized is invalid: {exc}"
     mags, signs = q.magnitudes.numpy(), q.signs.numpy()
     packed_bytes = -(-q.numel * (1 + q.levels.bit_length()) // 8)
     bodies: list[bytes | None] = [
@@ -372,8 +395,11 @@ def encoding_check(q: Quantized, data: bytes) -> tuple[bool, str]:
     ]
     bodies += [entropy_body(mags, signs, k) for k in range(min(23, q.levels.bit_length()) + 1)]
     if any(b is not None and quantized_message(q, "entropy", b) == data for b in bodies):
-        return True, "an entropy body the encoder would not pick (other k or stored form)"
-    return False, "the decoded vector does not re-encode to the message"
+        return (
+            "decoded-non-canonical",
+            "an entropy body the encoder would not pick (other k or stored form)",
+        )
+    return "decoded-wrong", "the decoded vector does not re-encode to the message"
 
 
 # --------------------------------------------------------------------------- mutations
@@ -393,9 +419,32 @@ MUTATIONS: dict[str, int] = {
     "splice+crc": 5,
     "reframe-body+crc": 7,
     "entropy-body+crc": 8,
+    "norm+crc": 6,
+    "body-field+crc": 10,
+    "entropy-form+crc": 6,
     "random": 3,
     "random-framed+crc": 5,
 }
+
+#: float32 bit patterns a norm or raw value is set to by "norm+crc" and "body-field+crc":
+#: zeros, subnormals, 1, the edges of the encoder's norm range, inf, NaNs, negatives.
+SPECIAL_F32_BITS = (
+    0x00000000,  # 0.0
+    0x80000000,  # -0.0
+    0x00000001,  # smallest subnormal
+    0x007FFFFF,  # largest subnormal
+    0x3F800000,  # 1.0
+    0x7EFFFFFF,  # LARGEST_NORM, the largest below 2**127
+    0x7F000000,  # 2**127
+    0x7F7FFFFF,  # float32 max
+    0x7F800000,  # inf
+    0xFF800000,  # -inf
+    0x7FC00000,  # quiet NaN
+    0x7F800001,  # signalling NaN
+    0xFFC00000,  # negative NaN
+    0xBF800000,  # -1.0
+    0x80000001,  # negative subnormal
+)
 
 
 def _bytes(rng: np.random.Generator, n: int) -> bytes:
@@ -542,6 +591,12 @@ def mutate(rng: np.random.Generator, sample: Sample, corpus: list[Sample]) -> tu
     if kind == "entropy-body+crc":
         body = _crafted_entropy_body(rng, sample)
         return kind, _reframe(rng, sample, "entropy", sample.levels or 1, body)
+    if kind == "norm+crc":
+        return kind, _mutate_norm(rng, sample)
+    if kind == "body-field+crc":
+        return kind, _mutate_body_field(rng, sample)
+    if kind == "entropy-form+crc":
+        return kind, _other_entropy_form(rng, sample)
     if kind == "random":
         return kind, _bytes(rng, int(_choice(rng, (0, 1, 4, 11, 12, 13, 16, 40, 300))))
     # "random-framed+crc": a header consistent with its length around random norms and body.
@@ -558,6 +613,157 @@ def mutate(rng: np.random.Generator, sample: Sample, corpus: list[Sample]) -> tu
         body_len = int(rng.integers(0, 40))
     body_len = min(body_len, 200_000)
     return kind, frame(code, numel, levels, bucket, _random_norms(rng, nb), _bytes(rng, body_len))
+
+
+def message_parts(data: bytes) -> tuple[int, list[int], bytes, bytes]:
+    """Byte 3, the four header varints, the norms and the body of a valid message."""
+    fields, spans = header_fields(data)
+    numel, _, bucket, body_bytes = fields
+    start = spans[3][1]
+    nb = 0 if data[3] & 0x0F == CODES["raw"] else num_buckets(numel, bucket or None)
+    end = start + 4 * nb
+    return data[3], fields, data[start:end], data[end : end + body_bytes]
+
+
+def with_parts(data: bytes, *, norms: bytes | None = None, body: bytes | None = None) -> bytes:
+    """A valid message with its norms or body replaced: the body length and CRC follow."""
+    code, (numel, levels, bucket, _), old_norms, old_body = message_parts(data)
+    norms = old_norms if norms is None else norms
+    return frame(code, numel, levels, bucket, norms, old_body if body is None else body)
+
+
+def _special_f32(rng: np.random.Generator) -> bytes:
+    if rng.random() < 0.15:
+        return _bytes(rng, 4)
+    return struct.pack("<I", int(_choice(rng, SPECIAL_F32_BITS)))
+
+
+def _mutate_norm(rng: np.random.Generator, sample: Sample) -> bytes:
+    """One bucket norm (a raw value, for raw messages) set to a special float32."""
+    _, _, norms, body = message_parts(sample.data)
+    field = norms if norms else body
+    if not field:  # a raw message of no entries: a value it does not have
+        return with_parts(sample.data, body=_special_f32(rng))
+    j = 4 * int(rng.integers(len(field) // 4))
+    field = field[:j] + _special_f32(rng) + field[j + 4 :]
+    return with_parts(sample.data, norms=field) if norms else with_parts(sample.data, body=field)
+
+
+def set_bits(buf: bytearray, position: int, width: int, value: int) -> None:
+    """Write ``value`` into stream bits ``position .. position + width - 1`` (LSB first)."""
+    for b in range(width):
+        p = position + b
+        buf[p // 8] = (buf[p // 8] & ~(1 << (p % 8))) | (((value >> b) & 1) << (p % 8))
+
+
+def _mutate_packed_codes(rng: np.random.Generator, body: bytes, numel: int, levels: int) -> bytes:
+    """One packed code set to an edge value, or a padding bit set."""
+    w = 1 + levels.bit_length()
+    out = bytearray(body)
+    if numel == 0 or (rng.random() < 0.15 and (numel * w) % 8):
+        if out:
+            set_bits(out, numel * w + int(rng.integers((-numel * w) % 8)), 1, 1)  # padding
+        return bytes(out)
+    code = int(
+        _choice(
+            rng,
+            (
+                levels << 1,  # xi = s
+                (levels << 1) | 1,  # xi = s, negative
+                (levels + 1) << 1,  # xi = s + 1 (when it fits the w - 1 index bits)
+                (1 << w) - 1,  # every bit set
+                1,  # a sign on a zero level
+                0,
+                int(rng.integers(1 << w)),
+            ),
+        )
+    )
+    set_bits(out, int(rng.integers(numel)) * w, w, code & ((1 << w) - 1))
+    return bytes(out)
+
+
+def _coded_entropy_fields(body: bytes) -> tuple[int, int, bytes, np.ndarray]:
+    """``(k, m, m's varint bytes, words)`` of an ANS-coded entropy body."""
+    pos = 1
+    while body[pos] & 0x80:
+        pos += 1
+    raw_m = body[1 : pos + 1]
+    m = sum((b & 0x7F) << (7 * i) for i, b in enumerate(raw_m))
+    return body[0], m, raw_m, np.frombuffer(body[pos + 1 :], dtype="<u4").astype(np.int64)
+
+
+def _mutate_entropy_fields(rng: np.random.Generator, body: bytes, levels: int) -> bytes:
+    """One field of an ANS-coded entropy body changed: k, the varint m, or the coded words."""
+    k, m, raw_m, words = _coded_entropy_fields(body)
+    pick = int(rng.integers(3))
+    if pick == 0:  # k: another legal value, a neighbour, just out of range, or the stored marker
+        legal = min(23, levels.bit_length())
+        k2 = int(_choice(rng, (int(rng.integers(legal + 1)), k + 1, max(k - 1, 0), legal + 1)))
+        k2 = 0xFF if rng.random() < 0.1 else k2 % 256
+        return bytes([k2]) + raw_m + words.astype("<u4").tobytes()
+    if pick == 1:  # m: a neighbour, an edge, or the same value non-canonically
+        if rng.random() < 0.25:
+            raw = bytearray(raw_m)
+            raw[-1] |= 0x80
+            new_m = bytes(raw) + b"\x00"
+        else:
+            new_m = leb128(int(_choice(rng, (m + 1, max(m - 1, 0), 0, 2 * m, 4095, 4096))))
+        return bytes([k]) + new_m + words.astype("<u4").tobytes()
+    word = int(_choice(rng, (0, 1, 0xFFFFFFFF, int(rng.integers(2**32)))))
+    op = int(rng.integers(6))
+    if op == 0:  # a word appended (on top of the stack: read first)
+        words = np.append(words, word)
+    elif op == 1:  # a word prepended (at the bottom: read last)
+        words = np.insert(words, 0, word)
+    elif op == 2 and words.size:  # the first or last word dropped
+        words = words[1:] if rng.random() < 0.5 else words[:-1]
+    elif op == 3 and words.size:  # a word nudged by one
+        j = int(_choice(rng, (0, words.size - 1, int(rng.integers(words.size)))))
+        words = words.copy()
+        words[j] = (words[j] + int(_choice(rng, (1, -1)))) % 2**32
+    elif op == 4 and words.size > 1:  # two words swapped
+        words = words.copy()
+        i, j = rng.choice(words.size, size=2, replace=False)
+        words[[i, j]] = words[[j, i]]
+    elif words.size:  # a word replaced
+        words = words.copy()
+        words[int(rng.integers(words.size))] = word
+    return bytes([k]) + raw_m + words.astype("<u4").tobytes()
+
+
+def _mutate_body_field(rng: np.random.Generator, sample: Sample) -> bytes:
+    """One field of the body changed by its own layout (raw value, packed code, entropy field)."""
+    _, (numel, levels, _, _), _, body = message_parts(sample.data)
+    if sample.encoding == "raw":
+        return _mutate_norm(rng, sample)  # a raw body is values: set one
+    if sample.encoding == "packed":
+        return with_parts(sample.data, body=_mutate_packed_codes(rng, body, numel, levels))
+    if not body:  # d = 0: any entropy body is too much
+        return with_parts(sample.data, body=bytes([int(rng.integers(3))]) + b"\x00")
+    if body[0] == 0xFF:  # the stored form: its packed codes, or its marker
+        if rng.random() < 0.2:
+            new = bytes([int(rng.integers(min(23, levels.bit_length()) + 1))]) + body[1:]
+        else:
+            new = b"\xff" + _mutate_packed_codes(rng, body[1:], numel, levels)
+        return with_parts(sample.data, body=new)
+    return with_parts(sample.data, body=_mutate_entropy_fields(rng, body, levels))
+
+
+def _other_entropy_form(rng: np.random.Generator, sample: Sample) -> bytes:
+    """The sample's own vector in another form the entropy layout allows (another k, or
+    stored / coded): valid to a decoder that checks only the layout, not the encoder's choice."""
+    q = sample.quantized
+    if q is None or q.numel == 0:
+        return _mutate_body_field(rng, sample)
+    mags, signs = q.magnitudes.numpy(), q.signs.numpy()
+    if rng.random() < 0.25:
+        packed = encode(q, "packed")
+        body: bytes | None = b"\xff" + message_parts(packed)[3]
+    else:
+        body = entropy_body(mags, signs, int(rng.integers(min(23, q.levels.bit_length()) + 1)))
+    if body is None:  # that k leaves too many high parts: the vector's packed form
+        body = b"\xff" + message_parts(encode(q, "packed"))[3]
+    return quantized_message(q, "entropy", body)
 
 
 def _num_norms(sample: Sample) -> int:
@@ -646,23 +852,25 @@ def _timed(
 
 
 def _classify_quantized(sample: Sample, data: bytes, q: Quantized, call: Call) -> None:
-    if sample.quantized is not None and same_quantized(q, sample.quantized):
-        call.outcome = "decoded-equal"
-        return
-    valid, call.detail = encoding_check(q, data)
-    call.outcome = "decoded-other-valid" if valid else "decoded-wrong"
+    # Re-encoding comes first: a decoded vector equal to the original from
+    # bytes that differ from the original's is a second form of it (failure).
+    call.outcome, call.detail = encoding_check(q, data)
+    original = sample.quantized
+    valid = call.outcome == "decoded-other-valid"
+    if valid and original is not None and same_quantized(q, original):
+        call.outcome, call.detail = "decoded-equal", ""
 
 
 def _classify_dense(sample: Sample, data: bytes, x: torch.Tensor, call: Call) -> None:
-    if sample.encoding == "raw" and bitwise_equal(x, sample.dense):
-        call.outcome = "decoded-equal"
-    elif encode_dense(x) == data:
-        call.outcome, call.detail = "decoded-other-valid", "the encoder's bytes"
-    else:
+    if encode_dense(x) != data:  # raw has no other form the layout allows
         call.outcome, call.detail = (
             "decoded-wrong",
             "the raw vector does not re-encode to the message",
         )
+    elif sample.encoding == "raw" and bitwise_equal(x, sample.dense):
+        call.outcome = "decoded-equal"
+    else:
+        call.outcome, call.detail = "decoded-other-valid", "the encoder's bytes"
 
 
 def _mirror(
@@ -702,6 +910,24 @@ def wrap(data: bytes, container: str) -> Any:
     return data
 
 
+def _compressor_of(sample: Sample) -> QSGDCompressor:
+    """The compressor a server expecting ``sample``'s kind of message uses."""
+    if sample.quantized is None:
+        return QSGDCompressor()
+    return QSGDCompressor(
+        encoding=sample.encoding,
+        bucket_size=sample.quantized.bucket_size,
+        norm=sample.quantized.norm,
+    )
+
+
+def _encoding_of(data: bytes) -> str | None:
+    """The encoding byte 3 names (None if the message is too short to say)."""
+    if len(data) < 4:
+        return None
+    return {code: name for name, code in CODES.items()}.get(data[3] & 0x0F)
+
+
 def run_case(
     sample: Sample, data: bytes, *, measure_alloc: bool = False, container: str = "bytes"
 ) -> list[Call]:
@@ -736,7 +962,8 @@ def _run_case(sample: Sample, data: bytes, measure_alloc: bool, container: str) 
     )
     if dense.outcome == "ok":
         _classify_dense(sample, data, x, dense)
-    reference = dequantize(q) if q is not None and dec.outcome in OK_OUTCOMES else None
+    # What decode returned, accepted rightly or not: the other decoders must agree with it.
+    reference = dequantize(q) if q is not None else None
     out = torch.full((n,), math.nan)
     y, fused = _timed(
         "decode_dequantize",
@@ -746,18 +973,28 @@ def _run_case(sample: Sample, data: bytes, measure_alloc: bool, container: str) 
     )
     _mirror(fused, y, out, reference, dec)
     out2 = torch.full((n,), math.nan)
+    # The server's compressor has the original's settings; it rejects any
+    # other encoding, norm or bucket size before decoding.
+    compressor = _compressor_of(sample)
     z, comp = _timed(
         "decompress",
-        lambda: QSGDCompressor().decompress(message, numel=n, levels=sample.levels, out=out2),
+        lambda: compressor.decompress(message, numel=n, levels=sample.levels, out=out2),
         bound,
         measure_alloc,
     )
     if sample.levels is None:
-        expected = x if dense.outcome in OK_OUTCOMES else None
+        expected = x if x is not None else None
         _mirror(comp, z, out2, expected, dense)
     else:
-        same_levels = q is not None and q.levels == sample.levels
-        _mirror(comp, z, out2, reference if same_levels else None, dec)
+        same = (
+            q is not None
+            and sample.quantized is not None
+            and q.levels == sample.levels
+            and q.norm == sample.quantized.norm
+            and q.bucket_size == sample.quantized.bucket_size
+            and _encoding_of(data) == sample.encoding
+        )
+        _mirror(comp, z, out2, reference if same else None, dec)
     if bytes(message) != data:
         comp.outcome, comp.detail = "inconsistent", "a decoder modified its input"
     return [dec, dense, fused, comp]
@@ -776,6 +1013,7 @@ class Report:
         default_factory=lambda: {d: Counter() for d in DECODERS}
     )
     by_mutation: dict[str, Counter[str]] = field(default_factory=dict)
+    by_encoding: dict[str, Counter[str]] = field(default_factory=dict)
     other_valid_details: Counter[str] = field(default_factory=Counter)
     failures: list[dict[str, Any]] = field(default_factory=list)
     alloc_violations: int = 0
@@ -794,6 +1032,14 @@ class Report:
         totals = self.totals()
         bad = sum(totals[o] for o in BAD_OUTCOMES)
         return bool(bad or self.alloc_violations or self.slow_cases)
+
+
+def encoding_of(data: bytes) -> str:
+    """The encoding a message's header names ("raw", "packed", "entropy"), or "unknown"."""
+    if len(data) < 4 or data[:3] != b"AQ\x01":
+        return "unknown"
+    names = {code: name for name, code in CODES.items()}
+    return names.get(data[3] & 0x0F, "unknown")
 
 
 def fuzz_case(index: int, seed: int, samples: list[Sample]) -> tuple[Sample, str, bytes, str]:
@@ -850,6 +1096,7 @@ def _record(
     max_case_s: float,
 ) -> None:
     per_kind = report.by_mutation.setdefault(kind, Counter())
+    per_encoding = report.by_encoding.setdefault(encoding_of(data), Counter())
     case_s = sum(c.seconds for c in calls)
     where = {"case": index, "mutation": kind, "sample": sample.name, "bytes": len(data)}
     if case_s > report.slowest_case["seconds"]:
@@ -860,6 +1107,7 @@ def _record(
     for c in calls:
         report.counts[c.decoder][c.outcome] += 1
         per_kind[c.outcome] += 1
+        per_encoding[c.outcome] += 1
         if c.outcome == "decoded-other-valid":
             report.other_valid_details[f"{c.decoder}: {c.detail}"] += 1
         ratio = c.peak_bytes / c.bound_bytes
@@ -899,6 +1147,11 @@ def print_report(report: Report) -> None:
     for name, counts in rows:
         tried = sum(counts.values())
         print(f"{name:<18}{tried:>{width}}" + "".join(f"{counts[o]:>{width}}" for o in OUTCOMES))
+    print("\nby the encoding the mutated header names (all decoders):")
+    print(f"{'encoding':<18}" + "".join(f"{c:>{width}}" for c in cols))
+    for name, counts in sorted(report.by_encoding.items()):
+        tried = sum(counts.values())
+        print(f"{name:<18}{tried:>{width}}" + "".join(f"{counts[o]:>{width}}" for o in OUTCOMES))
     print("\nby mutation (all decoders):")
     for kind, counts in sorted(report.by_mutation.items()):
         line = ", ".join(f"{o} {counts[o]}" for o in OUTCOMES if counts[o])
@@ -921,7 +1174,11 @@ def print_report(report: Report) -> None:
     )
     for failure in report.failures[:20]:
         print("FAILURE", failure)
-    print("FAILED" if report.failed() else "OK: every input was rejected or decoded exactly")
+    print(
+        "FAILED"
+        if report.failed()
+        else "OK: every input was rejected or decoded to what re-encodes to it byte for byte"
+    )
 
 
 def to_json(report: Report, argv: Sequence[str]) -> dict[str, Any]:
@@ -934,6 +1191,9 @@ def to_json(report: Report, argv: Sequence[str]) -> dict[str, Any]:
         "totals": {o: totals[o] for o in OUTCOMES},
         "per_decoder": {d: {o: c[o] for o in OUTCOMES} for d, c in report.counts.items()},
         "by_mutation": {k: dict(c) for k, c in sorted(report.by_mutation.items())},
+        "by_encoding": {
+            k: {o: c[o] for o in OUTCOMES} for k, c in sorted(report.by_encoding.items())
+        },
         "decoded_other_valid": dict(report.other_valid_details),
         "alloc_bound": "64 * (expected_numel + len(data)) + 2**20 bytes (tracemalloc peak)",
         "max_alloc": report.max_alloc,

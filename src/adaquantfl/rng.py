@@ -35,6 +35,7 @@ PURPOSES: tuple[str, ...] = (
     "init",  # the initial global model
     "partition",  # how a data set is split over clients
     "data",  # generated data sets and train/test splits
+    "downlink",  # the server's compression of the model it sends
 )
 
 _INT64_MIN = -(2**63)

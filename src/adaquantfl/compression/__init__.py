@@ -5,5 +5,38 @@
 - :mod:`.packed` and :mod:`.entropy`: the two bodies of a quantized message;
 - :mod:`.codec`: encode and decode by encoding (raw, packed, entropy);
 - :mod:`.compressor`: the compressor protocol and the registry of compressors by name;
+- :mod:`.qsgd_compressor`: QSGD in the v1 format (``"qsgd"``);
+- :mod:`.topk`: top-k sparsification (``"topk"``, biased) and the sparse body;
+- :mod:`.feedback`: error feedback around any compressor;
 - :mod:`._kernels`: the compiled (numba) kernels.
+
+Importing this package registers the built-in compressors.
 """
+
+from adaquantfl.compression.compressor import (
+    COMPRESSORS,
+    BaseCompressor,
+    Compressor,
+    compressor_from_config,
+    default_message_limit,
+    make_compressor,
+    register_compressor,
+)
+from adaquantfl.compression.feedback import ErrorFeedback
+from adaquantfl.compression.qsgd_compressor import QSGDCompressor, QSGDOptions
+from adaquantfl.compression.topk import TopKCompressor, TopKOptions
+
+__all__ = [
+    "COMPRESSORS",
+    "BaseCompressor",
+    "Compressor",
+    "ErrorFeedback",
+    "QSGDCompressor",
+    "QSGDOptions",
+    "TopKCompressor",
+    "TopKOptions",
+    "compressor_from_config",
+    "default_message_limit",
+    "make_compressor",
+    "register_compressor",
+]

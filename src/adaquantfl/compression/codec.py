@@ -5,13 +5,15 @@ A message is a fixed-order header, the per-bucket norms, a body and a CRC32::
     offset  size  field
     0       2     magic b"AQ"
     2       1     format version (1)
-    3       1     low nibble: encoding (0 raw, 1 packed, 2 entropy);
+    3       1     low nibble: encoding (0 raw, 1 packed, 2 entropy, 3 sparse);
                   high nibble: flags (bit 4: max-norm); other bits must be 0
     4       ...   four unsigned LEB128 varints (canonical, at most 5 bytes):
-                  numel d, levels s (0 for raw), bucket size (0 = one bucket),
+                  numel d, levels s (0 for raw; entries sent for sparse),
+                  bucket size (0 = one bucket),
                   body length in bytes
-    ...     4*nb  norms, float32 little-endian (none for raw)
-    ...     body  raw: d float32 LE; packed: see below; entropy: adaquantfl.compression.entropy
+    ...     4*nb  norms, float32 little-endian (none for raw and sparse)
+    ...     body  raw: d float32 LE; packed: see below; entropy: adaquantfl.compression.entropy;
+                  sparse: adaquantfl.compression.topk
     -4      4     CRC32 (zlib) of every byte before it, little-endian
 
 Packed body: entry ``i`` becomes the code ``(xi_i << 1) | sign_i`` of
@@ -31,9 +33,10 @@ Varints keep the header small: a 410-entry s=1 message costs 103 bytes of body
 and 16 bytes of header, norm and CRC, where fixed 32-bit fields would cost 24.
 Every field is validated against the actual length and the caller's
 ``expected_numel`` before anything of a claimed size is allocated, and there is
-exactly one valid raw or packed encoding of each vector (canonical varints,
-zero padding, no sign on zero), so a decoded message re-encodes to the same
-bytes. The entropy body has its own checks (see :mod:`adaquantfl.compression.entropy`).
+exactly one valid encoding of each vector in each encoding (canonical varints,
+zero padding, no sign on zero, and an entropy body that must be the encoder's
+own, see :mod:`adaquantfl.compression.entropy`), so a decoded message
+re-encodes to the same bytes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from adaquantfl.compression.container import (
     Header,
     as_buffer,
     build_message,
+    check_norms,
     read_norms,
     varint_bytes,
 )
@@ -115,7 +119,9 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     ------
     ValueError
         On an unknown encoding, more than 2**32 - 1 entries, or a ``q`` whose
-        level indices are outside ``[0, levels]`` or that has a sign on a zero level.
+        level indices are outside ``[0, levels]``, that has a sign on a zero level,
+        or a norm outside the quantizer's range (NaN, infinite, negative or
+        ``>= 2**127``).
     """
     _check_encoding(encoding)
     if q.numel > U32_MAX:
@@ -123,6 +129,10 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     mags = np.ascontiguousarray(q.magnitudes.numpy())
     signs = np.ascontiguousarray(q.signs.numpy())
     norms = np.ascontiguousarray(q.norms.numpy())
+    try:
+        check_norms(norms)  # what decode rejects, encode must not produce
+    except ValueError as exc:
+        raise ValueError(f"cannot encode: {exc}") from None
     if encoding == "entropy":
         return _entropy_message(q.numel, q.levels, q.bucket_size, q.norm, norms, mags, signs)
 
@@ -239,7 +249,8 @@ def decode(
     ------
     CodecError
         If any field is malformed, disagrees with the length or the caller's
-        expectations, the CRC does not match, or the body is not canonical.
+        expectations, the CRC does not match, a norm is outside the encoder's
+        range (finite, ``>= 0``, ``< 2**127``), or the body is not canonical.
     """
     buf, header, norms = _open(data, expected_numel, expected_levels)
     mags, signs = _level_indices(buf, header)
@@ -312,6 +323,8 @@ def _open(
     header = checked_header(buf, expected_numel)
     if header.encoding == "raw":
         raise CodecError("message is raw full precision; use decode_dense")
+    if header.encoding not in _QUANTIZED_ENCODINGS:
+        raise CodecError(f"message is {header.encoding}-encoded, not a quantized vector")
     if expected_levels is not None and header.levels != expected_levels:
         raise CodecError(f"message has levels {header.levels}; expected {expected_levels}")
     return buf, header, read_norms(buf, header)

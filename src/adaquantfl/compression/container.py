@@ -24,7 +24,7 @@ try:
 except ImportError:  # the standard library's, always there
     from zlib import crc32
 
-from adaquantfl.compression.qsgd import NORMS, num_buckets
+from adaquantfl.compression.qsgd import MAX_NORM, NORMS, num_buckets
 
 __all__ = [
     "ENCODINGS",
@@ -35,6 +35,7 @@ __all__ = [
     "as_buffer",
     "build_message",
     "check_length",
+    "check_norms",
     "crc32",
     "frame_bytes",
     "get_varint",
@@ -48,7 +49,7 @@ __all__ = [
 MAGIC = b"AQ"
 FORMAT_VERSION = 1
 #: Encodings by name, with their code in the header.
-ENCODINGS: dict[str, int] = {"raw": 0, "packed": 1, "entropy": 2}
+ENCODINGS: dict[str, int] = {"raw": 0, "packed": 1, "entropy": 2, "sparse": 3}
 _ENCODING_NAMES = {code: name for name, code in ENCODINGS.items()}
 FLAG_MAX_NORM = 0x10
 _KNOWN_FLAGS = FLAG_MAX_NORM
@@ -78,7 +79,9 @@ class Header:
 
     @property
     def num_norms(self) -> int:
-        return 0 if self.encoding == "raw" else num_buckets(self.numel, self.bucket_size)
+        if self.encoding in ("raw", "sparse"):
+            return 0
+        return num_buckets(self.numel, self.bucket_size)
 
     @property
     def body_offset(self) -> int:
@@ -234,12 +237,39 @@ def verify_crc(buf: memoryview) -> None:
 
 
 def read_norms(buf: memoryview, header: Header) -> np.ndarray:
-    """The bucket norms of a quantized message (float32), checked finite and non-negative."""
+    """The bucket norms of a quantized message (float32), checked against :func:`check_norms`."""
     norms = np.frombuffer(buf, dtype="<f4", count=header.num_norms, offset=header.header_bytes)
     norms = norms.astype(np.float32)
-    if not np.all(np.isfinite(norms)) or np.any(norms < 0):
-        raise CodecError("a bucket norm is negative or not finite")
+    try:
+        check_norms(norms)
+    except ValueError as exc:
+        raise CodecError(str(exc)) from None
     return norms
+
+
+def check_norms(norms: np.ndarray) -> None:
+    """Check that every bucket norm is in the encoder's range: finite, ``>= 0``, ``< 2**127``.
+
+    The quantizer refuses vectors whose norm reaches :data:`.qsgd.MAX_NORM`
+    (2**127), because ``xi * (norm / s)`` can round up to infinity above it
+    (at float32's maximum and s = 25, for one). A message with such a norm was
+    not made by an encoder, and decoding it could produce ``inf``.
+
+    Raises
+    ------
+    ValueError
+        Naming the first bucket whose norm is NaN, infinite, negative or ``>= 2**127``.
+    """
+    # One comparison covers NaN too (it compares False).
+    ok = (norms >= 0) & (norms < MAX_NORM)
+    if not ok.all():
+        k = int(np.argmin(ok))
+        value = float(norms[k])
+        what = "not finite" if not np.isfinite(value) else "negative" if value < 0 else ">= 2**127"
+        raise ValueError(
+            f"bucket {k}'s norm {value!r} is {what}; the encoder's range is finite, "
+            f">= 0 and < 2**127"
+        )
 
 
 def get_varint(buf: memoryview, pos: int, name: str) -> tuple[int, int]:

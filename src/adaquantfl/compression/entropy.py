@@ -42,6 +42,15 @@ are in range, that the decoded high parts have exactly the transmitted counts,
 that every index is at most s and that the coder is empty afterwards; it
 allocates at most ``d`` symbols of each kind and 4096 counts.
 
+Canonical form: each vector has exactly one valid entropy body, the one
+:func:`encode_body` makes, so a decoded message re-encodes to the same bytes
+(as raw and packed messages do). The layout alone admits more (any legal
+``k``; the stored form of a vector the encoder codes, or the coded form of
+one it stores), so after decoding, the decoder rebuilds the encoder's coded
+body from the decoded symbols (its ``k``, ``m``, counts and ANS words) and
+rejects the body unless it is byte-identical to it, or, for the stored form,
+unless it is longer than ``1 +`` the packed body.
+
 Notes
 -----
 The counts are exact, so the model is the empirical distribution and the
@@ -50,6 +59,12 @@ themselves cost ``sum_j log2(R_j + 1)`` bits, far less than a float table (a
 naive table costs 1.5x at d = 410). The encoder picks ``k`` by the estimated
 size ``d H(h) + d k + nnz + count bits``; ``k = bits(max xi)`` (every index
 sent uniformly) is always a candidate.
+
+The canonical check costs one encode per decode: about 1.6x the decode time
+of ``decode_dequantize`` without it (d = 1e5 and 1e6, s in {1, 15, 255};
+``python -m benchmarks.entropy_check``). A cheaper check of ``k`` and the
+stored/coded choice alone would rest on the coder's words being unique for
+given symbols and models, which constriction does not document.
 """
 
 from __future__ import annotations
@@ -97,17 +112,24 @@ def _count_bits(counts: np.ndarray, d: int) -> float:
     return float(np.log2(d - before + 1.0).sum())
 
 
-def choose_low_bits(mags: np.ndarray) -> tuple[int, np.ndarray]:
+def choose_low_bits(
+    mags: np.ndarray, histogram: np.ndarray | None = None
+) -> tuple[int, np.ndarray]:
     """The number of uniform low bits ``k`` and the high-part counts the encoder uses.
 
     Minimises ``d H(h) + d k + count bits`` over every ``k`` that keeps the
     high alphabet below :data:`MAX_ALPHABET` (the sign bits do not depend on k).
+    ``histogram``, if given, is ``np.bincount(mags)`` (its last count nonzero),
+    which saves a pass over ``mags``.
     """
     d = mags.size
-    top = int(mags.max()) if d else 0
+    top = histogram.size - 1 if histogram is not None else int(mags.max()) if d else 0
     bits = top.bit_length()
     k_min = max(0, bits - (MAX_ALPHABET.bit_length() - 1))
-    counts = np.bincount(mags >> k_min)
+    if histogram is not None and k_min == 0:
+        counts = histogram
+    else:
+        counts = np.bincount(mags >> k_min if k_min else mags)
     best_k, best_counts, best_bits = k_min, counts, math.inf
     for k in range(k_min, min(bits, _MAX_LOW_BITS) + 1):
         if k > k_min:
@@ -136,7 +158,23 @@ def encode_body(mags: np.ndarray, signs: np.ndarray, levels: int) -> bytes:
             f"cannot encode: a level index is outside [0, {levels}] or a zero level "
             "has its sign set"
         )
-    k, counts = choose_low_bits(mags)
+    body = _coded_body(mags, signs)
+    packed = packed_body_bytes(d, levels)
+    if len(body) <= 1 + packed:
+        return body
+    out = np.empty(1 + packed + kernels.PACK_SLACK, dtype=np.uint8)
+    out[0] = _STORED
+    pack_into(mags, signs, levels, out[1:])
+    return out[: 1 + packed].tobytes()
+
+
+def _coded_body(mags: np.ndarray, signs: np.ndarray, histogram: np.ndarray | None = None) -> bytes:
+    """The ANS-coded body of valid level indices with the encoder's ``k`` (not the stored form).
+
+    ``histogram`` is as in :func:`choose_low_bits`.
+    """
+    d = mags.size
+    k, counts = choose_low_bits(mags, histogram)
     m = counts.size - 1
     coder = _AnsCoder()
     # A stack: push in the reverse of the decoding order.
@@ -147,7 +185,7 @@ def encode_body(mags: np.ndarray, signs: np.ndarray, levels: int) -> bytes:
         coder.encode_reverse((mags & ((1 << k) - 1)).astype(np.int32), _Uniform(1 << k))
     if m:
         model = _Categorical(counts.astype(np.float64), perfect=False)
-        coder.encode_reverse((mags >> k).astype(np.int32), model)
+        coder.encode_reverse((mags >> k if k else mags).astype(np.int32, copy=False), model)
         remaining = d - np.concatenate(([0], np.cumsum(counts[:-1])))
         for j in range(m - 1, -1, -1):
             _push_bounded(coder, int(counts[j]), int(remaining[j]))
@@ -155,13 +193,7 @@ def encode_body(mags: np.ndarray, signs: np.ndarray, levels: int) -> bytes:
     head = bytearray([k])
     put_varint(head, m)
     body: bytes = bytes(head) + words.tobytes()
-    packed = packed_body_bytes(d, levels)
-    if len(body) <= 1 + packed:
-        return body
-    out = np.empty(1 + packed + kernels.PACK_SLACK, dtype=np.uint8)
-    out[0] = _STORED
-    pack_into(mags, signs, levels, out[1:])
-    return out[: 1 + packed].tobytes()
+    return body
 
 
 def decode_body(body: memoryview, numel: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +217,9 @@ def decode_body(body: memoryview, numel: int, levels: int) -> tuple[np.ndarray, 
                 f"stored entropy body is {len(body)} bytes; expected "
                 f"{1 + packed_body_bytes(numel, levels)} for numel {numel} and levels {levels}"
             )
-        return packed_levels(body[1:], numel, levels)
+        mags, signs = packed_levels(body[1:], numel, levels)
+        _check_canonical(body, mags, signs, levels)
+        return mags, signs
     if k > min(_MAX_LOW_BITS, levels.bit_length()):
         raise CodecError(f"entropy body sends {k} low bits; at most {levels.bit_length()} here")
     m, pos = get_varint(body, 1, "entropy high-part maximum")
@@ -199,6 +233,7 @@ def decode_body(body: memoryview, numel: int, levels: int) -> tuple[np.ndarray, 
     except ValueError as exc:
         raise CodecError(f"entropy coded data is malformed: {exc}") from None
     mags = np.zeros(numel, dtype=np.int32)
+    counts = np.array([numel], dtype=np.int64)
     if m:
         counts = np.zeros(m + 1, dtype=np.int64)
         remaining = numel
@@ -223,7 +258,49 @@ def decode_body(body: memoryview, numel: int, levels: int) -> tuple[np.ndarray, 
         signs[nonzero] = coder.decode(_Uniform(2), nnz) != 0
     if not coder.is_empty():
         raise CodecError("entropy coded data continues after the last symbol")
+    # With k = 0 the high-part counts are the histogram of the level indices.
+    _check_canonical(body, mags, signs, levels, None if k else counts)
     return mags, signs
+
+
+def _check_canonical(
+    body: memoryview,
+    mags: np.ndarray,
+    signs: np.ndarray,
+    levels: int,
+    histogram: np.ndarray | None = None,
+) -> None:
+    """Reject a valid body that is not the one :func:`encode_body` makes for these symbols.
+
+    The layout leaves the encoder choices (``k``, the stored form) that a
+    decoder would otherwise accept in any legal combination; rebuilding the
+    encoder's coded body from the decoded symbols and comparing bytes closes
+    those and anything else the coder's words might allow, at the cost of one
+    encode per decode.
+    """
+    coded = _coded_body(mags, signs, histogram)
+    packed = packed_body_bytes(mags.size, levels)
+    if body[0] == _STORED:
+        if len(coded) <= 1 + packed:
+            raise CodecError(
+                f"entropy body is stored, but the encoder ANS-codes this vector in "
+                f"{len(coded)} <= {1 + packed} bytes (one canonical body per vector)"
+            )
+    elif len(coded) > 1 + packed:
+        raise CodecError(
+            f"entropy body is ANS-coded, but the encoder stores this vector: its coded "
+            f"form is {len(coded)} > {1 + packed} bytes (one canonical body per vector)"
+        )
+    elif body[0] != coded[0]:
+        raise CodecError(
+            f"entropy body sends k = {body[0]} low bits; the encoder sends this vector "
+            f"with k = {coded[0]} (one canonical body per vector)"
+        )
+    elif body != coded:
+        raise CodecError(
+            "entropy body's coded words are not the encoder's for the symbols they "
+            "decode to (one canonical body per vector)"
+        )
 
 
 def _push_bounded(coder: constriction.stream.stack.AnsCoder, value: int, bound: int) -> None:

@@ -77,6 +77,21 @@ def peek_header(data: bytes | bytearray | memoryview) -> Header:
             )
         if body_bytes != 4 * numel:
             raise CodecError(f"raw body length {body_bytes} != 4 * numel = {4 * numel}")
+    elif header.encoding == "sparse":
+        # levels holds the number k of entries sent; the body is k index
+        # varints (1 to 5 bytes each) and k float32 values (see .topk).
+        bucket = header.bucket_size or 0
+        if bucket != 0 or header.flags:
+            raise CodecError(
+                f"sparse message must have bucket size 0 and no flags; got bucket size "
+                f"{bucket}, flags 0x{header.flags:02x}"
+            )
+        if levels > numel:
+            raise CodecError(f"sparse message sends {levels} entries of a vector of {numel}")
+        if not 5 * levels <= body_bytes <= 9 * levels:
+            raise CodecError(
+                f"sparse body length {body_bytes} is outside [5k, 9k] for k = {levels} entries"
+            )
     else:
         if not 1 <= levels <= MAX_LEVELS:
             raise CodecError(f"levels {levels} out of range [1, {MAX_LEVELS}]")

@@ -7,8 +7,8 @@ Communication-Efficient SGD via Gradient Quantization and Encoding", NeurIPS
     Q_s(v)_i = ||v|| * sign(v_i) * xi_i / s,
 
 where, with ``r_i = s |v_i| / ||v||`` and ``l = floor(r_i)``, ``xi_i`` is
-``l + 1`` with probability ``r_i - l`` and ``l`` otherwise. Then
-``E[Q_s(v)] = v`` and ``Var[Q_s(v)] <= min(d/s^2, sqrt(d)/s) ||v||^2``.
+``l + 1`` with probability ``r_i - l`` and ``l`` otherwise. Then ``E[Q_s(v)] = v``, up
+to a bias below ``2**-24`` of a step (Notes), and ``Var[Q_s(v)] <= min(d/s^2, sqrt(d)/s) ||v||^2``.
 
 Notes
 -----
@@ -20,6 +20,12 @@ therefore depends only on the key and the entry's index, so the compiled
 kernels (:mod:`adaquantfl.compression._kernels`), :func:`rounding_uniforms` and the slow
 reference in ``tests/`` produce the same bytes, and no kernel touches global
 random state.
+
+Bias: entry ``i`` rounds up iff ``J_i < 2**24 p_i`` (``J_i = 2**24 u_i``, ``p_i = r_i - floor(r_i)``
+exactly), i.e. with probability ``ceil(2**24 p_i) / 2**24``: ``E[xi_i] = r_i + b_i``, where
+``0 <= b_i < 2**-24`` is 0 unless ``r_i < 1/2`` and ``2**24 r_i`` is not an integer; those
+entries dequantize to exactly 0 or ``+-step``, so ``|E[Q_s(v)_i]| - r_i step = b_i step``.
+Float32 rounding of ``r_i``, ``step`` and ``xi * step`` adds at most ``~4 * 2**-24 |v_i|``.
 
 The L2 norm of a bucket ``v_0 .. v_{m-1}`` is defined exactly, so that every
 implementation gets the same float32: 64 float64 partial sums, lane ``j``
@@ -280,7 +286,7 @@ def quantize(
     2. ``r_i = min((|v_i| / n) * s, s)``, in float32; ``r_i = 0`` if ``n = 0``.
     3. ``xi_i = floor(r_i) + [u_i < r_i - floor(r_i)]`` with ``u_i`` uniform on
        the 24-bit grid of ``[0, 1)`` from the counter-based stream keyed by one
-       draw from ``generator``.
+       draw from ``generator``; so ``0 <= E[xi_i] - r_i < 2**-24`` (module Notes).
 
     Parameters
     ----------
@@ -379,11 +385,12 @@ def bucket_steps(norms: np.ndarray, levels: int) -> np.ndarray:
 def quantization_variance(
     x: torch.Tensor, levels: int, *, bucket_size: int | None = None, norm: NormName = "l2"
 ) -> float:
-    """Exact variance ``E||Q_s(x) - x||^2`` of the quantizer for this ``x``.
+    """Variance ``E||Q_s(x) - x||^2`` of the quantizer for this ``x`` (ideal rounding).
 
     Each entry is Bernoulli between two neighbouring levels a step ``n / s``
     apart, so its variance is ``(n/s)^2 p (1 - p)`` with ``p = r - floor(r)``.
-    Computed in float64 from the same float32 ``r`` the quantizer uses.
+    Computed in float64 from the quantizer's float32 ``r``; the 24-bit grid
+    (module Notes) makes each entry's mean squared error larger by ``[0, (n/s)^2 2**-24)``.
     """
     _check_levels(levels)
     v = _flat_float32(x)

@@ -1,7 +1,10 @@
 """The client side of one round: loss on the received model, local SGD, compressed update.
 
-Shared by every engine (the in-process simulator and the Flower client mod),
-so that all of them produce the same bytes for the same inputs.
+One recipe for every engine: :func:`train_locally` (steps 1-2) is what the
+simulator's per-client path and the Flower engine's train function run, and
+:func:`encode_update` (step 3) is what the simulator, its batched path and the
+Flower client mod run, so that all of them produce the same bytes for the
+same inputs.
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from adaquantfl.compression.compressor import Compressor
+from adaquantfl.compression.feedback import ErrorFeedback
+from adaquantfl.fl.state import ClientState
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
 
 __all__ = [
+    "MAX_BATCH_SIZE",
+    "MAX_DRAWS_PER_ROUND",
+    "MAX_LOCAL_STEPS",
     "ClientError",
     "ClientReply",
+    "ClientState",
+    "EncodedUpdate",
     "LocalTraining",
     "all_finite",
     "client_update",
@@ -26,9 +36,21 @@ __all__ = [
     "encode_update",
     "evaluate",
     "local_sgd",
+    "train_locally",
 ]
 
 _EVAL_CHUNK = 1024
+
+# Stated limits of local training (issue 12). A client draws all of a round's
+# minibatch indices at once (local_steps x batch_size int64 values, 1 GiB at
+# MAX_DRAWS_PER_ROUND), and materializes a minibatch of batch_size examples and
+# its activations at every step. Beyond these, a round cannot fit in memory
+# (or, for local_steps alone, finish in any reasonable time).
+MAX_BATCH_SIZE = 2**16
+MAX_LOCAL_STEPS = 2**20
+MAX_DRAWS_PER_ROUND = 2**27
+BATCH_SIZE_LIMIT = "a minibatch is built at every step; 2**16 exceeds every supported training set"
+LOCAL_STEPS_LIMIT = "a round draws all its minibatch indices at once; 2**20 steps take hours"
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -56,21 +78,45 @@ class LocalTraining:
         Minibatch size ``B``; minibatches are drawn with replacement.
     lr : float
         Step size ``eta`` (plain SGD, no momentum or weight decay).
+    prox_mu : float
+        FedProx's proximal weight ``mu`` (Li et al., "Federated optimization in
+        heterogeneous networks", MLSys 2020, eq. 2): each step descends
+        ``F_i(w) + (mu / 2) ||w - w_k||^2``. 0 (the default) is plain local SGD.
     """
 
     local_steps: int
     batch_size: int
     lr: float
+    prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("local_steps", "batch_size"):
+        for name, high, why in (
+            ("local_steps", MAX_LOCAL_STEPS, LOCAL_STEPS_LIMIT),
+            ("batch_size", MAX_BATCH_SIZE, BATCH_SIZE_LIMIT),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value > high:
+                raise ValueError(f"{name} = {value} exceeds {high} ({why})")
+        draws = self.local_steps * self.batch_size
+        if draws > MAX_DRAWS_PER_ROUND:
+            raise ValueError(
+                f"local_steps x batch_size = {draws} minibatch draws per round exceeds "
+                f"2**27 = {MAX_DRAWS_PER_ROUND}: a client draws a round's indices at once "
+                "(8 bytes each, 1 GiB at the limit)"
+            )
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        mu = self.prox_mu
+        if (
+            isinstance(mu, bool)
+            or not isinstance(mu, int | float)
+            or not (math.isfinite(mu) and mu >= 0)
+        ):
+            raise ValueError(f"prox_mu must be a finite number >= 0, got {mu!r}")
 
 
 @dataclass(frozen=True)
@@ -87,12 +133,39 @@ class ClientReply:
         the received model before local training.
     num_examples : int
         ``n_i``, the client's number of training examples (its aggregation weight).
+    update_norm : float, optional
+        ``||v||_2`` of the vector the client compressed (see :class:`EncodedUpdate`).
+    distortion : float, optional
+        ``||C(v) - v||^2 / ||v||^2`` of that vector.
     """
 
     client_id: int
     payload: bytes
     loss: float
     num_examples: int
+    update_norm: float | None = None
+    distortion: float | None = None
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    """What :func:`encode_update` produces: the bytes and two measurements of them.
+
+    Attributes
+    ----------
+    payload : bytes
+        ``C(v)`` encoded, where ``v`` is the update (plus the client's
+        error-feedback residual when the compressor is an
+        :class:`~adaquantfl.compression.feedback.ErrorFeedback`).
+    update_norm : float
+        ``||v||_2``.
+    distortion : float
+        ``||C(v) - v||^2 / ||v||^2`` (0 for a zero vector and for full precision).
+    """
+
+    payload: bytes
+    update_norm: float
+    distortion: float
 
 
 def evaluate(
@@ -145,18 +218,44 @@ def local_sgd(
     """Run ``tau`` steps of minibatch SGD from ``params``; returns the local model.
 
     ``w <- w - eta * grad F(w; batch)`` with the mean cross-entropy of a
-    minibatch drawn by :func:`draw_minibatches`.
+    minibatch drawn by :func:`draw_minibatches`, plus FedProx's
+    ``(mu / 2) ||w - w_k||^2`` when ``training.prox_mu`` is set.
     """
     batches = draw_minibatches(int(y.shape[0]), training, generator)
-    w = params.detach().clone()
+    start = params.detach()
+    w = start.clone()
     for step in range(training.local_steps):
         idx = batches[step]
         w.requires_grad_(True)
         loss = F.cross_entropy(model(w, x[idx]), y[idx])
+        if training.prox_mu:
+            loss = loss + 0.5 * training.prox_mu * (w - start).square().sum()
         (grad,) = torch.autograd.grad(loss, w)
         with torch.no_grad():
             w = w - training.lr * grad
     return w.detach()
+
+
+def train_locally(
+    model: FlatModel,
+    params: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    training: LocalTraining,
+    seed: int,
+    round_idx: int,
+    client_id: int,
+) -> tuple[torch.Tensor, float]:
+    """Steps 1-2 of a client's round: ``(w_i, F_i(w_k))``.
+
+    1. ``F_i(w_k)``: mean loss of the received ``params`` on the local data.
+    2. ``tau`` local SGD steps from ``w_k`` (minibatch stream: seed, round, client, "batch").
+    """
+    loss, _ = evaluate(model, params, x, y)
+    batch_gen = torch_generator(seed, purpose="batch", round_idx=round_idx, client_id=client_id)
+    local = local_sgd(model, params, x, y, training=training, generator=batch_gen)
+    return local, loss
 
 
 def encode_update(
@@ -167,17 +266,22 @@ def encode_update(
     seed: int,
     round_idx: int,
     client_id: int,
-) -> bytes:
-    """Check and encode one client's update: step 3 of :func:`client_update`.
+    state: ClientState | None = None,
+) -> EncodedUpdate:
+    """Check, compress and measure one client's update: step 3 of :func:`client_update`.
 
     The quantization noise comes from the (seed, round, client, "quantize")
     stream, so every engine that calls this produces the same bytes for the
-    same update.
+    same update. With an :class:`~adaquantfl.compression.feedback.ErrorFeedback`
+    compressor the client's residual ``e_i`` (kept in ``state``) is added
+    before compression and replaced by what compression lost.
 
     Raises
     ------
     ClientError
         If the update has non-finite entries (local training diverged).
+    ValueError
+        If the compressor needs a client state and none is given.
     """
     if not all_finite(update):
         bad = int((~torch.isfinite(update)).sum())
@@ -185,8 +289,24 @@ def encode_update(
             f"client {client_id}: local training diverged in round {round_idx} "
             f"({bad} non-finite entries in the update; lower lr?)"
         )
+    feedback = compressor if isinstance(compressor, ErrorFeedback) else None
+    if feedback is not None and state is None:
+        raise ValueError("an ErrorFeedback compressor needs the client's state (its residual)")
+    v = update.detach().reshape(-1).to(torch.float32)
+    if feedback is not None and state is not None and state.residual is not None:
+        v = feedback.add_residual(v, state.residual)
     noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)
-    return compressor.compress(update, levels, generator=noise_gen)
+    payload = compressor.compress(v, levels, generator=noise_gen)
+    norm_sq = float(v.to(torch.float64).square().sum())
+    if levels is None and feedback is None:
+        distortion = 0.0  # raw float32 is exact
+    else:
+        sent = compressor.decompress(payload, numel=v.numel(), levels=levels)
+        if feedback is not None and state is not None:
+            state.residual = feedback.residual(v, sent)
+        error_sq = float((sent.to(torch.float64) - v.to(torch.float64)).square().sum())
+        distortion = error_sq / norm_sq if norm_sq > 0 else 0.0
+    return EncodedUpdate(payload, math.sqrt(norm_sq), distortion)
 
 
 def client_update(
@@ -201,30 +321,47 @@ def client_update(
     seed: int,
     round_idx: int,
     client_id: int,
+    state: ClientState | None = None,
 ) -> ClientReply:
     """One client's work in round ``round_idx`` (DESIGN §2, steps 2-3).
 
     1. ``F_i(w_k)``: mean loss of the received ``params`` on the local data.
     2. ``tau`` local SGD steps from ``w_k`` (minibatch stream: seed, round, client, "batch").
-    3. ``Delta_i = w_i - w_k``, quantized at ``levels`` (noise stream: seed,
+    3. ``Delta_i = w_i - w_k``, compressed at ``levels`` (noise stream: seed,
        round, client, "quantize") and encoded; ``levels=None`` sends float32.
+
+    ``state`` holds what the client keeps between rounds (its error-feedback
+    residual); it is updated in place.
 
     Raises
     ------
     ClientError
         If local training produced a non-finite update.
     """
-    loss, _ = evaluate(model, params, x, y)
-    batch_gen = torch_generator(seed, purpose="batch", round_idx=round_idx, client_id=client_id)
-    local = local_sgd(model, params, x, y, training=training, generator=batch_gen)
-    payload = encode_update(
+    local, loss = train_locally(
+        model,
+        params,
+        x,
+        y,
+        training=training,
+        seed=seed,
+        round_idx=round_idx,
+        client_id=client_id,
+    )
+    encoded = encode_update(
         local - params,
         levels=levels,
         compressor=compressor,
         seed=seed,
         round_idx=round_idx,
         client_id=client_id,
+        state=state,
     )
     return ClientReply(
-        client_id=client_id, payload=payload, loss=loss, num_examples=int(y.shape[0])
+        client_id=client_id,
+        payload=encoded.payload,
+        loss=loss,
+        num_examples=int(y.shape[0]),
+        update_norm=encoded.update_norm,
+        distortion=encoded.distortion,
     )

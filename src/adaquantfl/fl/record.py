@@ -19,6 +19,11 @@ class RoundRecord:
     model after this round's aggregation. Of the clients selected for the
     round, ``participants`` were aggregated, ``rejected`` replied with
     something unusable or failed, and ``dropped`` never replied.
+
+    Named measurements: ``distortion`` is ``sum_i p_i ||C(v_i) - v_i||^2 /
+    ||v_i||^2`` over the accepted replies (None if none reported it), and
+    ``bits_per_coordinate`` is ``wire_bits / (messages received x d)`` (None
+    if no message arrived).
     """
 
     round: int
@@ -33,6 +38,8 @@ class RoundRecord:
     test_accuracy: float
     time_s: float
     dropped: int = 0
+    distortion: float | None = None
+    bits_per_coordinate: float | None = None
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,8 +54,15 @@ def record_round(
     test_accuracy: float,
     time_s: float,
     dropped: int = 0,
+    numel: int | None = None,
 ) -> RoundRecord:
-    """Combine the server's outcome with the engine's own measurements."""
+    """Combine the server's outcome with the engine's own measurements.
+
+    ``numel`` (the model's size ``d``) gives ``bits_per_coordinate``.
+    """
+    per_coordinate = None
+    if numel and outcome.received:
+        per_coordinate = outcome.wire_bits / (outcome.received * numel)
     return RoundRecord(
         round=round_number,
         levels=outcome.levels,
@@ -62,4 +76,6 @@ def record_round(
         test_accuracy=test_accuracy,
         time_s=time_s,
         dropped=dropped,
+        distortion=outcome.distortion,
+        bits_per_coordinate=per_coordinate,
     )

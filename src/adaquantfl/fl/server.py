@@ -1,8 +1,9 @@
-"""The server side of a round: client selection, decoding, weighted aggregation, schedule.
+"""The server side of a round: client selection, levels, decoding, weighted aggregation.
 
 Shared by every engine. The math lives in small pure functions
 (:func:`select_clients`, :func:`weighted_mean`); :class:`FedServer` holds the
-state that must survive a restart (global model, round counter, schedule).
+state that must survive a restart (global model, round counter, level policy,
+downlink replica).
 """
 
 from __future__ import annotations
@@ -17,13 +18,28 @@ from typing import Any
 
 import torch
 
-from adaquantfl.compression.codec import CodecError, encode_dense
+from adaquantfl.compression.codec import CodecError
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.client import ClientReply, all_finite
-from adaquantfl.policy import LevelSchedule
+from adaquantfl.fl.downlink import Downlink, DownlinkRound
+from adaquantfl.fl.guard import (
+    aggregation_weights,
+    check_weight_share,
+    client_id_problem,
+    policy_observation,
+    reply_problem,
+)
+from adaquantfl.policy import (
+    LevelPlan,
+    LevelPolicy,
+    LevelSchedule,
+    RoundObservation,
+)
+from adaquantfl.policy.base import check_int
+from adaquantfl.policy.classic import as_policy
 from adaquantfl.rng import torch_generator
 
-__all__ = ["FedServer", "RoundOutcome", "select_clients", "weighted_mean"]
+__all__ = ["FedServer", "RoundOutcome", "as_policy", "select_clients", "weighted_mean"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +64,7 @@ def select_clients(
     return sorted(int(i) for i in chosen)
 
 
-def weighted_mean(values: Sequence[float], weights: Sequence[int]) -> float:
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     """``sum_i p_i v_i`` with ``p_i = n_i / sum_j n_j``, in float64."""
     if len(values) != len(weights) or not values:
         raise ValueError("weighted_mean needs equally many values and weights, at least one")
@@ -63,20 +79,28 @@ class RoundOutcome:
     Attributes
     ----------
     levels : int or None
-        Levels the clients were asked to use (None: full precision).
+        The round's default levels (None: full precision); clients of a
+        per-client plan may have been asked for others (``client_levels``).
     participants : int
         Replies that were aggregated.
     rejected : int
         Replies excluded from the aggregate and the schedule (see ``rejections``).
     wire_bits : int
         8 x the bytes of every received payload, accepted or not.
+    received : int
+        Payloads received (the messages ``wire_bits`` counts).
     formula_bits : int
         Paper-style bits of the accepted messages.
     train_loss : float or None
         ``F(w_k)``, the accepted clients' sample-weighted pre-training loss;
         None if no reply was accepted.
     next_levels : int or None
-        Levels the schedule chose for the next round.
+        The policy's default levels for the next round.
+    distortion : float or None
+        ``sum_i p_i ||C(v_i) - v_i||^2 / ||v_i||^2`` over the accepted replies
+        that reported it (the clients compute it); None if none did.
+    client_levels : tuple of (client_id, levels)
+        The levels each accepted reply was asked for and used.
     rejections : tuple of (client_id, reason)
     digests : tuple of (client_id, sha256 hex)
         SHA-256 of every received payload, in client-id order, when the server
@@ -93,42 +117,56 @@ class RoundOutcome:
     next_levels: int | None
     rejections: tuple[tuple[int, str], ...] = field(default=())
     digests: tuple[tuple[int, str], ...] = field(default=())
+    received: int = 0
+    distortion: float | None = None
+    client_levels: tuple[tuple[int, int | None], ...] = field(default=())
 
 
 class FedServer:
-    """Global model, round counter and level schedule, with weighted aggregation.
+    """Global model, round counter, level policy and downlink, with weighted aggregation.
 
     Parameters
     ----------
     params : torch.Tensor
         The initial global model ``w_0`` as a flat float32 vector.
-    schedule : LevelSchedule
-        Chooses the levels of each round.
+    policy : LevelPolicy or LevelSchedule
+        Chooses the levels of each client, round by round.
     compressor : Compressor
         Decodes the clients' payloads.
     max_message_bytes : int, optional
-        Payloads larger than this are rejected unread.
+        Payloads larger than this are rejected unread; by default the
+        compressor's largest message for the model (``compressor.max_message_bytes``).
+    max_weight_share : float, optional
+        Cap on one client's share ``p_i`` of a round's aggregate and loss, in
+        ``(0, 1]`` (None, the default: ``p_i = n_i / sum_j n_j`` uncapped).
     record_digests : bool
         Record the SHA-256 of every payload in :attr:`RoundOutcome.digests`.
+    downlink : Downlink, optional
+        How the model reaches the clients; by default raw float32 to each participant.
 
     Notes
     -----
-    Replies are processed in client-id order and the weighted sum is
-    accumulated in float64, so the new model does not depend on the order in
-    which replies arrived (the Flower engine receives them in any order).
-    A reply that cannot be decoded, is at the wrong size or levels, or reports
-    a non-finite loss, is excluded from both the model and the schedule, so
-    one bad client never stops a round or corrupts the global model.
+    A round is :meth:`begin_round` (the levels of each participant and the
+    model they receive), then :meth:`aggregate` of their replies. Replies are
+    processed in client-id order and the weighted sum is accumulated in
+    float64, so the new model does not depend on the order in which replies
+    arrived (the Flower engine receives them in any order). A reply that
+    cannot be decoded, is at the wrong size, levels or encoding, or reports an
+    unusable id, ``n_i`` or loss (:mod:`.guard`), is excluded from both the
+    model and the policy, so one bad client never stops a round or corrupts
+    the global model.
     """
 
     def __init__(
         self,
         params: torch.Tensor,
-        schedule: LevelSchedule,
+        policy: LevelPolicy | LevelSchedule,
         compressor: Compressor,
         *,
         max_message_bytes: int | None = None,
         record_digests: bool = False,
+        downlink: Downlink | None = None,
+        max_weight_share: float | None = None,
     ) -> None:
         if params.dtype != torch.float32 or params.dim() != 1:
             raise ValueError(
@@ -137,11 +175,21 @@ class FedServer:
         if not bool(torch.isfinite(params).all()):
             raise ValueError("initial params contain non-finite values")
         self.params = params.detach().clone()
-        self.schedule = schedule
+        self.policy = as_policy(policy)
         self.compressor = compressor
-        self.max_message_bytes = max_message_bytes
+        if max_message_bytes is None:
+            max_message_bytes = compressor.max_message_bytes(self.numel)
+        self.max_message_bytes = check_int("max_message_bytes", max_message_bytes, 1, 2**63 - 1)
+        self.max_weight_share = check_weight_share(max_weight_share)
         self.record_digests = record_digests
+        self.downlink = downlink if downlink is not None else Downlink(self.numel)
         self.round_idx = 0  # completed rounds
+        self._plan: tuple[int, LevelPlan] | None = None  # (round, plan) of the open round
+
+    @property
+    def schedule(self) -> LevelPolicy:
+        """The level policy (the name of DESIGN §7's schedules)."""
+        return self.policy
 
     @property
     def numel(self) -> int:
@@ -149,86 +197,119 @@ class FedServer:
 
     @property
     def levels(self) -> int | None:
-        """Levels for the coming round (None: full precision)."""
-        return self.schedule.levels
+        """The coming round's default levels (None: full precision)."""
+        return self.plan().default
 
-    def downlink_payload(self) -> bytes:
-        """The global model as the raw float32 message sent to each participant."""
-        return encode_dense(self.params)
+    def plan(self, client_ids: Sequence[int] = ()) -> LevelPlan:
+        """The levels of the coming round (the plan of :meth:`begin_round` once it ran)."""
+        if self._plan is not None and self._plan[0] == self.round_idx:
+            return self._plan[1]
+        return self.policy.levels_for(self.round_idx, list(client_ids))
 
-    def aggregate(self, replies: Sequence[ClientReply]) -> RoundOutcome:
-        """Apply one round: ``w_{k+1} = w_k + sum_i p_i Q(Delta_i)``, then update the schedule.
+    def begin_round(self, client_ids: Sequence[int]) -> DownlinkRound:
+        """Open the next round for ``client_ids``: fix their levels and send them the model.
 
-        1. Each reply is checked and decoded; a bad one is rejected with a reason.
-        2. ``p_i = n_i / sum_j n_j`` over the accepted replies.
-        3. ``F(w_k) = sum_i p_i F_i(w_k)`` goes to the schedule, which returns
-           the next round's levels. If nothing was accepted the model and the
-           schedule are left unchanged.
+        Returns the model the participants train from (the global model, or
+        the downlink replica they all hold) and what sending it costs.
         """
-        levels = self.levels
+        ids = sorted(int(c) for c in client_ids)
+        self._plan = (self.round_idx, self.policy.levels_for(self.round_idx, ids))
+        return self.downlink.broadcast(self.params, self.round_idx, ids)
+
+    def aggregate(
+        self,
+        replies: Sequence[ClientReply],
+        *,
+        expected_levels: Mapping[int, int | None] | None = None,
+    ) -> RoundOutcome:
+        """Apply one round: ``w_{k+1} = w_k + sum_i p_i C(Delta_i)``, then feed the policy.
+
+        1. Each reply is checked (:mod:`.guard`: id, payload size, ``n_i``,
+           loss) and decoded at the levels its client was asked for; a bad one
+           is rejected with a reason. Nothing in a reply makes this raise.
+        2. ``p_i = n_i / sum_j n_j`` over the accepted replies (with
+           ``max_weight_share``, no ``p_i`` exceeds it: :func:`.guard.aggregation_weights`).
+        3. The policy observes ``F(w_k) = sum_i p_i F_i(w_k)`` and the accepted
+           replies, with losses clamped into the range a policy can use
+           (:func:`.guard.policy_loss`). If nothing was accepted the model and
+           the policy are left unchanged.
+
+        ``expected_levels`` overrides the round's plan for some client ids
+        (the Flower strategy passes the levels it sent each reply's node).
+        """
+        # Replies with an unusable id are rejected last, under id -1 (the
+        # streams' "no client"), so that ids always sort and hash.
+        valid = [r for r in replies if client_id_problem(r.client_id) is None]
+        invalid = [r for r in replies if client_id_problem(r.client_id) is not None]
+        plan = self.plan(sorted({r.client_id for r in valid}))
         wire_bits = 0
         formula_bits = 0
         accum = torch.zeros(self.numel, dtype=torch.float64)
         buffer = torch.empty(self.numel, dtype=torch.float32)
-        losses: list[float] = []
-        weights: list[int] = []
         rejections: list[tuple[int, str]] = []
-        accepted: list[int] = []
+        accepted: list[tuple[ClientReply, int | None, int]] = []  # reply, levels, wire bits
         digests: list[tuple[int, str]] = []
         # Two replies claiming one client id: neither can be trusted, and keeping
         # the first would let arrival order (a race on Flower) pick the winner.
-        counts = Counter(reply.client_id for reply in replies)
-        for reply in sorted(replies, key=lambda r: r.client_id):
-            size = len(reply.payload) if isinstance(reply.payload, bytes | bytearray) else 0
+        counts = Counter(reply.client_id for reply in valid)
+        ordered = [(r, int(r.client_id)) for r in sorted(valid, key=lambda r: r.client_id)]
+        for reply, cid in [*ordered, *((r, -1) for r in invalid)]:
+            payload = reply.payload
+            size = len(payload) if isinstance(payload, bytes | bytearray) else 0
             wire_bits += 8 * size
             if self.record_digests and size:
-                digests.append((reply.client_id, hashlib.sha256(reply.payload).hexdigest()))
+                digests.append((cid, hashlib.sha256(payload).hexdigest()))
+            levels = plan.levels_of(cid)
+            if expected_levels is not None and cid in expected_levels:
+                levels = expected_levels[cid]
             reason = self._check_reply(reply, counts)
+            update = None
             if reason is None:
-                try:
-                    update = self.compressor.decompress(
-                        bytes(reply.payload), numel=self.numel, levels=levels, out=buffer
-                    )
-                    if not all_finite(update):
-                        reason = "decoded update has non-finite values"
-                except CodecError as exc:
-                    reason = f"undecodable payload: {exc}"
-            if reason is not None:
-                logger.warning(
-                    "round %d: rejected client %s: %s", self.round_idx + 1, reply.client_id, reason
-                )
-                rejections.append((reply.client_id, reason))
+                update, reason = self._decode(payload, levels, buffer)
+            if update is None:
+                reason = reason or "undecodable payload"
+                logger.warning("round %d: rejected client %s: %s", self.round_idx + 1, cid, reason)
+                rejections.append((cid, reason))
                 continue
             accum.add_(update.to(torch.float64), alpha=float(reply.num_examples))
             formula_bits += self.compressor.formula_bits(self.numel, levels)
-            losses.append(float(reply.loss))
-            weights.append(int(reply.num_examples))
-            accepted.append(reply.client_id)
+            accepted.append((reply, levels, 8 * size))
 
-        train_loss: float | None = None
+        weights = aggregation_weights(
+            [int(r.num_examples) for r, _, _ in accepted], self.max_weight_share
+        )
+        capped = any(w != r.num_examples for w, (r, _, _) in zip(weights, accepted, strict=True))
         new_params = None
         if weights:
-            new_params = (self.params.to(torch.float64) + accum / sum(weights)).to(torch.float32)
-            if not all_finite(new_params):
-                # Each update was finite, but together they overflow float32 (e.g.
-                # valid raw values near 3e38): keep the old model and schedule.
+            summed = self._weighted_sum(accepted, weights, buffer) if capped else accum
+            reason = "a payload did not decode the same way twice"
+            if summed is not None:
+                total = float(sum(weights))
+                new_params = (self.params.to(torch.float64) + summed / total).to(torch.float32)
                 reason = "the weighted average of the accepted updates overflows float32"
+            if new_params is None or not all_finite(new_params):
+                # Each update was finite, but together they overflow float32 (e.g.
+                # valid raw values near 3e38), or a decoder failed on its second
+                # pass: keep the old model and policy.
                 logger.warning("round %d: %s; all replies rejected", self.round_idx + 1, reason)
-                rejections += [(cid, reason) for cid in accepted]
-                weights, losses, formula_bits, new_params = [], [], 0, None
+                rejections += [(r.client_id, reason) for r, _, _ in accepted]
+                accepted, weights, formula_bits, new_params = [], [], 0, None
+        train_loss: float | None = None
+        distortion: float | None = None
         if new_params is not None:
             self.params = new_params
-            train_loss = weighted_mean(losses, weights)
+            train_loss = weighted_mean([float(r.loss) for r, _, _ in accepted], weights)
+            distortion = _weighted_distortion(accepted, weights)
             if train_loss > 0:
-                self.schedule.update(train_loss)
+                self._observe(policy_observation(self.round_idx, train_loss, accepted))
             else:
                 # A zero loss is a perfect fit; AdaQuantFL's sqrt(F_0 / F) is then
                 # undefined, so the levels are kept.
                 logger.warning("round %d: weighted loss is 0; levels unchanged", self.round_idx + 1)
         self.round_idx += 1
         return RoundOutcome(
-            levels=levels,
-            participants=len(weights),
+            levels=plan.default,
+            participants=len(accepted),
             rejected=len(rejections),
             wire_bits=wire_bits,
             formula_bits=formula_bits,
@@ -236,35 +317,79 @@ class FedServer:
             next_levels=self.levels,
             rejections=tuple(rejections),
             digests=tuple(digests),
+            received=sum(isinstance(r.payload, bytes | bytearray) for r in replies),
+            distortion=distortion,
+            client_levels=tuple((r.client_id, lv) for r, lv, _ in accepted),
         )
 
+    def _observe(self, observation: RoundObservation) -> None:
+        """Feed the policy; one that cannot use the round's numbers keeps its levels."""
+        try:
+            self.policy.observe(observation)
+        except (ValueError, ArithmeticError):
+            # The losses are clamped (guard.policy_loss), so this is the policy's
+            # own limit; the round's model update stands either way.
+            logger.exception("round %d: the policy rejected the round", self.round_idx + 1)
+
     def _check_reply(self, reply: ClientReply, counts: Counter[int]) -> str | None:
+        problem = client_id_problem(reply.client_id)
+        if problem is not None:
+            return problem
         if counts[reply.client_id] > 1:
             return f"{counts[reply.client_id]} replies claim this client id in the same round"
-        if not isinstance(reply.payload, bytes | bytearray):
-            return f"payload must be bytes, got {type(reply.payload).__name__}"
-        if self.max_message_bytes is not None and len(reply.payload) > self.max_message_bytes:
-            limit = self.max_message_bytes
-            return f"payload of {len(reply.payload)} bytes exceeds the limit of {limit}"
-        n = reply.num_examples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            return f"num_examples must be a positive integer, got {n!r}"
-        loss = reply.loss
+        return reply_problem(
+            reply.payload,
+            reply.num_examples,
+            reply.loss,
+            [("update_norm", reply.update_norm), ("distortion", reply.distortion)],
+            max_message_bytes=self.max_message_bytes,
+        )
+
+    def _decode(
+        self, payload: bytes | bytearray, levels: int | None, buffer: torch.Tensor
+    ) -> tuple[torch.Tensor | None, str | None]:
+        """The decoded update, or None and the reason it cannot be aggregated."""
+        try:
+            update = self.compressor.decompress(
+                bytes(payload), numel=self.numel, levels=levels, out=buffer
+            )
+        except CodecError as exc:
+            return None, f"undecodable payload: {exc}"
+        except Exception as exc:  # a compressor's decoder must not stop the round
+            logger.exception("the %s compressor failed on a payload", self.compressor.name)
+            return None, f"the decoder failed on the payload: {type(exc).__name__}: {exc}"
         if (
-            isinstance(loss, bool)
-            or not isinstance(loss, int | float)
-            or not math.isfinite(loss)
-            or loss < 0
+            not isinstance(update, torch.Tensor)
+            or update.dtype != torch.float32
+            or update.numel() != self.numel
         ):
-            return f"loss must be finite and non-negative, got {loss!r}"
-        return None
+            return None, "the decoder returned no float32 vector of the model's size"
+        if not all_finite(update):
+            return None, "decoded update has non-finite values"
+        return update, None
+
+    def _weighted_sum(
+        self,
+        accepted: Sequence[tuple[ClientReply, int | None, int]],
+        weights: Sequence[float],
+        buffer: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """``sum_i w_i C(Delta_i)`` again with capped weights; None if a decode now fails."""
+        accum = torch.zeros(self.numel, dtype=torch.float64)
+        for (reply, levels, _), weight in zip(accepted, weights, strict=True):
+            update, _ = self._decode(reply.payload, levels, buffer)
+            if update is None:
+                return None
+            accum.add_(update.to(torch.float64), alpha=float(weight))
+        return accum
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run: model, round counter, schedule state."""
+        """Everything needed to continue the run: model, round counter, policy and downlink."""
         return {
             "params": self.params.clone(),
             "round_idx": self.round_idx,
-            "schedule": self.schedule.state_dict(),
+            "schedule": self.policy.state_dict(),
+            "downlink": self.downlink.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -277,6 +402,23 @@ class FedServer:
             raise ValueError(
                 f"checkpoint params must be float32 of shape {tuple(self.params.shape)}"
             )
-        self.schedule.load_state_dict(state["schedule"])
+        self.policy.load_state_dict(state["schedule"])
+        if "downlink" in state:
+            self.downlink.load_state_dict(state["downlink"])
         self.params = params.detach().clone()
         self.round_idx = int(state["round_idx"])
+        self._plan = None
+
+
+def _weighted_distortion(
+    accepted: Sequence[tuple[ClientReply, int | None, int]], weights: Sequence[float]
+) -> float | None:
+    """``sum_i p_i D_i`` over the accepted replies that reported a distortion ``D_i``."""
+    reported = [
+        (float(r.distortion), w)
+        for (r, _, _), w in zip(accepted, weights, strict=True)
+        if r.distortion is not None
+    ]
+    if not reported:
+        return None
+    return weighted_mean([d for d, _ in reported], [n for _, n in reported])

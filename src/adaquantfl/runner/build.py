@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from adaquantfl.compression.compressor import default_message_limit, make_compressor
+from adaquantfl.compression.compressor import default_message_limit
 from adaquantfl.data import FederatedData, load_federated
 from adaquantfl.fl.client import LocalTraining
+from adaquantfl.fl.downlink import Downlink
 from adaquantfl.fl.server import FedServer
 from adaquantfl.models import FlatModel, make_model
-from adaquantfl.policy import make_schedule
 from adaquantfl.rng import torch_generator
 from adaquantfl.runner.config import Config
 from adaquantfl.sim.faults import ClientFaults
@@ -63,20 +63,28 @@ def build_model(config: Config, data: FederatedData) -> tuple[FlatModel, torch.T
 
 
 def build_server(config: Config, params: torch.Tensor, **kwargs: Any) -> FedServer:
-    """The server of a single-method config: schedule, compressor, message size limit.
+    """The server of a single-method config: policy, compressor, downlink, size limit.
 
-    ``[train] max_message_bytes`` bounds the size of a client's payload; by
-    default it is :func:`default_message_limit` for the model.
+    Built once per run. ``[train] max_message_bytes`` bounds the size of a
+    client's payload; by default it is the compressor's largest message for
+    the model (:meth:`~adaquantfl.compression.compressor.BaseCompressor.max_message_bytes`).
     """
     c = config.compression
-    schedule = make_schedule(
-        c.method, levels=c.levels, min_levels=c.min_levels, max_levels=c.max_levels
+    compressor = c.build_compressor()
+    numel = int(params.numel())
+    limit = config.train.max_message_bytes or default_message_limit(numel, compressor)
+    downlink = Downlink(
+        numel, c.build_downlink_compressor(), c.downlink_levels, seed=config.train.seed
     )
-    compressor = make_compressor(encoding=c.encoding, bucket_size=c.bucket_size, norm=c.norm)
-    limit = config.train.max_message_bytes or default_message_limit(
-        int(params.numel()), c.bucket_size
+    return FedServer(
+        params,
+        c.build_policy(config.train.rounds),
+        compressor,
+        max_message_bytes=limit,
+        downlink=downlink,
+        max_weight_share=config.train.max_weight_share,
+        **kwargs,
     )
-    return FedServer(params, schedule, compressor, max_message_bytes=limit, **kwargs)
 
 
 def build_simulator(config: Config, data: FederatedData | None = None) -> Simulator:
@@ -90,7 +98,7 @@ def build_simulator(config: Config, data: FederatedData | None = None) -> Simula
         data,
         server,
         server.compressor,
-        training=LocalTraining(t.local_steps, t.batch_size, t.lr),
+        training=LocalTraining(t.local_steps, t.batch_size, t.lr, t.prox_mu),
         clients_per_round=config.clients_per_round,
         seed=t.seed,
         vectorize=t.vectorize,

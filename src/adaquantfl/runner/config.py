@@ -10,21 +10,32 @@ a bad key or value is reported with its section, name and what is allowed::
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tomllib
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaquantfl.compression.compressor import MESSAGE_ENCODINGS
-from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS
 from adaquantfl.data import DATASETS, PARTITIONS
+from adaquantfl.fl.client import (
+    BATCH_SIZE_LIMIT,
+    LOCAL_STEPS_LIMIT,
+    MAX_BATCH_SIZE,
+    MAX_LOCAL_STEPS,
+    LocalTraining,
+)
 from adaquantfl.models import INITS, MODELS
-from adaquantfl.policy import SCHEDULES
+from adaquantfl.runner.compression_config import CompressionConfig
+from adaquantfl.runner.fields import (
+    ConfigError,
+    at_least,
+    at_most,
+    build_section,
+    choice,
+    positive,
+    validate,
+)
 
 __all__ = [
     "CompareConfig",
@@ -41,99 +52,64 @@ __all__ = [
 ENGINES: tuple[str, ...] = ("sim", "flower")
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is not allowed; the text names it."""
-
-
-def _choice(*choices: str) -> dict[str, Any]:
-    return {"choices": tuple(choices)}
-
-
-def _positive() -> dict[str, Any]:
-    return {"min": 0, "exclusive": True}
-
-
-def _at_least(low: float) -> dict[str, Any]:
-    return {"min": low}
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """``[data]``: which data set and how it is split over clients."""
 
-    dataset: str = field(default="digits", metadata=_choice(*DATASETS))
-    partition: str | None = field(default=None, metadata=_choice(*PARTITIONS))
-    dirichlet_alpha: float = field(default=0.5, metadata=_positive())
-    shards_per_client: int = field(default=2, metadata=_at_least(1))
-    min_client_samples: int = field(default=10, metadata=_at_least(1))
-    synthetic_alpha: float = field(default=1.0, metadata=_at_least(0))
-    synthetic_beta: float = field(default=1.0, metadata=_at_least(0))
-    num_clients: int = field(default=10, metadata=_at_least(1))
+    dataset: str = field(default="digits", metadata=choice(*DATASETS))
+    partition: str | None = field(default=None, metadata=choice(*PARTITIONS))
+    dirichlet_alpha: float = field(default=0.5, metadata=positive())
+    shards_per_client: int = field(default=2, metadata=at_least(1))
+    min_client_samples: int = field(default=10, metadata=at_least(1))
+    synthetic_alpha: float = field(default=1.0, metadata=at_least(0))
+    synthetic_beta: float = field(default=1.0, metadata=at_least(0))
+    num_clients: int = field(default=10, metadata=at_least(1))
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        _validate(self, "data")
+        validate(self, "data")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """``[model]``: architecture and initialisation."""
 
-    name: str = field(default="mlp", metadata=_choice(*MODELS))
-    init: str = field(default="default", metadata=_choice(*INITS))
+    name: str = field(default="mlp", metadata=choice(*MODELS))
+    init: str = field(default="default", metadata=choice(*INITS))
 
     def __post_init__(self) -> None:
-        _validate(self, "model")
+        validate(self, "model")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """``[train]``: rounds, local SGD, participation, seed and engine."""
 
-    rounds: int = field(default=100, metadata=_at_least(1))
-    local_steps: int = field(default=10, metadata=_at_least(1))
-    batch_size: int = field(default=32, metadata=_at_least(1))
-    lr: float = field(default=0.05, metadata=_positive())
-    clients_per_round: int | None = field(default=None, metadata=_at_least(1))
-    seed: int = field(default=0, metadata=_at_least(0))
-    engine: str = field(default="sim", metadata=_choice(*ENGINES))
+    rounds: int = field(default=100, metadata=at_least(1))
+    local_steps: int = field(default=10, metadata=at_most(MAX_LOCAL_STEPS, LOCAL_STEPS_LIMIT))
+    batch_size: int = field(default=32, metadata=at_most(MAX_BATCH_SIZE, BATCH_SIZE_LIMIT))
+    lr: float = field(default=0.05, metadata=positive())
+    clients_per_round: int | None = field(default=None, metadata=at_least(1))
+    seed: int = field(default=0, metadata=at_least(0))
+    engine: str = field(default="sim", metadata=choice(*ENGINES))
     vectorize: bool = True
-    checkpoint_every: int = field(default=0, metadata=_at_least(0))
+    checkpoint_every: int = field(default=0, metadata=at_least(0))
     dropout: float = field(default=0.0, metadata={"min": 0, "max": 1})
-    deadline_s: float | None = field(default=None, metadata=_positive())
-    client_time_s: float = field(default=1.0, metadata=_positive())
-    client_time_sigma: float = field(default=0.5, metadata=_at_least(0))
-    round_time_sigma: float = field(default=0.25, metadata=_at_least(0))
-    max_message_bytes: int | None = field(default=None, metadata=_at_least(1))
+    deadline_s: float | None = field(default=None, metadata=positive())
+    client_time_s: float = field(default=1.0, metadata=positive())
+    client_time_sigma: float = field(default=0.5, metadata=at_least(0))
+    round_time_sigma: float = field(default=0.25, metadata=at_least(0))
+    max_message_bytes: int | None = field(default=None, metadata=at_least(1))
+    prox_mu: float = field(default=0.0, metadata=at_least(0))
+    uplink_budget_bits: int | None = field(default=None, metadata=at_least(1))
+    max_weight_share: float | None = field(default=None, metadata={**positive(), "max": 1})
 
     def __post_init__(self) -> None:
-        _validate(self, "train")
-
-
-@dataclass(frozen=True)
-class CompressionConfig:
-    """``[compression]``: method (schedule), levels and encoding of the uplink."""
-
-    method: str = field(default="adaquantfl", metadata=_choice(*SCHEDULES))
-    levels: int = field(default=2, metadata={"min": 1, "max": MAX_LEVELS})
-    encoding: str = field(default="packed", metadata=_choice(*MESSAGE_ENCODINGS))
-    bucket_size: int | None = field(default=None, metadata=_at_least(1))
-    norm: str = field(default="l2", metadata=_choice(*NORMS))
-    min_levels: int = field(default=1, metadata={"min": 1, "max": MAX_LEVELS})
-    max_levels: int = field(default=2**16, metadata={"min": 1, "max": MAX_LEVELS})
-
-    def __post_init__(self) -> None:
-        _validate(self, "compression")
-        if self.method == "adaquantfl" and not (self.min_levels <= self.levels <= self.max_levels):
-            raise ConfigError(
-                f"[compression] levels = {self.levels} must lie in [min_levels, max_levels] = "
-                f"[{self.min_levels}, {self.max_levels}] for adaquantfl"
-            )
-
-    @property
-    def label(self) -> str:
-        """``fp32``, ``qsgd-s<levels>`` or ``adaquantfl-s<levels>`` (DESIGN §7)."""
-        return "fp32" if self.method == "fp32" else f"{self.method}-s{self.levels}"
+        validate(self, "train")
+        try:  # the memory bounds of local training (their product, too)
+            LocalTraining(self.local_steps, self.batch_size, self.lr)
+        except ValueError as exc:
+            raise ConfigError(f"[train] {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -149,12 +125,12 @@ class CompareConfig:
     """``[compare]``: which methods to run side by side and how to score them."""
 
     methods: tuple[dict[str, Any], ...] = ()
-    target_loss: float | None = field(default=None, metadata=_positive())
-    smooth_rounds: int = field(default=10, metadata=_at_least(1))
-    seeds: int = field(default=1, metadata=_at_least(1))
+    target_loss: float | None = field(default=None, metadata=positive())
+    smooth_rounds: int = field(default=10, metadata=at_least(1))
+    seeds: int = field(default=1, metadata=at_least(1))
 
     def __post_init__(self) -> None:
-        _validate(self, "compare")
+        validate(self, "compare")
 
 
 @dataclass(frozen=True)
@@ -196,7 +172,7 @@ class Config:
                     f"[compare] methods[{i}].label must be a non-empty name, got {label!r}"
                 )
             try:
-                compression = _build(
+                compression = build_section(
                     CompressionConfig, {**base, **entry}, "compression", strict_keys=entry
                 )
             except ConfigError as exc:
@@ -236,7 +212,7 @@ class Config:
             values = raw.get(name, {})
             if not isinstance(values, Mapping):
                 raise ConfigError(f"[{name}] must be a table, got {values!r}")
-            kwargs[name] = _build(section_cls, values, name, strict_keys=values)
+            kwargs[name] = build_section(section_cls, values, name, strict_keys=values)
         return cls(**kwargs)
 
 
@@ -278,7 +254,12 @@ def load_config(
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table")
-        table[key] = value
+        *parents, leaf = key.split(".")  # compression.options.fraction=0.1
+        for part in parents:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}.{part} must be a table to set {section}.{key}")
+        table[leaf] = value
     return Config.from_dict(raw)
 
 
@@ -298,85 +279,3 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str, Any]]:
             value = text.strip()
         parsed.append((section, key, value))
     return parsed
-
-
-def _build(
-    cls: type, values: Mapping[str, Any], section: str, *, strict_keys: Mapping[str, Any]
-) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(strict_keys) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown key {section}.{unknown[0]!s}; allowed keys in [{section}]: {', '.join(names)}"
-        )
-    kwargs = {k: v for k, v in values.items() if k in names}
-    if "methods" in kwargs and isinstance(kwargs["methods"], list):
-        kwargs["methods"] = tuple(kwargs["methods"])
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - guarded by the key check above
-        raise ConfigError(f"[{section}]: {exc}") from None
-
-
-def _validate(obj: Any, section: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        where = f"[{section}] {f.name} = {value!r}"
-        _check_type(value, hints[f.name], where)
-        if isinstance(value, int) and _is_float_hint(hints[f.name]):
-            value = float(value)  # TOML writes 1 for 1.0; store the float
-            object.__setattr__(obj, f.name, value)
-        meta = f.metadata
-        if value is None:
-            continue
-        if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{where} is not allowed; choose one of {list(meta['choices'])}")
-        if "min" in meta:
-            low = meta["min"]
-            if meta.get("exclusive") and not value > low:
-                raise ConfigError(f"{where}: must be > {low}")
-            if not meta.get("exclusive") and value < low:
-                raise ConfigError(f"{where}: must be >= {low}")
-        if "max" in meta and value > meta["max"]:
-            raise ConfigError(f"{where}: must be <= {meta['max']}")
-
-
-def _is_float_hint(hint: Any) -> bool:
-    return hint is float or float in typing.get_args(hint)
-
-
-def _check_type(value: Any, hint: Any, where: str) -> None:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return
-        hint = next(o for o in options if o is not type(None))
-        origin = typing.get_origin(hint)
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            raise ConfigError(f"{where}: must be a list")
-        return
-    if hint is float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise ConfigError(f"{where}: must be a finite number")
-        return
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: must be an integer")
-        return
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: must be a string")
-        return
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false")
-        return
-    if not isinstance(value, hint):  # pragma: no cover - every field type is handled above
-        raise ConfigError(f"{where}: must be of type {hint}")

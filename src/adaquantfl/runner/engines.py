@@ -15,7 +15,7 @@ from adaquantfl.fl.record import RoundRecord
 from adaquantfl.runner.build import EngineRun, build_simulator
 from adaquantfl.runner.config import Config, ConfigError
 
-__all__ = ["ENGINES", "CheckpointFn", "Engine", "sim_engine"]
+__all__ = ["ENGINES", "CheckpointFn", "Engine", "check_engine", "sim_engine"]
 
 #: Called with the server's state and the number of completed rounds.
 CheckpointFn = Callable[[dict[str, Any], int], None]
@@ -41,21 +41,62 @@ def sim_engine(
     resume_state: Mapping[str, Any] | None = None,
     on_checkpoint: CheckpointFn | None = None,
 ) -> EngineRun:
-    """The in-process simulator; checkpoints every ``[train] checkpoint_every`` rounds."""
+    """The in-process simulator; checkpoints every ``[train] checkpoint_every`` rounds.
+
+    With ``[train] uplink_budget_bits`` the run stops before the first round
+    that would take the uplink past the budget: that round is computed, found
+    to exceed it, and undone (model, policy, client states), so the run holds
+    only whole rounds within the budget.
+    """
     sim = build_simulator(config)
+    spent = 0
     if resume_state is not None:
-        sim.server.load_state_dict(resume_state)
+        sim.load_state_dict(resume_state)
+        spent = int(resume_state.get("uplink_bits_spent", 0))
+    budget = config.train.uplink_budget_bits
     every = config.train.checkpoint_every
     while sim.server.round_idx < config.train.rounds:
-        on_record(sim.run_round())
+        before = sim.state_dict() if budget is not None else None
+        record = sim.run_round()
+        if budget is not None and before is not None and spent + record.wire_bits > budget:
+            sim.load_state_dict(before)
+            if on_checkpoint is not None and every:
+                on_checkpoint({**before, "uplink_bits_spent": spent}, sim.server.round_idx)
+            break
+        spent += record.wire_bits
+        on_record(record)
         done = sim.server.round_idx
         if (
             on_checkpoint is not None
             and every
             and (done % every == 0 or done == config.train.rounds)
         ):
-            on_checkpoint(sim.server.state_dict(), done)
+            on_checkpoint({**sim.state_dict(), "uplink_bits_spent": spent}, done)
     return EngineRun(sim.server.params.clone(), sim.model)
+
+
+def check_engine(config: Config) -> None:
+    """Raise ConfigError if ``config`` asks its engine for something it does not do."""
+    t = config.train
+    if t.engine != "flower":
+        return
+    if t.checkpoint_every:
+        raise ConfigError("[train] checkpoint_every is supported by engine = 'sim' only")
+    if t.dropout or t.deadline_s is not None:
+        raise ConfigError(
+            "[train] dropout and deadline_s simulate faults in engine = 'sim'; on Flower, "
+            "faults are real (see the node-failure test), so they cannot be set"
+        )
+    if t.max_weight_share is not None:
+        raise ConfigError(
+            "[train] max_weight_share is supported by engine = 'sim' only (the Flower "
+            "strategy does not take it yet)"
+        )
+    if t.uplink_budget_bits is not None:
+        raise ConfigError(
+            "[train] uplink_budget_bits is supported by engine = 'sim' only (it undoes the "
+            "round that would exceed the budget)"
+        )
 
 
 def flower_engine(
@@ -66,15 +107,9 @@ def flower_engine(
     on_checkpoint: CheckpointFn | None = None,
 ) -> EngineRun:
     """Flower's simulation engine (Ray backend) running the shared client and server code."""
-    if resume_state is not None or (on_checkpoint is not None and config.train.checkpoint_every):
-        raise ConfigError(
-            "[train] checkpoint_every and --resume are supported by engine = 'sim' only"
-        )
-    if config.train.dropout or config.train.deadline_s is not None:
-        raise ConfigError(
-            "[train] dropout and deadline_s simulate faults in engine = 'sim'; on Flower, "
-            "faults are real (see the node-failure test), so they cannot be set"
-        )
+    if resume_state is not None:
+        raise ConfigError("--resume is supported by engine = 'sim' only")
+    check_engine(config)
     try:
         from adaquantfl.runner.flower_engine import run_flower
     except ImportError as exc:

@@ -4,10 +4,9 @@ The same config, data, model and server pieces as the simulator
 (:func:`adaquantfl.runner.experiment.load_data`, ``build_model``, ``build_server``),
 run as a Flower app on the Ray backend: a ServerApp with
 :class:`~adaquantfl.flower.AdaQuantFedAvg`, and a ClientApp whose train
-function does what :func:`adaquantfl.fl.client.client_update` does before
-compression (``F_i(w_k)`` with :func:`~adaquantfl.fl.client.evaluate`,
-:func:`~adaquantfl.fl.client.local_sgd` on the (seed, round, client, "batch")
-stream), wrapped in :data:`~adaquantfl.flower.adaquant_mod`, which quantizes
+function runs :func:`adaquantfl.fl.client.train_locally`, the simulator's own
+steps before compression (``F_i(w_k)``, then local SGD on the (seed, round,
+client, "batch") stream), wrapped in :data:`~adaquantfl.flower.adaquant_mod`, which quantizes
 and encodes. Every random stream is keyed by (seed, round, client id), so both
 engines send the same bytes in every round (tests/test_flower_engine.py).
 """
@@ -25,27 +24,28 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from adaquantfl.compression.compressor import default_message_limit
 from adaquantfl.data import FederatedData
-from adaquantfl.fl.client import LocalTraining, evaluate, local_sgd
+from adaquantfl.fl.client import LocalTraining, evaluate, train_locally
 from adaquantfl.fl.record import RoundRecord, record_round
+from adaquantfl.flower.layout import ArrayLayout
 from adaquantfl.flower.mod import adaquant_mod
+from adaquantfl.flower.plan import RoundPlan
 from adaquantfl.flower.records import (
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
-    ArrayLayout,
-    RoundPlan,
     client_id_of,
     single_array_record,
 )
 from adaquantfl.flower.strategy import AdaQuantFedAvg, FlowerRound
 from adaquantfl.models import FlatModel
-from adaquantfl.rng import torch_generator
-from adaquantfl.runner.build import EngineRun, build_model, build_server, load_data
+from adaquantfl.runner.build import EngineRun, build_model, load_data
 from adaquantfl.runner.config import Config
 
 __all__ = ["engine_client_app", "flat_layout", "loopback_ray", "ray_backend_config", "run_flower"]
@@ -117,9 +117,13 @@ def loopback_ray(num_cpus: int) -> Iterator[None]:
         raise RuntimeError(
             "Ray is already running in this process; the Flower engine starts its own"
         )
-    saved = {key: os.environ.get(key) for key in _RAY_ENV}
+    # The workers import what this process can import from its working
+    # directory (a config's plugin modules, e.g. a compressor of the user's own).
+    paths = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**_RAY_ENV, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    saved = {key: os.environ.get(key) for key in env}
     saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(_RAY_ENV)
+    os.environ.update(env)
     # Already read when ray was imported; resolve_ip_for_localhost reads it now.
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -164,7 +168,9 @@ def _client_state(config: Config) -> _ClientState:
         data = load_data(config)
         model, _ = build_model(config, data)
         t = config.train
-        state = _ClientState(data, model, LocalTraining(t.local_steps, t.batch_size, t.lr))
+        state = _ClientState(
+            data, model, LocalTraining(t.local_steps, t.batch_size, t.lr, t.prox_mu)
+        )
         _CLIENT_STATE.clear()
         _CLIENT_STATE[key] = state
     return state
@@ -180,17 +186,23 @@ def _train(config: Config, num_threads: int, msg: Message, context: Context) -> 
         torch.set_num_threads(num_threads)
     state = _client_state(config)
     client_id = client_id_of(context)
-    plan = RoundPlan.from_config(next(iter(msg.content.config_records.values())))
+    plan = RoundPlan.from_config(
+        next(c for c in msg.content.config_records.values() if RoundPlan.present(c))
+    )
     shard = state.data.clients[client_id]
+    # With a compressed downlink adaquant_mod has put x_k here already.
     name, received = single_array_record(msg.content, "the train instruction")
     layout = ArrayLayout.of(received)
     params = layout.flatten(received)
-    loss, _ = evaluate(state.model, params, shard.x, shard.y)
-    batch_gen = torch_generator(
-        plan.seed, purpose="batch", round_idx=plan.round_idx, client_id=client_id
-    )
-    local = local_sgd(
-        state.model, params, shard.x, shard.y, training=state.training, generator=batch_gen
+    local, loss = train_locally(
+        state.model,
+        params,
+        shard.x,
+        shard.y,
+        training=state.training,
+        seed=plan.seed,
+        round_idx=plan.round_idx,
+        client_id=client_id,
     )
     metrics = MetricRecord({PRE_TRAIN_LOSS_KEY: loss, NUM_EXAMPLES_KEY: len(shard)})
     return Message(
@@ -204,7 +216,13 @@ def engine_client_app(config: Config, num_threads: int | None = None) -> ClientA
     ``num_threads`` (default: this process's ``torch.get_num_threads()``) is
     the intra-op thread count the workers train with.
     """
-    app = ClientApp(mods=[adaquant_mod])
+
+    def import_plugins(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        # Before adaquant_mod rebuilds the compressor from the registry by name.
+        config.compression.import_plugins()
+        return call_next(msg, context)
+
+    app = ClientApp(mods=[import_plugins, adaquant_mod])
     threads = num_threads or torch.get_num_threads()
 
     @app.train()
@@ -257,19 +275,25 @@ def run_flower(
     """
     data = load_data(config)
     model, params = build_model(config, data)
-    template = build_server(config, params)  # the simulator's schedule and compressor
+    compressor = config.compression.build_compressor()
+    downlink = config.compression.build_downlink_compressor()
     layout = flat_layout(model)
     num_clients = len(data.clients)
     partial = config.clients_per_round < num_clients
+    # The strategy builds the run's one FedServer from these, as build_server would.
     strategy = AdaQuantFedAvg(
-        template.schedule,
-        template.compressor,  # type: ignore[arg-type]  # build_server makes a QSGDCompressor
+        config.compression.build_policy(config.train.rounds),
+        compressor,
         seed=config.train.seed,
+        downlink=downlink,
+        downlink_levels=config.compression.downlink_levels if downlink is not None else None,
         num_clients=num_clients if partial else None,
         clients_per_round=config.clients_per_round if partial else None,
         node_wait_s=round_timeout_s,
         record_digests=True,
-        max_message_bytes=template.max_message_bytes,
+        max_message_bytes=config.train.max_message_bytes
+        or default_message_limit(model.numel, compressor),
+        max_weight_share=config.train.max_weight_share,
         fraction_evaluate=0.0,  # central evaluation below, as in the simulator
         min_train_nodes=num_clients,
         min_evaluate_nodes=0,
@@ -294,6 +318,7 @@ def run_flower(
             test_accuracy=test_accuracy,
             time_s=flower_round.time_s + time.perf_counter() - start,
             dropped=flower_round.dropped,
+            numel=model.numel,
         )
         records.append(record)
         on_record(record)

@@ -31,6 +31,7 @@ DEFAULT_TARGET_FACTOR = 1.01
 SUMMARY_KEYS: tuple[str, ...] = (
     "bits_to_target",
     "formula_bits_to_target",
+    "downlink_bits_to_target",
     "rounds_to_target",
     "final_train_loss",
     "final_test_loss",
@@ -39,6 +40,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "total_formula_bits",
     "total_downlink_bits",
     "final_levels",
+    "rounds_run",
 )
 
 
@@ -81,6 +83,7 @@ def summarize_run(
     return {
         "bits_to_target": None if hit is None else rows[hit]["cum_wire_bits"],
         "formula_bits_to_target": None if hit is None else rows[hit]["cum_formula_bits"],
+        "downlink_bits_to_target": None if hit is None else rows[hit].get("cum_downlink_bits"),
         "rounds_to_target": None if hit is None else rows[hit]["round"],
         "final_train_loss": final_mean(rows, "train_loss"),
         "final_test_loss": final_mean(rows, "test_loss"),
@@ -89,6 +92,7 @@ def summarize_run(
         "total_formula_bits": last.get("cum_formula_bits", 0),
         "total_downlink_bits": last.get("cum_downlink_bits", 0),
         "final_levels": last.get("levels"),
+        "rounds_run": len(rows),
     }
 
 

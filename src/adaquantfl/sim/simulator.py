@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ from adaquantfl.data import FederatedData
 from adaquantfl.fl.client import (
     ClientError,
     ClientReply,
+    ClientState,
     LocalTraining,
     client_update,
     encode_update,
@@ -81,6 +84,8 @@ class Simulator:
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.faults = faults or ClientFaults()
+        #: What each client keeps between its rounds (its error-feedback residual).
+        self.client_states: dict[int, ClientState] = {}
         select_clients(len(data.clients), clients_per_round, seed=seed, round_idx=0)  # validates
         self.trainer: BatchedTrainer | None = None
         if vectorize:
@@ -105,9 +110,9 @@ class Simulator:
         chosen = select_clients(
             len(self.data.clients), self.clients_per_round, seed=self.seed, round_idx=round_idx
         )
-        levels = self.server.levels
-        params = self.server.params
-        downlink_bits = 8 * len(self.server.downlink_payload()) * len(chosen)
+        sent = self.server.begin_round(chosen)
+        params = sent.model
+        plan = self.server.plan()
         available = self.faults.availability(chosen, seed=self.seed, round_idx=round_idx)
         if available.dropped:
             logger.info(
@@ -120,7 +125,7 @@ class Simulator:
         replies: list[ClientReply] = []
         failed = 0
         if self.trainer is not None and chosen:
-            replies, failed = self._batched_replies(self.trainer, chosen, params, levels, round_idx)
+            replies, failed = self._batched_replies(self.trainer, chosen, params, round_idx)
         for cid in chosen if self.trainer is None else ():
             shard = self.data.clients[cid]
             try:
@@ -130,12 +135,13 @@ class Simulator:
                         params,
                         shard.x,
                         shard.y,
-                        levels=levels,
+                        levels=plan.levels_of(cid),
                         compressor=self.compressor,
                         training=self.training,
                         seed=self.seed,
                         round_idx=round_idx,
                         client_id=cid,
+                        state=self.client_state(cid),
                     )
                 )
             except ClientError as exc:
@@ -152,12 +158,35 @@ class Simulator:
         return record_round(
             round_idx + 1,
             outcome,
-            downlink_bits=downlink_bits,
+            downlink_bits=sent.bits,
             test_loss=test_loss,
             test_accuracy=test_accuracy,
             time_s=time.perf_counter() - start,
             dropped=available.dropped,
+            numel=self.model.numel,
         )
+
+    def client_state(self, client_id: int) -> ClientState:
+        """The state client ``client_id`` keeps between its rounds (created on first use)."""
+        state = self.client_states.get(client_id)
+        if state is None:
+            state = self.client_states[client_id] = ClientState()
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server's state and every client's own state (for a checkpoint)."""
+        clients = {
+            cid: st.state_dict()
+            for cid, st in sorted(self.client_states.items())
+            if st.residual is not None
+        }
+        return {**self.server.state_dict(), "clients": clients}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.server.load_state_dict(state)
+        self.client_states = {}
+        for cid, client in state.get("clients", {}).items():
+            self.client_state(int(cid)).load_state_dict(client)
 
     def transmit(self, reply: ClientReply, round_idx: int) -> ClientReply | None:
         """The uplink from a client to the server: delivers ``reply`` unchanged.
@@ -173,9 +202,9 @@ class Simulator:
         trainer: BatchedTrainer,
         chosen: list[int],
         params: torch.Tensor,
-        levels: int | None,
         round_idx: int,
     ) -> tuple[list[ClientReply], int]:
+        plan = self.server.plan()
         shards = [self.data.clients[cid] for cid in chosen]
         gens = [
             torch_generator(self.seed, purpose="batch", round_idx=round_idx, client_id=cid)
@@ -187,19 +216,29 @@ class Simulator:
         failed = 0
         for row, cid, shard, loss in zip(local, chosen, shards, losses, strict=True):
             try:
-                payload = encode_update(
+                encoded = encode_update(
                     row - params,
-                    levels=levels,
+                    levels=plan.levels_of(cid),
                     compressor=self.compressor,
                     seed=self.seed,
                     round_idx=round_idx,
                     client_id=cid,
+                    state=self.client_state(cid),
                 )
             except ClientError as exc:
                 logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
                 failed += 1
                 continue
-            replies.append(ClientReply(cid, payload, loss, len(shard)))
+            replies.append(
+                ClientReply(
+                    cid,
+                    encoded.payload,
+                    loss,
+                    len(shard),
+                    update_norm=encoded.update_norm,
+                    distortion=encoded.distortion,
+                )
+            )
         return replies, failed
 
 

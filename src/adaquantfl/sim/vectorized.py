@@ -176,17 +176,28 @@ class BatchedTrainer:
         }
         leaves = list(w.values())
         lr = self.training.lr
+        mu = self.training.prox_mu
+        # FedProx's term (mu / 2) ||w_i - w_k||^2 has the gradient mu (w_i - w_k).
+        starts = [leaf.detach().clone() for leaf in leaves] if mu else []
         if self.manual_gradients and self.model.has_batched_sgd_step:
             with torch.no_grad():
                 for leaf in leaves:
                     leaf.requires_grad_(False)
                 for step in range(self.training.local_steps):
+                    # The proximal gradient at the step's starting point, applied after it.
+                    prox = [mu * (leaf - s0) for leaf, s0 in zip(leaves, starts, strict=False)]
                     self.model.batched_sgd_step_(
                         w, plan.x[step], plan.y[step], plan.weights[step], lr
                     )
+                    for leaf, grad in zip(leaves, prox, strict=False):
+                        leaf.sub_(grad, alpha=lr)
             return self.model.flatten_named(w)
         for step in range(self.training.local_steps):
             total = self._total_loss(w, plan.x[step], plan.y[step], plan.weights[step])
+            if mu:
+                total = total + 0.5 * mu * sum(
+                    (leaf - s0).square().sum() for leaf, s0 in zip(leaves, starts, strict=True)
+                )
             grads = torch.autograd.grad(total, leaves)
             with torch.no_grad():
                 for leaf, grad in zip(leaves, grads, strict=True):

@@ -1,0 +1,149 @@
+"""QSGD in wire format v1: the ``"qsgd"`` compressor (the paper's, and the default)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from adaquantfl.compression.codec import (
+    CodecError,
+    decode_dequantize,
+    peek_header,
+    quantize_encode,
+)
+from adaquantfl.compression.compressor import BaseCompressor, register_compressor
+from adaquantfl.compression.header import formula_bits, message_bytes
+from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, num_buckets
+
+__all__ = ["MESSAGE_ENCODINGS", "QSGDCompressor", "QSGDOptions"]
+
+#: Encodings of quantized messages a QSGD compressor can produce.
+MESSAGE_ENCODINGS: tuple[str, ...] = ("packed", "entropy")
+
+
+@dataclass(frozen=True)
+class QSGDOptions:
+    """Options of :class:`QSGDCompressor`.
+
+    Parameters
+    ----------
+    encoding : {"packed", "entropy"}
+        How quantized messages are encoded. Full precision is always raw.
+    bucket_size : int, optional
+        Entries per bucket (one norm each); None quantizes the whole update as
+        one vector, as in the paper.
+    norm : {"l2", "max"}
+        Norm each bucket is scaled by.
+    """
+
+    encoding: str = "packed"
+    bucket_size: int | None = None
+    norm: str = "l2"
+
+    def __post_init__(self) -> None:
+        if self.encoding not in MESSAGE_ENCODINGS:
+            raise ValueError(
+                f"encoding must be one of {list(MESSAGE_ENCODINGS)}, got {self.encoding!r}"
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
+        if self.bucket_size is not None and (
+            isinstance(self.bucket_size, bool)
+            or not isinstance(self.bucket_size, int)
+            or not 1 <= self.bucket_size <= 2**32 - 1
+        ):
+            raise ValueError(
+                f"bucket_size must be an integer in [1, 2**32 - 1] or None, got "
+                f"{self.bucket_size!r}"
+            )
+
+
+@register_compressor
+class QSGDCompressor(BaseCompressor):
+    """QSGD quantization (:mod:`adaquantfl.compression.qsgd`) in the v1 wire format.
+
+    ``QSGDCompressor(encoding="entropy", bucket_size=512)`` or
+    ``QSGDCompressor(options=QSGDOptions(...))``.
+
+    Notes
+    -----
+    ``decompress`` checks the message's encoding, element count and levels
+    against what the server asked for before decoding the body, so a client
+    cannot make the server allocate more than the model's size, aggregate an
+    update at a level it was not asked for, or run a decoder it did not choose.
+    """
+
+    name = "qsgd"
+    options_type = QSGDOptions
+    takes_levels = True
+
+    def __init__(
+        self,
+        encoding: str = "packed",
+        bucket_size: int | None = None,
+        norm: str = "l2",
+        *,
+        options: QSGDOptions | None = None,
+    ) -> None:
+        super().__init__(options or QSGDOptions(encoding, bucket_size, norm))
+
+    @property
+    def encoding(self) -> str:
+        return str(self.options.encoding)
+
+    @property
+    def bucket_size(self) -> int | None:
+        return self.options.bucket_size  # type: ignore[no-any-return]
+
+    @property
+    def norm(self) -> str:
+        return str(self.options.norm)
+
+    def encode(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
+        """Quantize and encode ``update`` with the fused :func:`.codec.quantize_encode`.
+
+        The bytes are those of ``encode(quantize(update, levels, ...), encoding)``.
+        """
+        return quantize_encode(
+            update,
+            levels,
+            generator=generator,
+            encoding=self.encoding,
+            bucket_size=self.bucket_size,
+            norm=self.norm,  # type: ignore[arg-type]
+        )
+
+    def decode(
+        self, payload: bytes, *, numel: int, levels: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Decode with the fused :func:`.codec.decode_dequantize` (into ``out`` when given)."""
+        header = peek_header(payload)
+        if header.encoding != self.encoding:
+            raise CodecError(
+                f"expected a {self.encoding} message at levels {levels}, got {header.encoding}"
+            )
+        if header.norm != self.norm or header.bucket_size != self.bucket_size:
+            raise CodecError(
+                f"expected norm {self.norm} and bucket size {self.bucket_size}, got "
+                f"{header.norm} and {header.bucket_size}"
+            )
+        return decode_dequantize(payload, expected_numel=numel, expected_levels=levels, out=out)
+
+    def max_encoded_bytes(self, numel: int) -> int:
+        """A packed message at the maximum levels (entropy bodies are at most 1 byte more,
+        within :data:`.compressor.MESSAGE_SLACK_BYTES`)."""
+        return message_bytes(numel, MAX_LEVELS, bucket_size=self.bucket_size)
+
+    def variance_bound(self, numel: int, levels: int | None) -> float | None:
+        """QSGD's ``min(b / s^2, sqrt(b) / s)`` for buckets of ``b`` entries (Alistarh et al.,
+        2017, Lemma 3.1; with the max-norm each entry's step is no larger, so it holds too)."""
+        if levels is None:
+            return 0.0
+        b = min(self.bucket_size or numel, numel)
+        return min(b / levels**2, math.sqrt(b) / levels)
+
+    def encoded_formula_bits(self, numel: int, levels: int) -> int:
+        """``d * ceil(log2(s + 1)) + d + 32 * buckets`` (level index, sign, norms)."""
+        return formula_bits(numel, levels, num_norms=num_buckets(numel, self.bucket_size))

@@ -1,0 +1,60 @@
+"""Level policies: how many quantization levels each client uses, round by round.
+
+A policy is a small mutable state object owned by the server
+(:class:`~adaquantfl.fl.server.FedServer`). Each round it gives the levels of
+every participant (:meth:`~base.LevelPolicy.levels_for`) and then observes
+what happened (:meth:`~base.LevelPolicy.observe`). ``None`` levels mean full
+precision.
+
+- :mod:`.base`: the protocol and what a policy observes;
+- :mod:`.classic`: ``fp32``, ``qsgd`` (fixed levels) and ``adaquantfl``, which
+  keep the schedule interface of DESIGN §7 (``levels``, ``update(loss)``);
+- :mod:`.dadaquant`: DAdaQuant's time-, client- and doubly-adaptive levels;
+- :mod:`.auto`: ``auto``, levels chosen by trial for the most progress per bit;
+- :mod:`.registry`: :data:`POLICIES` by method name.
+
+Adding a policy is one module whose factory is decorated with
+``@register_policy("name")``.
+"""
+
+from adaquantfl.policy.auto import AutoLevels
+from adaquantfl.policy.base import (
+    ClientOutcome,
+    LevelPlan,
+    LevelPolicy,
+    RoundObservation,
+)
+from adaquantfl.policy.classic import (
+    AdaQuantLevels,
+    FixedLevels,
+    FullPrecision,
+    LevelSchedule,
+    UniformLevels,
+    adaquant_levels,
+)
+from adaquantfl.policy.dadaquant import DAdaQuant
+from adaquantfl.policy.registry import POLICIES, make_policy, register_policy
+
+#: The schedules of DESIGN §7 by method name (the same registry as :data:`POLICIES`).
+SCHEDULES = POLICIES
+make_schedule = make_policy
+
+__all__ = [
+    "POLICIES",
+    "SCHEDULES",
+    "AdaQuantLevels",
+    "AutoLevels",
+    "ClientOutcome",
+    "DAdaQuant",
+    "FixedLevels",
+    "FullPrecision",
+    "LevelPlan",
+    "LevelPolicy",
+    "LevelSchedule",
+    "RoundObservation",
+    "UniformLevels",
+    "adaquant_levels",
+    "make_policy",
+    "make_schedule",
+    "register_policy",
+]

@@ -1,0 +1,169 @@
+"""Compressors by name: the registry, options, config round trips, and a plugin compressor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tests.plugins  # noqa: F401  (registers test-rounding and test-per-client)
+from adaquantfl.compression import (
+    COMPRESSORS,
+    ErrorFeedback,
+    QSGDCompressor,
+    TopKCompressor,
+    compressor_from_config,
+    default_message_limit,
+    make_compressor,
+)
+from adaquantfl.compression.codec import CodecError, message_bytes
+from adaquantfl.runner.build import build_simulator
+from adaquantfl.runner.config import ConfigError, load_config
+from tests.plugins import RoundingCompressor
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_holds_the_built_in_and_the_plugin_compressors() -> None:
+    assert COMPRESSORS["qsgd"] is QSGDCompressor
+    assert COMPRESSORS["topk"] is TopKCompressor
+    assert COMPRESSORS["test-rounding"] is RoundingCompressor
+
+
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        QSGDCompressor(),
+        QSGDCompressor("entropy", 64, "max"),
+        TopKCompressor(0.25),
+        RoundingCompressor(),
+    ],
+    ids=repr,
+)
+def test_to_config_round_trips_through_the_registry(compressor: object) -> None:
+    config = compressor.to_config()  # type: ignore[attr-defined]
+    assert json.loads(json.dumps(config)) == config  # plain data (a Flower message carries it)
+    assert compressor_from_config(config) == compressor
+
+
+def test_compressors_with_other_options_differ() -> None:
+    # The negative control of the round trip above: equality sees the options.
+    assert QSGDCompressor("packed", 64) != QSGDCompressor("packed", 32)
+    assert TopKCompressor(0.1) != TopKCompressor(0.2)
+    assert QSGDCompressor() != RoundingCompressor()
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("zstd", {}, "unknown compressor 'zstd'; allowed: ['qsgd', 'test-rounding', 'topk']"),
+        ("qsgd", {"encodng": "packed"}, "allowed: ['encoding', 'bucket_size', 'norm']"),
+        ("qsgd", {"encoding": "zip"}, "encoding must be one of ['packed', 'entropy']"),
+        ("topk", {"fraction": 0}, "fraction must be a number in (0, 1]"),
+        ("topk", {"k": 3}, "unknown compressor 'topk' option(s) ['k']; allowed: ['fraction']"),
+    ],
+)
+def test_bad_names_and_options_are_refused_with_what_is_allowed(
+    name: str, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        make_compressor(name, **options)
+    assert message in str(info.value)
+
+
+def test_max_message_bytes_bounds_every_message_of_a_compressor() -> None:
+    d = 1000
+    x = torch.randn(d, generator=gen())
+    for compressor in (QSGDCompressor(), QSGDCompressor("entropy"), TopKCompressor(0.5)):
+        limit = compressor.max_message_bytes(d)
+        assert limit == default_message_limit(d, compressor)
+        assert limit >= message_bytes(d, None)  # full precision always fits
+        for levels in (None, 1, 255, 2**24 - 1):
+            assert len(compressor.compress(x, levels, generator=gen())) <= limit
+
+
+def test_qsgd_decompress_refuses_an_encoding_norm_or_bucket_it_was_not_asked_for() -> None:
+    x = torch.randn(50, generator=gen())
+    packed = QSGDCompressor().compress(x, 3, generator=gen())
+    entropy = QSGDCompressor("entropy").compress(x, 3, generator=gen())
+    bucketed = QSGDCompressor(bucket_size=10).compress(x, 3, generator=gen())
+    server = QSGDCompressor()
+    server.decompress(packed, numel=50, levels=3)  # what it asked for
+    for payload, reason in [(entropy, "got entropy"), (bucketed, "bucket size")]:
+        with pytest.raises(CodecError, match=reason):
+            server.decompress(payload, numel=50, levels=3)
+
+
+def test_error_feedback_sends_the_inner_compressors_bytes() -> None:
+    x = torch.randn(100, generator=gen())
+    inner = TopKCompressor(0.1)
+    wrapped = ErrorFeedback(inner)
+    assert wrapped.compress(x, 1, generator=gen()) == inner.compress(x, 1, generator=gen())
+    assert wrapped.to_config() == {**inner.to_config(), "error_feedback": True}
+    with pytest.raises(ValueError, match="wrap the compressor once"):
+        ErrorFeedback(wrapped)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_selects_a_compressor_with_an_options_table() -> None:
+    cfg = load_config(
+        CONFIG,
+        ["compression.compressor=topk", "compression.options.fraction=0.05",
+         "compression.error_feedback=true", "compression.method=qsgd"],
+    )  # fmt: skip
+    compressor = cfg.compression.build_compressor()
+    assert compressor == ErrorFeedback(TopKCompressor(0.05))
+    assert cfg.compression.label == "topk-ef"
+
+
+def test_config_qsgd_keys_and_options_table_agree_or_fail() -> None:
+    cfg = load_config(CONFIG, ["compression.options.bucket_size=64"])
+    assert cfg.compression.build_compressor() == QSGDCompressor("packed", 64)
+    with pytest.raises(ConfigError, match="contradicts"):
+        load_config(CONFIG, ["compression.options.encoding=entropy"])  # the file says packed
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("compression.compressor=zstd", "compressor = 'zstd' is not allowed; choose one of"),
+        ("compression.options.fraction=0.1", "unknown compressor 'qsgd' option(s) ['fraction']"),
+        ("compression.downlink=zstd", "downlink = 'zstd' is not allowed"),
+        ("compression.plugins=['no.such.module']", "cannot import module 'no.such.module'"),
+        ("compression.method=autoo", "method = 'autoo' is not allowed; choose one of"),
+    ],
+)
+def test_config_errors_name_the_key_and_the_allowed_values(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIG, [override])
+    assert message in str(info.value)
+
+
+# --------------------------------------------------------------------------- plugin
+
+
+def test_a_plugin_compressor_runs_through_the_simulator() -> None:
+    cfg = load_config(
+        CONFIG,
+        ["compression.plugins=['tests.plugins']", "compression.compressor=test-rounding",
+         "compression.method=qsgd", "compression.levels=7", "train.rounds=5"],
+    )  # fmt: skip
+    sim = build_simulator(cfg)
+    rows = [sim.run_round() for _ in range(5)]
+    d = sim.model.numel
+    message = RoundingCompressor().max_encoded_bytes(d)
+    assert all(r.wire_bits == 8 * message * r.participants for r in rows)
+    assert rows[-1].train_loss is not None and rows[-1].train_loss < rows[0].train_loss
+    # Round to nearest onto 7 levels of the max-norm: error at most half a step.
+    assert all(r.distortion is not None and 0 < r.distortion < 1 for r in rows)
