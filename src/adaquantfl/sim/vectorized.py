@@ -28,7 +28,7 @@ identical bytes (the simulator vs Flower comparison) use the per-client path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,10 @@ class _Plan:
     y: torch.Tensor  # (tau, m, k)
     weights: torch.Tensor  # (tau, m, k): per-example weight in the loss (sum 1 per client)
     deduplicated: int  # clients evaluated on their own examples with draw counts
+
+    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, weights)`` of local step ``step``, each ``(m, k, ...)``."""
+        return self.x[step], self.y[step], self.weights[step]
 
 
 class BatchedTrainer:
@@ -122,16 +126,17 @@ class BatchedTrainer:
         if not dedup:
             x = torch.stack([s.x[idx] for s, idx in zip(shards, batches, strict=True)], dim=1)
             y = torch.stack([s.y[idx] for s, idx in zip(shards, batches, strict=True)], dim=1)
-            weights = torch.full(y.shape, 1.0 / t.batch_size)
+            weights = torch.full(y.shape, 1.0 / t.batch_size, device=y.device)
             return _Plan(x, y, weights, 0)
         # Every client has at most B examples: each step evaluates a client's
         # examples once, weighted by how often that step's minibatch drew them.
         k = max(len(s) for s in shards)
         m = len(shards)
         shape = shards[0].x.shape[1:]
-        xs = torch.zeros(m, k, *shape, dtype=shards[0].x.dtype)
-        ys = torch.zeros(m, k, dtype=torch.int64)
-        weights = torch.zeros(t.local_steps, m, k)
+        device = shards[0].x.device
+        xs = torch.zeros(m, k, *shape, dtype=shards[0].x.dtype, device=device)
+        ys = torch.zeros(m, k, dtype=torch.int64, device=device)
+        weights = torch.zeros(t.local_steps, m, k, device=device)
         for i, (s, idx) in enumerate(zip(shards, batches, strict=True)):
             n = len(s)
             xs[i, :n] = s.x
@@ -151,9 +156,11 @@ class BatchedTrainer:
         client in float64, as :func:`adaquantfl.fl.client.evaluate` does.
         """
         sizes = [len(s) for s in shards]
-        owner = torch.repeat_interleave(torch.arange(len(shards)), torch.tensor(sizes))
-        totals = torch.zeros(len(shards), dtype=torch.float64)
         x = torch.cat([s.x for s in shards])
+        owner = torch.repeat_interleave(
+            torch.arange(len(shards), device=x.device), torch.tensor(sizes, device=x.device)
+        )
+        totals = torch.zeros(len(shards), dtype=torch.float64, device=x.device)
         y = torch.cat([s.y for s in shards])
         with torch.no_grad():
             for start in range(0, len(y), _EVAL_CHUNK):
@@ -167,39 +174,54 @@ class BatchedTrainer:
     def train(self, params: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Local models of all clients, shape ``(m, d)``, from the common start ``params``."""
         m = plan.y.shape[1]
-        # One stacked leaf per parameter, not views of one (m, d) tensor: the
+        if self.manual_gradients and self.model.has_batched_sgd_step:
+            w = self._stacked(params, m)
+            with torch.no_grad():
+                sgd = self.model.batched_sgd(w, plan.y.shape[2])
+                self._descend(sgd.params, lambda step: sgd.step_(*plan.at(step), self.training.lr))
+                return self.model.flatten_named(sgd.named())
+        chunk = self.model.batched_chunk or m
+        return torch.cat(
+            [self._train_autograd(params, plan, slice(a, a + chunk)) for a in range(0, m, chunk)]
+        )
+
+    def _stacked(self, params: torch.Tensor, m: int) -> dict[str, torch.Tensor]:
+        # One stacked tensor per parameter, not views of one (m, d) tensor: the
         # backward of a slice allocates and fills a full (m, d) gradient, which
         # cost more than the whole forward and backward of a small model.
-        w = {
-            name: view.detach().unsqueeze(0).expand(m, *view.shape).clone().requires_grad_(True)
+        return {
+            name: view.detach().unsqueeze(0).expand(m, *view.shape).clone()
             for name, view in self.model.unflatten(params.detach()).items()
         }
-        leaves = list(w.values())
-        lr = self.training.lr
-        mu = self.training.prox_mu
-        # FedProx's term (mu / 2) ||w_i - w_k||^2 has the gradient mu (w_i - w_k).
+
+    def _descend(self, leaves: list[torch.Tensor], step_: Callable[[int], None]) -> None:
+        """``tau`` steps of ``step_``, each followed by FedProx's proximal step when ``mu > 0``.
+
+        The term ``(mu / 2) ||w_i - w_k||^2`` has the gradient ``mu (w_i - w_k)``,
+        taken at the step's starting point, as autograd does in
+        :func:`adaquantfl.fl.client.local_sgd`.
+        """
+        lr, mu = self.training.lr, self.training.prox_mu
         starts = [leaf.detach().clone() for leaf in leaves] if mu else []
-        if self.manual_gradients and self.model.has_batched_sgd_step:
-            with torch.no_grad():
-                for leaf in leaves:
-                    leaf.requires_grad_(False)
-                for step in range(self.training.local_steps):
-                    # The proximal gradient at the step's starting point, applied after it.
-                    prox = [mu * (leaf - s0) for leaf, s0 in zip(leaves, starts, strict=False)]
-                    self.model.batched_sgd_step_(
-                        w, plan.x[step], plan.y[step], plan.weights[step], lr
-                    )
-                    for leaf, grad in zip(leaves, prox, strict=False):
-                        leaf.sub_(grad, alpha=lr)
-            return self.model.flatten_named(w)
         for step in range(self.training.local_steps):
-            total = self._total_loss(w, plan.x[step], plan.y[step], plan.weights[step])
-            if mu:
-                total = total + 0.5 * mu * sum(
-                    (leaf - s0).square().sum() for leaf, s0 in zip(leaves, starts, strict=True)
-                )
-            grads = torch.autograd.grad(total, leaves)
-            with torch.no_grad():
-                for leaf, grad in zip(leaves, grads, strict=True):
-                    leaf.sub_(grad, alpha=lr)
+            prox = [mu * (leaf - s0) for leaf, s0 in zip(leaves, starts, strict=False)]
+            step_(step)
+            for leaf, grad in zip(leaves, prox, strict=False):
+                leaf.sub_(grad, alpha=lr)
+
+    def _train_autograd(self, params: torch.Tensor, plan: _Plan, rows: slice) -> torch.Tensor:
+        """Local models of the clients ``rows`` of ``plan``: autograd over the batched forward."""
+        w = self._stacked(params, len(range(*rows.indices(plan.y.shape[1]))))
+        leaves = [leaf.requires_grad_(True) for leaf in w.values()]
+        lr = self.training.lr
+
+        def step_(step: int) -> None:
+            x, y, weights = (t[rows] for t in plan.at(step))
+            with torch.enable_grad():
+                grads = torch.autograd.grad(self._total_loss(w, x, y, weights), leaves)
+            for leaf, grad in zip(leaves, grads, strict=True):
+                leaf.sub_(grad, alpha=lr)
+
+        with torch.no_grad():
+            self._descend(leaves, step_)
         return self.model.flatten_named({k: v.detach() for k, v in w.items()})
