@@ -266,7 +266,8 @@ def encode_update(
     feedback = compressor if isinstance(compressor, ErrorFeedback) else None
     if feedback is not None and state is None:
         raise ValueError("an ErrorFeedback compressor needs the client's state (its residual)")
-    v = update.detach().reshape(-1).to(torch.float32)
+    # The compressors are CPU code (numba kernels): an update trained on a GPU comes back here.
+    v = update.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
     if feedback is not None and state is not None and state.residual is not None:
         v = feedback.add_residual(v, state.residual)
     noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)

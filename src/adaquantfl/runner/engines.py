@@ -92,6 +92,11 @@ def flower_engine(
             "[train] uplink_budget_bits is supported by engine = 'sim' only (it undoes the "
             "round that would exceed the budget)"
         )
+    if config.train.device != "cpu":
+        raise ConfigError(
+            "[train] device chooses where engine = 'sim' trains; the Flower engine's "
+            "clients train on the CPU"
+        )
     if config.train.dropout or config.train.deadline_s is not None:
         raise ConfigError(
             "[train] dropout and deadline_s simulate faults in engine = 'sim'; on Flower, "
