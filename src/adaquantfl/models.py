@@ -122,10 +122,13 @@ class CNN(nn.Module):
 
     @staticmethod
     def functional_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        # ReLU after the pooling: relu(maxpool(z)) = maxpool(relu(z)) bit for bit,
+        # with the same argmax (the first of tied maxima; a window whose maximum
+        # is <= 0 passes no gradient either way), on a quarter of the entries.
         x = F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=2)
-        x = torch.max_pool2d(torch.relu(x), 2)
+        x = torch.relu(torch.max_pool2d(x, 2))
         x = F.conv2d(x, p["conv2.weight"], p["conv2.bias"], padding=2)
-        x = torch.max_pool2d(torch.relu(x), 2)
+        x = torch.relu(torch.max_pool2d(x, 2))
         return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
 
     @staticmethod
@@ -133,10 +136,8 @@ class CNN(nn.Module):
         """Logits of ``m`` models on their own images ``(m, k, C, H, W)``: ``(m, k, classes)``.
 
         The ``m`` models' filters are the groups of one grouped convolution over
-        ``(k, m * C, H, W)`` in channels-last layout, and ReLU runs after the
-        pooling: ``relu(maxpool(z)) = maxpool(relu(z))``, with the same
-        argmax (the first of tied maxima) and hence the same gradient, on a
-        quarter of the entries.
+        ``(k, m * C, H, W)`` in channels-last layout (the per-model layers of
+        :meth:`functional_forward` otherwise).
         """
         m, k = x.shape[:2]
         h = x.transpose(0, 1).reshape(k, m * x.shape[2], *x.shape[3:])
