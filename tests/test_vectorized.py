@@ -17,7 +17,7 @@ from adaquantfl.models import FlatModel, make_model
 from adaquantfl.policy import FixedLevels, FullPrecision
 from adaquantfl.rng import torch_generator
 from adaquantfl.sim.simulator import Simulator
-from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
+from adaquantfl.sim.vectorized import BatchedTrainer, _GroupedPlan, can_vectorize
 
 
 def make_data(sizes: list[int], shape: tuple[int, ...], classes: int = 3) -> FederatedData:
@@ -73,6 +73,7 @@ CASES = [
     ("cnn", (1, 8, 8), [10, 9, 12, 30, 6]),  # more clients than one group of convolutions
     ("cnn1d", (40,), [30, 7, 12]),  # hand-written im2col steps (MNIST-1D's shape)
     ("cnn1d", (17,), [5, 8]),  # odd lengths, deduplicated
+    ("cnn1d", (12,), [5, 9, 7, 12] * 5),  # 20 clients: more than one group of 16
     ("own", (6,), [10, 9]),  # a user's module: vmap over the flat forward
 ]
 
@@ -209,3 +210,27 @@ def test_every_batched_path_applies_fedprox_like_local_sgd(
         torch.testing.assert_close(batched[i], single, rtol=1e-4, atol=1e-6)
     # The term pulled every client towards the global model.
     assert all((batched - params).norm(dim=1) < (without - params).norm(dim=1))
+
+
+def test_grouped_plan_evaluates_each_distinct_draw_once_with_its_count() -> None:
+    model = make_model("cnn", (1, 8, 8), 3)
+    assert model.batched_chunk == 4
+    data = make_data([3, 40, 5, 9, 30, 4], (1, 8, 8))
+    training = LocalTraining(3, 8, 0.1)
+    gens = [torch_generator(2, purpose="batch", round_idx=1, client_id=i) for i in range(6)]
+    plan = BatchedTrainer(model, training).plan(data.clients, gens)
+    assert isinstance(plan, _GroupedPlan) and plan.m == 6
+    # Clients grouped by size, every client in exactly one group.
+    assert [g.rows for g in plan.groups] == [[0, 5, 2, 3], [4, 1]]
+    for group in plan.groups:
+        for x, y, weights in group.steps:
+            assert x.shape[:2] == y.shape == weights.shape and weights.shape[1] <= 8
+            torch.testing.assert_close(weights.sum(dim=1), torch.ones(len(group.rows)))
+    # The 3-example client draws at most 3 distinct examples per step.
+    assert plan.groups[0].steps[0][2][1].count_nonzero() <= 3
+    plain = BatchedTrainer(model, training, deduplicate=False).plan(
+        data.clients,
+        [torch_generator(2, purpose="batch", round_idx=1, client_id=i) for i in range(6)],
+    )
+    assert isinstance(plain, _GroupedPlan)
+    assert all(x.shape[1] == 8 for g in plain.groups for x, _, _ in g.steps)

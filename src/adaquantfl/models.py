@@ -98,6 +98,20 @@ class MLP(nn.Module):
         linear_sgd_(p["hidden.weight"], p["hidden.bias"], g_hidden, x, lr)
 
 
+def _max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling of ``(n, C, H, W)`` with even ``H`` and ``W``.
+
+    Without autograd (evaluation) it is two elementwise maxima: the same
+    values, without the argmax indices that ``max_pool2d`` computes even under
+    ``no_grad`` (about half the forward's time on mnist-5k; over 2x faster this way).
+    """
+    if torch.is_grad_enabled():
+        return torch.max_pool2d(x, 2)
+    n, c, h, w = x.shape
+    rows = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+    return rows.view(n, c, h // 2, w // 2, 2).amax(dim=-1)
+
+
 class CNN(nn.Module):
     """A small conv net for 28x28 (MNIST) and 32x32 (CIFAR-10) images.
 
@@ -119,6 +133,9 @@ class CNN(nn.Module):
     #: Clients per grouped convolution in :meth:`batched_forward` (measured on 2 cores:
     #: 2-8 clients per group ran 1.5x faster than one client at a time, and than 40).
     batched_chunk = 4
+    #: Images per forward pass when evaluating: 128 MNIST images keep the first
+    #: layer's output (6 MB) near the L2 cache; 8192 at a time ran 2.7x slower.
+    eval_chunk = 128
 
     @staticmethod
     def functional_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +143,9 @@ class CNN(nn.Module):
         # with the same argmax (the first of tied maxima; a window whose maximum
         # is <= 0 passes no gradient either way), on a quarter of the entries.
         x = F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=2)
-        x = torch.relu(torch.max_pool2d(x, 2))
+        x = torch.relu(_max_pool2(x))
         x = F.conv2d(x, p["conv2.weight"], p["conv2.bias"], padding=2)
-        x = torch.relu(torch.max_pool2d(x, 2))
+        x = torch.relu(_max_pool2(x))
         return F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"])
 
     @staticmethod
@@ -173,6 +190,10 @@ class CNN1d(nn.Module):
     width is computed from ``length``, so the same architecture runs on any
     signal length the three convolutions accept (>= 3).
     """
+
+    #: Clients per batched computation: 16 clients' activations stay near the L2
+    #: cache (measured on 2 cores: 0.14 ms per client and step, 0.23 for 100 at once).
+    batched_chunk = 16
 
     #: ``(kernel_size, stride, padding)`` of conv1..conv3, as in ``ConvBase``.
     LAYERS: tuple[tuple[int, int, int], ...] = ((5, 2, 1), (3, 2, 1), (3, 2, 1))
@@ -287,8 +308,10 @@ class FlatModel:
         self._batched = getattr(module, "batched_forward", None)
         self._batched_step = getattr(module, "batched_sgd_step_", None)
         self._batched_sgd = getattr(module, "batched_sgd", None)
-        #: Clients per chunk of the autograd path (None: all at once).
+        #: Clients trained together in one batched computation (None: all at once).
         self.batched_chunk: int | None = getattr(module, "batched_chunk", None)
+        #: Examples per forward pass in evaluation (None: the evaluator's default).
+        self.eval_chunk: int | None = getattr(module, "eval_chunk", None)
 
     def initial_parameters(
         self, init: str = "default", *, generator: torch.Generator

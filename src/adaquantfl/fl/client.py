@@ -153,12 +153,13 @@ def evaluate(
     n = int(y.shape[0])
     if n == 0:
         raise ValueError("cannot evaluate on an empty data set")
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = 0
+    chunk = model.eval_chunk or _EVAL_CHUNK
     with torch.no_grad():
-        for start in range(0, n, _EVAL_CHUNK):
-            logits = model(params, x[start : start + _EVAL_CHUNK])
-            target = y[start : start + _EVAL_CHUNK]
+        for start in range(0, n, chunk):
+            logits = model(params, x[start : start + chunk])
+            target = y[start : start + chunk]
             losses = F.cross_entropy(logits, target, reduction="none")
             total += losses.to(torch.float64).sum()
             correct += int((logits.argmax(dim=1) == target).sum())

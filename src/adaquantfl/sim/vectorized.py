@@ -77,6 +77,22 @@ class _Plan:
         return self.x[step], self.y[step], self.weights[step]
 
 
+@dataclass(frozen=True)
+class _Group:
+    """Clients trained together, each step on its own distinct draws (``k`` varies by step)."""
+
+    rows: list[int]  # positions of the group's clients among the round's
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # x, y, weights per step
+
+
+@dataclass(frozen=True)
+class _GroupedPlan:
+    """A round's minibatches for models trained in groups of clients (``batched_chunk``)."""
+
+    m: int
+    groups: list[_Group]
+
+
 class BatchedTrainer:
     """Runs local SGD for many clients at once.
 
@@ -87,6 +103,8 @@ class BatchedTrainer:
     deduplicate : bool
         Evaluate clients with at most ``B`` examples once per example with
         draw-count weights (exact up to rounding) instead of once per draw.
+        Models trained in groups of clients (``FlatModel.batched_chunk``)
+        evaluate each step's distinct draws once, whatever the client's size.
     manual_gradients : bool
         Use the model's hand-written batched SGD step where it has one
         (logistic regression and the MLP): the same math as autograd, with each
@@ -118,10 +136,18 @@ class BatchedTrainer:
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         return (losses * weights.flatten()).sum()
 
-    def plan(self, shards: Sequence[ClientData], generators: Sequence[torch.Generator]) -> _Plan:
+    @property
+    def _manual(self) -> bool:
+        return self.manual_gradients and self.model.has_batched_sgd_step
+
+    def plan(
+        self, shards: Sequence[ClientData], generators: Sequence[torch.Generator]
+    ) -> _Plan | _GroupedPlan:
         """Draw every client's minibatches (same streams as the per-client path) and stack them."""
         t = self.training
         batches = [draw_minibatches(len(s), t, g) for s, g in zip(shards, generators, strict=True)]
+        if self.model.batched_chunk is not None and not self._manual:
+            return self._grouped_plan(shards, batches, self.model.batched_chunk)
         dedup = self.deduplicate and max(len(s) for s in shards) <= t.batch_size
         if not dedup:
             x = torch.stack([s.x[idx] for s, idx in zip(shards, batches, strict=True)], dim=1)
@@ -148,6 +174,45 @@ class BatchedTrainer:
         y = ys.unsqueeze(0).expand(t.local_steps, *ys.shape)
         return _Plan(x, y, weights, m)
 
+    def _grouped_plan(
+        self, shards: Sequence[ClientData], batches: Sequence[torch.Tensor], size: int
+    ) -> _GroupedPlan:
+        """Groups of ``size`` clients of similar size; each step pads to the group's most draws.
+
+        A minibatch of ``B`` draws from ``n`` examples holds about
+        ``n (1 - exp(-B / n))`` distinct ones (20 of 32 for ``n = 32``); each is
+        evaluated once, weighted by its draw count. Grouping clients by size
+        keeps the padding small: on mnist-5k over 100 clients, groups of 4 do
+        71% of the work of ``B`` draws per client.
+        """
+        t = self.training
+        order = sorted(range(len(shards)), key=lambda i: len(shards[i]))
+        x0 = shards[0].x
+        groups = []
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            steps = []
+            for step in range(t.local_steps):
+                drawn = [self._distinct(batches[i][step]) for i in rows]
+                k = max(len(idx) for idx, _ in drawn)
+                x = torch.zeros(len(rows), k, *x0.shape[1:], dtype=x0.dtype, device=x0.device)
+                y = torch.zeros(len(rows), k, dtype=torch.int64, device=x0.device)
+                weights = torch.zeros(len(rows), k, device=x0.device)
+                for j, (i, (idx, counts)) in enumerate(zip(rows, drawn, strict=True)):
+                    x[j, : len(idx)] = shards[i].x[idx]
+                    y[j, : len(idx)] = shards[i].y[idx]
+                    weights[j, : len(idx)] = counts / t.batch_size
+                steps.append((x, y, weights))
+            groups.append(_Group(rows, steps))
+        return _GroupedPlan(len(shards), groups)
+
+    def _distinct(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draws to evaluate and their counts: each distinct one once, or all of them."""
+        if not self.deduplicate:
+            return idx, torch.ones(len(idx))
+        distinct, counts = torch.unique(idx, return_counts=True)
+        return distinct, counts.to(torch.float32)
+
     def initial_losses(self, params: torch.Tensor, shards: Sequence[ClientData]) -> list[float]:
         """Every client's mean loss ``F_i(w_k)`` on its own data, for the common model ``params``.
 
@@ -162,28 +227,47 @@ class BatchedTrainer:
         )
         totals = torch.zeros(len(shards), dtype=torch.float64, device=x.device)
         y = torch.cat([s.y for s in shards])
+        chunk = self.model.eval_chunk or _EVAL_CHUNK
         with torch.no_grad():
-            for start in range(0, len(y), _EVAL_CHUNK):
-                stop = start + _EVAL_CHUNK
+            for start in range(0, len(y), chunk):
+                stop = start + chunk
                 losses = F.cross_entropy(
                     self.model(params, x[start:stop]), y[start:stop], reduction="none"
                 )
                 totals.index_add_(0, owner[start:stop], losses.to(torch.float64))
         return [float(t) / n for t, n in zip(totals, sizes, strict=True)]
 
-    def train(self, params: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    def train(self, params: torch.Tensor, plan: _Plan | _GroupedPlan) -> torch.Tensor:
         """Local models of all clients, shape ``(m, d)``, from the common start ``params``."""
+        if isinstance(plan, _GroupedPlan):
+            local = params.new_empty(plan.m, params.numel())
+            for group in plan.groups:
+                local[group.rows] = self._train_autograd(params, len(group.rows), group.steps)
+            return local
         m = plan.y.shape[1]
-        if self.manual_gradients and self.model.has_batched_sgd_step:
-            w = self._stacked(params, m)
-            with torch.no_grad():
-                sgd = self.model.batched_sgd(w, plan.y.shape[2])
-                self._descend(sgd.params, lambda step: sgd.step_(*plan.at(step), self.training.lr))
-                return self.model.flatten_named(sgd.named())
-        chunk = self.model.batched_chunk or m
-        return torch.cat(
-            [self._train_autograd(params, plan, slice(a, a + chunk)) for a in range(0, m, chunk)]
-        )
+        if self._manual:
+            size = self.model.batched_chunk or m
+            return torch.cat(
+                [self._train_manual(params, plan, a, a + size) for a in range(0, m, size)]
+            )
+        steps = [plan.at(step) for step in range(self.training.local_steps)]
+        return self._train_autograd(params, m, steps)
+
+    def _train_manual(
+        self, params: torch.Tensor, plan: _Plan, start: int, stop: int
+    ) -> torch.Tensor:
+        """Local models of clients ``start:stop`` of ``plan`` by the model's hand-written steps."""
+        lr = self.training.lr
+
+        def step_(step: int) -> None:
+            x, y, weights = plan.at(step)
+            sgd.step_(x[start:stop], y[start:stop], weights[start:stop], lr)
+
+        with torch.no_grad():
+            w = self._stacked(params, len(range(*slice(start, stop).indices(plan.y.shape[1]))))
+            sgd = self.model.batched_sgd(w, plan.y.shape[2])
+            self._descend(sgd.params, step_)
+            return self.model.flatten_named(sgd.named())
 
     def _stacked(self, params: torch.Tensor, m: int) -> dict[str, torch.Tensor]:
         # One stacked tensor per parameter, not views of one (m, d) tensor: the
@@ -209,16 +293,20 @@ class BatchedTrainer:
             for leaf, grad in zip(leaves, prox, strict=False):
                 leaf.sub_(grad, alpha=lr)
 
-    def _train_autograd(self, params: torch.Tensor, plan: _Plan, rows: slice) -> torch.Tensor:
-        """Local models of the clients ``rows`` of ``plan``: autograd over the batched forward."""
-        w = self._stacked(params, len(range(*rows.indices(plan.y.shape[1]))))
+    def _train_autograd(
+        self,
+        params: torch.Tensor,
+        m: int,
+        steps: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Local models of ``m`` clients: autograd over the batched forward, ``steps[t]`` at t."""
+        w = self._stacked(params, m)
         leaves = [leaf.requires_grad_(True) for leaf in w.values()]
         lr = self.training.lr
 
         def step_(step: int) -> None:
-            x, y, weights = (t[rows] for t in plan.at(step))
             with torch.enable_grad():
-                grads = torch.autograd.grad(self._total_loss(w, x, y, weights), leaves)
+                grads = torch.autograd.grad(self._total_loss(w, *steps[step]), leaves)
             for leaf, grad in zip(leaves, grads, strict=True):
                 leaf.sub_(grad, alpha=lr)
 
