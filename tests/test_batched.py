@@ -48,10 +48,10 @@ def test_conv1d_steps_equal_autograd_sgd_per_model(
     g = torch.Generator().manual_seed(1)
     sgd = Conv1dNetSGD(params, layers, length=length, batch=k)
     steps = []
-    for _ in range(4):
-        x = torch.randn(m, k, length, generator=g)
-        y = torch.randint(0, 5, (m, k), generator=g)
-        weights = torch.rand(m, k, generator=g) / k
+    for examples in (k, 3, 1, 5, k):  # distinct draws: fewer examples than the buffers hold
+        x = torch.randn(m, examples, length, generator=g)
+        y = torch.randint(0, 5, (m, examples), generator=g)
+        weights = torch.rand(m, examples, generator=g) / k
         steps.append((x, y, weights))
         sgd.step_(x, y, weights, lr)
     got = sgd.named()
@@ -83,3 +83,12 @@ def test_conv1d_state_round_trips_and_leaves_the_input_alone() -> None:
     assert all(torch.equal(params[name], before[name]) for name in params)
     # FedProx's term is applied to `params`: the same numbers as the named view.
     assert sum(t.numel() for t in sgd.params) == sum(t.numel() for t in params.values())
+
+
+def test_conv1d_state_refuses_more_examples_than_its_buffers() -> None:
+    layers = ((3, 2, 1),)
+    sgd = Conv1dNetSGD(init(layers, 8, 2, 1), layers, length=8, batch=4)
+    with pytest.raises(
+        ValueError, match="a step has 5 examples per model; the buffers hold 1 to 4"
+    ):
+        sgd.step_(torch.randn(1, 5, 8), torch.zeros(1, 5, dtype=torch.int64), torch.ones(1, 5), 0.1)

@@ -104,7 +104,8 @@ class Conv1dNetSGD:
     length : int
         Signal length of the input.
     batch : int
-        Examples per model and step (``k``); buffers are sized for it.
+        The most examples per model in a step; buffers are sized for it, and a
+        step may have fewer (a deduplicated minibatch's distinct draws).
 
     Notes
     -----
@@ -129,15 +130,16 @@ class Conv1dNetSGD:
         batch: int,
     ) -> None:
         first = params["conv1.weight"]
-        m, k = first.shape[0], batch
-        self.m, self.k = m, k
+        m = first.shape[0]
+        self.m, self.k, self._capacity = m, 0, batch
         dtype, device = first.dtype, first.device
         self._geometry: list[tuple[int, int, int, int, int, int, int]] = []
         self._weights: list[torch.Tensor] = []  # (m, C_out, K * C_in + 1): taps major, bias last
-        self._inputs: list[torch.Tensor] = []  # zero-padded channels-last inputs (m, k, Lp, C_in)
-        self._patches: list[torch.Tensor] = []  # (m, k, L_out, K * C_in + 1), last column 1
-        self._pre: list[torch.Tensor] = []  # pre-activations (m, k * L_out, C_out)
-        self._grads: list[torch.Tensor | None] = []  # input gradients by stride phase
+        # Storage for `batch` examples per model, viewed as the buffers for `k <= batch`
+        # (see _layout): zero-padded channels-last inputs (m, k, Lp, C_in), patches
+        # (m, k, L_out, K * C_in + 1) whose last column is 1, pre-activations
+        # (m, k * L_out, C_out) and input gradients (m, k, rows, stride, C_in).
+        self._storage: list[dict[str, torch.Tensor]] = []
         lin, cin = length, 1
         for i, (kernel, stride, pad) in enumerate(layers, start=1):
             w, b = params[f"conv{i}.weight"], params[f"conv{i}.bias"]
@@ -146,29 +148,70 @@ class Conv1dNetSGD:
             self._weights.append(
                 torch.cat([w.permute(0, 1, 3, 2).reshape(m, cout, -1), b.unsqueeze(-1)], dim=2)
             )
-            self._inputs.append(torch.zeros(m, k, lin + 2 * pad, cin, dtype=dtype, device=device))
-            patches = torch.zeros(m, k, lout, kernel * cin + 1, dtype=dtype, device=device)
-            patches[..., -1] = 1.0
-            self._patches.append(patches)
-            self._pre.append(torch.empty(m, k * lout, cout, dtype=dtype, device=device))
             # Rows of `stride` positions: every tap's contribution is a slice of whole rows.
             rows = max(-(-(lin + pad) // stride), lout + -(-kernel // stride) - 1)
-            grads = torch.empty(m, k, rows, stride, cin, dtype=dtype, device=device)
-            self._grads.append(grads if i > 1 else None)
+            sizes = {
+                "inputs": (lin + 2 * pad) * cin,
+                "patches": lout * (kernel * cin + 1),
+                "pre": lout * cout,
+                "grads": rows * stride * cin if i > 1 else 0,
+            }
+            self._storage.append(
+                {
+                    key: torch.zeros(m * batch * size, dtype=dtype, device=device)
+                    for key, size in sizes.items()
+                }
+            )
             self._geometry.append((kernel, stride, pad, cin, cout, lin, lout))
             lin, cin = lout, cout
         self._channels, self._length = cin, lin
         classes = params["linear.weight"].shape[1]
         # The linear layer reads (L, C) order here, (C, L) in the module.
-        self._linear = (
-            params["linear.weight"]
-            .view(m, classes, cin, lin)
-            .transpose(2, 3)
-            .reshape(m, classes, -1)
-        ).clone()
+        linear = params["linear.weight"].view(m, classes, cin, lin)
+        self._linear = linear.transpose(2, 3).reshape(m, classes, -1).clone()
         self._linear_bias = params["linear.bias"].clone()
-        self._features = torch.empty(m, k, lin * cin, dtype=dtype, device=device)
+        self._feature_storage = torch.empty(m * batch * lin * cin, dtype=dtype, device=device)
         self.params = [*self._weights, self._linear, self._linear_bias]
+        self._layout(batch)
+
+    def _layout(self, k: int) -> None:
+        """View the storage as the buffers for ``k`` examples per model and step.
+
+        A deduplicated step evaluates only its distinct draws, so ``k`` varies
+        from step to step; the views are contiguous for any ``k``, and the
+        entries that must hold a constant (the patches' column of ones, the
+        inputs' zero padding) are set again whenever ``k`` changes.
+        """
+        if not 1 <= k <= self._capacity:
+            raise ValueError(
+                f"a step has {k} examples per model; the buffers hold 1 to {self._capacity}"
+            )
+        m = self.m
+        self._inputs: list[torch.Tensor] = []
+        self._patches: list[torch.Tensor] = []
+        self._pre: list[torch.Tensor] = []
+        self._grads: list[torch.Tensor | None] = []
+        for store, (kernel, stride, pad, cin, cout, lin, lout) in zip(
+            self._storage, self._geometry, strict=True
+        ):
+            inputs = store["inputs"][: m * k * (lin + 2 * pad) * cin].view(m, k, -1, cin)
+            inputs[:, :, :pad].zero_()
+            inputs[:, :, pad + lin :].zero_()
+            patches = store["patches"][: m * k * lout * (kernel * cin + 1)].view(m, k, lout, -1)
+            patches[..., -1] = 1.0
+            grads = store["grads"]
+            self._inputs.append(inputs)
+            self._patches.append(patches)
+            self._pre.append(store["pre"][: m * k * lout * cout].view(m, k * lout, cout))
+            if grads.numel():
+                self._grads.append(
+                    grads[: grads.numel() // self._capacity * k].view(m, k, -1, stride, cin)
+                )
+            else:
+                self._grads.append(None)
+        features = self._feature_storage[: m * k * self._length * self._channels]
+        self._features = features.view(m, k, -1)
+        self.k = k
 
     def named(self) -> dict[str, torch.Tensor]:
         m = self.m
@@ -189,6 +232,8 @@ class Conv1dNetSGD:
         return out
 
     def step_(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, lr: float) -> None:
+        if x.shape[1] != self.k:
+            self._layout(x.shape[1])
         m, k, n = self.m, self.k, len(self._geometry)
         _, _, pad, _, _, lin, _ = self._geometry[0]
         self._inputs[0][:, :, pad : pad + lin, 0] = x.reshape(m, k, lin)
