@@ -234,3 +234,27 @@ def test_grouped_plan_evaluates_each_distinct_draw_once_with_its_count() -> None
     )
     assert isinstance(plain, _GroupedPlan)
     assert all(x.shape[1] == 8 for g in plain.groups for x, _, _ in g.steps)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("cnn1d", (12,)), ("cnn", (1, 8, 8))])
+def test_groups_train_in_parallel_threads_to_the_same_bits(
+    name: str, shape: tuple[int, ...]
+) -> None:
+    model = make_model(name, shape, 3)
+    data = make_data([5, 9, 7, 12] * 5, shape)
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(5))
+    trainer = BatchedTrainer(model, LocalTraining(3, 8, 0.2))
+
+    def gens() -> list[torch.Generator]:
+        return [torch_generator(3, purpose="batch", round_idx=0, client_id=i) for i in range(20)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = trainer.train(params, trainer.plan(data.clients, gens()))
+        torch.set_num_threads(2)
+        two = trainer.train(params, trainer.plan(data.clients, gens()))
+        assert torch.get_num_threads() == 2  # restored after the parallel groups
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)

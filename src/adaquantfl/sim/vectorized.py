@@ -326,20 +326,22 @@ _T = TypeVar("_T")
 def _in_parallel(fn: Callable[[_T], torch.Tensor], items: Sequence[_T]) -> list[torch.Tensor]:
     """``[fn(x) for x in items]``, on up to ``torch.get_num_threads()`` threads.
 
-    Groups of clients are independent, so with ``T > 1`` torch threads they
-    train on ``T`` Python threads, each running single-threaded ops (torch's
-    thread count is 1 meanwhile, and restored after). Many small ops parallelise
-    this way, while intra-op threads wait at a barrier after each op: on a
-    loaded 2-core machine those spin-waits made a 2-thread round 10-50x slower
-    than a 1-thread one. Each group's own ops are the same either way.
+    Groups of clients are independent and sized to keep their work in cache,
+    so their ops are small. With ``T > 1`` torch threads the groups train on
+    ``T`` Python threads, each running single-threaded ops (torch's thread
+    count is 1 meanwhile, even for a single group, and restored after):
+    intra-op threads meet at a barrier after every op, and on a loaded 2-core
+    machine their spin-waits made a 2-thread cnn1d round up to 50x slower than
+    a 1-thread one. A group's own ops are the same either way.
     """
     threads = torch.get_num_threads()
-    workers = min(threads, len(items))
-    if workers <= 1:
+    if threads == 1:
         return [fn(x) for x in items]
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
+        if len(items) == 1:
+            return [fn(items[0])]
+        with ThreadPoolExecutor(min(threads, len(items))) as pool:
             return list(pool.map(fn, items))
     finally:
         torch.set_num_threads(threads)
