@@ -2,10 +2,13 @@
 
 Each client ``i`` runs the same ``tau`` steps as :func:`adaquantfl.fl.client.local_sgd`,
 on the same minibatch indices (drawn from the same (seed, round, client, "batch")
-stream), but the ``m`` clients' parameters are stacked into one ``(m, d)``
-tensor and every step is one batched forward (:meth:`FlatModel.batched`: batched
-matrix products for the reference models, ``torch.func.vmap`` otherwise) and
-one backward for all of them.
+stream), but the clients' parameters are stacked, and every step is one batched
+computation for all of them: the model's hand-written batched SGD steps where it
+has them (:mod:`adaquantfl.batched`: logistic regression, the MLP, ``cnn1d``),
+otherwise one batched forward (:meth:`FlatModel.batched_named`: grouped
+convolutions for ``cnn``, ``torch.func.vmap`` for a user's own module) and one
+backward. Models that name a ``batched_chunk`` train in groups of that many
+clients of similar size, on parallel threads when torch has more than one.
 
 Notes
 -----
@@ -17,7 +20,8 @@ Deduplication: a minibatch of ``B`` draws with replacement from ``n < B``
 examples repeats examples. The mean loss over the draws equals
 ``sum_j (c_j / B) * loss_j`` over the client's ``n`` examples with draw counts
 ``c_j``, so a client with ``n <= B`` examples is evaluated once per example
-with weights instead of ``B`` times. The result is the same gradient up to
+with weights instead of ``B`` times (and a grouped model evaluates each step's
+distinct draws once, whatever ``n``). The result is the same gradient up to
 float rounding (the summation order differs), not the same bits.
 
 The batched path agrees with the per-client path to float tolerance, not bit
