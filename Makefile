@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/adaquantfl compare configs/mnist1d-floor.toml --out results/demo
+	$(BIN)/adaquantfl compare configs/mnist1d-floor.toml --out results/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -48,7 +48,8 @@ def run_regime(
         f'compression.encoding="{encoding}"',
     ]
     start = time.perf_counter()
-    result = compare(config, out / f"{name}-{encoding}", overrides=overrides)
+    # The benchmark regenerates its own results directory on every run.
+    result = compare(config, out / f"{name}-{encoding}", overrides=overrides, overwrite=True)
     seconds = time.perf_counter() - start
     methods = result.summary["methods"]
     for key in ("bits_to_target", "formula_bits_to_target"):

@@ -63,7 +63,7 @@ def run(seeds: int, rounds_scale: float, out: Path) -> dict[str, Any]:
     methods = "[" + ", ".join(_toml(m) for m in METHODS) + "]"
     overrides = [f"compare.methods={methods}", f"compare.seeds={seeds}", f"train.rounds={rounds}"]
     start = time.perf_counter()
-    result = compare(CONFIG, out, overrides=overrides, plots=False)
+    result = compare(CONFIG, out, overrides=overrides, plots=False, overwrite=True)
     seconds = time.perf_counter() - start
     fp32 = result.summary["methods"]["fp32"]["final_train_loss"]
     rows = []

@@ -25,6 +25,7 @@ from torch import nn
 
 from adaquantfl.data import ClientData
 from adaquantfl.fl.client import ClientReply
+from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import RoundOutcome
 from adaquantfl.flower import adaquant_mod
 from adaquantfl.flower.records import NUM_EXAMPLES_KEY, PRE_TRAIN_LOSS_KEY
@@ -128,8 +129,24 @@ class InProcessGrid(Grid):
         return replies
 
 
+def forget_warnings() -> None:
+    """Let the once-per-process warnings of adaquantfl.flower be logged again (per test)."""
+    from adaquantfl.flower import node_state, replies
+
+    node_state._WARNED.clear()
+    replies._LOGGED.clear()
+
+
 def simulate(config: Config) -> tuple[list[RoundOutcome], torch.Tensor]:
     """Run ``config`` on the in-process simulator; the server's outcomes (with digests)."""
+    outcomes, _, params = simulate_records(config)
+    return outcomes, params
+
+
+def simulate_records(
+    config: Config,
+) -> tuple[list[RoundOutcome], list[RoundRecord], torch.Tensor]:
+    """Run ``config`` on the in-process simulator: outcomes (with digests), records, model."""
     sim = build_simulator(config)
     sim.server.record_digests = True
     outcomes: list[RoundOutcome] = []
@@ -140,9 +157,8 @@ def simulate(config: Config) -> tuple[list[RoundOutcome], torch.Tensor]:
         return outcomes[-1]
 
     sim.server.aggregate = recording  # type: ignore[method-assign]
-    for _ in range(config.train.rounds):
-        sim.run_round()
-    return outcomes, sim.server.params
+    records = [sim.run_round() for _ in range(config.train.rounds)]
+    return outcomes, records, sim.server.params
 
 
 # --------------------------------------------------------------------------- a user's app

@@ -131,7 +131,9 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path) 
     state, _ = load_checkpoint(run_dir / "checkpoint.pt")
     assert 20 <= state["round"] < rounds
     assert not (run_dir / "model.pt").exists()
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) < rounds
+    # Metrics stream to metrics.jsonl.partial; metrics.jsonl appears only when a run ends.
+    assert not (run_dir / "metrics.jsonl").exists()
+    assert len((run_dir / "metrics.jsonl.partial").read_text().splitlines()) < rounds
 
     resumed = adaquantfl.run(config, out, resume=True)
     assert torch.equal(resumed.params, reference.params)
@@ -162,7 +164,7 @@ def test_resume_from_previous_checkpoint_when_the_newest_is_corrupt(tmp_path: Pa
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.toml", rounds=4, every=2)
     adaquantfl.run(config, tmp_path / "out")
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"config differs .* in train.lr \(0.1 -> 0.2\)"):
         adaquantfl.run(config, tmp_path / "out", resume=True, overrides=["train.lr=0.2"])
     with pytest.raises(ConfigError, match="already ran 4 rounds"):
         adaquantfl.run(config, tmp_path / "out", resume=True, overrides=["train.rounds=2"])

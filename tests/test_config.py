@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaquantfl.runner.config import Config, ConfigError, load_config, parse_overrides
 
@@ -44,7 +45,7 @@ def test_demo_config_is_the_papers_comparison() -> None:
             r"\[data\] dataset = 'imagenet' is not allowed; choose one of",
         ),
         ({"data": {"partition": "random"}}, r"partition = 'random' is not allowed"),
-        ({"model": {"name": "resnet"}}, r"choose one of \['logreg', 'mlp', 'cnn'\]"),
+        ({"model": {"name": "resnet"}}, r"choose one of \['logreg', 'mlp', 'cnn', 'cnn1d'\]"),
         ({"train": {"lr": -1.0}}, r"\[train\] lr = -1.0: must be > 0"),
         ({"train": {"lr": "fast"}}, r"\[train\] lr = 'fast': must be a finite number"),
         ({"train": {"rounds": 2.5}}, r"\[train\] rounds = 2.5: must be an integer"),
@@ -122,3 +123,15 @@ def test_labels_are_unique_and_ints_become_floats() -> None:
 def test_round_trip_through_dict() -> None:
     cfg = load_config(CONFIGS / "mnist1d-floor.toml")
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_max_weight_share_is_a_train_key_the_server_gets() -> None:
+    from adaquantfl.runner.build import build_server
+
+    assert load_config({}).train.max_weight_share is None  # off by default
+    cfg = load_config({"model": {"name": "logreg"}}, ["train.max_weight_share=0.25"])
+    server = build_server(cfg, torch.zeros(8))
+    assert server.max_weight_share == 0.25
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="max_weight_share"):
+            load_config({}, [f"train.max_weight_share={bad}"])

@@ -56,13 +56,9 @@ from adaquantfl.flower import (
     parse_train_reply,
     payload_array,
 )
-from adaquantfl.flower.records import (
-    LEVELS_KEY,
-    LOSS_PROXY_KEY,
-    PROBE_KEY,
-    ROUND_KEY,
-    SEED_KEY,
-)
+from adaquantfl.flower.plan import LEVELS_KEY, PROBE_KEY, ROUND_KEY, SEED_KEY
+from adaquantfl.flower.records import LOSS_PROXY_KEY
+from adaquantfl.flower.rounds import server_metrics
 from adaquantfl.policy import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels
 from adaquantfl.runner.build import build_model, build_server, load_data
 from adaquantfl.runner.config import load_config
@@ -74,6 +70,7 @@ from adaquantfl.runner.flower_engine import (
 from tests.flower_helpers import (
     InProcessGrid,
     TinyNet,
+    forget_warnings,
     initial_arrays,
     simulate,
     tiny_shards,
@@ -81,6 +78,11 @@ from tests.flower_helpers import (
 )
 
 NUM_NODES = 4
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> None:
+    forget_warnings()
 
 
 def strategy_for(schedule: Any, **kwargs: Any) -> AdaQuantFedAvg:
@@ -96,11 +98,13 @@ def strategy_for(schedule: Any, **kwargs: Any) -> AdaQuantFedAvg:
 
 def one_round(
     strategy: AdaQuantFedAvg, grid: InProcessGrid, arrays: ArrayRecord, server_round: int = 1
-) -> tuple[list[Message], ArrayRecord | None, MetricRecord | None]:
+) -> tuple[list[Message], ArrayRecord | None, MetricRecord]:
+    """One round by hand; the strategy's server-side figures of it (``aq-*``)."""
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages, timeout=5))
-    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-    return messages, new_arrays, metrics
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)
+    assert strategy.rounds[-1].server_round == server_round
+    return messages, new_arrays, server_metrics(strategy.rounds[-1])
 
 
 # ------------------------------------------------------------------ same bytes as the simulator
@@ -161,15 +165,17 @@ def test_strategy_and_mod_send_the_simulators_bytes(compression: dict[str, Any])
         replies = grid.replies[3 * r : 3 * r + 3]
         arrays = [m.content["arrays"][PAYLOAD_KEY] for m in replies]
         digests = sorted(
-            (m.content["metrics"]["client-id"], hashlib.sha256(a.data).hexdigest())
+            (m.content["metrics"]["aq-client-id"], hashlib.sha256(a.data).hexdigest())
             for m, a in zip(replies, arrays, strict=True)
         )
         assert tuple(digests) == sim_outcomes[r].digests
-        metrics = result.train_metrics_clientapp[r + 1]
-        assert metrics["wire_bits"] == sum(8 * len(a.data) for a in arrays)
-        assert metrics["wire_bits"] == sim_outcomes[r].wire_bits
-        assert metrics["formula_bits"] == sim_outcomes[r].formula_bits
-        assert metrics["levels"] == (sim_outcomes[r].levels or 0)
+        metrics = result.evaluate_metrics_serverapp[r + 1]
+        assert metrics["aq-wire-bits"] == sum(8 * len(a.data) for a in arrays)
+        assert metrics["aq-wire-bits"] == sim_outcomes[r].wire_bits
+        assert metrics["aq-formula-bits"] == sim_outcomes[r].formula_bits
+        assert metrics["aq-levels"] == (sim_outcomes[r].levels or 0)
+        # The server's figures are not the clients' metrics.
+        assert not any(k.startswith("aq-") for k in result.train_metrics_clientapp[r + 1])
 
 
 def test_payload_array_is_the_bare_codec_message() -> None:
@@ -192,7 +198,7 @@ def test_payload_array_is_the_bare_codec_message() -> None:
         header = peek_header(array.data)
         assert (header.levels, header.numel, header.encoding) == (3, 5 * 3 + 3, "packed")
         total += len(array.data)
-    assert metrics["wire_bits"] == 8 * total
+    assert metrics["aq-wire-bits"] == 8 * total
     # Negative control: the same bytes through Array(ndarray) would carry a .npy header.
     data = grid.replies[0].content["arrays"][PAYLOAD_KEY].data
     assert len(Array(np.frombuffer(data, dtype=np.uint8)).data) == len(data) + 128
@@ -221,8 +227,8 @@ def test_levels_are_sent_per_node_and_follow_the_schedule() -> None:
         for c in configs:
             assert (c[LEVELS_KEY], c[ROUND_KEY], c[SEED_KEY]) == (expected, server_round - 1, 3)
             assert c["server-round"] == server_round
-        assert metrics["levels"] == expected
-        losses.append(float(metrics["train_loss"]))
+        assert metrics["aq-levels"] == expected
+        losses.append(float(metrics["aq-loss"]))
     assert losses[-1] < losses[0]
     assert strategy.rounds[-1].outcome.next_levels == adaquant_levels(
         losses[0], losses[-1], 2, 1, 2**16
@@ -246,7 +252,7 @@ def test_fp32_sends_raw_float32_through_the_codec() -> None:
         payload = reply.content["arrays"][PAYLOAD_KEY].data
         assert peek_header(payload).encoding == "raw"
         assert len(payload) == len(encode_dense(torch.zeros(d)))
-    assert metrics["levels"] == 0 and metrics["formula_bits"] == NUM_NODES * 32 * d
+    assert metrics["aq-levels"] == 0 and metrics["aq-formula-bits"] == NUM_NODES * 32 * d
 
 
 # --------------------------------------------------------------------------- failures
@@ -286,7 +292,7 @@ def test_bad_or_missing_replies_are_dropped_and_the_round_goes_on() -> None:
 
     # Assert: the round aggregated the two good replies, exactly as FedServer would.
     assert len(messages) == 6 and new_arrays is not None and metrics is not None
-    assert (metrics["participants"], metrics["rejected"], metrics["dropped"]) == (2, 3, 1)
+    assert (metrics["aq-participants"], metrics["aq-rejected"], metrics["aq-dropped"]) == (2, 3, 1)
     outcome = strategy.rounds[0]
     assert {n for n, _ in outcome.failures} == {raising, odd_keys}
     garbage_client = grid.contexts[garbage].node_config["partition-id"]
@@ -307,7 +313,7 @@ def test_bad_or_missing_replies_are_dropped_and_the_round_goes_on() -> None:
 
 def test_a_node_the_superlink_gives_up_on_is_dropped_once() -> None:
     # Prepare: the SuperLink answers for a node that stopped sending heartbeats
-    # with an error reply of its own (from the SuperLink's node id), as Flower 1.41 does.
+    # with an error reply of its own (from the SuperLink's node id), as Flower 1.42 does.
     from flwr.server.superlink.linkstate.utils import (
         create_message_error_unavailable_res_message,
     )
@@ -328,7 +334,7 @@ def test_a_node_the_superlink_gives_up_on_is_dropped_once() -> None:
     (error,) = [r for r in grid.replies if r.has_error()]
     assert error.metadata.src_node_id not in grid.contexts
     assert metrics is not None
-    assert (metrics["participants"], metrics["rejected"], metrics["dropped"]) == (3, 0, 1)
+    assert (metrics["aq-participants"], metrics["aq-rejected"], metrics["aq-dropped"]) == (3, 0, 1)
     ((node, reason),) = strategy.rounds[0].dropouts
     assert node == lost and f"({ErrorCode.NODE_UNAVAILABLE})" in reason
 
@@ -349,12 +355,12 @@ def test_mod_fails_clearly_without_any_loss() -> None:
     _, _, ok = one_round(strategy_for(FixedLevels(3)), renamed, initial_arrays())
 
     # Assert: every node's reply is an error naming the missing metrics; none is invented.
-    assert failed is not None and (failed["participants"], failed["rejected"]) == (0, NUM_NODES)
+    assert (failed["aq-participants"], failed["aq-rejected"]) == (0, NUM_NODES)
     for r in silent.replies:
         assert r.has_error()
         assert "'pre-train-loss'" in r.error.reason and "'train_loss'" in r.error.reason
-    assert ok is not None and ok["participants"] == NUM_NODES and ok["train_loss"] > 0
-    assert LOSS_PROXY_KEY not in ok
+    assert ok["aq-participants"] == NUM_NODES and ok["aq-loss"] > 0
+    assert all(r.content["metrics"][LOSS_PROXY_KEY] == 0 for r in renamed.replies)
 
 
 def flower_template_app(shards: list[Any], mods: list[Any]) -> ClientApp:
@@ -405,11 +411,10 @@ def test_mod_runs_a_stock_flower_train_function_on_its_train_loss() -> None:
 
     # Assert: every node takes part; the loss fed to the schedule is the reported
     # train_loss, flagged as a proxy; mod and strategy each warn once, not every round.
-    assert first is not None and second is not None
-    assert first["participants"] == second["participants"] == NUM_NODES
+    assert first["aq-participants"] == second["aq-participants"] == NUM_NODES
     for reply in stock.replies:
         metrics = reply.content["metrics"]
-        assert metrics["pre-train-loss"] == metrics["train_loss"]
+        assert metrics["aq-loss"] == metrics["train_loss"] and "pre-train-loss" not in metrics
         assert metrics[LOSS_PROXY_KEY] == 1
     expected = np.average(
         [r.content["metrics"]["train_loss"] for r in stock.replies[:NUM_NODES]],
@@ -418,10 +423,10 @@ def test_mod_runs_a_stock_flower_train_function_on_its_train_loss() -> None:
     assert strategy.rounds[0].outcome.train_loss == pytest.approx(expected, rel=1e-6)
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     # One mod instance serves every node of this in-process app: one warning.
-    assert sum("the AdaQuantFL schedule uses 'train_loss'" in w for w in warnings) == 1
-    assert sum("sends its train function's training loss" in w for w in warnings) == 1
+    assert sum("the AdaQuantFL policy is fed 'train_loss'" in w for w in warnings) == 1
+    assert sum("send their train function's training loss" in w for w in warnings) == 1
     # With the fallback off the same function is refused, naming the metric.
-    assert refused is not None and refused["participants"] == 0
+    assert refused["aq-participants"] == 0
     assert all("'pre-train-loss'" in r.error.reason for r in strict.replies)
 
 
@@ -459,7 +464,7 @@ def test_waiting_for_nodes_is_bounded() -> None:
 
     # Assert: the round went on with the one node instead of waiting forever.
     assert time.monotonic() - start < 3
-    assert len(messages) == 1 and metrics is not None and metrics["participants"] == 1
+    assert len(messages) == 1 and metrics is not None and metrics["aq-participants"] == 1
 
 
 def test_participants_are_chosen_by_client_id_like_the_simulator() -> None:
@@ -482,7 +487,7 @@ def test_participants_are_chosen_by_client_id_like_the_simulator() -> None:
         probes = [m for m in grid.sent[before:] if m.content["config"].get(PROBE_KEY) == 1]
         assert len(probes) == (5 if server_round == 1 else 0)
         assert all(not p.content.array_records for p in probes)
-        assert metrics is not None and metrics["participants"] == 2
+        assert metrics is not None and metrics["aq-participants"] == 2
         assert [c for c, _ in strategy.rounds[-1].outcome.digests] == chosen
 
 
@@ -536,7 +541,7 @@ def test_round_plan_round_trips_and_rejects_bad_values() -> None:
 
 def test_parse_train_reply_rejects_npy_payloads() -> None:
     payload = payload_array(b"AQ-bytes")
-    metrics = MetricRecord({"client-id": 1, "pre-train-loss": 0.5, "num-examples": 3})
+    metrics = MetricRecord({"aq-client-id": 1, "aq-loss": 0.5, "num-examples": 3})
     ok = parse_train_reply(
         RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics})
     )
@@ -544,8 +549,8 @@ def test_parse_train_reply_rejects_npy_payloads() -> None:
     npy = Array(np.frombuffer(b"AQ-bytes", dtype=np.uint8))
     with pytest.raises(RecordError, match="stype"):
         parse_train_reply(RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: npy}), "m": metrics}))
-    with pytest.raises(RecordError, match="client-id"):
-        del metrics["client-id"]
+    with pytest.raises(RecordError, match="aq-client-id"):
+        del metrics["aq-client-id"]
         parse_train_reply(RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics}))
 
 

@@ -69,7 +69,7 @@ START_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 300.0
 NODE_WAIT_S = 10.0
 #: Longest wait for a round's replies. A killed SuperNode stays "online" on the
-#: SuperLink until it misses two heartbeats (30 s apart in Flower 1.41), at most
+#: SuperLink until it misses two heartbeats (30 s apart in Flower 1.42), at most
 #: 60 s; then the SuperLink answers its pending message with NODE_UNAVAILABLE.
 #: Waiting this long keeps healthy rounds far from the limit on a slow machine
 #: and costs nothing more: the lost node's round ends when Flower gives it up.
@@ -134,7 +134,7 @@ def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
 def write_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     """A SuperNode's authentication key pair, as ``ssh-keygen -t ecdsa -b 384`` writes it.
 
-    Flower 1.41 reads the private key in OpenSSH format
+    Flower 1.42 reads the private key in OpenSSH format
     (``flower-supernode --auth-supernode-private-key``) and the public key as
     an OpenSSH public key line (``flwr supernode register``), on a NIST curve.
     """

@@ -1,6 +1,7 @@
 """``[train] engine = "flower"``: the demo config on Flower's simulation engine vs the simulator.
 
-One Flower run for the whole module (Ray and Flower take ~10 s to start):
+Two Flower runs for the whole module (Ray and Flower take ~10 s to start), the
+second with a compressed downlink. The first:
 ``adaquantfl run`` with ``train.engine=flower`` on configs/mnist1d-floor.toml,
 with partial participation so that client selection by id is exercised too,
 against the in-process simulator on the same config (``vectorize = false``,
@@ -26,10 +27,12 @@ from typer.testing import CliRunner
 
 import adaquantfl.runner.flower_engine as flower_engine
 from adaquantfl.cli import app
+from adaquantfl.compression.header import message_bytes
+from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import RoundOutcome, select_clients
-from adaquantfl.flower import FlowerRound
+from adaquantfl.flower import AdaQuant, FlowerRound
 from adaquantfl.runner.config import load_config
-from tests.flower_helpers import simulate
+from tests.flower_helpers import simulate, simulate_records
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
 ROUNDS = 6
@@ -139,3 +142,69 @@ def test_both_engines_log_the_same_metrics(runs: Runs) -> None:
             else:
                 assert a == b, (key, a, b)
     print(f"\nmax relative gap in loss/accuracy: {max(gaps):.3g}")
+
+
+# --------------------------------------------------------------------------- compressed downlink
+
+DOWNLINK = [*OVERRIDES, "compression.downlink=qsgd", "compression.downlink_levels=15"]
+
+
+@dataclass
+class DownlinkRuns:
+    flower_rounds: list[FlowerRound]
+    records: list[RoundRecord]
+    sent_bytes: list[int]  # per round: the bytes of the Arrays the strategy sent
+    sent_kinds: set[str]
+    sim_outcomes: list[RoundOutcome]
+    sim_records: list[RoundRecord]
+    sim_params: torch.Tensor
+    params: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def downlink_runs() -> DownlinkRuns:
+    config = load_config(CONFIG, DOWNLINK)
+    rounds: list[FlowerRound] = []
+    records: list[RoundRecord] = []
+    sent: dict[int, int] = {}
+    kinds: set[str] = set()
+    configure = AdaQuant.configure_train
+
+    def counting(self: AdaQuant, server_round: int, *args: Any) -> Any:
+        # The ServerApp runs in this process: count what the strategy hands the grid.
+        messages = list(configure(self, server_round, *args))
+        for msg in messages:
+            arrays = msg.content.array_records.get("arrays")
+            kinds.update(k for k in (arrays or {}) if k.startswith("aq-"))
+            sent[server_round] = sent.get(server_round, 0) + sum(
+                len(a.data) for a in (arrays or {}).values()
+            )
+        return messages
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AdaQuant, "configure_train", counting)
+        run = flower_engine.run_flower(config, records.append, on_flower_round=rounds.append)
+    outcomes, sim_records, sim_params = simulate_records(config)
+    return DownlinkRuns(
+        rounds, records, [sent[r] for r in sorted(sent)], kinds, outcomes, sim_records,
+        sim_params, run.params,
+    )  # fmt: skip
+
+
+def test_a_compressed_downlink_on_flower_sends_the_simulators_bytes(
+    downlink_runs: DownlinkRuns,
+) -> None:
+    runs = downlink_runs
+    assert len(runs.flower_rounds) == len(runs.sim_outcomes) == ROUNDS
+    for fr, sim in zip(runs.flower_rounds, runs.sim_outcomes, strict=True):
+        assert fr.outcome.digests == sim.digests and len(sim.digests) == 7
+    assert torch.equal(runs.params, runs.sim_params)
+    # The downlink: what the simulator charges, and 8 x the bytes Flower was handed.
+    downlink_bits = [r.downlink_bits for r in runs.records]
+    assert downlink_bits == [r.downlink_bits for r in runs.sim_records]
+    assert downlink_bits == [8 * n for n in runs.sent_bytes]
+    # 7 of 10 clients per round: the full model, the change, and catch-ups all occur.
+    assert {"aq-model", "aq-change-0", "aq-change-1"} <= runs.sent_kinds
+    full = 8 * 7 * message_bytes(runs.params.numel(), None)
+    assert downlink_bits[0] == full and all(b < full for b in downlink_bits[1:])
+    print(f"\ncompressed downlink: {downlink_bits} bits per round (fp32: {full})")

@@ -34,11 +34,18 @@ from flwr.serverapp.strategy import Result
 
 from adaquantfl.compression import QSGDCompressor, default_message_limit
 from adaquantfl.compression.codec import encode_dense, peek_header
-from adaquantfl.flower import PAYLOAD_KEY, AdaQuantFedAvg, ArrayLayout, adaquant_mod
-from adaquantfl.flower.records import LEVELS_KEY, PROBE_KEY, ROUND_KEY
+from adaquantfl.flower import (
+    PAYLOAD_KEY,
+    AdaQuantFedAvg,
+    ArrayLayout,
+    NoAcceptedRepliesError,
+    adaquant_mod,
+)
+from adaquantfl.flower.plan import LEVELS_KEY, PROBE_KEY, ROUND_KEY
 from adaquantfl.policy import AdaQuantLevels, FullPrecision, LevelSchedule
 from tests.flower_helpers import (
     InProcessGrid,
+    forget_warnings,
     initial_arrays,
     tiny_shards,
     user_client_app,
@@ -171,15 +178,15 @@ FAULTS: dict[str, Fault] = {
     "wrong_levels": Fault(wrong_levels, "levels"),
     "nan_values": Fault(nan_values, "non-finite", schedule=FullPrecision),
     "inf_norm": Fault(inf_norm, "not finite"),
-    "nan_loss": Fault(_with_metric("pre-train-loss", math.nan), "loss must be finite"),
-    "negative_loss": Fault(_with_metric("pre-train-loss", -0.5), "loss must be finite"),
+    "nan_loss": Fault(_with_metric("aq-loss", math.nan), "loss must be finite"),
+    "negative_loss": Fault(_with_metric("aq-loss", -0.5), "loss must be finite"),
     "nan_loss_from_train_fn": Fault(nan_pre_train_loss, "'pre-train-loss' must be", inside=True),
     "zero_examples": Fault(_with_metric("num-examples", 0), "num_examples must be"),
     "oversized": Fault(oversized, "exceeds the limit"),
-    "extra_array": Fault(extra_array, "must hold only the 'aq-payload' array"),
+    "extra_array": Fault(extra_array, "must hold only ['aq-payload']"),
     "extra_config": Fault(extra_config, "must not carry ConfigRecords"),
     "duplicate_id": Fault(
-        _with_metric("client-id", VICTIM_CLIENT),
+        _with_metric("aq-client-id", VICTIM_CLIENT),
         "2 replies claim this client id",
         lost=(BAD_CLIENT, VICTIM_CLIENT),
     ),
@@ -215,17 +222,20 @@ def hostile_mod(rewrite: Rewrite, bad: Collection[int]) -> Mod:
 @dataclass
 class Run:
     strategy: AdaQuantFedAvg
-    result: Result
+    result: Result | None  # None: the run ended with `error`
     grid: InProcessGrid
     models: dict[int, torch.Tensor]  # global model after each round (0: initial)
     node_clients: dict[int, dict[int, int]]  # strategy.node_clients after each round
+    error: NoAcceptedRepliesError | None = None
 
     def metrics(self, server_round: int) -> dict[str, Any]:
-        return dict(self.result.train_metrics_clientapp[server_round])
+        """The strategy's server-side figures of the round (``aq-*``)."""
+        assert self.result is not None, self.error
+        return dict(self.result.evaluate_metrics_serverapp[server_round])
 
     def tally(self, server_round: int) -> tuple[int, int, int]:
         m = self.metrics(server_round)
-        return m["participants"], m["rejected"], m["dropped"]
+        return m["aq-participants"], m["aq-rejected"], m["aq-dropped"]
 
 
 def run(
@@ -260,7 +270,10 @@ def run(
         models[server_round] = layout.flatten(arrays)
         node_clients[server_round] = dict(strategy.node_clients)
 
-    result = strategy.start(grid, arrays, num_rounds=ROUNDS, timeout=5, evaluate_fn=snapshot)
+    try:
+        result = strategy.start(grid, arrays, num_rounds=ROUNDS, timeout=5, evaluate_fn=snapshot)
+    except NoAcceptedRepliesError as exc:
+        return Run(strategy, None, grid, models, node_clients, exc)
     return Run(strategy, result, grid, models, node_clients)
 
 
@@ -269,6 +282,11 @@ def faulty_run(kind: str) -> Run:
     bad = hostile_mod(fault.rewrite, {BAD_CLIENT})
     mods = [adaquant_mod, bad] if fault.inside else [bad, adaquant_mod]
     return run(fault.schedule(), mods=mods)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> None:
+    forget_warnings()
 
 
 @pytest.fixture
@@ -307,12 +325,18 @@ def test_a_bad_node_is_excluded_as_if_it_had_not_replied(
         assert torch.equal(model, reference.models[r]), f"global model after round {r}"
     assert torch.isfinite(faulty.models[ROUNDS]).all()
     assert not torch.equal(faulty.models[bad_round], faulty.models[bad_round - 1])
-    ignore = {"rejected", "dropped", "wire_bits"}  # wire_bits counts the rejected bytes too
+    # aq-wire-bits counts the rejected bytes too.
+    ignore = {"aq-rejected", "aq-dropped", "aq-wire-bits", "aq-time-s"}
     for r in range(1, ROUNDS + 1):
         got_r = {k: v for k, v in faulty.metrics(r).items() if k not in ignore}
         want_r = {k: v for k, v in reference.metrics(r).items() if k not in ignore}
         assert got_r == want_r, f"round {r}"
-    assert faulty.metrics(bad_round)["wire_bits"] >= reference.metrics(bad_round)["wire_bits"]
+        # The nodes' own metrics, as the inner FedAvg aggregated them.
+        clients = faulty.result.train_metrics_clientapp[r]
+        assert clients == reference.result.train_metrics_clientapp[r], f"round {r}"
+        assert "train-steps" in clients and not any(k.startswith("aq-") for k in clients)
+    faulty_bits = faulty.metrics(bad_round)["aq-wire-bits"]
+    assert faulty_bits >= reference.metrics(bad_round)["aq-wire-bits"]
     assert faulty.strategy.schedule.state_dict() == reference.strategy.schedule.state_dict()
     # A rejected reply teaches the strategy nothing: the bad node keeps its client id.
     node = faulty.grid.node_of(BAD_CLIENT)
@@ -339,14 +363,16 @@ def test_every_node_failing_leaves_the_model_and_the_schedule_unchanged(
     # Assert: the round is recorded with no participants and no loss; nothing moved.
     bad_round = BAD_ROUND + 1
     metrics = faulty.metrics(bad_round)
-    assert (metrics["participants"], metrics["rejected"], metrics["dropped"]) == (0, NUM_NODES, 0)
-    assert "train_loss" not in metrics and metrics["formula_bits"] == 0
+    tally = (metrics["aq-participants"], metrics["aq-rejected"], metrics["aq-dropped"])
+    assert tally == (0, NUM_NODES, 0)
+    assert "aq-loss" not in metrics and metrics["aq-formula-bits"] == 0
+    assert bad_round not in faulty.result.train_metrics_clientapp  # no client metrics at all
     assert faulty.strategy.rounds[BAD_ROUND].outcome.train_loss is None
     assert torch.equal(faulty.models[bad_round], faulty.models[bad_round - 1])
-    assert metrics["next_levels"] == metrics["levels"]
+    assert metrics["aq-next-levels"] == metrics["aq-levels"]
     # The run goes on: the next round trains from the unchanged model at the same levels.
     after = faulty.metrics(bad_round + 1)
-    assert after["participants"] == NUM_NODES and after["levels"] == metrics["levels"]
+    assert after["aq-participants"] == NUM_NODES and after["aq-levels"] == metrics["aq-levels"]
     assert not torch.equal(faulty.models[bad_round + 1], faulty.models[bad_round])
     assert any(
         f"round {bad_round}: 0 accepted, {NUM_NODES} rejected" in r.getMessage()
@@ -390,8 +416,11 @@ def test_an_explicit_payload_limit_is_enforced_and_validated() -> None:
     # Execute
     tight = run(AdaQuantLevels(2), max_message_bytes=min(sizes) - 1)
 
-    # Assert: every reply is rejected for its size, in every round; the model never moves.
+    # Assert: every reply is rejected for its size, in every round; the model never moves,
+    # and the run ends with an error that says why.
     assert all(r.outcome.participants == 0 for r in tight.strategy.rounds)
+    assert tight.error is not None and tight.result is None
+    assert f"exceeds the limit of {min(sizes) - 1} ({ROUNDS * NUM_NODES}x)" in str(tight.error)
     assert all(
         reason.endswith(f"exceeds the limit of {min(sizes) - 1}")
         for r in tight.strategy.rounds
@@ -400,4 +429,4 @@ def test_an_explicit_payload_limit_is_enforced_and_validated() -> None:
     assert torch.equal(tight.models[ROUNDS], tight.models[0])
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_message_bytes"):
-            AdaQuantFedAvg(AdaQuantLevels(2), max_message_bytes=bad)  # type: ignore[arg-type]
+            AdaQuantFedAvg(AdaQuantLevels(2), seed=0, max_message_bytes=bad)  # type: ignore[arg-type]

@@ -111,7 +111,8 @@ def test_fixed_levels_never_change() -> None:
 
 
 def test_registry_builds_each_method() -> None:
-    # The paper's three keep the schedule interface (other policies need not).
+    # At least the paper's three: tests/plugins.py (imported by test_compressor in
+    # the same session) registers more, so equality would depend on test order.
     assert {"fp32", "qsgd", "adaquantfl"} <= set(SCHEDULES)
     for name in ("fp32", "qsgd", "adaquantfl"):
         assert isinstance(make_schedule(name, levels=3), LevelSchedule)

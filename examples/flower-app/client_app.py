@@ -40,6 +40,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         seed=int(run["seed"]),
         server_round=int(msg.content["config"]["server-round"]),
         partition_id=partition_id,
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
     )
     metrics = MetricRecord(
         {"pre-train-loss": pre_train_loss, "train-loss": train_loss, "num-examples": len(shard)}

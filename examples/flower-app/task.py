@@ -45,16 +45,25 @@ def train(
     seed: int,
     server_round: int,
     partition_id: int,
+    proximal_mu: float = 0.0,
 ) -> float:
-    """Plain minibatch SGD; returns the mean loss over the steps."""
+    """Minibatch SGD; returns the mean loss over the steps.
+
+    ``proximal_mu`` > 0 adds FedProx's proximal term ``mu/2 ||w - w_k||^2``
+    (the FedProx strategy sends ``proximal-mu`` in the train config).
+    """
     gen = torch_generator(seed, purpose="batch", round_idx=server_round, client_id=partition_id)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    received = [p.detach().clone() for p in model.parameters()]
     total = 0.0
     for _ in range(steps):
         idx = torch.randint(0, len(data), (batch_size,), generator=gen)
         opt.zero_grad()
         loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+        total += float(loss.detach())
+        if proximal_mu > 0:
+            pairs = zip(model.parameters(), received, strict=True)
+            loss = loss + proximal_mu / 2 * sum(((p - w) ** 2).sum() for p, w in pairs)
         loss.backward()
         opt.step()
-        total += float(loss.detach())
     return total / steps

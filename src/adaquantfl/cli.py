@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -54,6 +54,12 @@ ResumeOpt = Annotated[
         help="Continue from the last good checkpoint in --out ([train] checkpoint_every).",
     ),
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace the results of another run that --out already holds."
+    ),
+]
 
 
 def _default_out(config: Path, out: Path | None) -> Path:
@@ -93,9 +99,33 @@ def _progress(total_rounds: int, quiet: bool) -> Iterator[Any]:
         yield on_round
 
 
+def _error(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
 def _fail(exc: Exception) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    """An ``error:`` line naming the problem (no traceback), exit code 2."""
+    message = str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
+        message = f"{message}: {exc.filename}"
+    _error(message)
     raise typer.Exit(code=2)
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _check_accepted(label: str, rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Say so, as an error, if a run never accepted a client's reply; True if it did."""
+    if rows and all(r["participants"] == 0 for r in rows):
+        _error(
+            f"{label}: no client reply was accepted in any of its {len(rows)} rounds (each "
+            "rejection is logged with its reason, e.g. a [train] max_message_bytes below the "
+            "message size); the model never changed"
+        )
+        return False
+    return True
 
 
 @app.command()
@@ -105,6 +135,7 @@ def run(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run the one method in [compression] and write its results directory."""
     from adaquantfl.runner.config import load_config
@@ -114,17 +145,21 @@ def run(
     try:
         cfg = load_config(config, set_ or [])
         with _progress(cfg.train.rounds, quiet) as on_round:
-            result = run_experiment(cfg, out_dir, on_round=on_round, resume=resume)
-    except (ValueError, FileNotFoundError) as exc:
+            result = run_experiment(
+                cfg, out_dir, on_round=on_round, resume=resume, overwrite=overwrite
+            )
+    except (ValueError, OSError) as exc:
         _fail(exc)
         return
     s = result.summary
     console.print(
-        f"[bold]{result.label}[/]: final train loss {s['final_train_loss']:.4f}, "
-        f"test accuracy {s['final_test_accuracy']:.3f}, "
+        f"[bold]{result.label}[/]: final train loss {_number(s['final_train_loss'], '.4f')}, "
+        f"test accuracy {_number(s['final_test_accuracy'], '.3f')}, "
         f"uplink {s['total_wire_bits'] / 1e6:.3f} Mbit"
     )
     console.print(f"results in {out_dir}/")
+    if not _check_accepted(result.label, result.metrics):
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -134,6 +169,7 @@ def compare(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run every method in [compare], then print the table and draw the plots."""
     from adaquantfl.runner.config import load_config
@@ -144,14 +180,19 @@ def compare(
     try:
         cfg = load_config(config, set_ or [])
         with _progress(cfg.train.rounds, quiet) as on_round:
-            result = compare_experiment(cfg, out_dir, on_round=on_round, resume=resume)
-    except (ValueError, FileNotFoundError) as exc:
+            result = compare_experiment(
+                cfg, out_dir, on_round=on_round, resume=resume, overwrite=overwrite
+            )
+    except (ValueError, OSError) as exc:
         _fail(exc)
         return
     console.print(rich_table(result.summary))
     console.print(f"results in {out_dir}/")
     for path in result.plots:
         console.print(f"  {path}")
+    accepted = [_check_accepted(r.label, r.metrics) for runs in result.runs.values() for r in runs]
+    if not all(accepted):
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -162,7 +203,7 @@ def report(results: Annotated[Path, typer.Argument(help="A results directory.")]
     try:
         paths = write_report(results)
         summary, _ = load_results(results)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         _fail(exc)
         return
     console.print(rich_table(summary))

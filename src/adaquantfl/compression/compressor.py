@@ -41,8 +41,9 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
+from adaquantfl.compression.container import CodecError
 from adaquantfl.compression.header import formula_bits as _formula_bits
-from adaquantfl.compression.header import message_bytes
+from adaquantfl.compression.header import message_bytes, peek_header
 from adaquantfl.compression.raw import decode_dense, encode_dense
 
 __all__ = [
@@ -194,6 +195,11 @@ class BaseCompressor:
             If the payload is malformed, or is not what ``numel`` and ``levels`` ask for.
         """
         if levels is None:
+            # The encoding is checked from the header alone, before the CRC or
+            # the body is read: a reply the round did not ask for costs nothing.
+            encoding = peek_header(payload).encoding
+            if encoding != "raw":
+                raise CodecError(f"expected a raw full-precision message, got {encoding}")
             dense = decode_dense(payload, expected_numel=numel)
             if out is not None:
                 out.copy_(dense)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adaquantfl.compression.codec import CodecError, checked_header
+from adaquantfl.compression.codec import CodecError, checked_header, peek_header
 from adaquantfl.compression.compressor import BaseCompressor, register_compressor
 from adaquantfl.compression.container import (
     ENCODINGS,
@@ -176,9 +176,15 @@ class TopKCompressor(BaseCompressor):
     def decode(
         self, payload: bytes, *, numel: int, levels: int, out: torch.Tensor | None
     ) -> torch.Tensor:
+        # Encoding and k are checked from the header alone, before the CRC or the body.
+        header = peek_header(payload)
+        if header.encoding != "sparse":
+            raise CodecError(f"expected a sparse message, got {header.encoding}")
+        if header.levels > self.options.k(numel):
+            raise CodecError(
+                f"sparse message sends {header.levels} entries; k = {self.options.k(numel)}"
+            )
         dense = decode_sparse(payload, expected_numel=numel)
-        if dense.count_nonzero() > self.options.k(numel):
-            raise CodecError(f"sparse message sends more than k = {self.options.k(numel)} entries")
         if out is None:
             return dense
         out.copy_(dense)

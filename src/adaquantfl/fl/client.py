@@ -22,6 +22,9 @@ from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
 
 __all__ = [
+    "MAX_BATCH_SIZE",
+    "MAX_DRAWS_PER_ROUND",
+    "MAX_LOCAL_STEPS",
     "ClientError",
     "ClientReply",
     "ClientState",
@@ -37,6 +40,17 @@ __all__ = [
 ]
 
 _EVAL_CHUNK = 1024
+
+# Stated limits of local training (issue 12). A client draws all of a round's
+# minibatch indices at once (local_steps x batch_size int64 values, 1 GiB at
+# MAX_DRAWS_PER_ROUND), and materializes a minibatch of batch_size examples and
+# its activations at every step. Beyond these, a round cannot fit in memory
+# (or, for local_steps alone, finish in any reasonable time).
+MAX_BATCH_SIZE = 2**16
+MAX_LOCAL_STEPS = 2**20
+MAX_DRAWS_PER_ROUND = 2**27
+BATCH_SIZE_LIMIT = "a minibatch is built at every step; 2**16 exceeds every supported training set"
+LOCAL_STEPS_LIMIT = "a round draws all its minibatch indices at once; 2**20 steps take hours"
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -76,10 +90,22 @@ class LocalTraining:
     prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("local_steps", "batch_size"):
+        for name, high, why in (
+            ("local_steps", MAX_LOCAL_STEPS, LOCAL_STEPS_LIMIT),
+            ("batch_size", MAX_BATCH_SIZE, BATCH_SIZE_LIMIT),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value > high:
+                raise ValueError(f"{name} = {value} exceeds {high} ({why})")
+        draws = self.local_steps * self.batch_size
+        if draws > MAX_DRAWS_PER_ROUND:
+            raise ValueError(
+                f"local_steps x batch_size = {draws} minibatch draws per round exceeds "
+                f"2**27 = {MAX_DRAWS_PER_ROUND}: a client draws a round's indices at once "
+                "(8 bytes each, 1 GiB at the limit)"
+            )
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -22,14 +22,21 @@ from adaquantfl.compression.codec import CodecError
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.client import ClientReply, all_finite
 from adaquantfl.fl.downlink import Downlink, DownlinkRound
+from adaquantfl.fl.guard import (
+    aggregation_weights,
+    check_weight_share,
+    client_id_problem,
+    policy_observation,
+    reply_problem,
+)
 from adaquantfl.policy import (
-    ClientOutcome,
     LevelPlan,
     LevelPolicy,
     LevelSchedule,
     RoundObservation,
-    UniformLevels,
 )
+from adaquantfl.policy.base import check_int
+from adaquantfl.policy.classic import as_policy
 from adaquantfl.rng import torch_generator
 
 __all__ = ["FedServer", "RoundOutcome", "as_policy", "select_clients", "weighted_mean"]
@@ -57,7 +64,7 @@ def select_clients(
     return sorted(int(i) for i in chosen)
 
 
-def weighted_mean(values: Sequence[float], weights: Sequence[int]) -> float:
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     """``sum_i p_i v_i`` with ``p_i = n_i / sum_j n_j``, in float64."""
     if len(values) != len(weights) or not values:
         raise ValueError("weighted_mean needs equally many values and weights, at least one")
@@ -115,41 +122,6 @@ class RoundOutcome:
     client_levels: tuple[tuple[int, int | None], ...] = field(default=())
 
 
-class _ScheduleAsPolicy(UniformLevels):
-    """A schedule with only ``levels`` and ``update(loss)``, used as a policy."""
-
-    def __init__(self, schedule: LevelSchedule) -> None:
-        self.schedule = schedule
-
-    @property
-    def levels(self) -> int | None:
-        return self.schedule.levels
-
-    def update(self, loss: float) -> int | None:
-        return self.schedule.update(loss)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.schedule.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.schedule.load_state_dict(state)
-
-    def __repr__(self) -> str:
-        return repr(self.schedule)
-
-
-def as_policy(policy: LevelPolicy | LevelSchedule) -> LevelPolicy:
-    """``policy`` itself, or a schedule (``levels`` / ``update``) adapted to the protocol."""
-    if isinstance(policy, LevelPolicy):
-        return policy
-    if isinstance(policy, LevelSchedule):
-        return _ScheduleAsPolicy(policy)
-    raise ValueError(
-        f"expected a level policy (levels_for, observe) or a schedule (levels, update), "
-        f"got {type(policy).__name__}"
-    )
-
-
 class FedServer:
     """Global model, round counter, level policy and downlink, with weighted aggregation.
 
@@ -162,7 +134,11 @@ class FedServer:
     compressor : Compressor
         Decodes the clients' payloads.
     max_message_bytes : int, optional
-        Payloads larger than this are rejected unread.
+        Payloads larger than this are rejected unread; by default the
+        compressor's largest message for the model (``compressor.max_message_bytes``).
+    max_weight_share : float, optional
+        Cap on one client's share ``p_i`` of a round's aggregate and loss, in
+        ``(0, 1]`` (None, the default: ``p_i = n_i / sum_j n_j`` uncapped).
     record_digests : bool
         Record the SHA-256 of every payload in :attr:`RoundOutcome.digests`.
     downlink : Downlink, optional
@@ -175,9 +151,10 @@ class FedServer:
     processed in client-id order and the weighted sum is accumulated in
     float64, so the new model does not depend on the order in which replies
     arrived (the Flower engine receives them in any order). A reply that
-    cannot be decoded, is at the wrong size or levels, or reports a
-    non-finite loss, is excluded from both the model and the policy, so one
-    bad client never stops a round or corrupts the global model.
+    cannot be decoded, is at the wrong size, levels or encoding, or reports an
+    unusable id, ``n_i`` or loss (:mod:`.guard`), is excluded from both the
+    model and the policy, so one bad client never stops a round or corrupts
+    the global model.
     """
 
     def __init__(
@@ -189,6 +166,7 @@ class FedServer:
         max_message_bytes: int | None = None,
         record_digests: bool = False,
         downlink: Downlink | None = None,
+        max_weight_share: float | None = None,
     ) -> None:
         if params.dtype != torch.float32 or params.dim() != 1:
             raise ValueError(
@@ -199,7 +177,10 @@ class FedServer:
         self.params = params.detach().clone()
         self.policy = as_policy(policy)
         self.compressor = compressor
-        self.max_message_bytes = max_message_bytes
+        if max_message_bytes is None:
+            max_message_bytes = compressor.max_message_bytes(self.numel)
+        self.max_message_bytes = check_int("max_message_bytes", max_message_bytes, 1, 2**63 - 1)
+        self.max_weight_share = check_weight_share(max_weight_share)
         self.record_digests = record_digests
         self.downlink = downlink if downlink is not None else Downlink(self.numel)
         self.round_idx = 0  # completed rounds
@@ -243,17 +224,24 @@ class FedServer:
     ) -> RoundOutcome:
         """Apply one round: ``w_{k+1} = w_k + sum_i p_i C(Delta_i)``, then feed the policy.
 
-        1. Each reply is checked against the levels its client was asked for,
-           and decoded; a bad one is rejected with a reason.
-        2. ``p_i = n_i / sum_j n_j`` over the accepted replies.
+        1. Each reply is checked (:mod:`.guard`: id, payload size, ``n_i``,
+           loss) and decoded at the levels its client was asked for; a bad one
+           is rejected with a reason. Nothing in a reply makes this raise.
+        2. ``p_i = n_i / sum_j n_j`` over the accepted replies (with
+           ``max_weight_share``, no ``p_i`` exceeds it: :func:`.guard.aggregation_weights`).
         3. The policy observes ``F(w_k) = sum_i p_i F_i(w_k)`` and the accepted
-           replies. If nothing was accepted the model and the policy are left
-           unchanged.
+           replies, with losses clamped into the range a policy can use
+           (:func:`.guard.policy_loss`). If nothing was accepted the model and
+           the policy are left unchanged.
 
         ``expected_levels`` overrides the round's plan for some client ids
         (the Flower strategy passes the levels it sent each reply's node).
         """
-        plan = self.plan(sorted({r.client_id for r in replies if isinstance(r.client_id, int)}))
+        # Replies with an unusable id are rejected last, under id -1 (the
+        # streams' "no client"), so that ids always sort and hash.
+        valid = [r for r in replies if client_id_problem(r.client_id) is None]
+        invalid = [r for r in replies if client_id_problem(r.client_id) is not None]
+        plan = self.plan(sorted({r.client_id for r in valid}))
         wire_bits = 0
         formula_bits = 0
         accum = torch.zeros(self.numel, dtype=torch.float64)
@@ -263,43 +251,46 @@ class FedServer:
         digests: list[tuple[int, str]] = []
         # Two replies claiming one client id: neither can be trusted, and keeping
         # the first would let arrival order (a race on Flower) pick the winner.
-        counts = Counter(reply.client_id for reply in replies)
-        for reply in sorted(replies, key=lambda r: r.client_id):
-            size = len(reply.payload) if isinstance(reply.payload, bytes | bytearray) else 0
+        counts = Counter(reply.client_id for reply in valid)
+        ordered = [(r, int(r.client_id)) for r in sorted(valid, key=lambda r: r.client_id)]
+        for reply, cid in [*ordered, *((r, -1) for r in invalid)]:
+            payload = reply.payload
+            size = len(payload) if isinstance(payload, bytes | bytearray) else 0
             wire_bits += 8 * size
             if self.record_digests and size:
-                digests.append((reply.client_id, hashlib.sha256(reply.payload).hexdigest()))
-            levels = plan.levels_of(reply.client_id)
-            if expected_levels is not None and reply.client_id in expected_levels:
-                levels = expected_levels[reply.client_id]
+                digests.append((cid, hashlib.sha256(payload).hexdigest()))
+            levels = plan.levels_of(cid)
+            if expected_levels is not None and cid in expected_levels:
+                levels = expected_levels[cid]
             reason = self._check_reply(reply, counts)
+            update = None
             if reason is None:
-                try:
-                    update = self.compressor.decompress(
-                        bytes(reply.payload), numel=self.numel, levels=levels, out=buffer
-                    )
-                    if not all_finite(update):
-                        reason = "decoded update has non-finite values"
-                except CodecError as exc:
-                    reason = f"undecodable payload: {exc}"
-            if reason is not None:
-                logger.warning(
-                    "round %d: rejected client %s: %s", self.round_idx + 1, reply.client_id, reason
-                )
-                rejections.append((reply.client_id, reason))
+                update, reason = self._decode(payload, levels, buffer)
+            if update is None:
+                reason = reason or "undecodable payload"
+                logger.warning("round %d: rejected client %s: %s", self.round_idx + 1, cid, reason)
+                rejections.append((cid, reason))
                 continue
             accum.add_(update.to(torch.float64), alpha=float(reply.num_examples))
             formula_bits += self.compressor.formula_bits(self.numel, levels)
             accepted.append((reply, levels, 8 * size))
 
-        weights = [int(r.num_examples) for r, _, _ in accepted]
+        weights = aggregation_weights(
+            [int(r.num_examples) for r, _, _ in accepted], self.max_weight_share
+        )
+        capped = any(w != r.num_examples for w, (r, _, _) in zip(weights, accepted, strict=True))
         new_params = None
         if weights:
-            new_params = (self.params.to(torch.float64) + accum / sum(weights)).to(torch.float32)
-            if not all_finite(new_params):
-                # Each update was finite, but together they overflow float32 (e.g.
-                # valid raw values near 3e38): keep the old model and policy.
+            summed = self._weighted_sum(accepted, weights, buffer) if capped else accum
+            reason = "a payload did not decode the same way twice"
+            if summed is not None:
+                total = float(sum(weights))
+                new_params = (self.params.to(torch.float64) + summed / total).to(torch.float32)
                 reason = "the weighted average of the accepted updates overflows float32"
+            if new_params is None or not all_finite(new_params):
+                # Each update was finite, but together they overflow float32 (e.g.
+                # valid raw values near 3e38), or a decoder failed on its second
+                # pass: keep the old model and policy.
                 logger.warning("round %d: %s; all replies rejected", self.round_idx + 1, reason)
                 rejections += [(r.client_id, reason) for r, _, _ in accepted]
                 accepted, weights, formula_bits, new_params = [], [], 0, None
@@ -308,9 +299,9 @@ class FedServer:
         if new_params is not None:
             self.params = new_params
             train_loss = weighted_mean([float(r.loss) for r, _, _ in accepted], weights)
-            distortion = _weighted_distortion(accepted)
+            distortion = _weighted_distortion(accepted, weights)
             if train_loss > 0:
-                self.policy.observe(_observation(self.round_idx, train_loss, accepted))
+                self._observe(policy_observation(self.round_idx, train_loss, accepted))
             else:
                 # A zero loss is a perfect fit; AdaQuantFL's sqrt(F_0 / F) is then
                 # undefined, so the levels are kept.
@@ -331,35 +322,66 @@ class FedServer:
             client_levels=tuple((r.client_id, lv) for r, lv, _ in accepted),
         )
 
+    def _observe(self, observation: RoundObservation) -> None:
+        """Feed the policy; one that cannot use the round's numbers keeps its levels."""
+        try:
+            self.policy.observe(observation)
+        except (ValueError, ArithmeticError):
+            # The losses are clamped (guard.policy_loss), so this is the policy's
+            # own limit; the round's model update stands either way.
+            logger.exception("round %d: the policy rejected the round", self.round_idx + 1)
+
     def _check_reply(self, reply: ClientReply, counts: Counter[int]) -> str | None:
+        problem = client_id_problem(reply.client_id)
+        if problem is not None:
+            return problem
         if counts[reply.client_id] > 1:
             return f"{counts[reply.client_id]} replies claim this client id in the same round"
-        if not isinstance(reply.payload, bytes | bytearray):
-            return f"payload must be bytes, got {type(reply.payload).__name__}"
-        if self.max_message_bytes is not None and len(reply.payload) > self.max_message_bytes:
-            limit = self.max_message_bytes
-            return f"payload of {len(reply.payload)} bytes exceeds the limit of {limit}"
-        n = reply.num_examples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            return f"num_examples must be a positive integer, got {n!r}"
-        loss = reply.loss
+        return reply_problem(
+            reply.payload,
+            reply.num_examples,
+            reply.loss,
+            [("update_norm", reply.update_norm), ("distortion", reply.distortion)],
+            max_message_bytes=self.max_message_bytes,
+        )
+
+    def _decode(
+        self, payload: bytes | bytearray, levels: int | None, buffer: torch.Tensor
+    ) -> tuple[torch.Tensor | None, str | None]:
+        """The decoded update, or None and the reason it cannot be aggregated."""
+        try:
+            update = self.compressor.decompress(
+                bytes(payload), numel=self.numel, levels=levels, out=buffer
+            )
+        except CodecError as exc:
+            return None, f"undecodable payload: {exc}"
+        except Exception as exc:  # a compressor's decoder must not stop the round
+            logger.exception("the %s compressor failed on a payload", self.compressor.name)
+            return None, f"the decoder failed on the payload: {type(exc).__name__}: {exc}"
         if (
-            isinstance(loss, bool)
-            or not isinstance(loss, int | float)
-            or not math.isfinite(loss)
-            or loss < 0
+            not isinstance(update, torch.Tensor)
+            or update.dtype != torch.float32
+            or update.numel() != self.numel
         ):
-            return f"loss must be finite and non-negative, got {loss!r}"
-        for name in ("update_norm", "distortion"):
-            value = getattr(reply, name)
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                return f"{name} must be finite and non-negative, got {value!r}"
-        return None
+            return None, "the decoder returned no float32 vector of the model's size"
+        if not all_finite(update):
+            return None, "decoded update has non-finite values"
+        return update, None
+
+    def _weighted_sum(
+        self,
+        accepted: Sequence[tuple[ClientReply, int | None, int]],
+        weights: Sequence[float],
+        buffer: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """``sum_i w_i C(Delta_i)`` again with capped weights; None if a decode now fails."""
+        accum = torch.zeros(self.numel, dtype=torch.float64)
+        for (reply, levels, _), weight in zip(accepted, weights, strict=True):
+            update, _ = self._decode(reply.payload, levels, buffer)
+            if update is None:
+                return None
+            accum.add_(update.to(torch.float64), alpha=float(weight))
+        return accum
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run: model, round counter, policy and downlink."""
@@ -388,34 +410,13 @@ class FedServer:
         self._plan = None
 
 
-def _observation(
-    round_idx: int, train_loss: float, accepted: Sequence[tuple[ClientReply, int | None, int]]
-) -> RoundObservation:
-    return RoundObservation(
-        round_idx=round_idx,
-        train_loss=train_loss,
-        clients=tuple(
-            ClientOutcome(
-                client_id=r.client_id,
-                num_examples=int(r.num_examples),
-                loss=float(r.loss),
-                levels=levels,
-                wire_bits=bits,
-                update_norm=None if r.update_norm is None else float(r.update_norm),
-                distortion=None if r.distortion is None else float(r.distortion),
-            )
-            for r, levels, bits in accepted
-        ),
-    )
-
-
 def _weighted_distortion(
-    accepted: Sequence[tuple[ClientReply, int | None, int]],
+    accepted: Sequence[tuple[ClientReply, int | None, int]], weights: Sequence[float]
 ) -> float | None:
     """``sum_i p_i D_i`` over the accepted replies that reported a distortion ``D_i``."""
     reported = [
-        (float(r.distortion), int(r.num_examples))
-        for r, _, _ in accepted
+        (float(r.distortion), w)
+        for (r, _, _), w in zip(accepted, weights, strict=True)
         if r.distortion is not None
     ]
     if not reported:

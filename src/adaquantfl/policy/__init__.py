@@ -10,12 +10,14 @@ precision.
 - :mod:`.classic`: ``fp32``, ``qsgd`` (fixed levels) and ``adaquantfl``, which
   keep the schedule interface of DESIGN §7 (``levels``, ``update(loss)``);
 - :mod:`.dadaquant`: DAdaQuant's time-, client- and doubly-adaptive levels;
+- :mod:`.auto`: ``auto``, levels chosen by trial for the most progress per bit;
 - :mod:`.registry`: :data:`POLICIES` by method name.
 
 Adding a policy is one module whose factory is decorated with
 ``@register_policy("name")``.
 """
 
+from adaquantfl.policy.auto import AutoLevels
 from adaquantfl.policy.base import (
     ClientOutcome,
     LevelPlan,
@@ -41,6 +43,7 @@ __all__ = [
     "POLICIES",
     "SCHEDULES",
     "AdaQuantLevels",
+    "AutoLevels",
     "ClientOutcome",
     "DAdaQuant",
     "FixedLevels",

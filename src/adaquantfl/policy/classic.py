@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 from adaquantfl.compression.qsgd import MAX_LEVELS
 from adaquantfl.policy.base import (
     LevelPlan,
+    LevelPolicy,
     RoundObservation,
     check_int,
     check_loss,
@@ -30,6 +31,7 @@ __all__ = [
     "LevelSchedule",
     "UniformLevels",
     "adaquant_levels",
+    "as_policy",
 ]
 
 
@@ -73,8 +75,13 @@ def adaquant_levels(
     Communication-Efficient Federated Learning", ICASSP 2021, eq. (13).
     Computed in float64 exactly as written. A ratio so large that the product
     overflows (a loss near zero) gives ``max_levels``, the clamp's value.
+
+    Raises
+    ------
+    ValueError
+        If either loss is not a finite positive number.
     """
-    scaled = math.sqrt(initial_loss / loss) * initial_levels
+    scaled = math.sqrt(check_loss(initial_loss) / check_loss(loss)) * initial_levels
     if not scaled < max_levels:  # also inf and NaN: never ceil() a non-finite float
         return max_levels
     return max(min_levels, min(max_levels, math.ceil(scaled)))
@@ -219,3 +226,38 @@ class AdaQuantLevels(UniformLevels):
 
 def _round(levels: int, mode: str, max_levels: int) -> int:
     return round_levels(levels, mode, max_levels)
+
+
+class _ScheduleAsPolicy(UniformLevels):
+    """A schedule with only ``levels`` and ``update(loss)``, used as a policy."""
+
+    def __init__(self, schedule: LevelSchedule) -> None:
+        self.schedule = schedule
+
+    @property
+    def levels(self) -> int | None:
+        return self.schedule.levels
+
+    def update(self, loss: float) -> int | None:
+        return self.schedule.update(loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.schedule.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return repr(self.schedule)
+
+
+def as_policy(policy: LevelPolicy | LevelSchedule) -> LevelPolicy:
+    """``policy`` itself, or a schedule (``levels`` / ``update``) adapted to the protocol."""
+    if isinstance(policy, LevelPolicy):
+        return policy
+    if isinstance(policy, LevelSchedule):
+        return _ScheduleAsPolicy(policy)
+    raise ValueError(
+        f"expected a level policy (levels_for, observe) or a schedule (levels, update), "
+        f"got {type(policy).__name__}"
+    )

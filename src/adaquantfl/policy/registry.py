@@ -9,6 +9,7 @@ from adaquantfl.policy.base import ROUNDINGS, LevelPolicy
 from adaquantfl.policy.classic import AdaQuantLevels, FixedLevels, FullPrecision
 
 __all__ = [
+    "LEVELLESS",
     "POLICIES",
     "PolicyFactory",
     "check_choice",
@@ -25,15 +26,24 @@ PolicyFactory = Callable[..., LevelPolicy]
 
 #: Policies by method name (the config's ``[compression] method`` choices).
 POLICIES: dict[str, PolicyFactory] = {}
+#: The methods whose factory ignores ``levels`` (their results are labelled without it).
+LEVELLESS: set[str] = set()
 
 
-def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Decorator: add a factory to :data:`POLICIES` under ``name``."""
+def register_policy(
+    name: str, *, takes_levels: bool = True
+) -> Callable[[PolicyFactory], PolicyFactory]:
+    """Decorator: add a factory to :data:`POLICIES` under ``name``.
+
+    ``takes_levels=False`` marks a policy that ignores the config's ``levels``.
+    """
 
     def add(factory: PolicyFactory) -> PolicyFactory:
         if name in POLICIES and POLICIES[name] is not factory:
             raise ValueError(f"a policy named {name!r} is already registered")
         POLICIES[name] = factory
+        if not takes_levels:
+            LEVELLESS.add(name)
         return factory
 
     return add
@@ -64,7 +74,7 @@ def no_options(method: str, options: Mapping[str, Any] | None) -> None:
         raise ValueError(f"method {method!r} takes no policy options, got {sorted(options)}")
 
 
-@register_policy("fp32")
+@register_policy("fp32", takes_levels=False)
 def _fp32(*, options: Mapping[str, Any] | None = None, **_: Any) -> LevelPolicy:
     no_options("fp32", options)
     return FullPrecision()

@@ -89,6 +89,7 @@ def build_server(config: Config, params: torch.Tensor, **kwargs: Any) -> FedServ
         compressor,
         max_message_bytes=limit,
         downlink=downlink,
+        max_weight_share=config.train.max_weight_share,
         **kwargs,
     )
 

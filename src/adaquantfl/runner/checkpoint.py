@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from adaquantfl.runner.files import fsync_dir
+
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -41,17 +43,6 @@ _HEADER = struct.Struct("<4sBQ32s")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, torn or corrupt; the text names the file and the problem."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -70,7 +61,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     if target.exists():
         os.replace(target, target.with_name(target.name + ".prev"))
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from adaquantfl.fl.record import RoundRecord
 from adaquantfl.runner.build import EngineRun, build_simulator
 from adaquantfl.runner.config import Config, ConfigError
 
-__all__ = ["ENGINES", "CheckpointFn", "Engine", "sim_engine"]
+__all__ = ["ENGINES", "CheckpointFn", "Engine", "check_engine", "sim_engine"]
 
 #: Called with the server's state and the number of completed rounds.
 CheckpointFn = Callable[[dict[str, Any], int], None]
@@ -75,6 +75,35 @@ def sim_engine(
     return EngineRun(sim.server.params.clone(), sim.model)
 
 
+def check_engine(config: Config) -> None:
+    """Raise ConfigError if ``config`` asks its engine for something it does not do."""
+    t = config.train
+    if t.engine != "flower":
+        return
+    if t.checkpoint_every:
+        raise ConfigError("[train] checkpoint_every is supported by engine = 'sim' only")
+    if t.dropout or t.deadline_s is not None:
+        raise ConfigError(
+            "[train] dropout and deadline_s simulate faults in engine = 'sim'; on Flower, "
+            "faults are real (see the node-failure test), so they cannot be set"
+        )
+    if t.max_weight_share is not None:
+        raise ConfigError(
+            "[train] max_weight_share is supported by engine = 'sim' only (the Flower "
+            "strategy does not take it yet)"
+        )
+    if t.uplink_budget_bits is not None:
+        raise ConfigError(
+            "[train] uplink_budget_bits is supported by engine = 'sim' only (it undoes the "
+            "round that would exceed the budget)"
+        )
+    if t.device != "cpu":
+        raise ConfigError(
+            "[train] device chooses where engine = 'sim' trains; the Flower engine's "
+            "clients train on the CPU"
+        )
+
+
 def flower_engine(
     config: Config,
     on_record: Callable[[RoundRecord], None],
@@ -83,25 +112,9 @@ def flower_engine(
     on_checkpoint: CheckpointFn | None = None,
 ) -> EngineRun:
     """Flower's simulation engine (Ray backend) running the shared client and server code."""
-    if resume_state is not None or (on_checkpoint is not None and config.train.checkpoint_every):
-        raise ConfigError(
-            "[train] checkpoint_every and --resume are supported by engine = 'sim' only"
-        )
-    if config.train.uplink_budget_bits is not None:
-        raise ConfigError(
-            "[train] uplink_budget_bits is supported by engine = 'sim' only (it undoes the "
-            "round that would exceed the budget)"
-        )
-    if config.train.device != "cpu":
-        raise ConfigError(
-            "[train] device chooses where engine = 'sim' trains; the Flower engine's "
-            "clients train on the CPU"
-        )
-    if config.train.dropout or config.train.deadline_s is not None:
-        raise ConfigError(
-            "[train] dropout and deadline_s simulate faults in engine = 'sim'; on Flower, "
-            "faults are real (see the node-failure test), so they cannot be set"
-        )
+    if resume_state is not None:
+        raise ConfigError("--resume is supported by engine = 'sim' only")
+    check_engine(config)
     try:
         from adaquantfl.runner.flower_engine import run_flower
     except ImportError as exc:

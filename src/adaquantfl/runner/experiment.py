@@ -7,10 +7,18 @@ Results directory (DESIGN §7)::
     DIR/<label>/metrics.jsonl   one row per round (DIR/<label>/seed-<n>/ when seeds > 1)
     DIR/<label>/model.pt        the final global model (state_dict)
     DIR/*.png                   plots (see adaquantfl.runner.report)
+
+A run writes nothing before the config, the data and ``DIR`` pass
+:func:`.preflight.preflight` (``DIR`` holding another run's results needs
+``overwrite``; ``resume`` needs the same config). Every file is written
+atomically (:mod:`.files`); ``metrics.jsonl`` streams to
+``metrics.jsonl.partial`` and replaces the old file only when its run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -23,19 +31,19 @@ import tomli_w
 import torch
 
 from adaquantfl.fl.record import RoundRecord
-from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from adaquantfl.runner.checkpoint import save_checkpoint
 from adaquantfl.runner.config import Config, ConfigError, MethodSpec, load_config
 from adaquantfl.runner.engines import ENGINES
+from adaquantfl.runner.files import StreamedFile, atomic_write
 from adaquantfl.runner.metrics import (
     DEFAULT_TARGET_FACTOR,
     aggregate_seeds,
     final_mean,
     summarize_run,
 )
+from adaquantfl.runner.preflight import CHECKPOINT_NAME, Job, preflight, resume_state
 
 __all__ = ["CompareResult", "RunResult", "compare", "run"]
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +84,7 @@ class _RowWriter:
     def __init__(
         self,
         label: str,
-        sink: Any,
+        sink: StreamedFile | None,
         on_round: RoundCallback | None,
         rows: Sequence[dict[str, Any]] = (),
     ) -> None:
@@ -100,41 +108,9 @@ class _RowWriter:
     def _emit(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.sink is not None:
-            self.sink.write(json.dumps(row) + "\n")
-            self.sink.flush()
+            self.sink.write(json.dumps(row) + "\n")  # flushed: a killed run keeps its rows
         if self.on_round is not None:
             self.on_round(self.label, row)
-
-
-def _without_rounds(raw: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
-    out.get("train", {}).pop("rounds", None)
-    return out
-
-
-def _resume_state(config: Config, run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint of ``run_dir`` if there is one, checked against ``config``."""
-    path = run_dir / CHECKPOINT_NAME
-    if not (path.exists() or path.with_name(path.name + ".prev").exists()):
-        logger.warning("no checkpoint in %s; starting the run from round 1", run_dir)
-        return None
-    try:
-        state, source = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
-    # The number of rounds may grow on resume; nothing else may change.
-    if _without_rounds(state["config"]) != _without_rounds(config.to_dict()):
-        raise ConfigError(
-            f"cannot resume {run_dir}: {source.name} was written with a different config; "
-            "only [train] rounds may change on resume"
-        )
-    if state["round"] > config.train.rounds:
-        raise ConfigError(
-            f"cannot resume {run_dir}: it already ran {state['round']} rounds, "
-            f"more than rounds = {config.train.rounds}"
-        )
-    logger.info("resuming %s after round %d (%s)", run_dir, state["round"], source.name)
-    return state
 
 
 def _run_one(
@@ -147,15 +123,18 @@ def _run_one(
     on_round: RoundCallback | None,
     resume: bool = False,
 ) -> RunResult:
+    """One method at one seed; its files appear only when it has finished (see :mod:`.files`)."""
     engine = ENGINES[config.train.engine]
     if run_dir is None and (resume or config.train.checkpoint_every):
         raise ConfigError("checkpoints and --resume need an output directory")
-    state = _resume_state(config, run_dir) if resume and run_dir is not None else None
-    sink = None
+    state = resume_state(config, run_dir) if resume and run_dir is not None else None
+    if resume and run_dir is not None and state is None:
+        logger.warning("no checkpoint in %s; starting the run from round 1", run_dir)
+    elif state is not None:
+        logger.info("resuming %s after round %d", run_dir, state["round"])
     on_checkpoint = None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        sink = (run_dir / "metrics.jsonl").open("w", encoding="utf-8")
         checkpoint_path = run_dir / CHECKPOINT_NAME
 
         def on_checkpoint(server_state: dict[str, Any], done: int) -> None:
@@ -170,7 +149,10 @@ def _run_one(
                 },
             )
 
-    try:
+    with contextlib.ExitStack() as stack:
+        sink = None
+        if run_dir is not None:
+            sink = stack.enter_context(StreamedFile(run_dir / "metrics.jsonl"))
         writer = _RowWriter(label, sink, on_round, state["rows"] if state else ())
         final = engine(
             config,
@@ -178,23 +160,29 @@ def _run_one(
             resume_state=state["server"] if state else None,
             on_checkpoint=on_checkpoint if config.train.checkpoint_every else None,
         )
-    finally:
-        if sink is not None:
-            sink.close()
     if run_dir is not None:
-        torch.save(final.model.state_dict(final.params), run_dir / "model.pt")
+        buffer = io.BytesIO()
+        torch.save(final.model.state_dict(final.params), buffer)
+        atomic_write(run_dir / "model.pt", buffer.getvalue())
     rows = writer.rows
+    if rows and all(r["participants"] == 0 for r in rows):
+        logger.warning(
+            "%s: no client reply was accepted in any of its %d rounds; the model is the "
+            "initial one (the rejections above say why)",
+            label,
+            len(rows),
+        )
     summary = summarize_run(rows, target_loss=target_loss, smooth_rounds=smooth_rounds)
     return RunResult(label, config.train.seed, rows, summary, final.params, run_dir)
 
 
 def _write_config(config: Config, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(tomli_w.dumps(config.to_dict()), encoding="utf-8")
+    atomic_write(out_dir / "config.toml", tomli_w.dumps(config.to_dict()))
 
 
 def _write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def run(
@@ -204,6 +192,7 @@ def run(
     overrides: Sequence[str] = (),
     on_round: RoundCallback | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run the single method of ``[compression]`` and write its results directory.
 
@@ -211,17 +200,23 @@ def run(
     ``target_loss`` is ``[compare] target_loss`` (None if unset). With
     ``resume``, the run continues from the last good checkpoint in
     ``out_dir`` (written every ``[train] checkpoint_every`` rounds).
+
+    Nothing is written before the config, the data and ``out_dir`` pass
+    :func:`.preflight.preflight`: an ``out_dir`` that holds another run's
+    results is refused unless ``overwrite`` (or ``resume`` of that same run).
     """
     cfg = load_config(config, overrides)
     cfg = cfg.with_compression(cfg.compression) if cfg.compare.methods else cfg
     spec = MethodSpec(cfg.compression, cfg.compression.label)
     out = Path(out_dir) if out_dir is not None else None
+    job = Job(spec.label, cfg, out / spec.label if out is not None else None)
+    preflight([job], out, cfg, resume=resume, overwrite=overwrite)
     if out is not None:
         _write_config(cfg, out)
     result = _run_one(
         cfg,
         spec.label,
-        out / spec.label if out is not None else None,
+        job.run_dir,
         target_loss=cfg.compare.target_loss,
         smooth_rounds=cfg.compare.smooth_rounds,
         on_round=on_round,
@@ -247,11 +242,13 @@ def compare(
     on_round: RoundCallback | None = None,
     plots: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> CompareResult:
     """Run every method of ``[compare]`` (for each seed), score them and draw the report.
 
     Without ``target_loss`` the target is 1.01 x fp32's final training loss
     (averaged over seeds), which needs an fp32 method in the list.
+    ``resume`` and ``overwrite`` are as in :func:`run`.
     """
     cfg = load_config(config, overrides)
     specs = cfg.methods()
@@ -262,31 +259,36 @@ def compare(
             'add { method = "fp32" } to methods or set target_loss'
         )
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        _write_config(cfg, out)
     seeds = [cfg.train.seed + i for i in range(cfg.compare.seeds)]
     # fp32 first: its final loss sets the default target of the others.
     ordered = sorted(specs, key=lambda s: s.compression.method != "fp32")
-    runs: dict[str, list[RunResult]] = {s.label: [] for s in specs}
+    jobs = []
     for spec in ordered:
         for seed in seeds:
-            run_cfg = cfg.with_compression(spec.compression).with_seed(seed)
             run_dir = None
             if out is not None:
                 run_dir = out / spec.label if len(seeds) == 1 else out / spec.label / f"seed-{seed}"
-            runs[spec.label].append(
-                _run_one(
-                    run_cfg,
-                    spec.label,
-                    run_dir,
-                    target_loss=target,
-                    smooth_rounds=cfg.compare.smooth_rounds,
-                    on_round=on_round,
-                    resume=resume,
-                )
+            run_cfg = cfg.with_compression(spec.compression).with_seed(seed)
+            jobs.append(Job(spec.label, run_cfg, run_dir))
+    preflight(jobs, out, cfg, resume=resume, overwrite=overwrite)
+    if out is not None:
+        _write_config(cfg, out)
+    runs: dict[str, list[RunResult]] = {s.label: [] for s in specs}
+    for job in jobs:
+        runs[job.label].append(
+            _run_one(
+                job.config,
+                job.label,
+                job.run_dir,
+                target_loss=target,
+                smooth_rounds=cfg.compare.smooth_rounds,
+                on_round=on_round,
+                resume=resume,
             )
-        if target is None and spec.compression.method == "fp32":
-            finals = [final_mean(r.metrics, "train_loss") for r in runs[spec.label]]
+        )
+        is_last_seed = len(runs[job.label]) == len(seeds)
+        if target is None and job.config.compression.method == "fp32" and is_last_seed:
+            finals = [final_mean(r.metrics, "train_loss") for r in runs[job.label]]
             present = [f for f in finals if f is not None]
             if present:
                 target = DEFAULT_TARGET_FACTOR * sum(present) / len(present)

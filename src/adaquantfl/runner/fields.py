@@ -14,7 +14,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ConfigError", "at_least", "build_section", "choice", "positive", "validate"]
+__all__ = [
+    "ConfigError",
+    "at_least",
+    "at_most",
+    "build_section",
+    "choice",
+    "positive",
+    "validate",
+]
 
 
 class ConfigError(ValueError):
@@ -31,6 +39,11 @@ def positive() -> dict[str, Any]:
 
 def at_least(low: float) -> dict[str, Any]:
     return {"min": low}
+
+
+def at_most(high: float, why: str, low: float = 1) -> dict[str, Any]:
+    """At least ``low`` and at most ``high``; ``why`` is the reason for ``high``, shown with it."""
+    return {"min": low, "max": high, "why": why}
 
 
 def build_section(
@@ -73,7 +86,8 @@ def validate(obj: Any, section: str) -> None:
             if not meta.get("exclusive") and value < low:
                 raise ConfigError(f"{where}: must be >= {low}")
         if "max" in meta and value > meta["max"]:
-            raise ConfigError(f"{where}: must be <= {meta['max']}")
+            why = f" ({meta['why']})" if "why" in meta else ""
+            raise ConfigError(f"{where}: must be <= {meta['max']}{why}")
 
 
 def _is_float_hint(hint: Any) -> bool:

@@ -33,20 +33,20 @@ from adaquantfl.compression.compressor import default_message_limit
 from adaquantfl.data import FederatedData
 from adaquantfl.fl.client import LocalTraining, evaluate, train_locally
 from adaquantfl.fl.record import RoundRecord, record_round
+from adaquantfl.flower.layout import ArrayLayout
 from adaquantfl.flower.mod import adaquant_mod
+from adaquantfl.flower.plan import RoundPlan
 from adaquantfl.flower.records import (
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
-    ArrayLayout,
-    RoundPlan,
     client_id_of,
     single_array_record,
 )
 from adaquantfl.flower.strategy import AdaQuantFedAvg, FlowerRound
 from adaquantfl.models import FlatModel
 from adaquantfl.runner.build import EngineRun, build_model, load_data
-from adaquantfl.runner.config import Config, ConfigError
+from adaquantfl.runner.config import Config
 
 __all__ = ["engine_client_app", "flat_layout", "loopback_ray", "ray_backend_config", "run_flower"]
 
@@ -186,8 +186,11 @@ def _train(config: Config, num_threads: int, msg: Message, context: Context) -> 
         torch.set_num_threads(num_threads)
     state = _client_state(config)
     client_id = client_id_of(context)
-    plan = RoundPlan.from_config(next(iter(msg.content.config_records.values())))
+    plan = RoundPlan.from_config(
+        next(c for c in msg.content.config_records.values() if RoundPlan.present(c))
+    )
     shard = state.data.clients[client_id]
+    # With a compressed downlink adaquant_mod has put x_k here already.
     name, received = single_array_record(msg.content, "the train instruction")
     layout = ArrayLayout.of(received)
     params = layout.flatten(received)
@@ -272,12 +275,8 @@ def run_flower(
     """
     data = load_data(config)
     model, params = build_model(config, data)
-    if config.compression.downlink != "none":
-        raise ConfigError(
-            "[compression] downlink compression runs on engine = 'sim'; the Flower engine "
-            "sends the model as float32 arrays"
-        )
     compressor = config.compression.build_compressor()
+    downlink = config.compression.build_downlink_compressor()
     layout = flat_layout(model)
     num_clients = len(data.clients)
     partial = config.clients_per_round < num_clients
@@ -286,12 +285,15 @@ def run_flower(
         config.compression.build_policy(config.train.rounds),
         compressor,
         seed=config.train.seed,
+        downlink=downlink,
+        downlink_levels=config.compression.downlink_levels if downlink is not None else None,
         num_clients=num_clients if partial else None,
         clients_per_round=config.clients_per_round if partial else None,
         node_wait_s=round_timeout_s,
         record_digests=True,
         max_message_bytes=config.train.max_message_bytes
         or default_message_limit(model.numel, compressor),
+        max_weight_share=config.train.max_weight_share,
         fraction_evaluate=0.0,  # central evaluation below, as in the simulator
         min_train_nodes=num_clients,
         min_evaluate_nodes=0,

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from adaquantfl.runner.files import atomic_write
 
 __all__ = [
     "best_fixed_bits",
@@ -236,6 +239,13 @@ def _mean_curve(runs: list[list[dict[str, Any]]], key: str) -> np.ndarray:
     return mean
 
 
+def _save(fig: Any, path: Path, *, dpi: int) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (a failed redraw keeps the old plot)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write(path, buffer.getvalue())
+
+
 def write_report(out_dir: str | Path) -> list[Path]:
     """Draw every plot and the Markdown table of a results directory; returns the paths."""
     import matplotlib
@@ -291,12 +301,12 @@ def write_report(out_dir: str | Path) -> list[Path]:
             ax.set_yscale("log", base=2)
         if target is not None and name in ("loss_vs_bits.png", "loss_vs_round.png"):
             ax.axhline(target, color="grey", linestyle=":", linewidth=1.0, label="target")
-            finals = [float(np.nanmin(_smooth(c["train_loss"], window))) for c in curves.values()]
-            top = float(
-                np.nanmax([np.nanmax(_smooth(c["train_loss"], window)) for c in curves.values()])
-            )
-            low = min(min(finals), target)
-            ax.set_ylim(low - 0.05 * (top - low), top + 0.02 * (top - low))
+            smoothed = [_smooth(c["train_loss"], window) for c in curves.values()]
+            losses = np.concatenate(smoothed) if smoothed else np.zeros(0)
+            losses = losses[np.isfinite(losses)]  # a run that accepted nothing has no loss
+            if losses.size:
+                top, low = float(losses.max()), min(float(losses.min()), target)
+                ax.set_ylim(low - 0.05 * (top - low), top + 0.02 * (top - low))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.25)
@@ -307,7 +317,7 @@ def write_report(out_dir: str | Path) -> list[Path]:
         draw(ax, name)
         ax.legend(fontsize=8, ncol=2, frameon=False)
         path = root / name
-        fig.savefig(path, dpi=130)
+        _save(fig, path, dpi=130)
         plt.close(fig)
         written.append(path)
 
@@ -321,11 +331,11 @@ def write_report(out_dir: str | Path) -> list[Path]:
         title += f" (target {target:.4f})"
     fig.suptitle(title)
     path = root / "report.png"
-    fig.savefig(path, dpi=110)
+    _save(fig, path, dpi=110)
     plt.close(fig)
     written.append(path)
 
     table_path = root / "summary.md"
-    table_path.write_text(markdown_table(summary), encoding="utf-8")
+    atomic_write(table_path, markdown_table(summary))
     written.append(table_path)
     return written

@@ -1,0 +1,350 @@
+"""The regime suite: every level policy against the hindsight-best fixed level, per regime.
+
+    python -m benchmarks.regimes                    # 5 regimes, 2 seeds, packed + entropy
+    python -m benchmarks.regimes --quick            # 1 seed, a tenth of the rounds (a smoke run)
+    python -m benchmarks.regimes --jobs 2 --only mnist1d-floor,digits-mlp
+
+For each regime (a shipped config), encoding and seed, every method runs
+alone (``adaquantfl.run``): fp32, fixed levels s in {1, 2, 3, 4, 7, 8, 15,
+16, 31}, AdaQuantFL with s0 in {1, 2, 4} (and s0 = 2 rounded to 2^k - 1),
+DAdaQuant's three rules and ``auto``. For each target (1.01, 1.05 and 1.2 x
+that seed's fp32 final training loss) a method's score is its uplink wire bits
+to the target divided by the fewest bits any fixed level needed in the same
+seed, target and encoding (the hindsight-best fixed level). The tables give
+the geometric mean of that ratio over the seeds that reached the target and
+how many did; "never" where none did.
+
+Every run's metrics are kept in ``benchmarks/results/regimes/runs/`` under a
+name derived from the run's whole resolved config, so a second invocation
+reruns only what changed (``--fresh`` reruns everything). Outputs:
+``benchmarks/results/regimes.json``, ``regimes.md`` (the ratio tables, the
+wall time) and ``regimes.png`` (the regime map: a heat map of ratio per
+policy and regime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import RESULTS, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = RESULTS / "regimes" / "runs"
+REGIMES: dict[str, Path] = {
+    "mnist1d-floor": ROOT / "configs" / "mnist1d-floor.toml",
+    "digits-mlp": ROOT / "configs" / "digits-mlp.toml",
+    "synthetic-1-1": ROOT / "configs" / "synthetic-1-1.toml",
+    "mnist1d-cnn": ROOT / "configs" / "mnist1d-cnn.toml",
+    "mnist5k-cnn": ROOT / "configs" / "mnist5k-cnn.toml",
+}
+FIXED_LEVELS = (1, 2, 3, 4, 7, 8, 15, 16, 31)
+TARGETS = (1.01, 1.05, 1.2)
+ENCODINGS = ("packed", "entropy")
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    overrides: tuple[str, ...]
+    fixed: bool = False
+
+
+def methods() -> list[Method]:
+    """The suite's methods, as config overrides."""
+    out = [Method("fp32", ("compression.method=fp32",))]
+    for s in FIXED_LEVELS:
+        out.append(
+            Method(f"qsgd-s{s}", ("compression.method=qsgd", f"compression.levels={s}"), True)
+        )
+    for s0 in (1, 2, 4):
+        out.append(
+            Method(
+                f"adaquantfl-s{s0}", ("compression.method=adaquantfl", f"compression.levels={s0}")
+            )
+        )
+    out.append(
+        Method(
+            "adaquantfl-s2-pow2m1",
+            (
+                "compression.method=adaquantfl",
+                "compression.levels=2",
+                'compression.policy_options.round_levels="pow2m1"',
+            ),
+        )
+    )
+    for name in ("dadaquant-time", "dadaquant", "dadaquant-client"):
+        # DAdaQuant's q_min = 1 (its Synthetic and FEMNIST settings); the client
+        # rule alone needs a static q, here 2 (AdaQuantFL's and DAdaQuant's s0).
+        q = 2 if name == "dadaquant-client" else 1
+        out.append(
+            Method(f"{name}-s{q}", (f"compression.method={name}", f"compression.levels={q}"))
+        )
+    out.append(Method("auto", ("compression.method=auto",)))
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    regime: str
+    method: Method
+    encoding: str
+    seed: int
+    rounds_scale: float
+
+    def overrides(self) -> list[str]:
+        from adaquantfl.runner.config import load_config
+
+        base = load_config(REGIMES[self.regime])
+        rounds = max(10, round(base.train.rounds * self.rounds_scale))
+        return [
+            *self.method.overrides,
+            f'compression.encoding="{self.encoding}"',
+            f"train.seed={self.seed}",
+            f"train.rounds={rounds}",
+            "compare.methods=[]",
+        ]
+
+    def key(self) -> str:
+        """A file name for this run, derived from its whole resolved config."""
+        from adaquantfl.runner.config import load_config
+
+        config = load_config(REGIMES[self.regime], self.overrides()).to_dict()
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        return f"{self.regime}-{self.method.label}-{self.encoding}-seed{self.seed}-{digest}"
+
+
+def run_job(job: Job, fresh: bool) -> dict[str, Any]:
+    """Run one method (or load its cached rows); rows and wall seconds."""
+    path = RUNS / f"{job.key()}.json"
+    if path.exists() and not fresh:
+        cached: dict[str, Any] = json.loads(path.read_text())
+        cached["cached"] = True
+        return cached
+    import torch
+
+    import adaquantfl
+
+    torch.set_num_threads(1)  # one process per core
+    start = time.perf_counter()
+    result = adaquantfl.run(REGIMES[job.regime], None, overrides=job.overrides())
+    keep = ("round", "levels", "train_loss", "test_accuracy", "wire_bits", "cum_wire_bits")
+    out = {
+        "rows": [{k: r.get(k) for k in keep} for r in result.metrics],
+        "seconds": time.perf_counter() - start,
+    }
+    RUNS.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)
+    out["cached"] = False
+    return out
+
+
+def bits_to(rows: Sequence[dict[str, Any]], target: float, smooth: int = 10) -> int | None:
+    from adaquantfl.runner.metrics import first_round_at_target
+
+    hit = first_round_at_target(rows, target, smooth)
+    return None if hit is None else int(rows[hit]["cum_wire_bits"])
+
+
+def final_loss(rows: Sequence[dict[str, Any]]) -> float:
+    from adaquantfl.runner.metrics import final_mean
+
+    value = final_mean(rows, "train_loss")
+    if value is None:
+        raise ValueError("a run has no training loss")
+    return value
+
+
+def score(
+    runs: dict[tuple[str, str, str, int], dict[str, Any]],
+    regimes: Sequence[str],
+    seeds: Sequence[int],
+    suite: Sequence[Method],
+) -> dict[str, Any]:
+    """Ratios to the hindsight-best fixed level, per regime, encoding, target and method."""
+    table: dict[str, Any] = {}
+    for regime in regimes:
+        for encoding in ENCODINGS:
+            for factor in TARGETS:
+                cell: dict[str, Any] = {}
+                per_seed: dict[str, list[float | None]] = {m.label: [] for m in suite}
+                for seed in seeds:
+                    fp32 = runs.get((regime, "fp32", "packed", seed))
+                    if fp32 is None:
+                        continue
+                    target = factor * final_loss(fp32["rows"])
+                    bits = {
+                        m.label: bits_to(runs[(regime, m.label, encoding, seed)]["rows"], target)
+                        for m in suite
+                        if (regime, m.label, encoding, seed) in runs
+                    }
+                    fixed = [bits[m.label] for m in suite if m.fixed and bits.get(m.label)]
+                    best = min(fixed) if fixed else None
+                    for label, b in bits.items():
+                        per_seed[label].append(None if b is None or best is None else b / best)
+                for label, ratios in per_seed.items():
+                    if not ratios:
+                        continue
+                    got = [r for r in ratios if r is not None]
+                    cell[label] = {
+                        "ratio": math.exp(statistics.fmean(math.log(r) for r in got))
+                        if got
+                        else None,
+                        "reached": len(got),
+                        "seeds": len(ratios),
+                    }
+                table.setdefault(regime, {}).setdefault(encoding, {})[str(factor)] = cell
+    return table
+
+
+def markdown(report: dict[str, Any]) -> str:
+    suite = [m.label for m in methods()]
+    lines = [
+        "# Regime suite: uplink bits to target / hindsight-best fixed level",
+        "",
+        f"{len(report['seeds'])} seed(s), rounds x {report['rounds_scale']}; wall time "
+        f"{report['wall_s'] / 60:.1f} min on {report['machine']['cpu']} "
+        f"({report['machine']['cores']} cores, {report['jobs']} parallel jobs; "
+        f"{report['ran']} runs executed, {report['cached']} reused). Each cell: geometric mean "
+        "of the ratio over the seeds that reached the target (k/n when not all did); 'never' "
+        "when none did. The best fixed level of each seed is 1.00 by definition.",
+        "",
+    ]
+    for regime, by_encoding in report["table"].items():
+        for encoding, by_target in by_encoding.items():
+            lines.append(f"## {regime}, {encoding}")
+            lines.append("")
+            lines.append("| method | " + " | ".join(f"{t}x fp32" for t in by_target) + " |")
+            lines.append("|---|" + "---|" * len(by_target))
+            for label in suite:
+                cells = []
+                for cell in by_target.values():
+                    c = cell.get(label)
+                    if c is None:
+                        cells.append("")
+                    elif c["ratio"] is None:
+                        cells.append("never")
+                    else:
+                        extra = (
+                            "" if c["reached"] == c["seeds"] else f" ({c['reached']}/{c['seeds']})"
+                        )
+                        cells.append(f"{c['ratio']:.2f}{extra}")
+                if any(cells):
+                    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def regime_map(report: dict[str, Any], path: Path) -> None:
+    """Heat map: policy x (regime, encoding), the geometric mean ratio over the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    policies = [m.label for m in methods() if not m.fixed and m.label != "fp32"]
+    columns = [(r, e) for r, by_enc in report["table"].items() for e in by_enc]
+    grid = np.full((len(policies), len(columns)), np.nan)
+    never = np.zeros_like(grid, dtype=bool)
+    for j, (regime, encoding) in enumerate(columns):
+        for i, label in enumerate(policies):
+            ratios = []
+            for cell in report["table"][regime][encoding].values():
+                c = cell.get(label)
+                if c is not None and c["ratio"] is not None and c["reached"] == c["seeds"]:
+                    ratios.append(math.log(c["ratio"]))
+                elif c is not None:
+                    never[i, j] = True
+            if ratios and not never[i, j]:
+                grid[i, j] = math.exp(statistics.fmean(ratios))
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 3, 0.45 * len(policies) + 2))
+    image = ax.imshow(np.log2(grid), cmap="RdYlGn_r", vmin=-1.5, vmax=1.5, aspect="auto")
+    for i in range(len(policies)):
+        for j in range(len(columns)):
+            text = "never" if never[i, j] else ("" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), [f"{r}\n{e}" for r, e in columns], fontsize=8)
+    ax.set_yticks(range(len(policies)), policies, fontsize=8)
+    ax.set_title("bits to target / hindsight-best fixed level (geo. mean over targets)")
+    fig.colorbar(image, label="log2 ratio")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", default="", help="comma-separated regimes")
+    parser.add_argument("--methods", default="", help="comma-separated method labels")
+    parser.add_argument("--quick", action="store_true", help="1 seed, a tenth of the rounds")
+    parser.add_argument("--fresh", action="store_true", help="rerun cached runs")
+    parser.add_argument(
+        "--rerun", default="", help="comma-separated method labels to rerun (e.g. after a change)"
+    )
+    args = parser.parse_args(argv)
+    seeds = [0] if args.quick else list(range(args.seeds))
+    scale = 0.1 if args.quick else 1.0
+    regimes = [r for r in (args.only.split(",") if args.only else REGIMES) if r]
+    missing = [r for r in regimes if r not in REGIMES or not REGIMES[r].exists()]
+    if missing:
+        raise SystemExit(f"unknown or missing regime(s) {missing}; known: {sorted(REGIMES)}")
+    suite = methods()
+    if args.methods:
+        wanted = set(args.methods.split(",")) | {"fp32"} | {m.label for m in suite if m.fixed}
+        suite = [m for m in suite if m.label in wanted]
+    jobs = [
+        Job(regime, method, encoding, seed, scale)
+        for regime in regimes
+        for seed in seeds
+        for method in suite
+        for encoding in (("packed",) if method.label == "fp32" else ENCODINGS)
+    ]
+    start = time.perf_counter()
+    rerun = set(args.rerun.split(",")) if args.rerun else set()
+    fresh = [args.fresh or job.method.label in rerun for job in jobs]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(run_job, jobs, fresh))
+    wall = time.perf_counter() - start
+    runs = {
+        (j.regime, j.method.label, j.encoding, j.seed): r
+        for j, r in zip(jobs, results, strict=True)
+    }
+    for (regime, label, _, seed), r in list(runs.items()):
+        if label == "fp32":  # full precision does not depend on the encoding
+            runs[(regime, label, "entropy", seed)] = r
+    report = {
+        "seeds": seeds,
+        "rounds_scale": scale,
+        "jobs": args.jobs,
+        "wall_s": wall,
+        "ran": sum(not r["cached"] for r in results),
+        "cached": sum(bool(r["cached"]) for r in results),
+        "run_seconds": sum(r["seconds"] for r in results if not r["cached"]),
+        "machine": machine(),
+        "table": score(runs, regimes, seeds, suite),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "regimes.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (RESULTS / "regimes.md").write_text(text)
+    regime_map(report, RESULTS / "regimes.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

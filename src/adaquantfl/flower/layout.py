@@ -1,0 +1,366 @@
+"""A model's arrays as Flower carries them, split into the compressed vector and the rest.
+
+The federated loop compresses one flat float32 vector (DESIGN §2). A PyTorch
+``state_dict`` holds more than that: BatchNorm's running statistics and
+``num_batches_tracked`` counter, integer buffers, parameters in float16.
+:class:`ArrayLayout` says, for every array of the model's ArrayRecord, whether
+it is part of the compressed vector or travels beside it:
+
+- floating arrays (float16, float32, float64) are parameters: they are
+  flattened (as float32) into the vector whose change ``Delta_i`` is
+  compressed; the model keeps each array's own dtype;
+- arrays of another dtype (integers, bool), and arrays whose name matches
+  ``uncompressed`` (by default BatchNorm's buffers), travel *beside* the
+  update: uncompressed, as the .npy arrays Flower carries, counted in
+  ``wire_bits``, and aggregated like the rest of the model.
+
+Notes
+-----
+BatchNorm's running variance is float32, but it is a statistic, not a
+parameter: a quantized change of it can be negative and larger than the
+variance itself, which makes the normalisation NaN. So it travels beside the
+update by name. bfloat16 cannot be carried at all: Flower's Array holds numpy
+arrays and numpy has no bfloat16 (``ArrayRecord(model.state_dict())`` raises
+``TypeError: Got unsupported ScalarType BFloat16`` for a bfloat16 model, with
+or without adaquantfl); :func:`record_from_state_dict` sends such tensors as
+float32, which is exact, and ``load_state_dict`` casts them back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from adaquantfl.flower.records import RecordError
+
+__all__ = [
+    "BATCHNORM_BUFFERS",
+    "ArrayLayout",
+    "matches",
+    "record_bytes",
+    "record_from_state_dict",
+]
+
+#: The buffers torch's BatchNorm layers add to a state_dict (matched as a name
+#: or a ``.``-separated suffix): they travel beside the compressed update.
+BATCHNORM_BUFFERS: tuple[str, ...] = ("running_mean", "running_var", "num_batches_tracked")
+
+_FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
+_NUMPY_STYPE = "numpy.ndarray"
+#: Room for a .npy header beyond the array's bytes (numpy pads it to 64 bytes;
+#: a version 2/3 header may be longer, never this long for a model array).
+_NPY_HEADER_LIMIT = 65536
+
+
+def matches(name: str, patterns: Collection[str]) -> bool:
+    """Whether ``name`` is one of ``patterns`` or ends with ``.<pattern>``."""
+    return any(name == p or name.endswith(f".{p}") for p in patterns)
+
+
+def record_bytes(record: ArrayRecord, names: Sequence[str] | None = None) -> int:
+    """Bytes of the Arrays' data (what Flower carries), of ``names`` or of all of them."""
+    keys = record.keys() if names is None else names
+    return sum(len(record[k].data) for k in keys)
+
+
+def record_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """``ArrayRecord(state_dict)``, with bfloat16 tensors sent as float32 (exactly).
+
+    Flower cannot carry bfloat16 (numpy has no such dtype). ``model.load_state_dict``
+    casts the float32 values back to the model's bfloat16 parameters.
+    """
+    arrays = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach().cpu()
+        arrays[name] = Array(t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy())
+    return ArrayRecord(arrays)
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """Names, shapes and dtypes of a model's arrays, and which of them travel beside.
+
+    Attributes
+    ----------
+    names, shapes : tuple
+        Every array of the model, in record order.
+    dtypes : tuple of str
+        Their numpy dtypes (default: all float32).
+    side : tuple of str
+        The arrays that travel beside the compressed update, in record order;
+        every other array is part of the flat float32 vector.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...] = ()
+    side: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.dtypes:
+            object.__setattr__(self, "dtypes", ("float32",) * len(self.names))
+        if not len(self.names) == len(self.shapes) == len(self.dtypes):
+            raise ValueError("a layout needs one shape and one dtype per array name")
+        if len(set(self.names)) != len(self.names) or not set(self.side) <= set(self.names):
+            raise ValueError("layout names must be unique and include every side array")
+        for name, dtype in zip(self.names, self.dtypes, strict=True):
+            if name not in self.side and dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"array {name!r} of dtype {dtype} cannot be compressed")
+
+    @classmethod
+    def of(
+        cls, record: ArrayRecord, uncompressed: Collection[str] = BATCHNORM_BUFFERS
+    ) -> ArrayLayout:
+        """The layout of ``record``: floats are compressed, unless their name is ``uncompressed``.
+
+        Raises
+        ------
+        RecordError
+            If the record is empty, or an array is not a numpy array of a
+            floating, integer or bool dtype.
+        """
+        names, shapes, dtypes, side = [], [], [], []
+        for name, array in record.items():
+            if array.stype != _NUMPY_STYPE:
+                raise RecordError(
+                    f"array {name!r} has stype {array.stype!r}; the model must be numpy arrays "
+                    "(ArrayRecord(model.state_dict()))"
+                )
+            kind = np.dtype(array.dtype).kind if _known_dtype(array.dtype) else "?"
+            if array.dtype not in _FLOAT_DTYPES and kind not in "iub":
+                raise RecordError(
+                    f"array {name!r} has dtype {array.dtype}; a model's arrays must be "
+                    "float16/32/64 parameters or integer/bool buffers"
+                )
+            names.append(name)
+            shapes.append(tuple(int(d) for d in array.shape))
+            dtypes.append(array.dtype)
+            if array.dtype not in _FLOAT_DTYPES or matches(name, uncompressed):
+                side.append(name)
+        if not names:
+            raise RecordError("the model's ArrayRecord is empty")
+        if len(side) == len(names):
+            raise RecordError(
+                "the model has no floating-point parameters to compress (every array travels "
+                "uncompressed)"
+            )
+        return cls(tuple(names), tuple(shapes), tuple(dtypes), tuple(side))
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def numel(self) -> int:
+        """Entries of the compressed vector ``d``."""
+        return sum(
+            math.prod(s) for n, s in zip(self.names, self.shapes, strict=True) if n not in self.side
+        )
+
+    def _compressed(self) -> list[tuple[str, tuple[int, ...], str]]:
+        side = set(self.side)
+        return [
+            (n, s, d)
+            for n, s, d in zip(self.names, self.shapes, self.dtypes, strict=True)
+            if n not in side
+        ]
+
+    def _spec(self, name: str) -> tuple[tuple[int, ...], str]:
+        i = self.names.index(name)
+        return self.shapes[i], self.dtypes[i]
+
+    # ------------------------------------------------------------------ conversions
+
+    def check_names(self, record: ArrayRecord, what: str = "ArrayRecord") -> None:
+        if set(record.keys()) != set(self.names):
+            raise RecordError(
+                f"{what} keys {sorted(record.keys())} differ from the model's {sorted(self.names)}"
+            )
+
+    def flatten(self, record: ArrayRecord) -> torch.Tensor:
+        """The compressed arrays of ``record`` as one flat float32 tensor, in layout order."""
+        self.check_names(record)
+        parts = []
+        for name, shape, _ in self._compressed():
+            # Any float dtype: a train function may hand back float64 or float32
+            # arrays of a float16 model; the values are what counts.
+            values = _loaded(record[name], name, shape, None)
+            parts.append(torch.from_numpy(values.astype(np.float32).reshape(-1)))
+        return torch.cat(parts)
+
+    def to_record(self, flat: torch.Tensor, side: Mapping[str, Array] | None = None) -> ArrayRecord:
+        """``flat`` in the model's arrays and dtypes, plus the ``side`` arrays, in layout order."""
+        if flat.dtype != torch.float32 or flat.numel() != self.numel:
+            raise ValueError(
+                f"expected a flat float32 tensor of {self.numel} entries, "
+                f"got {flat.dtype} with {flat.numel()}"
+            )
+        side = side or {}
+        if set(side) != set(self.side):
+            raise ValueError(f"expected the side arrays {list(self.side)}, got {sorted(side)}")
+        values = flat.detach().cpu().numpy()
+        arrays: dict[str, Array] = {}
+        offset = 0
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
+            if name in side:
+                arrays[name] = side[name]
+                continue
+            size = math.prod(shape)
+            arrays[name] = Array(np.asarray(values[offset : offset + size].reshape(shape), dtype))
+            offset += size
+        return ArrayRecord(arrays)
+
+    def side_arrays(self, record: Mapping[str, Array], *, trusted: bool = True) -> dict[str, Array]:
+        """The side arrays of ``record``, checked against the layout.
+
+        With ``trusted=False`` (a node's reply) every array's .npy header is read
+        before its data (no allocation sized by a claim), and float arrays
+        must be finite.
+        """
+        out = {}
+        for name in self.side:
+            if name not in record:
+                raise RecordError(f"the reply lacks the model's array {name!r}")
+            shape, dtype = self._spec(name)
+            array = record[name]
+            if trusted:
+                if array.dtype != dtype or tuple(array.shape) != shape:
+                    raise RecordError(
+                        f"array {name!r} is {array.dtype} {tuple(array.shape)}, "
+                        f"expected {dtype} {shape}"
+                    )
+            else:
+                values = _loaded(array, name, shape, dtype, untrusted=True)
+                if values.dtype.kind == "f" and not bool(np.isfinite(values).all()):
+                    raise RecordError(f"array {name!r} has non-finite values")
+            out[name] = array
+        return out
+
+    def mean_side(
+        self, sides: Sequence[Mapping[str, Array]], weights: Sequence[float]
+    ) -> dict[str, Array]:
+        """FedAvg of the side arrays: ``sum_i p_i a_i`` in float64, cast back to each dtype.
+
+        Integer arrays (``num_batches_tracked``) get the weighted mean rounded
+        to the nearest integer (half to even), bool arrays the weighted majority.
+        """
+        total = float(sum(weights))
+        out: dict[str, Array] = {}
+        for name in self.side:
+            shape, dtype = self._spec(name)
+            acc = np.zeros(shape, dtype=np.float64)
+            for arrays, n in zip(sides, weights, strict=True):
+                acc += arrays[name].numpy().astype(np.float64) * (n / total)
+            out[name] = Array(cast_values(acc, dtype))
+        return out
+
+    def adopt(self, record: ArrayRecord) -> ArrayRecord:
+        """An inner strategy's aggregate in the model's dtypes (FedAdam returns float64).
+
+        Raises
+        ------
+        RecordError
+            If the names or shapes differ from the model's, or a value is not finite.
+        """
+        self.check_names(record, "the inner strategy's aggregate")
+        arrays: dict[str, Array] = {}
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
+            values = record[name].numpy()
+            if tuple(values.shape) != shape:
+                raise RecordError(
+                    f"the inner strategy's array {name!r} has shape {values.shape}, not {shape}"
+                )
+            if values.dtype.kind in "fc" and not bool(np.isfinite(values).all()):
+                raise RecordError(f"the inner strategy's array {name!r} has non-finite values")
+            same = str(values.dtype) == dtype
+            arrays[name] = record[name] if same else Array(cast_values(values, dtype))
+        return ArrayRecord(arrays)
+
+    # ------------------------------------------------------------------ to a node
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"names": self.names, "shapes": self.shapes, "dtypes": self.dtypes, "side": self.side}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ArrayLayout:
+        try:
+            spec = json.loads(text)
+            return cls(
+                tuple(str(n) for n in spec["names"]),
+                tuple(tuple(int(d) for d in s) for s in spec["shapes"]),
+                tuple(str(d) for d in spec["dtypes"]),
+                tuple(str(n) for n in spec["side"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RecordError(f"bad model layout in the train config: {exc}") from None
+
+
+def cast_values(values: np.ndarray, dtype: str) -> np.ndarray:
+    """``values`` in ``dtype``: integers rounded half to even, bools by ``>= 0.5``."""
+    # np.asarray throughout: numpy turns 0-d results into scalars, which Array refuses
+    # (num_batches_tracked is 0-d).
+    target = np.dtype(dtype)
+    if target.kind == "b":
+        return np.asarray(values >= 0.5)
+    if target.kind in "iu" and values.dtype.kind not in "iub":
+        info = np.iinfo(target)
+        return np.asarray(np.clip(np.rint(values), info.min, info.max), dtype=target)
+    return np.asarray(values, dtype=target)
+
+
+def _known_dtype(name: str) -> bool:
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return True
+
+
+def _loaded(
+    array: Array, name: str, shape: tuple[int, ...], dtype: str | None, *, untrusted: bool = False
+) -> np.ndarray:
+    """``array`` as numpy, checked to be ``dtype`` (None: any float dtype) of ``shape``.
+
+    ``untrusted``: the .npy header is read and checked before numpy allocates
+    anything for the data (``np.load`` on a byte buffer allocates what the
+    header claims before it reads).
+    """
+    dtype_ok = array.dtype in _FLOAT_DTYPES if dtype is None else array.dtype == dtype
+    if array.stype != _NUMPY_STYPE or not dtype_ok or tuple(array.shape) != shape:
+        raise RecordError(
+            f"array {name!r} is {array.stype} {array.dtype} {tuple(array.shape)}, "
+            f"expected {dtype or 'float'} {shape}"
+        )
+    if untrusted and dtype is not None:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if len(array.data) > nbytes + _NPY_HEADER_LIMIT:
+            raise RecordError(f"array {name!r} carries {len(array.data)} bytes for {nbytes}")
+        try:
+            buffer = io.BytesIO(array.data)
+            version = np.lib.format.read_magic(buffer)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            header = read_header(buffer)
+        except (ValueError, OSError) as exc:
+            raise RecordError(f"array {name!r} is not a .npy array: {exc}") from None
+        if header != (shape, False, np.dtype(dtype)):
+            raise RecordError(f"array {name!r}'s .npy header {header} is not {dtype} {shape}")
+    try:
+        values = array.numpy()
+    except (ValueError, OSError, TypeError) as exc:
+        raise RecordError(f"array {name!r} could not be read: {exc}") from None
+    if tuple(values.shape) != shape or str(values.dtype) != array.dtype:
+        raise RecordError(
+            f"array {name!r} holds {values.dtype} {values.shape}, expected {array.dtype} {shape}"
+        )
+    return values

@@ -1,0 +1,448 @@
+"""``AdaQuant``: AdaQuantFL's compression around any Flower strategy, as Flower's DP wrappers do.
+
+    strategy = AdaQuant(FedAdam(), policy=AdaQuantLevels(2), seed=0)
+    client_app = ClientApp(mods=[adaquant_mod])
+
+Each round the wrapper lets the inner strategy configure the round and adds
+each node's plan (levels, seed, compressor; :mod:`adaquantfl.flower.plan`),
+checks and decodes the replies with :meth:`adaquantfl.fl.server.FedServer.aggregate`
+(which also feeds the level policy), hands the inner strategy the accepted
+nodes' models ``w_k + C(Delta_i)`` with their own metrics, and returns its
+aggregate as the new global model. Nothing of quantization, aggregation or
+the policy is re-implemented here.
+
+Notes
+-----
+When the inner strategy aggregates with FedAvg's own ``aggregate_train``
+(``FedAvg``, ``FedProx``), its result is the weighted mean of the replies; the
+wrapper takes that mean from :class:`FedServer` instead, which accumulates
+``sum_i p_i C(Delta_i)`` in float64 in client-id order: Flower's float32 sum in
+arrival order would make the model depend on which reply came first, and
+differ from the simulator's in the last bits. Any other ``aggregate_train``
+(FedAdam, FedTrimmedAvg, a DP wrapper, your own) is used as it is. The level
+policy always sees ``F(w_k) = sum_i p_i F_i(w_k)``: the accepted nodes'
+sample-weighted loss of the global model they received, whatever the inner
+strategy made of the previous round (see docs/flower.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import replace
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from adaquantfl.compression.compressor import Compressor, default_message_limit
+from adaquantfl.compression.qsgd_compressor import QSGDCompressor
+from adaquantfl.fl.server import FedServer, RoundOutcome
+from adaquantfl.flower.aggregate import fedavg_model, inner_model, uses_fedavg_math
+from adaquantfl.flower.checks import check_settings
+from adaquantfl.flower.downlink import DownlinkSender, send_model
+from adaquantfl.flower.layout import BATCHNORM_BUFFERS, ArrayLayout
+from adaquantfl.flower.nodes import sampled_messages
+from adaquantfl.flower.plan import RoundPlan, add_plans
+from adaquantfl.flower.records import NUM_EXAMPLES_KEY, TrainReply
+from adaquantfl.flower.replies import common_metrics, evaluate_replies, read_reply, sort_replies
+from adaquantfl.flower.rounds import (
+    FlowerRound,
+    PendingRound,
+    log_exclusions,
+    why_nothing_accepted,
+    with_server_metrics,
+)
+from adaquantfl.policy import LevelPolicy, LevelSchedule
+
+__all__ = ["AdaQuant", "NoAcceptedRepliesError"]
+
+
+class NoAcceptedRepliesError(RuntimeError):
+    """A run in which no training round accepted a single reply (the model never changed)."""
+
+
+class AdaQuant(Strategy):
+    """Wrap a Flower strategy so that the nodes send compressed updates at scheduled levels.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The inner Flower strategy (``FedAvg``, ``FedProx``, ``FedAdam``,
+        ``FedTrimmedAvg``, a DP wrapper, ...): it samples nodes (unless
+        ``sample_nodes``), builds the messages and aggregates the models.
+    policy : LevelPolicy or LevelSchedule
+        Any level policy of :mod:`adaquantfl.policy` (``FullPrecision()``,
+        ``FixedLevels(s)``, ``AdaQuantLevels(s0)``, ...).
+    seed : int
+        Run seed: nodes derive their minibatch and quantizer-noise streams from
+        (seed, round, client id); seeded node sampling and the downlink's noise
+        use it too. Required: a run is reproducible only from a known seed.
+    compressor : Compressor, optional
+        Any registered compressor, possibly in
+        :class:`~adaquantfl.compression.feedback.ErrorFeedback` (default: QSGD,
+        packed, one bucket, l2). The nodes rebuild it by name, so its module
+        must be imported in the ClientApp too.
+    downlink, downlink_levels : Compressor, int, optional
+        Compress the model sent to the nodes too (:mod:`adaquantfl.flower.downlink`);
+        ``downlink_levels`` None sends a raw float32 change. Default: the
+        model as Flower's float arrays (the paper's setting).
+    uncompressed : collection of str
+        Names (or ``.``-suffixes) of float arrays that travel beside the
+        update, uncompressed; arrays of a non-float dtype always do (default:
+        BatchNorm's buffers, see :mod:`adaquantfl.flower.layout`).
+    sample_nodes : bool
+        False: the inner strategy samples the nodes as it always does. True:
+        the wrapper samples them reproducibly from ``seed`` (by client id
+        with ``num_clients`` / ``clients_per_round``, as the simulator does),
+        waiting at most ``node_wait_s`` for the inner strategy's
+        ``min_available_nodes``; the inner strategy must have FedAvg's
+        sampling settings (``fraction_train``, ``min_train_nodes``, ...).
+    num_clients, clients_per_round : int, optional
+        Select ``clients_per_round`` of ``num_clients`` client ids (the nodes'
+        ``partition-id``) per round with :func:`~adaquantfl.fl.server.select_clients`;
+        nodes of unknown id are asked with a probe message first. Needs ``sample_nodes``.
+    node_wait_s : float
+        Longest wait for nodes (and probe replies) with ``sample_nodes``.
+    record_digests : bool
+        Keep the SHA-256 of every payload in :attr:`rounds` (for comparing engines).
+    max_message_bytes : int, optional
+        Payloads larger than this are rejected unread (default: the largest
+        message an honest node can send for the model,
+        :func:`~adaquantfl.compression.compressor.default_message_limit`).
+    max_weight_share : float, optional
+        FedServer's cap on a node's ``p_i`` (in ``F(w_k)`` and FedAvg's mean only).
+
+    Notes
+    -----
+    A bad reply (an error, a malformed one, one :meth:`FedServer.aggregate`
+    rejects) is left out of the model and of the policy's loss, logged, and
+    counted in ``aq-rejected``; a silent node in ``aq-dropped``. These and the
+    other ``aq-*`` figures go to ``Result.evaluate_metrics_serverapp`` (:meth:`start`)
+    and :attr:`rounds`; ``train_metrics_clientapp`` is the inner strategy's
+    aggregate of the nodes' own metrics. A run in which no round accepted a
+    reply ends with :class:`NoAcceptedRepliesError`.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *args: object,
+        policy: LevelPolicy | LevelSchedule | None = None,
+        seed: int,
+        compressor: Compressor | None = None,
+        downlink: Compressor | None = None,
+        downlink_levels: int | None = None,
+        uncompressed: Collection[str] = BATCHNORM_BUFFERS,
+        sample_nodes: bool = False,
+        num_clients: int | None = None,
+        clients_per_round: int | None = None,
+        node_wait_s: float = 60.0,
+        record_digests: bool = True,
+        max_message_bytes: int | None = None,
+        max_weight_share: float | None = None,
+    ) -> None:
+        settings = check_settings(type(self).__name__, strategy, args, locals())
+        self.strategy: Any = strategy
+        self.policy: LevelPolicy = settings["policy"]
+        self.seed: int = seed
+        self.compressor: Compressor = compressor if compressor is not None else QSGDCompressor()
+        self.uncompressed = tuple(uncompressed)
+        self.sample_nodes = sample_nodes
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        self.node_wait_s = float(node_wait_s)
+        self.record_digests = record_digests
+        #: The limit asked for; None: :func:`default_message_limit` of the model.
+        self.max_message_bytes = max_message_bytes
+        self.max_weight_share: float | None = settings["max_weight_share"]
+        self.downlink = (
+            None if downlink is None else DownlinkSender(downlink, downlink_levels, seed)
+        )
+        #: The server state (global model, round counter, policy); built from
+        #: the first arrays that ``configure_train`` sees.
+        self.server: FedServer | None = None
+        self.layout: ArrayLayout | None = None
+        #: Every completed training round, in order.
+        self.rounds: list[FlowerRound] = []
+        #: Client id of every node whose reply was accepted (node id -> partition id).
+        self.node_clients: dict[int, int] = {}
+        self._global: ArrayRecord | None = None
+        self._pending: PendingRound | None = None
+
+    @property
+    def schedule(self) -> LevelPolicy:
+        """The level policy (the name of DESIGN §7's schedules)."""
+        return self.policy
+
+    def __repr__(self) -> str:
+        return f"AdaQuant({self.strategy!r}, policy={self.policy!r})"
+
+    def summary(self) -> None:
+        """Log the compression settings, then the inner strategy's."""
+        limit = self.max_message_bytes
+        downlink = "float arrays" if self.downlink is None else repr(self.downlink.compressor)
+        log(INFO, "\t├──> AdaQuantFL: policy %r, compressor %r", self.policy, self.compressor)
+        log(INFO, "\t│\t└── downlink %s, max payload %s, sampling by %s", downlink,
+            "model default" if limit is None else f"{limit} B",
+            "seed" if self.sample_nodes else "the inner strategy")  # fmt: skip
+        self.strategy.summary()
+
+    # ----------------------------------------------------------------- training
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the inner strategy configure the round; add each node's plan (and downlink)."""
+        server, layout = self._sync(arrays)
+        self._pending = None
+        started = time.perf_counter()
+        plan = RoundPlan(
+            server.levels, self.seed, server.round_idx, self.compressor, uncompressed=layout.side
+        )
+        messages = self._inner_train_messages(server_round, arrays, config, grid, plan)
+        nodes = [m.metadata.dst_node_id for m in messages]
+        known = sorted({self.node_clients[n] for n in nodes if n in self.node_clients})
+        server.begin_round(known)
+        level_plan = server.plan()
+        node_levels = {
+            n: level_plan.levels_of(self.node_clients[n]) if n in self.node_clients
+            else level_plan.default
+            for n in nodes
+        }  # fmt: skip
+        downlinks, sent = send_model(self.downlink, server, nodes, layout, arrays)
+        plans = {n: replace(plan, levels=node_levels[n]) for n in nodes}
+        add_plans(messages, self.strategy, plans, downlinks)
+        log(
+            INFO,
+            "configure_train: round %d, levels %s, %d nodes",
+            server_round,
+            "fp32" if level_plan.default is None else level_plan.default,
+            len(nodes),
+        )
+        self._pending = PendingRound(
+            server_round=server_round,
+            nodes=frozenset(nodes),
+            downlink_bits=8 * sent,
+            started=started,
+            messages=tuple(messages),
+            node_levels=node_levels,
+            arrays=arrays,
+            params=server.params,
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode and check the replies with :class:`FedServer`; the inner strategy aggregates."""
+        server = self._require_server()[0]
+        replies = list(replies)
+        pending = self._pending
+        if pending is None or pending.server_round != server_round:
+            pending = PendingRound(server_round, frozenset(), 0, time.perf_counter())
+        parsed, failures, dropouts = sort_replies(replies, pending, self._read_reply)
+        nodes_of: dict[int, list[int]] = {}
+        for node, tr, _ in parsed:
+            nodes_of.setdefault(tr.reply.client_id, []).append(node)
+        expected = {
+            tr.reply.client_id: pending.node_levels.get(node, server.plan().default)
+            for node, tr, _ in parsed
+        }
+        previous = server.params
+        outcome = server.aggregate([tr.reply for _, tr, _ in parsed], expected_levels=expected)
+        rejected = {c for c, _ in outcome.rejections}
+        # In client-id order, as FedServer sums: the inner strategy's float sums
+        # then do not depend on the order in which replies arrived.
+        accepted = sorted(
+            ((n, tr, m) for n, tr, m in parsed if tr.reply.client_id not in rejected),
+            key=lambda item: item[1].reply.client_id,
+        )
+        for client_id, nodes in nodes_of.items():
+            # Learn a node's client id only from a reply the server accepted (a
+            # node that claims another's id must not take its place in sampling).
+            if client_id not in rejected:
+                self.node_clients.update(dict.fromkeys(nodes, client_id))
+        if self.downlink is not None:
+            for node in pending.nodes - {n for n, _, _ in accepted}:
+                self.downlink.forget(node)
+        outcome = replace(
+            outcome,
+            rejected=outcome.rejected + len(failures),
+            wire_bits=outcome.wire_bits + 8 * sum(tr.side_bytes for _, tr, _ in parsed),
+        )
+        log_exclusions(server_round, outcome, failures, dropouts, nodes_of)
+        arrays, metrics = None, None
+        if accepted:
+            arrays, metrics = self._aggregate(server_round, accepted, outcome, pending, previous)
+        flower_round = FlowerRound(
+            server_round=server_round,
+            outcome=outcome,
+            sent=len(pending.nodes),
+            downlink_bits=pending.downlink_bits,
+            failures=tuple(failures),
+            dropouts=tuple(dropouts),
+            time_s=time.perf_counter() - pending.started,
+        )
+        self.rounds.append(flower_round)
+        self._pending = None
+        return arrays, metrics
+
+    def _aggregate(
+        self,
+        server_round: int,
+        accepted: list[tuple[int, TrainReply, Message]],
+        outcome: RoundOutcome,
+        pending: PendingRound,
+        previous: torch.Tensor,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global model and the nodes' aggregated metrics (``accepted`` is not empty)."""
+        server, layout = self._require_server()
+        weight_key = getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES_KEY)
+        metrics = common_metrics([tr.metrics for _, tr, _ in accepted], weight_key)
+        if uses_fedavg_math(self.strategy):
+            # FedAvg's mean, computed exactly by FedServer (see the module notes).
+            record, aggregated = fedavg_model(
+                self.strategy, server, layout, accepted, metrics, weight_key
+            )
+            self._global = record
+            return record, aggregated
+        w_k = pending.params if pending.params is not None else previous
+        model, inner_metrics = inner_model(
+            self.strategy,
+            server_round,
+            self.compressor,
+            layout,
+            w_k,
+            accepted,
+            metrics,
+            dict(outcome.client_levels),
+        )
+        if model is None:
+            server.params = previous  # the model stays as it was
+            return None, inner_metrics
+        server.params = layout.flatten(model)
+        self._global = model
+        return model, inner_metrics
+
+    def _read_reply(self, content: RecordDict) -> TrainReply:
+        return read_reply(content, self._require_server()[1])
+
+    # ----------------------------------------------------------------- evaluation
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner strategy's evaluation (on nodes the wrapper sampled, with ``sample_nodes``)."""
+        if not self.sample_nodes:
+            return list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        round_idx = self.server.round_idx if self.server is not None else server_round
+        return sampled_messages(
+            self,
+            grid,
+            round_idx,
+            lambda view: self.strategy.configure_evaluate(server_round, arrays, config, view),
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The inner strategy's aggregate of the well-formed replies; the others are dropped."""
+        weight_key = getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES_KEY)
+        good = evaluate_replies(list(replies), weight_key)
+        if not good:
+            return None
+        result: MetricRecord | None = self.strategy.aggregate_evaluate(server_round, good)
+        return result
+
+    # ----------------------------------------------------------------- the run
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's run loop; each round's ``aq-*`` figures join the server-side results.
+
+        ``Result.evaluate_metrics_serverapp[round]`` holds what ``evaluate_fn``
+        returned plus :func:`~adaquantfl.flower.rounds.server_metrics` (the
+        user's keys are never overwritten).
+
+        Raises
+        ------
+        NoAcceptedRepliesError
+            If training rounds ran and none accepted a reply.
+        """
+        first = len(self.rounds)
+        evaluate = with_server_metrics(evaluate_fn, self.rounds, first)
+        result = super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate
+        )
+        self.raise_if_nothing_accepted(first)
+        return result
+
+    def raise_if_nothing_accepted(self, first_round: int = 0) -> None:
+        """Raise :class:`NoAcceptedRepliesError` if no round since ``first_round`` accepted a reply.
+
+        :meth:`start` calls it at the end; call it after a loop of your own.
+        """
+        done = self.rounds[first_round:]
+        if not done or any(r.outcome.participants for r in done):
+            return
+        if getattr(self.strategy, "fraction_train", None) != 0.0:  # training was asked for
+            raise NoAcceptedRepliesError(why_nothing_accepted(done))
+
+    # ----------------------------------------------------------------- helpers
+
+    def _inner_train_messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        plan: RoundPlan,
+    ) -> list[Message]:
+        if not self.sample_nodes:
+            return list(self.strategy.configure_train(server_round, arrays, config, grid))
+        return sampled_messages(
+            self,
+            grid,
+            plan.round_idx,
+            lambda view: self.strategy.configure_train(server_round, arrays, config, view),
+            probe=plan,
+        )
+
+    def _sync(self, arrays: ArrayRecord) -> tuple[FedServer, ArrayLayout]:
+        if self.server is None or self.layout is None:
+            self.layout = layout = ArrayLayout.of(arrays, self.uncompressed)
+            limit = self.max_message_bytes or default_message_limit(layout.numel, self.compressor)
+            self.server = FedServer(
+                layout.flatten(arrays),
+                self.policy,
+                self.compressor,
+                max_message_bytes=limit,
+                record_digests=self.record_digests,
+                max_weight_share=self.max_weight_share,
+            )
+            self._global = arrays
+        elif arrays is not self._global:
+            # Someone handed us a different model than the one we returned
+            # (a custom loop); it becomes the global model.
+            log(INFO, "configure_train: adopting the arrays passed in as the global model")
+            self.server.params = self.layout.flatten(self.layout.adopt(arrays))
+            self._global = arrays
+        return self.server, self.layout
+
+    def _require_server(self) -> tuple[FedServer, ArrayLayout]:
+        if self.server is None or self.layout is None:  # aggregate_train before configure_train
+            raise RuntimeError("no global model yet: configure_train has not run")
+        return self.server, self.layout
