@@ -18,6 +18,7 @@ BENCHMARKS = [
     ("entropy_check", ["--quick"]),
     ("bits", ["--quick"]),
     ("sim", ["--quick"]),
+    ("cnn", ["--quick"]),
     ("memory", ["--clients", "1000", "--rounds", "2"]),
     ("comm", ["--quick"]),
     ("stack", ["--quick"]),

@@ -35,6 +35,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,8 +135,35 @@ def plain_loop(num_clients: int, *, threads: int, rounds: int) -> float:
     return median_round_s(run_round, rounds, warmup=1)
 
 
-def flower(num_clients: int, *, rounds: int) -> dict[str, Any]:
-    """Flower's simulation engine with a standard FedAvg app; per-round times from the server."""
+@dataclass(frozen=True)
+class Workload:
+    """A data set, its split over clients and a model (a key of ``adaquantfl.models.MODELS``)."""
+
+    dataset: str
+    model: str
+    partition: tuple[tuple[str, Any], ...] = (("partition", "iid"),)
+
+    def data(self, num_clients: int) -> Any:
+        from adaquantfl.data import load_federated
+
+        return load_federated(self.dataset, num_clients=num_clients, seed=0, **dict(self.partition))
+
+    def module(self, data: Any) -> torch.nn.Module:
+        from adaquantfl.models import MODELS
+
+        return MODELS[self.model](data.input_shape, data.num_classes)
+
+
+#: This benchmark's workload (the MLP on digits, IID).
+DIGITS_MLP = Workload("digits", "mlp")
+
+
+def flower(num_clients: int, *, rounds: int, workload: Workload = DIGITS_MLP) -> dict[str, Any]:
+    """Flower's simulation engine with a standard FedAvg app; per-round times from the server.
+
+    The ClientApp trains with :func:`plain_client` on its partition of
+    ``workload``'s data (loaded once per worker process).
+    """
     import os
 
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -144,24 +172,20 @@ def flower(num_clients: int, *, rounds: int) -> dict[str, Any]:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from adaquantfl.models import MLP
     from adaquantfl.runner.flower_engine import loopback_ray, ray_backend_config
 
     cpus = min(os.cpu_count() or 1, num_clients)
     backend = ray_backend_config(cpus)
     client_app = ClientApp()
     cache: dict[int, Any] = {}
+    initial = workload.module(workload.data(num_clients)).state_dict()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        from adaquantfl.data import load_federated
-
         if num_clients not in cache:
-            cache[num_clients] = load_federated(
-                "digits", num_clients=num_clients, seed=0, partition="iid"
-            )
+            cache[num_clients] = workload.data(num_clients)
         shard = cache[num_clients].clients[int(context.node_config["partition-id"])]
-        model = MLP(64, 10)
+        model = workload.module(cache[num_clients])
         state = msg.content["arrays"].to_torch_state_dict()
         gen = torch.Generator().manual_seed(int(context.node_config["partition-id"]))
         local = plain_client(model, state, shard.x, shard.y, gen)
@@ -191,7 +215,7 @@ def flower(num_clients: int, *, rounds: int) -> dict[str, Any]:
 
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(MLP(64, 10).state_dict()),
+            initial_arrays=ArrayRecord(initial),
             num_rounds=rounds,
             evaluate_fn=stamp,
         )

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from benchmarks import _common, bits, codec, entropy_check
+from benchmarks import _common, bits, cnn, codec, entropy_check
 
 
 def test_codec_benchmark_measures_every_pair_and_its_naive_baseline_round_trips() -> None:
@@ -58,3 +58,16 @@ def test_common_helpers(tmp_path: Path) -> None:
     path = _common.write_json("x", {"a": 1}, directory=tmp_path)
     assert json.loads(path.read_text()) == {"a": 1}
     assert {"cpu", "cores", "numba_threads"} <= set(_common.machine())
+
+
+def test_cnn_benchmark_times_batched_and_per_client_rounds_of_both_regimes() -> None:
+    names = cnn.contenders([1])
+    assert set(names) == {
+        "batched (1 thread)", "per-client (1 thread)", "batched, adaquantfl s0=2 packed (1 thread)"
+    }  # fmt: skip
+    chosen = {k: v for k, v in names.items() if "adaquantfl" not in k}
+    r = cnn.in_process(cnn.REGIMES["cnn1d"].workload, 3, rounds=1, contenders=chosen)
+    for times in r.values():
+        assert times["best_s"] > 0 and times["first_round_s"] > 0 and times["build_s"] >= 0
+    data = cnn.REGIMES["cnn"].workload.data(3)
+    assert sum(p.numel() for p in cnn.REGIMES["cnn"].workload.module(data).parameters()) == 28938

@@ -150,3 +150,44 @@ def test_cnn1d_trains() -> None:
 
     assert first == pytest.approx(2.3, abs=0.1)  # near log(10) at initialisation
     assert last < 0.1 * first
+
+
+def test_cnn_pools_before_its_relu_with_the_same_values_and_gradients() -> None:
+    """relu(maxpool(z)) is maxpool(relu(z)) bit for bit, and so are the gradients.
+
+    Blank image regions make exactly tied windows, positive (bias > 0) and not.
+    """
+    model = make_model("cnn", (1, 12, 12), 3)
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(6))
+    x = torch.zeros(4, 1, 12, 12)
+    x[:, :, 3:7, 2:9] = torch.rand(4, 1, 4, 7, generator=torch.Generator().manual_seed(7))
+    y = torch.tensor([0, 1, 2, 1])
+
+    def relu_then_pool(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = torch.max_pool2d(
+            torch.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=2)), 2
+        )
+        h = torch.max_pool2d(
+            torch.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"], padding=2)), 2
+        )
+        return F.linear(h.flatten(1), p["fc.weight"], p["fc.bias"])
+
+    results = []
+    for forward in (lambda w: model(w, x), lambda w: relu_then_pool(model.unflatten(w), x)):
+        w = params.clone().requires_grad_(True)
+        logits = forward(w)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), w)
+        results.append((logits.detach(), grad))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert float(ga.abs().sum()) > 0
+
+
+def test_cnn_evaluates_without_autograd_to_the_same_bits() -> None:
+    model = make_model("cnn", (1, 12, 12), 3)
+    params = model.initial_parameters(generator=torch.Generator().manual_seed(8))
+    x = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(9))
+    x[:, :, :4] = 0.0  # tied windows
+    with torch.no_grad():
+        fast = model(params, x)
+    assert torch.equal(fast, model(params, x).detach())  # grad mode: max_pool2d

@@ -179,12 +179,13 @@ def evaluate(
     n = int(y.shape[0])
     if n == 0:
         raise ValueError("cannot evaluate on an empty data set")
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = 0
+    chunk = model.eval_chunk or _EVAL_CHUNK
     with torch.no_grad():
-        for start in range(0, n, _EVAL_CHUNK):
-            logits = model(params, x[start : start + _EVAL_CHUNK])
-            target = y[start : start + _EVAL_CHUNK]
+        for start in range(0, n, chunk):
+            logits = model(params, x[start : start + chunk])
+            target = y[start : start + chunk]
             losses = F.cross_entropy(logits, target, reduction="none")
             total += losses.to(torch.float64).sum()
             correct += int((logits.argmax(dim=1) == target).sum())
@@ -292,7 +293,8 @@ def encode_update(
     feedback = compressor if isinstance(compressor, ErrorFeedback) else None
     if feedback is not None and state is None:
         raise ValueError("an ErrorFeedback compressor needs the client's state (its residual)")
-    v = update.detach().reshape(-1).to(torch.float32)
+    # The compressors are CPU code (numba kernels): an update trained on a GPU comes back here.
+    v = update.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
     if feedback is not None and state is not None and state.residual is not None:
         v = feedback.add_residual(v, state.residual)
     noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)

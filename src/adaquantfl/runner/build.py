@@ -20,11 +20,18 @@ from adaquantfl.fl.downlink import Downlink
 from adaquantfl.fl.server import FedServer
 from adaquantfl.models import FlatModel, make_model
 from adaquantfl.rng import torch_generator
-from adaquantfl.runner.config import Config
+from adaquantfl.runner.config import Config, ConfigError
 from adaquantfl.sim.faults import ClientFaults
 from adaquantfl.sim.simulator import Simulator
 
-__all__ = ["EngineRun", "build_model", "build_server", "build_simulator", "load_data"]
+__all__ = [
+    "EngineRun",
+    "build_model",
+    "build_server",
+    "build_simulator",
+    "load_data",
+    "training_device",
+]
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,8 +94,27 @@ def build_server(config: Config, params: torch.Tensor, **kwargs: Any) -> FedServ
     )
 
 
+def training_device(config: Config) -> torch.device:
+    """``[train] device`` as a torch device, if this machine has it.
+
+    Raises
+    ------
+    ConfigError
+        If ``device = "cuda"`` and PyTorch sees no CUDA device.
+    """
+    device = config.train.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "[train] device = 'cuda', but PyTorch sees no CUDA device on this machine "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+            "use device = 'cpu'"
+        )
+    return torch.device(device)
+
+
 def build_simulator(config: Config, data: FederatedData | None = None) -> Simulator:
     """A ready-to-run simulator for a single-method config."""
+    device = training_device(config)
     data = data if data is not None else load_data(config)
     model, params = build_model(config, data)
     server = build_server(config, params)
@@ -102,6 +128,7 @@ def build_simulator(config: Config, data: FederatedData | None = None) -> Simula
         clients_per_round=config.clients_per_round,
         seed=t.seed,
         vectorize=t.vectorize,
+        device=device,
         faults=ClientFaults(
             dropout=t.dropout,
             deadline_s=t.deadline_s,

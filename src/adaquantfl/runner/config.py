@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 ENGINES: tuple[str, ...] = ("sim", "flower")
+#: Where the simulator trains (``[train] device``); checked against the machine when built.
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=at_least(0))
     engine: str = field(default="sim", metadata=choice(*ENGINES))
     vectorize: bool = True
+    device: str = field(default="cpu", metadata=choice(*DEVICES))
     checkpoint_every: int = field(default=0, metadata=at_least(0))
     dropout: float = field(default=0.0, metadata={"min": 0, "max": 1})
     deadline_s: float | None = field(default=None, metadata=positive())

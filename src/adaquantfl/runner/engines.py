@@ -97,6 +97,11 @@ def check_engine(config: Config) -> None:
             "[train] uplink_budget_bits is supported by engine = 'sim' only (it undoes the "
             "round that would exceed the budget)"
         )
+    if t.device != "cpu":
+        raise ConfigError(
+            "[train] device chooses where engine = 'sim' trains; the Flower engine's "
+            "clients train on the CPU"
+        )
 
 
 def flower_engine(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from adaquantfl.compression.compressor import Compressor
-from adaquantfl.data import FederatedData
+from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import (
     ClientError,
     ClientReply,
@@ -61,6 +61,11 @@ class Simulator:
         The batched path matches the per-client path to float tolerance.
     faults : ClientFaults, optional
         Simulated dropout and deadline; none by default.
+    device : str or torch.device
+        Where local training and evaluation run (``"cpu"`` or ``"cuda"``). The
+        data are copied there once; the global model stays on the CPU with the
+        server, and each update comes back to the CPU to be compressed (the
+        codec's kernels are CPU code).
     """
 
     def __init__(
@@ -75,9 +80,14 @@ class Simulator:
         seed: int,
         vectorize: bool = False,
         faults: ClientFaults | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.model = model
         self.data = data
+        self.device = torch.device(device)
+        #: The clients' shards and the test set on :attr:`device` (``data``'s own on the CPU).
+        self.shards = [_to(shard, self.device) for shard in data.clients]
+        self.test = _to(data.test, self.device)
         self.server = server
         self.compressor = compressor
         self.training = training
@@ -111,7 +121,7 @@ class Simulator:
             len(self.data.clients), self.clients_per_round, seed=self.seed, round_idx=round_idx
         )
         sent = self.server.begin_round(chosen)
-        params = sent.model
+        params = sent.model.to(self.device)
         plan = self.server.plan()
         available = self.faults.availability(chosen, seed=self.seed, round_idx=round_idx)
         if available.dropped:
@@ -127,7 +137,7 @@ class Simulator:
         if self.trainer is not None and chosen:
             replies, failed = self._batched_replies(self.trainer, chosen, params, round_idx)
         for cid in chosen if self.trainer is None else ():
-            shard = self.data.clients[cid]
+            shard = self.shards[cid]
             try:
                 replies.append(
                     client_update(
@@ -153,7 +163,7 @@ class Simulator:
         if failed:
             outcome = _add_failures(outcome, failed)
         test_loss, test_accuracy = evaluate(
-            self.model, self.server.params, self.data.test.x, self.data.test.y
+            self.model, self.server.params.to(self.device), self.test.x, self.test.y
         )
         return record_round(
             round_idx + 1,
@@ -205,7 +215,7 @@ class Simulator:
         round_idx: int,
     ) -> tuple[list[ClientReply], int]:
         plan = self.server.plan()
-        shards = [self.data.clients[cid] for cid in chosen]
+        shards = [self.shards[cid] for cid in chosen]
         gens = [
             torch_generator(self.seed, purpose="batch", round_idx=round_idx, client_id=cid)
             for cid in chosen
@@ -240,6 +250,12 @@ class Simulator:
                 )
             )
         return replies, failed
+
+
+def _to(shard: ClientData, device: torch.device) -> ClientData:
+    if shard.x.device == device and shard.y.device == device:
+        return shard
+    return ClientData(shard.x.to(device), shard.y.to(device))
 
 
 def _add_failures(outcome: RoundOutcome, failed: int) -> RoundOutcome:
