@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,7 @@ import torch
 import adaquantfl
 from adaquantfl.policy import AutoLevels, ClientOutcome, RoundObservation, make_policy
 from adaquantfl.policy.auto import ladder
-from adaquantfl.runner.checkpoint import load_checkpoint
+from tests.killing import kill_after_checkpoint
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
 
@@ -123,28 +119,9 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert len({r["levels"] for r in reference.metrics}) > 2  # auto moved: its state matters
     out = tmp_path / "killed"
     run_dir = out / "auto"
-    args = [sys.executable, "-m", "adaquantfl", "run", str(CONFIG), "--out", str(out), "-q"]
-    proc = subprocess.Popen(
-        args + [f"--set={o}" for o in overrides],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if (run_dir / "checkpoint.pt").exists():
-                state, _ = load_checkpoint(run_dir / "checkpoint.pt")
-                if state["round"] >= 60:  # past auto's first decisions
-                    break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint past round 60 within 300 s"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    args = ["run", str(CONFIG), "--out", str(out), "-q", *[f"--set={o}" for o in overrides]]
+    # Killed past round 60: after auto's first decisions, so its state matters.
+    proc = kill_after_checkpoint(args, run_dir / "checkpoint.pt", round_at_least=60)
     assert proc.returncode == -signal.SIGKILL and not (run_dir / "model.pt").exists()
     resumed = adaquantfl.run(CONFIG, out, overrides=overrides, resume=True)
     assert torch.equal(resumed.params, reference.params)

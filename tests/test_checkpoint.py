@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +14,7 @@ import torch
 import adaquantfl
 from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from adaquantfl.runner.config import ConfigError
+from tests.killing import kill_after_checkpoint
 
 CONFIG = """
 [data]
@@ -109,23 +106,9 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path) 
 
     out = tmp_path / "killed"
     run_dir = out / "adaquantfl-s2"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "adaquantfl", "run", str(config), "--out", str(out), "-q"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    proc = kill_after_checkpoint(
+        ["run", str(config), "--out", str(out), "-q"], run_dir / "checkpoint.pt", timeout_s=120
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "checkpoint.pt").exists():
-            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr}"
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     # The kill really happened mid-run: killed by the signal, a checkpoint, no final model.
     assert proc.returncode == -signal.SIGKILL
     state, _ = load_checkpoint(run_dir / "checkpoint.pt")

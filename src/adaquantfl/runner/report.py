@@ -209,6 +209,12 @@ def _style(
         return {"color": "black", "linewidth": 2.0, "linestyle": "--", "zorder": 3}
     if method == "adaquantfl":
         return {"color": "#d62728", "linewidth": 2.4, "zorder": 4}
+    # Adaptive policies other than the paper's: distinct hues, not the fixed
+    # levels' colour scale (which their changing levels would not fit).
+    if method == "auto":
+        return {"color": "#ff7f0e", "linewidth": 2.4, "zorder": 5}
+    if method is not None and method.startswith("dadaquant"):
+        return {"color": "#e377c2", "linewidth": 2.0, "linestyle": "-.", "zorder": 4}
     cmap = plt.get_cmap("viridis")
     if levels is None or not all_levels:
         return {"color": "grey", "linewidth": 1.2}
