@@ -17,9 +17,9 @@ how many did; "never" where none did.
 Every run's metrics are kept in ``benchmarks/results/regimes/runs/`` under a
 name derived from the run's whole resolved config, so a second invocation
 reruns only what changed (``--fresh`` reruns everything). Outputs:
-``benchmarks/results/regimes.json``, ``regimes.md`` (the ratio tables, the
-wall time) and ``regimes.png`` (the regime map: a heat map of ratio per
-policy and regime).
+``benchmarks/results/regimes.json``, ``regimes.md`` (the ratio tables, every
+method's final loss and accuracy at a budget, the wall time) and
+``regimes.png`` (the regime map: a heat map of ratio per policy and regime).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ REGIMES: dict[str, Path] = {
 }
 FIXED_LEVELS = (1, 2, 3, 4, 7, 8, 15, 16, 31)
 TARGETS = (1.01, 1.05, 1.2)
+#: The budget table's budget: the bits the best fixed level needed to reach this x fp32.
+BUDGET_TARGET = 1.05
 ENCODINGS = ("packed", "entropy")
 
 
@@ -167,6 +169,78 @@ def final_loss(rows: Sequence[dict[str, Any]]) -> float:
     return value
 
 
+def at_budget(rows: Sequence[dict[str, Any]], budget: int) -> tuple[float | None, float | None]:
+    """Final train loss and test accuracy of a run stopped at an uplink budget.
+
+    The rounds whose cumulative uplink stays within ``budget`` are exactly the
+    rows a run with ``[train] uplink_budget_bits = budget`` produces (the
+    simulator is deterministic and a budget stop only drops the rounds
+    after), so their final means are what that run would report.
+    """
+    from adaquantfl.runner.metrics import final_mean
+
+    kept = [r for r in rows if r["cum_wire_bits"] <= budget]
+    if not kept:
+        return None, None
+    return final_mean(kept, "train_loss"), final_mean(kept, "test_accuracy")
+
+
+def score_budget(
+    runs: dict[tuple[str, str, str, int], dict[str, Any]],
+    regimes: Sequence[str],
+    seeds: Sequence[int],
+    suite: Sequence[Method],
+) -> dict[str, Any]:
+    """Every method's final loss (x fp32's final) and accuracy at one uplink budget.
+
+    The budget of a regime, encoding and seed is what the hindsight-best fixed
+    level needed to reach ``BUDGET_TARGET`` x fp32's final loss: the bits a
+    user who had grid-searched s would have spent.
+    """
+    table: dict[str, Any] = {}
+    for regime in regimes:
+        for encoding in ENCODINGS:
+            losses: dict[str, list[float]] = {m.label: [] for m in suite}
+            accs: dict[str, list[float]] = {m.label: [] for m in suite}
+            budgets = []
+            for seed in seeds:
+                fp32 = runs.get((regime, "fp32", "packed", seed))
+                if fp32 is None:
+                    continue
+                fp32_loss = final_loss(fp32["rows"])
+                fixed = [
+                    bits_to(runs[key]["rows"], BUDGET_TARGET * fp32_loss)
+                    for m in suite
+                    if m.fixed and (key := (regime, m.label, encoding, seed)) in runs
+                ]
+                if not any(fixed):
+                    continue
+                budget = min(b for b in fixed if b)
+                budgets.append(budget)
+                for m in suite:
+                    if (regime, m.label, encoding, seed) not in runs:
+                        continue
+                    loss, acc = at_budget(runs[(regime, m.label, encoding, seed)]["rows"], budget)
+                    if loss is not None:
+                        losses[m.label].append(loss / fp32_loss)
+                    if acc is not None:
+                        accs[m.label].append(acc)
+            if not budgets:
+                continue
+            table.setdefault(regime, {})[encoding] = {
+                "budget_bits": statistics.fmean(budgets),
+                "methods": {
+                    label: {
+                        "loss_x_fp32": statistics.fmean(losses[label]) if losses[label] else None,
+                        "test_accuracy": statistics.fmean(accs[label]) if accs[label] else None,
+                    }
+                    for label in losses
+                    if losses[label] or accs[label]
+                },
+            }
+    return table
+
+
 def score(
     runs: dict[tuple[str, str, str, int], dict[str, Any]],
     regimes: Sequence[str],
@@ -180,6 +254,9 @@ def score(
             for factor in TARGETS:
                 cell: dict[str, Any] = {}
                 per_seed: dict[str, list[float | None]] = {m.label: [] for m in suite}
+                # Seeds where no fixed level reached the target: no ratio exists, but
+                # whether the method reached it is worth telling.
+                alone: dict[str, list[bool]] = {m.label: [] for m in suite}
                 for seed in seeds:
                     fp32 = runs.get((regime, "fp32", "packed", seed))
                     if fp32 is None:
@@ -193,9 +270,12 @@ def score(
                     fixed = [bits[m.label] for m in suite if m.fixed and bits.get(m.label)]
                     best = min(fixed) if fixed else None
                     for label, b in bits.items():
-                        per_seed[label].append(None if b is None or best is None else b / best)
+                        if best is None:
+                            alone[label].append(b is not None)
+                        else:
+                            per_seed[label].append(None if b is None else b / best)
                 for label, ratios in per_seed.items():
-                    if not ratios:
+                    if not ratios and not alone[label]:
                         continue
                     got = [r for r in ratios if r is not None]
                     cell[label] = {
@@ -204,6 +284,8 @@ def score(
                         else None,
                         "reached": len(got),
                         "seeds": len(ratios),
+                        "unscored": len(alone[label]),
+                        "alone": sum(alone[label]),
                     }
                 table.setdefault(regime, {}).setdefault(encoding, {})[str(factor)] = cell
     return table
@@ -219,7 +301,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['machine']['cores']} cores, {report['jobs']} parallel jobs; "
         f"{report['ran']} runs executed, {report['cached']} reused). Each cell: geometric mean "
         "of the ratio over the seeds that reached the target (k/n when not all did); 'never' "
-        "when none did. The best fixed level of each seed is 1.00 by definition.",
+        "when none did. The best fixed level of each seed is 1.00 by definition. Seeds in "
+        "which no fixed level reached a target give no ratio; how many of them the method "
+        "reached is said apart.",
         "",
     ]
     for regime, by_encoding in report["table"].items():
@@ -231,24 +315,65 @@ def markdown(report: dict[str, Any]) -> str:
             for label in suite:
                 cells = []
                 for cell in by_target.values():
-                    c = cell.get(label)
-                    if c is None:
-                        cells.append("")
-                    elif c["ratio"] is None:
-                        cells.append("never")
-                    else:
-                        extra = (
-                            "" if c["reached"] == c["seeds"] else f" ({c['reached']}/{c['seeds']})"
-                        )
-                        cells.append(f"{c['ratio']:.2f}{extra}")
+                    cells.append(_ratio_cell(cell.get(label)))
                 if any(cells):
                     lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
+    budget = report.get("budget") or {}
+    if budget:
+        lines += [
+            "# At a budget: final train loss (x fp32's) and test accuracy",
+            "",
+            "The budget of each regime, encoding and seed is the uplink the hindsight-best "
+            f"fixed level needed to reach {BUDGET_TARGET}x fp32's final loss; every method's "
+            "final figures are those of its rounds within that budget (mean over seeds).",
+            "",
+        ]
+        columns = [(r, e) for r, by_enc in budget.items() for e in by_enc]
+        lines.append("| method | " + " | ".join(f"{r}, {e}" for r, e in columns) + " |")
+        lines.append("|---|" + "---|" * len(columns))
+        lines.append(
+            "| budget (Mbit) | "
+            + " | ".join(f"{budget[r][e]['budget_bits'] / 1e6:.2f}" for r, e in columns)
+            + " |"
+        )
+        for label in suite:
+            cells = []
+            for r, e in columns:
+                c = budget[r][e]["methods"].get(label)
+                if c is None or c["loss_x_fp32"] is None:
+                    cells.append("")
+                else:
+                    acc = c["test_accuracy"]
+                    text = f"{c['loss_x_fp32']:.3f}"
+                    cells.append(text if acc is None else f"{text} / {acc:.3f}")
+            if any(cells):
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
+def _ratio_cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return ""
+    if not c["seeds"]:
+        return f"no fixed level reached it; this {c['alone']}/{c['unscored']}"
+    if c["ratio"] is None:
+        text = "never"
+    else:
+        text = f"{c['ratio']:.2f}"
+        text += "" if c["reached"] == c["seeds"] else f" ({c['reached']}/{c['seeds']})"
+    if c["unscored"]:
+        text += f"; +{c['alone']}/{c['unscored']} where no fixed level reached it"
+    return text
+
+
 def regime_map(report: dict[str, Any], path: Path) -> None:
-    """Heat map: policy x (regime, encoding), the geometric mean ratio over the targets."""
+    """Heat map: policy x (regime, encoding), the geometric mean ratio over the targets.
+
+    A cell reads "misses" where the policy failed, in some seed, a target that
+    the best fixed level reached.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,9 +389,11 @@ def regime_map(report: dict[str, Any], path: Path) -> None:
             ratios = []
             for cell in report["table"][regime][encoding].values():
                 c = cell.get(label)
-                if c is not None and c["ratio"] is not None and c["reached"] == c["seeds"]:
+                if c is None or not c["seeds"]:
+                    continue  # no fixed level reached this target: nothing to compare with
+                if c["ratio"] is not None and c["reached"] == c["seeds"]:
                     ratios.append(math.log(c["ratio"]))
-                elif c is not None:
+                else:
                     never[i, j] = True
             if ratios and not never[i, j]:
                 grid[i, j] = math.exp(statistics.fmean(ratios))
@@ -274,11 +401,17 @@ def regime_map(report: dict[str, Any], path: Path) -> None:
     image = ax.imshow(np.log2(grid), cmap="RdYlGn_r", vmin=-1.5, vmax=1.5, aspect="auto")
     for i in range(len(policies)):
         for j in range(len(columns)):
-            text = "never" if never[i, j] else ("" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}")
+            text = (
+                "misses" if never[i, j] else ("" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}")
+            )
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(columns)), [f"{r}\n{e}" for r, e in columns], fontsize=8)
     ax.set_yticks(range(len(policies)), policies, fontsize=8)
-    ax.set_title("bits to target / hindsight-best fixed level (geo. mean over targets)")
+    ax.set_title(
+        "bits to target / hindsight-best fixed level (geo. mean over targets)\n"
+        "misses: in some seed, a target the best fixed level reached was not reached",
+        fontsize=9,
+    )
     fig.colorbar(image, label="log2 ratio")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -337,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         "run_seconds": sum(r["seconds"] for r in results if not r["cached"]),
         "machine": machine(),
         "table": score(runs, regimes, seeds, suite),
+        "budget": score_budget(runs, regimes, seeds, suite),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "regimes.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from benchmarks import _common, bits, cnn, codec, entropy_check
 
@@ -71,3 +72,57 @@ def test_cnn_benchmark_times_batched_and_per_client_rounds_of_both_regimes() -> 
         assert times["best_s"] > 0 and times["first_round_s"] > 0 and times["build_s"] >= 0
     data = cnn.REGIMES["cnn"].workload.data(3)
     assert sum(p.numel() for p in cnn.REGIMES["cnn"].workload.module(data).parameters()) == 28938
+
+
+def test_regime_suite_scores_against_the_hindsight_best_fixed_level() -> None:
+    from benchmarks import regimes
+
+    def run(loss: float, bits: int, accuracy: float) -> dict:
+        return {
+            "rows": [
+                {
+                    "round": k,
+                    "train_loss": loss,
+                    "test_accuracy": accuracy,
+                    "cum_wire_bits": bits * k,
+                }
+                for k in range(1, 21)
+            ]
+        }
+
+    # fp32 ends at 1.0; s = 1 floors at 1.1 (reaches only 1.2x), s = 2 at 1.04.
+    runs = {("r", "fp32", "packed", 0): run(1.0, 100, 0.9)}
+    for encoding in regimes.ENCODINGS:
+        runs[("r", "qsgd-s1", encoding, 0)] = run(1.1, 10, 0.5)
+        runs[("r", "qsgd-s2", encoding, 0)] = run(1.04, 20, 0.6)
+        runs[("r", "auto", encoding, 0)] = run(1.0, 40, 0.7)
+    suite = [m for m in regimes.methods() if m.label in {"fp32", "qsgd-s1", "qsgd-s2", "auto"}]
+
+    table = regimes.score(runs, ["r"], [0], suite)["r"]["entropy"]
+    exact = pytest.approx  # the ratios are geometric means: exp(mean(log))
+    assert table["1.2"]["auto"] == {  # 40 / s1's 10
+        "ratio": exact(4.0), "reached": 1, "seeds": 1, "unscored": 0, "alone": 0
+    }  # fmt: skip
+    assert table["1.05"]["auto"]["ratio"] == exact(2.0)  # 40 / s2's 20: s1 never gets there
+    assert table["1.05"]["qsgd-s1"]["ratio"] is None
+    # No fixed level reaches 1.01x: no ratio, but auto's reaching it is kept.
+    assert table["1.01"]["auto"] == {
+        "ratio": None, "reached": 0, "seeds": 0, "unscored": 1, "alone": 1
+    }  # fmt: skip
+    packed = regimes.score(runs, ["r"], [0], suite)["r"]["packed"]
+    assert packed["1.2"]["fp32"]["ratio"] == exact(10.0)
+
+    # The budget is s = 2's 20 bits to 1.05x: fp32 and auto have no round within it.
+    budget = regimes.score_budget(runs, ["r"], [0], suite)["r"]["packed"]
+    assert budget["budget_bits"] == 20
+    assert budget["methods"]["qsgd-s1"] == {"loss_x_fp32": 1.1, "test_accuracy": 0.5}
+    assert budget["methods"]["qsgd-s2"] == {"loss_x_fp32": 1.04, "test_accuracy": 0.6}
+    assert "auto" not in budget["methods"] and "fp32" not in budget["methods"]
+    text = regimes.markdown(
+        {"seeds": [0], "rounds_scale": 1.0, "wall_s": 60.0, "jobs": 2, "ran": 7, "cached": 0,
+         "machine": {"cpu": "x", "cores": 2}, "table": regimes.score(runs, ["r"], [0], suite),
+         "budget": {"r": {"packed": budget}}}
+    )  # fmt: skip
+    assert "| auto | no fixed level reached it; this 1/1 | 2.00 | 4.00 |" in text
+    assert "| qsgd-s1 | no fixed level reached it; this 0/1 | never | 1.00 |" in text
+    assert "| qsgd-s1 | 1.100 / 0.500 |" in text

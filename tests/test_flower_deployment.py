@@ -69,8 +69,9 @@ START_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 300.0
 NODE_WAIT_S = 10.0
 #: Longest wait for a round's replies. A killed SuperNode stays "online" on the
-#: SuperLink until it misses two heartbeats (30 s apart in Flower 1.42), at most
-#: 60 s; then the SuperLink answers its pending message with NODE_UNAVAILABLE.
+#: SuperLink until it misses its heartbeats (one every 17.5-22.5 s in Flower
+#: 1.42; the node is given up 60 s after the last one); then the SuperLink
+#: answers its pending message with NODE_UNAVAILABLE.
 #: Waiting this long keeps healthy rounds far from the limit on a slow machine
 #: and costs nothing more: the lost node's round ends when Flower gives it up.
 ROUND_TIMEOUT_S = 60.0

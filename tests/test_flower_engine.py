@@ -3,7 +3,8 @@
 Two Flower runs for the whole module (Ray and Flower take ~10 s to start), the
 second with a compressed downlink. The first:
 ``adaquantfl run`` with ``train.engine=flower`` on configs/mnist1d-floor.toml,
-with partial participation so that client selection by id is exercised too,
+with partial participation so that client selection by id is exercised too
+and a cap on one client's weight share,
 against the in-process simulator on the same config (``vectorize = false``,
 the per-client path).
 """
@@ -42,6 +43,9 @@ OVERRIDES = [
     "train.vectorize=false",
     "compression.method=adaquantfl",
     "compression.levels=2",
+    # A cap on one client's share that binds in this skewed split: the engines
+    # must apply it alike (test_the_weight_share_cap_binds shows it binds).
+    "train.max_weight_share=0.2",
 ]
 #: Fields of a metrics row that both engines must agree on (all but time_s).
 SAME = ("round", "levels", "participants", "rejected", "dropped", "wire_bits", "formula_bits",
@@ -127,6 +131,12 @@ def test_both_engines_send_the_same_bytes_in_every_round(runs: Runs) -> None:
     final = torch.load(runs.out / "flower" / "adaquantfl-s2" / "model.pt")
     sim_final = torch.load(runs.out / "sim" / "adaquantfl-s2" / "model.pt")
     assert all(torch.equal(final[k], sim_final[k]) for k in sim_final)
+
+
+def test_the_weight_share_cap_binds(runs: Runs) -> None:
+    uncapped = [o for o in OVERRIDES if not o.startswith("train.max_weight_share")]
+    _, params = simulate(load_config(CONFIG, uncapped))
+    assert not torch.equal(params, runs.sim_params)
 
 
 def test_both_engines_log_the_same_metrics(runs: Runs) -> None:

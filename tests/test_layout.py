@@ -162,3 +162,27 @@ def test_importing_the_flower_strategy_loads_no_runner_data_or_simulator() -> No
 def test_module_size(module: str) -> None:
     lines = len(module_files()[module].read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_MODULE_LINES, f"{module} has {lines} lines; split it"
+
+
+def test_the_design_import_paths_are_the_subpackages_objects() -> None:
+    # DESIGN §7's paths stay thin re-exports of the modules that implement them.
+    import adaquantfl.codec
+    import adaquantfl.compression.codec
+    import adaquantfl.compression.qsgd
+    import adaquantfl.policy
+    import adaquantfl.quantize
+    import adaquantfl.schedule
+
+    for old, new in [
+        (adaquantfl.quantize, adaquantfl.compression.qsgd),
+        (adaquantfl.codec, adaquantfl.compression.codec),
+        (adaquantfl.schedule, adaquantfl.policy),
+    ]:
+        assert old.__all__ == new.__all__ and old.__all__
+        assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
+    for name in ("quantize", "dequantize", "Quantized"):
+        assert name in adaquantfl.quantize.__all__
+    for name in ("encode", "decode", "CodecError"):
+        assert name in adaquantfl.codec.__all__
+    for name in ("FixedLevels", "AdaQuantLevels"):
+        assert name in adaquantfl.schedule.__all__

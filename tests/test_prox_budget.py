@@ -12,6 +12,7 @@ import adaquantfl
 from adaquantfl.fl.client import LocalTraining, draw_minibatches, local_sgd
 from adaquantfl.models import make_model
 from adaquantfl.runner.config import ConfigError, load_config
+from adaquantfl.runner.metrics import final_mean
 from adaquantfl.sim.vectorized import BatchedTrainer
 from tests.test_fl import tiny_data
 
@@ -100,6 +101,19 @@ def test_the_budget_stops_before_the_round_that_would_exceed_it(tmp_path: Path) 
     assert torch.equal(capped.params, seventeen.params)
     summary = (tmp_path / "summary.json").read_text()
     assert f'"uplink_budget_bits": {budget}' in summary and '"rounds_run": 17' in summary
+    # The regime suite reads a method's figures at a budget off its full run's
+    # rows: the capped run's rows are exactly their prefix.
+    keys = ("train_loss", "test_accuracy", "cum_wire_bits", "levels")
+    assert [{k: r[k] for k in keys} for r in capped.metrics] == [
+        {k: r[k] for k in keys} for r in full.metrics[:17]
+    ]
+    from benchmarks.regimes import at_budget
+
+    assert at_budget(full.metrics, budget) == (
+        final_mean(capped.metrics, "train_loss"),
+        final_mean(capped.metrics, "test_accuracy"),
+    )
+    assert at_budget(full.metrics, cum[0] - 1) == (None, None)
 
 
 def test_the_budget_is_refused_where_a_round_cannot_be_undone() -> None:

@@ -287,6 +287,15 @@ def test_the_bias_test_tells_a_wrong_threshold_apart() -> None:
     assert [_rounds_up(x, 1, j) for j in range(5)] == [True, True, True, False, False]
 
 
+def test_the_documented_guarantee_is_the_bound_the_tests_above_prove() -> None:
+    # The kernel's 24-bit rounding grid was always there; what was wrong was a
+    # docstring promising E[Q] = v exactly. The module now states the bound.
+    import adaquantfl.compression.qsgd as qsgd
+
+    doc = " ".join((qsgd.__doc__ or "").split())
+    assert "``E[Q_s(v)] = v``, up to a bias below ``2**-24`` of a step" in doc
+
+
 @pytest.mark.parametrize("norm", ["l2", "max"])
 @pytest.mark.parametrize("levels", [1, 4])
 def test_empirical_variance_equals_exact_variance(norm: str, levels: int) -> None:

@@ -87,11 +87,6 @@ def check_engine(config: Config) -> None:
             "[train] dropout and deadline_s simulate faults in engine = 'sim'; on Flower, "
             "faults are real (see the node-failure test), so they cannot be set"
         )
-    if t.max_weight_share is not None:
-        raise ConfigError(
-            "[train] max_weight_share is supported by engine = 'sim' only (the Flower "
-            "strategy does not take it yet)"
-        )
     if t.uplink_budget_bits is not None:
         raise ConfigError(
             "[train] uplink_budget_bits is supported by engine = 'sim' only (it undoes the "
