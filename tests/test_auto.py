@@ -94,6 +94,32 @@ def test_auto_stays_coarse_where_finer_levels_do_not_help() -> None:
     assert policy.wait[1] == policy.window * 2 ** len(ups)
 
 
+def test_a_finer_rung_is_not_charged_for_what_it_leaves_behind() -> None:
+    # A floor regime whose loss relaxes slowly (10% of the way to the level's
+    # floor per round), held at s = 1: after a trial of s = 3 the loss at s = 1
+    # takes many rounds to climb back, so the rounds after the trial still hold
+    # most of what s = 3 bought. Charged at a rate measured through the trial,
+    # that gain looks like s = 1's own progress, and s = 1 (floor 1.6) is kept
+    # over s = 3 (floor 1.1) trial after trial. A's rate from its own window
+    # before the trial keeps s = 3 at the first trial.
+    policy = AutoLevels()
+    policy.step, policy.last_levels = 0, 1  # hold s = 1
+    floors = {1: 1.6, 3: 1.1, 7: 1.08, 15: 1.07}
+    bits = {1: 100.0, 3: 220.0, 7: 400.0, 15: 600.0}  # entropy-coded: s = 3 costs 2.2x
+    rng = torch.Generator().manual_seed(0)
+    loss, used = 1.6, []
+    for k in range(200):
+        levels = policy.levels
+        used.append(levels)
+        floor = floors.get(levels, 1.06)
+        loss = floor + 0.9 * (loss - floor)
+        observed = loss * (1 + 0.01 * float(torch.randn((), generator=rng)))
+        outcome = ClientOutcome(0, 10, observed, levels, int(bits.get(levels, 900.0)))
+        policy.observe(RoundObservation(k, observed, (outcome,)))
+    assert policy.decisions[0][1:] == (1, 3, True)
+    assert used.count(1) <= 0.25 * len(used)
+
+
 def test_auto_is_deterministic_and_its_state_round_trips() -> None:
     a, b = AutoLevels(), AutoLevels()
     assert _play_floor_regime(a, 120) == _play_floor_regime(b, 120)

@@ -356,7 +356,8 @@ def test_the_wrapper_runs_each_inner_strategy_on_flowers_simulation_engine() -> 
     def main(grid: Grid, context: Context) -> None:
         for name, make in strategies.items():
             s = AdaQuant(make(), policy=AdaQuantLevels(2), seed=0)
-            result = s.start(grid, initial_arrays(), num_rounds=2, timeout=120)
+            # A long timeout: the first round waits for Ray to start its actors.
+            result = s.start(grid, initial_arrays(), num_rounds=2, timeout=600)
             on_ray[name] = (flat(result.arrays), [r.outcome.participants for r in s.rounds])
 
     with loopback_ray(2):
