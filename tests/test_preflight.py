@@ -249,6 +249,20 @@ def test_a_message_limit_no_reply_can_meet_is_refused_before_running(tmp_path: P
     assert not out.exists()
 
 
+def test_compare_checks_every_method_before_it_writes_anything(
+    done: tuple[Path, Path, dict[str, tuple[str, int, int]]],
+) -> None:
+    # The first method (s = 3, ~260-byte messages) fits a 400-byte limit; the
+    # second (s = 255, ~750 bytes) cannot. Even with --overwrite, the refusal
+    # comes before the first method runs, and the earlier run's files stay.
+    config, out, before = done
+    sets = ["--set", "train.max_message_bytes=400", "--set", "compare.target_loss=1.0", "--set",
+            'compare.methods=[{method="qsgd", levels=3}, {method="qsgd", levels=255}]']  # fmt: skip
+    result = cli("compare", str(config), "--out", str(out), "-q", "--overwrite", *sets)
+    assert_error_line(result, "max_message_bytes = 400", "every reply would be rejected")
+    assert snapshot(out) == before
+
+
 def test_a_run_that_never_accepts_a_reply_says_so(tmp_path: Path) -> None:
     # Entropy messages have no closed-form size, so 40 bytes passes the check at
     # load time; every reply is then rejected, and the CLI must not format None.
