@@ -302,8 +302,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['ran']} runs executed, {report['cached']} reused). Each cell: geometric mean "
         "of the ratio over the seeds that reached the target (k/n when not all did); 'never' "
         "when none did. The best fixed level of each seed is 1.00 by definition. Seeds in "
-        "which no fixed level reached a target give no ratio; how many of them the method "
-        "reached is said apart.",
+        "which no fixed level reached a target give no ratio: 'k/n alone' says the method "
+        "reached it in k of those n seeds ('no fixed': in every seed).",
         "",
     ]
     for regime, by_encoding in report["table"].items():
@@ -357,14 +357,14 @@ def _ratio_cell(c: dict[str, Any] | None) -> str:
     if c is None:
         return ""
     if not c["seeds"]:
-        return f"no fixed level reached it; this {c['alone']}/{c['unscored']}"
+        return f"no fixed; {c['alone']}/{c['unscored']} alone"
     if c["ratio"] is None:
         text = "never"
     else:
         text = f"{c['ratio']:.2f}"
         text += "" if c["reached"] == c["seeds"] else f" ({c['reached']}/{c['seeds']})"
     if c["unscored"]:
-        text += f"; +{c['alone']}/{c['unscored']} where no fixed level reached it"
+        text += f"; {c['alone']}/{c['unscored']} alone"
     return text
 
 

@@ -123,6 +123,6 @@ def test_regime_suite_scores_against_the_hindsight_best_fixed_level() -> None:
          "machine": {"cpu": "x", "cores": 2}, "table": regimes.score(runs, ["r"], [0], suite),
          "budget": {"r": {"packed": budget}}}
     )  # fmt: skip
-    assert "| auto | no fixed level reached it; this 1/1 | 2.00 | 4.00 |" in text
-    assert "| qsgd-s1 | no fixed level reached it; this 0/1 | never | 1.00 |" in text
+    assert "| auto | no fixed; 1/1 alone | 2.00 | 4.00 |" in text
+    assert "| qsgd-s1 | no fixed; 0/1 alone | never | 1.00 |" in text
     assert "| qsgd-s1 | 1.100 / 0.500 |" in text
