@@ -291,6 +291,64 @@ def score(
     return table
 
 
+def summary(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per method and regime: the geometric mean ratio over targets, encodings and seeds
+    that reached, and how many (target, encoding, seed) cases it missed of those the
+    best fixed level reached."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for regime, by_encoding in report["table"].items():
+        for by_target in by_encoding.values():
+            for cell in by_target.values():
+                for label, c in cell.items():
+                    s = out.setdefault(label, {}).setdefault(
+                        regime, {"logs": [], "missed": 0, "cases": 0}
+                    )
+                    s["cases"] += c["seeds"]
+                    s["missed"] += c["seeds"] - c["reached"]
+                    if c["ratio"] is not None:
+                        s["logs"] += [math.log(c["ratio"])] * c["reached"]
+    for by_regime in out.values():
+        for s in by_regime.values():
+            logs = s.pop("logs")
+            s["ratio"] = math.exp(statistics.fmean(logs)) if logs else None
+    return out
+
+
+def summary_markdown(report: dict[str, Any]) -> list[str]:
+    table = summary(report)
+    regimes = list(report["table"])
+    lines = [
+        "# Per regime: geometric mean ratio, and cases missed",
+        "",
+        "Each cell: the geometric mean of the ratio over every (target, encoding, seed) the "
+        "method reached, then how many of the cases the hindsight-best fixed level reached "
+        "it missed.",
+        "",
+        "| method | " + " | ".join(regimes) + " | all |",
+        "|---|" + "---|" * (len(regimes) + 1),
+    ]
+    for m in methods():
+        by_regime = table.get(m.label)
+        if not by_regime:
+            continue
+        cells, logs, missed, cases = [], [], 0, 0
+        for regime in regimes:
+            s = by_regime.get(regime)
+            if s is None:
+                cells.append("")
+                continue
+            ratio = "never" if s["ratio"] is None else f"{s['ratio']:.2f}"
+            cells.append(f"{ratio}, missed {s['missed']}/{s['cases']}")
+            missed, cases = missed + s["missed"], cases + s["cases"]
+            if s["ratio"] is not None:
+                logs.append(math.log(s["ratio"]))
+        overall = f"{math.exp(statistics.fmean(logs)):.2f}" if logs else "never"
+        lines.append(
+            f"| {m.label} | " + " | ".join(cells) + f" | {overall}, missed {missed}/{cases} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     suite = [m.label for m in methods()]
     lines = [
@@ -305,6 +363,7 @@ def markdown(report: dict[str, Any]) -> str:
         "which no fixed level reached a target give no ratio: 'k/n alone' says the method "
         "reached it in k of those n seeds ('no fixed': in every seed).",
         "",
+        *summary_markdown(report),
     ]
     for regime, by_encoding in report["table"].items():
         for encoding, by_target in by_encoding.items():
@@ -369,10 +428,11 @@ def _ratio_cell(c: dict[str, Any] | None) -> str:
 
 
 def regime_map(report: dict[str, Any], path: Path) -> None:
-    """Heat map: policy x (regime, encoding), the geometric mean ratio over the targets.
+    """Heat map: policy x (regime, encoding), the geometric mean ratio over the cases reached.
 
-    A cell reads "misses" where the policy failed, in some seed, a target that
-    the best fixed level reached.
+    The colour is the ratio's geometric mean over the (target, seed) cases the
+    policy reached; a cell also says how many cases it missed of those the best
+    fixed level reached ("never": it reached none of them).
     """
     import matplotlib
 
@@ -383,33 +443,34 @@ def regime_map(report: dict[str, Any], path: Path) -> None:
     policies = [m.label for m in methods() if not m.fixed and m.label != "fp32"]
     columns = [(r, e) for r, by_enc in report["table"].items() for e in by_enc]
     grid = np.full((len(policies), len(columns)), np.nan)
-    never = np.zeros_like(grid, dtype=bool)
+    texts = [["" for _ in columns] for _ in policies]
     for j, (regime, encoding) in enumerate(columns):
         for i, label in enumerate(policies):
-            ratios = []
+            logs, missed, cases = [], 0, 0
             for cell in report["table"][regime][encoding].values():
                 c = cell.get(label)
                 if c is None or not c["seeds"]:
                     continue  # no fixed level reached this target: nothing to compare with
-                if c["ratio"] is not None and c["reached"] == c["seeds"]:
-                    ratios.append(math.log(c["ratio"]))
-                else:
-                    never[i, j] = True
-            if ratios and not never[i, j]:
-                grid[i, j] = math.exp(statistics.fmean(ratios))
-    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 3, 0.45 * len(policies) + 2))
+                cases += c["seeds"]
+                missed += c["seeds"] - c["reached"]
+                if c["ratio"] is not None:
+                    logs += [math.log(c["ratio"])] * c["reached"]
+            if logs:
+                grid[i, j] = math.exp(statistics.fmean(logs))
+                texts[i][j] = f"{grid[i, j]:.2f}" + (f"\nmissed {missed}/{cases}" if missed else "")
+            elif cases:
+                texts[i][j] = "never"
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 3, 0.5 * len(policies) + 2))
     image = ax.imshow(np.log2(grid), cmap="RdYlGn_r", vmin=-1.5, vmax=1.5, aspect="auto")
     for i in range(len(policies)):
         for j in range(len(columns)):
-            text = (
-                "misses" if never[i, j] else ("" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}")
-            )
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+            ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=7.5)
     ax.set_xticks(range(len(columns)), [f"{r}\n{e}" for r, e in columns], fontsize=8)
     ax.set_yticks(range(len(policies)), policies, fontsize=8)
     ax.set_title(
-        "bits to target / hindsight-best fixed level (geo. mean over targets)\n"
-        "misses: in some seed, a target the best fixed level reached was not reached",
+        "uplink bits to target / hindsight-best fixed level: geometric mean over the cases "
+        "reached (3 targets x seeds)\nmissed k/n: targets the best fixed level reached and the "
+        "policy did not; never: it reached none of them",
         fontsize=9,
     )
     fig.colorbar(image, label="log2 ratio")
@@ -429,7 +490,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rerun", default="", help="comma-separated method labels to rerun (e.g. after a change)"
     )
+    parser.add_argument(
+        "--render", action="store_true", help="redraw regimes.md and .png from regimes.json"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads((RESULTS / "regimes.json").read_text())
+        write_outputs(report)
+        return
     seeds = [0] if args.quick else list(range(args.seeds))
     scale = 0.1 if args.quick else 1.0
     regimes = [r for r in (args.only.split(",") if args.only else REGIMES) if r]
@@ -474,6 +542,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "regimes.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_outputs(report)
+
+
+def write_outputs(report: dict[str, Any]) -> None:
     text = markdown(report)
     (RESULTS / "regimes.md").write_text(text)
     regime_map(report, RESULTS / "regimes.png")
