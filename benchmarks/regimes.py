@@ -311,6 +311,7 @@ def summary(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
         for s in by_regime.values():
             logs = s.pop("logs")
             s["ratio"] = math.exp(statistics.fmean(logs)) if logs else None
+            s["reached"] = len(logs)
     return out
 
 
@@ -340,8 +341,8 @@ def summary_markdown(report: dict[str, Any]) -> list[str]:
             ratio = "never" if s["ratio"] is None else f"{s['ratio']:.2f}"
             cells.append(f"{ratio}, missed {s['missed']}/{s['cases']}")
             missed, cases = missed + s["missed"], cases + s["cases"]
-            if s["ratio"] is not None:
-                logs.append(math.log(s["ratio"]))
+            if s["ratio"] is not None:  # pooled over every case reached, as in each cell
+                logs += [math.log(s["ratio"])] * s["reached"]
         overall = f"{math.exp(statistics.fmean(logs)):.2f}" if logs else "never"
         lines.append(
             f"| {m.label} | " + " | ".join(cells) + f" | {overall}, missed {missed}/{cases} |"
@@ -415,15 +416,16 @@ def markdown(report: dict[str, Any]) -> str:
 def _ratio_cell(c: dict[str, Any] | None) -> str:
     if c is None:
         return ""
+    unscored, alone = c.get("unscored", 0), c.get("alone", 0)  # absent in older reports
     if not c["seeds"]:
-        return f"no fixed; {c['alone']}/{c['unscored']} alone"
+        return f"no fixed; {alone}/{unscored} alone"
     if c["ratio"] is None:
         text = "never"
     else:
         text = f"{c['ratio']:.2f}"
         text += "" if c["reached"] == c["seeds"] else f" ({c['reached']}/{c['seeds']})"
-    if c["unscored"]:
-        text += f"; {c['alone']}/{c['unscored']} alone"
+    if unscored:
+        text += f"; {alone}/{unscored} alone"
     return text
 
 

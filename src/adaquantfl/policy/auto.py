@@ -134,7 +134,7 @@ class AutoLevels:
         self.wait = {1: self.window, -1: self.window}
         self.held: list[Point] = []  # since A was last changed to or returned to
         self.trial: list[Point] = []  # since the trial began
-        self.before: list[Point] = []  # A's last half window before the trial
+        self.before: list[Point] = []  # A's last window before the trial
         self.last_levels = self.steps[self.step]  # levels of the round that made the next model
         self.decisions: list[tuple[int, int, int, bool]] = []  # (round, from, to, kept)
 
