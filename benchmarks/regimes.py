@@ -31,7 +31,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +185,29 @@ def at_budget(rows: Sequence[dict[str, Any]], budget: int) -> tuple[float | None
     return final_mean(kept, "train_loss"), final_mean(kept, "test_accuracy")
 
 
+def _to_target(
+    runs: dict[tuple[str, str, str, int], dict[str, Any]],
+    regime: str,
+    encoding: str,
+    seed: int,
+    suite: Sequence[Method],
+    factor: float,
+) -> tuple[float, dict[str, int | None], int | None] | None:
+    """fp32's final loss, each method's bits to ``factor`` x it, and the fewest
+    bits any fixed level needed (None if none reached it); None without fp32."""
+    fp32 = runs.get((regime, "fp32", "packed", seed))
+    if fp32 is None:
+        return None
+    fp32_loss = final_loss(fp32["rows"])
+    bits = {
+        m.label: bits_to(runs[key]["rows"], factor * fp32_loss)
+        for m in suite
+        if (key := (regime, m.label, encoding, seed)) in runs
+    }
+    fixed = [b for m in suite if m.fixed and (b := bits.get(m.label))]
+    return fp32_loss, bits, min(fixed) if fixed else None
+
+
 def score_budget(
     runs: dict[tuple[str, str, str, int], dict[str, Any]],
     regimes: Sequence[str],
@@ -204,18 +227,10 @@ def score_budget(
             accs: dict[str, list[float]] = {m.label: [] for m in suite}
             budgets = []
             for seed in seeds:
-                fp32 = runs.get((regime, "fp32", "packed", seed))
-                if fp32 is None:
+                scored = _to_target(runs, regime, encoding, seed, suite, BUDGET_TARGET)
+                if scored is None or scored[2] is None:
                     continue
-                fp32_loss = final_loss(fp32["rows"])
-                fixed = [
-                    bits_to(runs[key]["rows"], BUDGET_TARGET * fp32_loss)
-                    for m in suite
-                    if m.fixed and (key := (regime, m.label, encoding, seed)) in runs
-                ]
-                if not any(fixed):
-                    continue
-                budget = min(b for b in fixed if b)
+                fp32_loss, _, budget = scored
                 budgets.append(budget)
                 for m in suite:
                     if (regime, m.label, encoding, seed) not in runs:
@@ -258,17 +273,10 @@ def score(
                 # whether the method reached it is worth telling.
                 alone: dict[str, list[bool]] = {m.label: [] for m in suite}
                 for seed in seeds:
-                    fp32 = runs.get((regime, "fp32", "packed", seed))
-                    if fp32 is None:
+                    scored = _to_target(runs, regime, encoding, seed, suite, factor)
+                    if scored is None:
                         continue
-                    target = factor * final_loss(fp32["rows"])
-                    bits = {
-                        m.label: bits_to(runs[(regime, m.label, encoding, seed)]["rows"], target)
-                        for m in suite
-                        if (regime, m.label, encoding, seed) in runs
-                    }
-                    fixed = [bits[m.label] for m in suite if m.fixed and bits.get(m.label)]
-                    best = min(fixed) if fixed else None
+                    _, bits, best = scored
                     for label, b in bits.items():
                         if best is None:
                             alone[label].append(b is not None)
@@ -291,32 +299,35 @@ def score(
     return table
 
 
-def summary(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per method and regime: the geometric mean ratio over targets, encodings and seeds
-    that reached, and how many (target, encoding, seed) cases it missed of those the
+def _pool(cells: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
+    """Cells of the ratio table pooled: the geometric mean over every (target,
+    seed) case reached, the cases counted, and those missed of the ones the
     best fixed level reached."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for regime, by_encoding in report["table"].items():
-        for by_target in by_encoding.values():
-            for cell in by_target.values():
-                for label, c in cell.items():
-                    s = out.setdefault(label, {}).setdefault(
-                        regime, {"logs": [], "missed": 0, "cases": 0}
-                    )
-                    s["cases"] += c["seeds"]
-                    s["missed"] += c["seeds"] - c["reached"]
-                    if c["ratio"] is not None:
-                        s["logs"] += [math.log(c["ratio"])] * c["reached"]
-    for by_regime in out.values():
-        for s in by_regime.values():
-            logs = s.pop("logs")
-            s["ratio"] = math.exp(statistics.fmean(logs)) if logs else None
-            s["reached"] = len(logs)
-    return out
+    logs: list[float] = []
+    missed = cases = 0
+    for c in cells:
+        if c is None:
+            continue
+        cases += c["seeds"]
+        missed += c["seeds"] - c["reached"]
+        if c["ratio"] is not None:
+            logs += [math.log(c["ratio"])] * c["reached"]
+    ratio = math.exp(statistics.fmean(logs)) if logs else None
+    return {"ratio": ratio, "missed": missed, "cases": cases}
+
+
+def _cells(report: dict[str, Any], label: str, regimes: Sequence[str]) -> list[dict[str, Any]]:
+    """Every cell of ``label`` in ``regimes``, over encodings and targets."""
+    return [
+        cell[label]
+        for regime in regimes
+        for by_target in report["table"][regime].values()
+        for cell in by_target.values()
+        if label in cell
+    ]
 
 
 def summary_markdown(report: dict[str, Any]) -> list[str]:
-    table = summary(report)
     regimes = list(report["table"])
     lines = [
         "# Per regime: geometric mean ratio, and cases missed",
@@ -329,24 +340,15 @@ def summary_markdown(report: dict[str, Any]) -> list[str]:
         "|---|" + "---|" * (len(regimes) + 1),
     ]
     for m in methods():
-        by_regime = table.get(m.label)
-        if not by_regime:
+        if not _cells(report, m.label, regimes):
             continue
-        cells, logs, missed, cases = [], [], 0, 0
-        for regime in regimes:
-            s = by_regime.get(regime)
-            if s is None:
-                cells.append("")
-                continue
-            ratio = "never" if s["ratio"] is None else f"{s['ratio']:.2f}"
-            cells.append(f"{ratio}, missed {s['missed']}/{s['cases']}")
-            missed, cases = missed + s["missed"], cases + s["cases"]
-            if s["ratio"] is not None:  # pooled over every case reached, as in each cell
-                logs += [math.log(s["ratio"])] * s["reached"]
-        overall = f"{math.exp(statistics.fmean(logs)):.2f}" if logs else "never"
-        lines.append(
-            f"| {m.label} | " + " | ".join(cells) + f" | {overall}, missed {missed}/{cases} |"
-        )
+        cells = []
+        for group in [[regime] for regime in regimes] + [regimes]:
+            cell = _cells(report, m.label, group)
+            pooled = _pool(cell)
+            ratio = "never" if pooled["ratio"] is None else f"{pooled['ratio']:.2f}"
+            cells.append(f"{ratio}, missed {pooled['missed']}/{pooled['cases']}" if cell else "")
+        lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -448,17 +450,10 @@ def regime_map(report: dict[str, Any], path: Path) -> None:
     texts = [["" for _ in columns] for _ in policies]
     for j, (regime, encoding) in enumerate(columns):
         for i, label in enumerate(policies):
-            logs, missed, cases = [], 0, 0
-            for cell in report["table"][regime][encoding].values():
-                c = cell.get(label)
-                if c is None or not c["seeds"]:
-                    continue  # no fixed level reached this target: nothing to compare with
-                cases += c["seeds"]
-                missed += c["seeds"] - c["reached"]
-                if c["ratio"] is not None:
-                    logs += [math.log(c["ratio"])] * c["reached"]
-            if logs:
-                grid[i, j] = math.exp(statistics.fmean(logs))
+            pooled = _pool(c.get(label) for c in report["table"][regime][encoding].values())
+            missed, cases = pooled["missed"], pooled["cases"]
+            if pooled["ratio"] is not None:
+                grid[i, j] = pooled["ratio"]
                 texts[i][j] = f"{grid[i, j]:.2f}" + (f"\nmissed {missed}/{cases}" if missed else "")
             elif cases:
                 texts[i][j] = "never"

@@ -90,15 +90,16 @@ def ladder(max_levels: int) -> tuple[int, ...]:
     return tuple(steps)
 
 
-def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """Slope of the OLS line through ``points`` and its residual variance."""
+def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float, float]:
+    """Slope of the OLS line through ``points``, its residual variance and the slope's."""
     n = len(points)
     t_mean = math.fsum(t for t, _ in points) / n
     y_mean = math.fsum(y for _, y in points) / n
     sxx = math.fsum((t - t_mean) ** 2 for t, _ in points)
     b = math.fsum((t - t_mean) * (y - y_mean) for t, y in points) / sxx if sxx > 0 else 0.0
     residual = math.fsum((y - y_mean - b * (t - t_mean)) ** 2 for t, y in points)
-    return b, residual / max(1, n - 2)
+    var = residual / max(1, n - 2)
+    return b, var, var / sxx if sxx > 0 else 0.0
 
 
 def _window(points: Sequence[Point]) -> tuple[float, float, float, int]:
@@ -167,7 +168,7 @@ class AutoLevels:
         ready = [p for p in self.held if p[2] == current][self.window // 2 :]
         if len(ready) < self.window:
             return
-        b, var = _fit([(t, y) for t, y, _, _ in ready[-self.window :]])
+        b, var, _ = _fit([(t, y) for t, y, _, _ in ready[-self.window :]])
         settled = abs(b) * self.window <= 2 * math.sqrt(var)
         can_up = self.step + 1 < len(self.steps) and len(ready) >= self.wait[1]
         can_down = self.step > 0 and len(ready) >= self.wait[-1]
@@ -218,12 +219,10 @@ class AutoLevels:
             # A's own rate: the trend of its window before the trial. The rounds
             # after it still carry what the finer rung bought, which a rate taken
             # through the trial would credit to A (step 4 of the module notes).
-            slope, residual = _fit([(float(p[0]), p[1]) for p in self.before])
+            slope, _, slope_var = _fit([(float(p[0]), p[1]) for p in self.before])
             rate = max(0.0, -slope)
-            ts = [float(p[0]) for p in self.before]
-            sxx = math.fsum((t - statistics.fmean(ts)) ** 2 for t in ts)
-            if rate > 0 and sxx > 0:
-                spread += (m * ratio) ** 2 * residual / sxx  # the price's own uncertainty
+            if rate > 0:
+                spread += (m * ratio) ** 2 * slope_var  # the price's own uncertainty
         else:
             # Through the trial: a coarser rung's harm that carries into A's return
             # slows this rate and so lowers the saving credited to the rung down.
