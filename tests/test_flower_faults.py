@@ -337,7 +337,7 @@ def test_a_bad_node_is_excluded_as_if_it_had_not_replied(
         assert "train-steps" in clients and not any(k.startswith("aq-") for k in clients)
     faulty_bits = faulty.metrics(bad_round)["aq-wire-bits"]
     assert faulty_bits >= reference.metrics(bad_round)["aq-wire-bits"]
-    assert faulty.strategy.schedule.state_dict() == reference.strategy.schedule.state_dict()
+    assert faulty.strategy.policy.state_dict() == reference.strategy.policy.state_dict()
     # A rejected reply teaches the strategy nothing: the bad node keeps its client id.
     node = faulty.grid.node_of(BAD_CLIENT)
     assert faulty.node_clients[bad_round][node] == BAD_CLIENT

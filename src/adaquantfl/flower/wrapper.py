@@ -174,11 +174,6 @@ class AdaQuant(Strategy):
         self._global: ArrayRecord | None = None
         self._pending: PendingRound | None = None
 
-    @property
-    def schedule(self) -> LevelPolicy:
-        """The level policy (the name of DESIGN §7's schedules)."""
-        return self.policy
-
     def __repr__(self) -> str:
         return f"AdaQuant({self.strategy!r}, policy={self.policy!r})"
 
