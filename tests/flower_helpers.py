@@ -28,7 +28,7 @@ from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import RoundOutcome
 from adaquantfl.flower import adaquant_mod
-from adaquantfl.flower.records import NUM_EXAMPLES_KEY, PRE_TRAIN_LOSS_KEY
+from adaquantfl.flower.messages import NUM_EXAMPLES_KEY, PRE_TRAIN_LOSS_KEY
 from adaquantfl.runner.build import build_simulator
 from adaquantfl.runner.config import Config
 

@@ -53,11 +53,16 @@ from adaquantfl.flower import (
     RoundPlan,
     adaquant_mod,
     make_adaquant_mod,
-    parse_train_reply,
     payload_array,
 )
-from adaquantfl.flower.plan import LEVELS_KEY, PROBE_KEY, ROUND_KEY, SEED_KEY
-from adaquantfl.flower.records import LOSS_PROXY_KEY
+from adaquantfl.flower.messages import (
+    LEVELS_KEY,
+    LOSS_PROXY_KEY,
+    PROBE_KEY,
+    ROUND_KEY,
+    SEED_KEY,
+    read_train_reply,
+)
 from adaquantfl.flower.rounds import server_metrics
 from adaquantfl.policy import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels
 from adaquantfl.runner.build import build_model, build_server, load_data
@@ -301,7 +306,9 @@ def test_bad_or_missing_replies_are_dropped_and_the_round_goes_on() -> None:
     layout = ArrayLayout.of(arrays)
     reference = FedServer(layout.flatten(arrays), FixedLevels(7), QSGDCompressor())
     good_replies = [
-        parse_train_reply(r.content) for r in grid.replies if r.metadata.src_node_id in good
+        read_train_reply(r.content, layout).reply
+        for r in grid.replies
+        if r.metadata.src_node_id in good
     ]
     reference.aggregate(good_replies)
     assert torch.equal(layout.flatten(new_arrays), reference.params)
@@ -539,19 +546,24 @@ def test_round_plan_round_trips_and_rejects_bad_values() -> None:
             RoundPlan.from_config({**plan.to_config(), key: value})
 
 
-def test_parse_train_reply_rejects_npy_payloads() -> None:
+def test_read_train_reply_rejects_npy_payloads() -> None:
+    layout = ArrayLayout(("w",), ((3,),))
     payload = payload_array(b"AQ-bytes")
     metrics = MetricRecord({"aq-client-id": 1, "aq-loss": 0.5, "num-examples": 3})
-    ok = parse_train_reply(
-        RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics})
+    ok = read_train_reply(
+        RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics}), layout
     )
-    assert ok == ClientReply(1, b"AQ-bytes", 0.5, 3)
+    assert ok.reply == ClientReply(1, b"AQ-bytes", 0.5, 3)
     npy = Array(np.frombuffer(b"AQ-bytes", dtype=np.uint8))
     with pytest.raises(RecordError, match="stype"):
-        parse_train_reply(RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: npy}), "m": metrics}))
+        read_train_reply(
+            RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: npy}), "m": metrics}), layout
+        )
     with pytest.raises(RecordError, match="aq-client-id"):
         del metrics["aq-client-id"]
-        parse_train_reply(RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics}))
+        read_train_reply(
+            RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics}), layout
+        )
 
 
 def test_engine_raises_on_client_failures_other_than_divergence() -> None:

@@ -41,7 +41,7 @@ from adaquantfl.flower import (
     NoAcceptedRepliesError,
     adaquant_mod,
 )
-from adaquantfl.flower.plan import LEVELS_KEY, PROBE_KEY, ROUND_KEY
+from adaquantfl.flower.messages import LEVELS_KEY, PROBE_KEY, ROUND_KEY
 from adaquantfl.policy import AdaQuantLevels, FullPrecision, LevelSchedule
 from tests.flower_helpers import (
     InProcessGrid,

@@ -35,26 +35,22 @@ for _name, _value in (
 from adaquantfl.flower.layout import (  # noqa: E402
     BATCHNORM_BUFFERS,
     ArrayLayout,
+    RecordError,
     record_from_state_dict,
 )
-from adaquantfl.flower.mod import (  # noqa: E402
+from adaquantfl.flower.messages import (  # noqa: E402
     FLOWER_TRAIN_LOSS_KEY,
-    adaquant_mod,
-    encode_update,
-    make_adaquant_mod,
-)
-from adaquantfl.flower.plan import DownlinkPlan, RoundPlan  # noqa: E402
-from adaquantfl.flower.records import (  # noqa: E402
     LOSS_KEY,
     LOSS_PROXY_KEY,
     PAYLOAD_KEY,
     PRE_TRAIN_LOSS_KEY,
+    DownlinkPlan,
     MissingModError,
-    RecordError,
-    parse_train_reply,
+    RoundPlan,
     payload_array,
     payload_bytes,
 )
+from adaquantfl.flower.mod import adaquant_mod, make_adaquant_mod  # noqa: E402
 from adaquantfl.flower.rounds import SERVER_METRICS, FlowerRound, server_metrics  # noqa: E402
 from adaquantfl.flower.strategy import AdaQuantFedAvg  # noqa: E402
 from adaquantfl.flower.wrapper import AdaQuant, NoAcceptedRepliesError  # noqa: E402
@@ -77,9 +73,7 @@ __all__ = [
     "RecordError",
     "RoundPlan",
     "adaquant_mod",
-    "encode_update",
     "make_adaquant_mod",
-    "parse_train_reply",
     "payload_array",
     "payload_bytes",
     "record_from_state_dict",

@@ -1,6 +1,6 @@
 """The new global model of a round: FedAvg's mean from FedServer, or the inner strategy's.
 
-``accepted`` is a list of (node, :class:`~adaquantfl.flower.records.TrainReply`,
+``accepted`` is a list of (node, :class:`~adaquantfl.flower.messages.TrainReply`,
 reply message) of the replies :class:`~adaquantfl.fl.server.FedServer`
 accepted, and ``metrics`` their metric records as the inner strategy sees them.
 """
@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import FedAvg
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.fl.server import FedServer
-from adaquantfl.flower.layout import ArrayLayout
-from adaquantfl.flower.records import RecordError, TrainReply, with_content
+from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.messages import TrainReply, with_content
 
 __all__ = ["fedavg_model", "inner_model", "uses_fedavg_math"]
 

@@ -8,7 +8,7 @@ trains, and replies with its local arrays and metrics. Around it, the mod
 1. reads the node's plan (levels, seed, round, compressor, which arrays
    travel uncompressed) from the ``aq-*`` keys that
    :class:`~adaquantfl.flower.AdaQuant` added to the train ConfigRecord
-   (:mod:`adaquantfl.flower.plan`), and takes the received model ``w_k``;
+   (:mod:`adaquantfl.flower.messages`), and takes the received model ``w_k``;
    with a compressed downlink it first rebuilds ``x_k`` from the change
    messages and the replica it keeps in ``Context.state``, and hands the
    train function ``x_k`` in the model's arrays
@@ -21,7 +21,7 @@ trains, and replies with its local arrays and metrics. Around it, the mod
 4. replies with the encoded bytes (a uint8 Array), the arrays that travel
    beside the update (BatchNorm statistics, integer buffers) as the train
    function returned them, and the train function's metrics plus the
-   mod's ``aq-*`` keys (:mod:`adaquantfl.flower.records`).
+   mod's ``aq-*`` keys (:mod:`adaquantfl.flower.messages`).
 
 Messages without an AdaQuantFL plan (evaluate, query, or a plain FedAvg's
 train) pass through untouched.
@@ -50,43 +50,41 @@ from the train reply's MetricRecord:
 Either way the value is sent as ``aq-loss``; the user's own metrics are
 never changed. A reply with neither is an error (the strategy drops that node
 for the round) rather than a silently invented loss.
+
 """
 
 from __future__ import annotations
 
 import math
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from adaquantfl.compression.feedback import ErrorFeedback
 from adaquantfl.fl.client import encode_update
 from adaquantfl.flower.downlink import receive_model
-from adaquantfl.flower.layout import ArrayLayout
-from adaquantfl.flower.node_state import load_client_state, store_client_state, warn_once
-from adaquantfl.flower.plan import RoundPlan
-from adaquantfl.flower.records import (
-    CLIENT_ID_KEY,
-    DISTORTION_KEY,
-    LOSS_KEY,
-    LOSS_PROXY_KEY,
-    METRICS_RECORD,
+from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.messages import (
+    FLOWER_TRAIN_LOSS_KEY,
     NUM_EXAMPLES_KEY,
-    PAYLOAD_KEY,
     PRE_TRAIN_LOSS_KEY,
-    UPDATE_NORM_KEY,
-    RecordError,
+    RoundPlan,
     client_id_of,
-    payload_array,
+    probe_reply_content,
     single_array_record,
     single_metric_record,
+    train_reply_content,
     with_content,
 )
+from adaquantfl.flower.node_state import (
+    load_client_state,
+    load_replica,
+    store_client_state,
+    store_replica,
+    warn_once,
+)
 
-__all__ = ["FLOWER_TRAIN_LOSS_KEY", "adaquant_mod", "encode_update", "make_adaquant_mod"]
-
-#: The training-loss metric of Flower's app templates (and of Flower's ``QFedAvg``).
-FLOWER_TRAIN_LOSS_KEY = "train_loss"
+__all__ = ["adaquant_mod", "make_adaquant_mod"]
 
 
 def make_adaquant_mod(
@@ -131,20 +129,20 @@ def make_adaquant_mod(
         return _loss(metrics, fallback_loss_key, None), True
 
     def adaquant_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        plan_config = _plan_config(msg)
-        if plan_config is None:
+        plan = RoundPlan.of(msg)
+        if plan is None:
             return call_next(msg, context)
-        plan = RoundPlan.from_config(plan_config)
         client_id = client_id_of(context)
         if plan.probe:
             # The strategy only wants to know which client this node is.
-            return Message(
-                RecordDict({METRICS_RECORD: MetricRecord({CLIENT_ID_KEY: client_id})}),
-                reply_to=msg,
-            )
+            return Message(probe_reply_content(client_id), reply_to=msg)
         name, received = single_array_record(msg.content, "the train instruction")
         if plan.downlink is not None:
-            model, params, layout = receive_model(context, received, plan.downlink, plan.round_idx)
+            model, replica = receive_model(
+                received, plan.downlink, plan.round_idx, load_replica(context)
+            )
+            store_replica(context, replica)
+            params, layout = replica.params, replica.layout
             # The train function gets x_k in the model's arrays (a copy: the
             # instruction itself stays as the server sent it).
             train_msg = with_content(msg, RecordDict({**dict(msg.content.items()), name: model}))
@@ -175,17 +173,16 @@ def make_adaquant_mod(
         )
         if state is not None:
             store_client_state(context, state)
-        out_metrics = MetricRecord(dict(metrics))
-        out_metrics[CLIENT_ID_KEY] = client_id
-        out_metrics[LOSS_KEY] = loss
-        out_metrics[LOSS_PROXY_KEY] = int(proxy)
-        out_metrics[UPDATE_NORM_KEY] = encoded.update_norm
-        out_metrics[DISTORTION_KEY] = encoded.distortion
-        content = RecordDict(
-            {
-                name: ArrayRecord({PAYLOAD_KEY: payload_array(encoded.payload), **side}),
-                metrics_name: out_metrics,
-            }
+        content = train_reply_content(
+            (name, metrics_name),
+            encoded.payload,
+            side,
+            metrics,
+            client_id=client_id,
+            loss=loss,
+            loss_proxy=proxy,
+            update_norm=encoded.update_norm,
+            distortion=encoded.distortion,
         )
         return Message(content, reply_to=msg)
 
@@ -195,16 +192,6 @@ def make_adaquant_mod(
 
 #: The mod with the default ``pre-train-loss`` convention (see the module notes).
 adaquant_mod: Mod = make_adaquant_mod()
-
-
-def _plan_config(msg: Message) -> ConfigRecord | None:
-    """The ConfigRecord of a train instruction that carries an AdaQuantFL plan, if any."""
-    if not msg.has_content() or msg.metadata.message_type.split(".", 1)[0] != "train":
-        return None
-    for config in msg.content.config_records.values():
-        if RoundPlan.present(config):
-            return config
-    return None
 
 
 def _loss(metrics: MetricRecord, key: str, fallback: str | None) -> float:

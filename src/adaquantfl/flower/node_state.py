@@ -14,7 +14,6 @@ process. Kept there:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,12 +21,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 
 from adaquantfl.fl.state import ClientState
+from adaquantfl.flower.downlink import Replica
 from adaquantfl.flower.layout import ArrayLayout
+from adaquantfl.flower.messages import CLIENT_STATE_RECORD, NODE_STATE_RECORD
 
 __all__ = [
-    "CLIENT_STATE_RECORD",
-    "NODE_STATE_RECORD",
-    "Replica",
     "load_client_state",
     "load_replica",
     "store_client_state",
@@ -35,8 +33,6 @@ __all__ = [
     "warn_once",
 ]
 
-CLIENT_STATE_RECORD = "aq-client-state"
-NODE_STATE_RECORD = "aq-node-state"
 RESIDUAL_KEY = "residual"
 REPLICA_KEY = "replica"
 
@@ -87,15 +83,6 @@ def store_client_state(context: Context, state: ClientState) -> None:
     record = _arrays(context)
     record[RESIDUAL_KEY] = Array(state.residual.detach().cpu().numpy())
     context.state[CLIENT_STATE_RECORD] = record
-
-
-@dataclass(frozen=True)
-class Replica:
-    """The downlink model ``x_k`` a node holds, the round it is of, and the model's layout."""
-
-    params: torch.Tensor
-    round_idx: int
-    layout: ArrayLayout
 
 
 def load_replica(context: Context) -> Replica | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from logging import ERROR, WARNING
 
 from flwr.app import Message, MetricRecord, RecordDict
@@ -10,19 +10,17 @@ from flwr.common.logger import log
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-from adaquantfl.flower.layout import ArrayLayout
-from adaquantfl.flower.records import (
-    LOSS_PROXY_KEY,
+from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.messages import (
     NO_MOD_REASON,
     MissingModError,
-    RecordError,
     TrainReply,
     read_train_reply,
     with_content,
 )
 from adaquantfl.flower.rounds import UNAVAILABLE, PendingRound
 
-__all__ = ["common_metrics", "evaluate_replies", "read_reply", "sort_replies"]
+__all__ = ["common_metrics", "evaluate_replies", "sort_replies"]
 
 Failures = list[tuple[int, str]]
 
@@ -35,39 +33,17 @@ def _log_once(key: str, level: int, message: str, *args: object) -> None:
         log(level, message, *args)
 
 
-def read_reply(content: RecordDict, layout: ArrayLayout) -> TrainReply:
-    """A train reply taken apart, its side arrays checked (FedServer judges the rest).
-
-    A reply without a payload (:class:`MissingModError`) is explained once per
-    process, at ERROR; the loss stand-in is warned about once.
-    """
-    try:
-        reply = read_train_reply(content, layout.side, layout.names)
-    except MissingModError as exc:
-        _log_once("missing-mod", ERROR, "AdaQuant: %s", exc)
-        raise
-    layout.side_arrays(reply.side, trusted=False)
-    if any(m.get(LOSS_PROXY_KEY) for m in content.metric_records.values()):
-        _log_once(
-            "loss-proxy",
-            WARNING,
-            "AdaQuant: nodes send their train function's training loss, not 'pre-train-loss': "
-            "the level policy follows the loss during local training (see adaquantfl.flower.mod)",
-        )
-    return reply
-
-
 def sort_replies(
-    replies: Sequence[Message],
-    pending: PendingRound,
-    read: Callable[[RecordDict], TrainReply],
+    replies: Sequence[Message], pending: PendingRound, layout: ArrayLayout
 ) -> tuple[list[tuple[int, TrainReply, Message]], Failures, Failures]:
     """``(parsed, failures, dropouts)`` of a training round's replies.
 
     ``parsed``: (node, reply, message) of every reply with the right layout,
     for :meth:`FedServer.aggregate` to judge. ``failures``: (node, reason) of
     error replies and malformed ones. ``dropouts``: nodes that never replied,
-    or that Flower reports unavailable.
+    or that Flower reports unavailable. A reply without a payload
+    (:class:`MissingModError`) is explained once per process, at ERROR; the
+    loss stand-in is warned about once.
     """
     parsed: list[tuple[int, TrainReply, Message]] = []
     failures: Failures = []
@@ -79,11 +55,23 @@ def sort_replies(
             (dropouts if msg.error.code in UNAVAILABLE else failures).append(entry)
             continue
         try:
-            parsed.append((node, read(msg.content), msg))
-        except MissingModError:
+            reply = read_train_reply(msg.content, layout)
+        except MissingModError as exc:
+            _log_once("missing-mod", ERROR, "AdaQuant: %s", exc)
             failures.append((node, NO_MOD_REASON))
+            continue
         except RecordError as exc:
             failures.append((node, f"malformed reply: {exc}"))
+            continue
+        if reply.loss_proxy:
+            _log_once(
+                "loss-proxy",
+                WARNING,
+                "AdaQuant: nodes send their train function's training loss, not "
+                "'pre-train-loss': the level policy follows the loss during local training "
+                "(see adaquantfl.flower.mod)",
+            )
+        parsed.append((node, reply, msg))
     answered = {pending.sender(m) for m in replies}
     for node in sorted(pending.nodes - answered):
         dropouts.append((node, "no reply before the round's timeout"))

@@ -13,7 +13,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from adaquantfl.fl.server import RoundOutcome
-from adaquantfl.flower.records import MISSING_MOD_HINT, NO_MOD_REASON
+from adaquantfl.flower.messages import MISSING_MOD_HINT, NO_MOD_REASON
 
 __all__ = [
     "SERVER_METRICS",

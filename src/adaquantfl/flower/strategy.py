@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.flower.checks import check_policy, positional_error
 from adaquantfl.flower.layout import BATCHNORM_BUFFERS
-from adaquantfl.flower.records import NUM_EXAMPLES_KEY
+from adaquantfl.flower.messages import NUM_EXAMPLES_KEY
 from adaquantfl.flower.rounds import FlowerRound
 from adaquantfl.flower.wrapper import AdaQuant
 from adaquantfl.policy import LevelPolicy, LevelSchedule

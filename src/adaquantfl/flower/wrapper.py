@@ -4,7 +4,7 @@
     client_app = ClientApp(mods=[adaquant_mod])
 
 Each round the wrapper lets the inner strategy configure the round and adds
-each node's plan (levels, seed, compressor; :mod:`adaquantfl.flower.plan`),
+each node's plan (levels, seed, compressor; :mod:`adaquantfl.flower.messages`),
 checks and decodes the replies with :meth:`adaquantfl.fl.server.FedServer.aggregate`
 (which also feeds the level policy), hands the inner strategy the accepted
 nodes' models ``w_k + C(Delta_i)`` with their own metrics, and returns its
@@ -34,7 +34,7 @@ from logging import INFO
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -46,10 +46,9 @@ from adaquantfl.flower.aggregate import fedavg_model, inner_model, uses_fedavg_m
 from adaquantfl.flower.checks import check_settings
 from adaquantfl.flower.downlink import DownlinkSender, send_model
 from adaquantfl.flower.layout import BATCHNORM_BUFFERS, ArrayLayout
+from adaquantfl.flower.messages import NUM_EXAMPLES_KEY, RoundPlan, TrainReply, add_plans
 from adaquantfl.flower.nodes import sampled_messages
-from adaquantfl.flower.plan import RoundPlan, add_plans
-from adaquantfl.flower.records import NUM_EXAMPLES_KEY, TrainReply
-from adaquantfl.flower.replies import common_metrics, evaluate_replies, read_reply, sort_replies
+from adaquantfl.flower.replies import common_metrics, evaluate_replies, sort_replies
 from adaquantfl.flower.rounds import (
     FlowerRound,
     PendingRound,
@@ -211,7 +210,9 @@ class AdaQuant(Strategy):
         }  # fmt: skip
         downlinks, sent = send_model(self.downlink, server, nodes, layout, arrays)
         plans = {n: replace(plan, levels=node_levels[n]) for n in nodes}
-        add_plans(messages, self.strategy, plans, downlinks)
+        for node, down in downlinks.items():
+            plans[node] = replace(plans[node], downlink=down.plan)
+        add_plans(messages, self.strategy, plans, {n: d.record for n, d in downlinks.items()})
         log(
             INFO,
             "configure_train: round %d, levels %s, %d nodes",
@@ -240,7 +241,7 @@ class AdaQuant(Strategy):
         pending = self._pending
         if pending is None or pending.server_round != server_round:
             pending = PendingRound(server_round, frozenset(), 0, time.perf_counter())
-        parsed, failures, dropouts = sort_replies(replies, pending, self._read_reply)
+        parsed, failures, dropouts = sort_replies(replies, pending, self._require_server()[1])
         nodes_of: dict[int, list[int]] = {}
         for node, tr, _ in parsed:
             nodes_of.setdefault(tr.reply.client_id, []).append(node)
@@ -323,9 +324,6 @@ class AdaQuant(Strategy):
         server.params = layout.flatten(model)
         self._global = model
         return model, inner_metrics
-
-    def _read_reply(self, content: RecordDict) -> TrainReply:
-        return read_reply(content, self._require_server()[1])
 
     # ----------------------------------------------------------------- evaluation
 
