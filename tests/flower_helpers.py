@@ -131,10 +131,9 @@ class InProcessGrid(Grid):
 
 def forget_warnings() -> None:
     """Let the once-per-process warnings of adaquantfl.flower be logged again (per test)."""
-    from adaquantfl.flower import node_state, replies
+    from adaquantfl.flower import mod
 
-    node_state._WARNED.clear()
-    replies._LOGGED.clear()
+    mod._LOGGED.clear()
 
 
 def simulate(config: Config) -> tuple[list[RoundOutcome], torch.Tensor]:

@@ -39,7 +39,7 @@ from adaquantfl.flower import (
     adaquant_mod,
     payload_array,
 )
-from adaquantfl.flower.node_state import load_replica
+from adaquantfl.flower.mod import load_replica
 from adaquantfl.policy import AdaQuantLevels, FixedLevels
 from tests.flower_helpers import (
     InProcessGrid,

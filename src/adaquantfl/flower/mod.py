@@ -51,21 +51,37 @@ Either way the value is sent as ``aq-loss``; the user's own metrics are
 never changed. A reply with neither is an error (the strategy drops that node
 for the round) rather than a silently invented loss.
 
+A node's state lives in its ``Context.state``, which Flower's simulation and
+a SuperNode hand to every message of a run (even where each message runs in
+a new ``flwr-clientapp`` process), so it survives the rounds the node sits
+out. This module alone reads and writes it:
+
+- ``aq-client-state`` (ArrayRecord): ``residual``, the error-feedback residual
+  ``e_i``; ``replica``, the downlink model ``x_k`` the node holds;
+- ``aq-node-state`` (ConfigRecord): ``replica-round`` and ``layout`` of that
+  replica, and ``warned-<key>`` for each warning the node has logged.
 """
 
 from __future__ import annotations
 
 import math
+from logging import WARNING
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.logger import log
 
 from adaquantfl.compression.feedback import ErrorFeedback
 from adaquantfl.fl.client import encode_update
-from adaquantfl.flower.downlink import receive_model
+from adaquantfl.fl.state import ClientState
+from adaquantfl.flower.downlink import Replica, receive_model
 from adaquantfl.flower.layout import ArrayLayout, RecordError
 from adaquantfl.flower.messages import (
+    CLIENT_STATE_RECORD,
     FLOWER_TRAIN_LOSS_KEY,
+    NODE_STATE_RECORD,
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
     RoundPlan,
@@ -76,15 +92,8 @@ from adaquantfl.flower.messages import (
     train_reply_content,
     with_content,
 )
-from adaquantfl.flower.node_state import (
-    load_client_state,
-    load_replica,
-    store_client_state,
-    store_replica,
-    warn_once,
-)
 
-__all__ = ["adaquant_mod", "make_adaquant_mod"]
+__all__ = ["adaquant_mod", "log_once", "make_adaquant_mod"]
 
 
 def make_adaquant_mod(
@@ -116,15 +125,16 @@ def make_adaquant_mod(
         if loss_key in metrics or fallback_loss_key is None or fallback_loss_key not in metrics:
             # The exact rule, or the error that names both keys.
             return _loss(metrics, loss_key, fallback_loss_key), False
-        warn_once(
-            context,
+        log_once(
             "loss-proxy",
+            WARNING,
             "adaquant_mod: the train reply has no %r metric; the AdaQuantFL policy is fed %r "
             "(the loss during local training) instead of the received model's loss before "
             "training. Report %r for the exact rule. (Logged once per node.)",
             loss_key,
             fallback_loss_key,
             loss_key,
+            context=context,
         )
         return _loss(metrics, fallback_loss_key, None), True
 
@@ -220,3 +230,89 @@ def _num_examples(metrics: MetricRecord) -> int:
             f"(the client's aggregation weight n_i), got {value!r}"
         )
     return value
+
+
+# --------------------------------------------------------------------------- node state
+
+# The entries of the aq-client-state (arrays) and aq-node-state (config) records.
+_RESIDUAL = "residual"
+_REPLICA = "replica"
+_REPLICA_ROUND = "replica-round"
+_REPLICA_LAYOUT = "layout"
+
+
+def load_client_state(context: Context) -> ClientState:
+    """The node's error-feedback residual (none yet: an empty state)."""
+    record = _state_arrays(context)
+    return ClientState(_tensor(record[_RESIDUAL]) if _RESIDUAL in record else None)
+
+
+def store_client_state(context: Context, state: ClientState) -> None:
+    """Keep the node's error-feedback residual for its next round (nothing if it has none)."""
+    if state.residual is None:
+        return
+    record = _state_arrays(context)
+    record[_RESIDUAL] = Array(state.residual.detach().cpu().numpy())
+    context.state[CLIENT_STATE_RECORD] = record
+
+
+def load_replica(context: Context) -> Replica | None:
+    """The downlink model the node holds, if any."""
+    record = _state_arrays(context)
+    node = _state_config(context)
+    if _REPLICA not in record or _REPLICA_ROUND not in node or _REPLICA_LAYOUT not in node:
+        return None
+    return Replica(
+        _tensor(record[_REPLICA]),
+        int(node[_REPLICA_ROUND]),  # type: ignore[arg-type]
+        ArrayLayout.from_json(str(node[_REPLICA_LAYOUT])),
+    )
+
+
+def store_replica(context: Context, replica: Replica) -> None:
+    """Keep ``replica`` as the node's downlink model."""
+    record = _state_arrays(context)
+    record[_REPLICA] = Array(replica.params.detach().cpu().numpy())
+    context.state[CLIENT_STATE_RECORD] = record
+    node = _state_config(context)
+    node[_REPLICA_ROUND] = replica.round_idx
+    node[_REPLICA_LAYOUT] = replica.layout.to_json()
+    context.state[NODE_STATE_RECORD] = node
+
+
+#: Messages this process has logged (a simulation's nodes share the process
+#: with each other and with the ServerApp; a deployment's node starts a process per message).
+_LOGGED: set[str] = set()
+
+
+def log_once(
+    key: str, level: int, message: str, *args: object, context: Context | None = None
+) -> None:
+    """Log ``message`` through Flower's logger once per process, and once per node.
+
+    With the node's ``context``, its ``Context.state`` remembers the warning,
+    so a SuperNode that starts a new process for every message still logs it
+    once. The strategy calls it without one (once per ServerApp process).
+    """
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    if context is not None:
+        node = _state_config(context)
+        if node.get(f"warned-{key}"):
+            return
+        node[f"warned-{key}"] = True
+        context.state[NODE_STATE_RECORD] = node
+    log(level, message, *args)
+
+
+def _state_config(context: Context) -> ConfigRecord:
+    return context.state.config_records.get(NODE_STATE_RECORD, ConfigRecord())
+
+
+def _state_arrays(context: Context) -> ArrayRecord:
+    return context.state.array_records.get(CLIENT_STATE_RECORD, ArrayRecord())
+
+
+def _tensor(array: Array) -> torch.Tensor:
+    return torch.from_numpy(array.numpy().astype(np.float32, copy=True)).reshape(-1)

@@ -18,19 +18,12 @@ from adaquantfl.flower.messages import (
     read_train_reply,
     with_content,
 )
+from adaquantfl.flower.mod import log_once
 from adaquantfl.flower.rounds import UNAVAILABLE, PendingRound
 
 __all__ = ["common_metrics", "evaluate_replies", "sort_replies"]
 
 Failures = list[tuple[int, str]]
-
-_LOGGED: set[str] = set()  # server-side warnings, once per process
-
-
-def _log_once(key: str, level: int, message: str, *args: object) -> None:
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log(level, message, *args)
 
 
 def sort_replies(
@@ -57,15 +50,15 @@ def sort_replies(
         try:
             reply = read_train_reply(msg.content, layout)
         except MissingModError as exc:
-            _log_once("missing-mod", ERROR, "AdaQuant: %s", exc)
+            log_once("strategy-missing-mod", ERROR, "AdaQuant: %s", exc)
             failures.append((node, NO_MOD_REASON))
             continue
         except RecordError as exc:
             failures.append((node, f"malformed reply: {exc}"))
             continue
         if reply.loss_proxy:
-            _log_once(
-                "loss-proxy",
+            log_once(
+                "strategy-loss-proxy",
                 WARNING,
                 "AdaQuant: nodes send their train function's training loss, not "
                 "'pre-train-loss': the level policy follows the loss during local training "
@@ -91,8 +84,8 @@ def common_metrics(records: Sequence[MetricRecord], weight_key: str) -> list[Met
     shared = set(records[0].keys()).intersection(*(r.keys() for r in records[1:]))
     dropped = set().union(*(r.keys() for r in records)) - shared - {weight_key}
     if dropped:
-        _log_once(
-            "metric-keys",
+        log_once(
+            "strategy-metric-keys",
             WARNING,
             "AdaQuant: the nodes report different metrics; aggregating only those all of them "
             "report (left out: %s; logged once)",
