@@ -8,8 +8,8 @@ each node's plan (levels, seed, compressor; :mod:`adaquantfl.flower.messages`),
 checks and decodes the replies with :meth:`adaquantfl.fl.server.FedServer.aggregate`
 (which also feeds the level policy), hands the inner strategy the accepted
 nodes' models ``w_k + C(Delta_i)`` with their own metrics, and returns its
-aggregate as the new global model. Nothing of quantization, aggregation or
-the policy is re-implemented here.
+aggregate as the new global model (:mod:`adaquantfl.flower.rounds`). Nothing
+of quantization, aggregation or the policy is re-implemented here.
 
 Notes
 -----
@@ -42,17 +42,21 @@ from flwr.serverapp.strategy import Result, Strategy
 from adaquantfl.compression.compressor import Compressor, default_message_limit
 from adaquantfl.compression.qsgd_compressor import QSGDCompressor
 from adaquantfl.fl.server import FedServer, RoundOutcome
-from adaquantfl.flower.aggregate import fedavg_model, inner_model, uses_fedavg_math
 from adaquantfl.flower.checks import check_settings
 from adaquantfl.flower.downlink import DownlinkSender, send_model
 from adaquantfl.flower.layout import BATCHNORM_BUFFERS, ArrayLayout
 from adaquantfl.flower.messages import NUM_EXAMPLES_KEY, RoundPlan, TrainReply, add_plans
 from adaquantfl.flower.nodes import sampled_messages
-from adaquantfl.flower.replies import common_metrics, evaluate_replies, sort_replies
 from adaquantfl.flower.rounds import (
     FlowerRound,
     PendingRound,
+    common_metrics,
+    evaluate_replies,
+    fedavg_model,
+    inner_model,
     log_exclusions,
+    sort_replies,
+    uses_fedavg_math,
     why_nothing_accepted,
     with_server_metrics,
 )
@@ -227,7 +231,6 @@ class AdaQuant(Strategy):
             started=started,
             messages=tuple(messages),
             node_levels=node_levels,
-            arrays=arrays,
             params=server.params,
         )
         return messages
