@@ -16,7 +16,7 @@ from adaquantfl.compression.qsgd import MAX_LEVELS
 from adaquantfl.fl.guard import check_weight_share
 from adaquantfl.fl.server import as_policy, select_clients
 from adaquantfl.flower.messages import describe_compressor
-from adaquantfl.flower.nodes import SAMPLING_ATTRIBUTES
+from adaquantfl.flower.sampling import SAMPLING_ATTRIBUTES
 
 __all__ = ["check_policy", "check_settings", "positional_error"]
 

@@ -46,7 +46,6 @@ from adaquantfl.flower.checks import check_settings
 from adaquantfl.flower.downlink import DownlinkSender, send_model
 from adaquantfl.flower.layout import BATCHNORM_BUFFERS, ArrayLayout
 from adaquantfl.flower.messages import NUM_EXAMPLES_KEY, RoundPlan, TrainReply, add_plans
-from adaquantfl.flower.nodes import sampled_messages
 from adaquantfl.flower.rounds import (
     FlowerRound,
     PendingRound,
@@ -60,6 +59,7 @@ from adaquantfl.flower.rounds import (
     why_nothing_accepted,
     with_server_metrics,
 )
+from adaquantfl.flower.sampling import sampled_messages
 from adaquantfl.policy import LevelPolicy, LevelSchedule
 
 __all__ = ["AdaQuant", "NoAcceptedRepliesError"]

@@ -1,4 +1,4 @@
-"""Finding the nodes of a round: a bounded wait, seeded sampling, asking nodes for their client id.
+"""Sampling the nodes of a round: a bounded wait, seeded choice, asking nodes their client id.
 
 Used when :class:`~adaquantfl.flower.AdaQuant` samples the nodes itself
 (``sample_nodes=True``, as :class:`~adaquantfl.flower.AdaQuantFedAvg` does):
