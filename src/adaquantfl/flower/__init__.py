@@ -52,8 +52,11 @@ from adaquantfl.flower.messages import (  # noqa: E402
 )
 from adaquantfl.flower.mod import adaquant_mod, make_adaquant_mod  # noqa: E402
 from adaquantfl.flower.rounds import SERVER_METRICS, FlowerRound, server_metrics  # noqa: E402
-from adaquantfl.flower.strategy import AdaQuantFedAvg  # noqa: E402
-from adaquantfl.flower.wrapper import AdaQuant, NoAcceptedRepliesError  # noqa: E402
+from adaquantfl.flower.strategy import (  # noqa: E402
+    AdaQuant,
+    AdaQuantFedAvg,
+    NoAcceptedRepliesError,
+)
 
 __all__ = [
     "BATCHNORM_BUFFERS",
