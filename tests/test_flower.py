@@ -45,25 +45,25 @@ from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.flower import (
-    PAYLOAD_KEY,
     AdaQuantFedAvg,
-    ArrayLayout,
     FlowerRound,
     RecordError,
-    RoundPlan,
     adaquant_mod,
     make_adaquant_mod,
-    payload_array,
+    server_metrics,
 )
+from adaquantfl.flower.layout import ArrayLayout
 from adaquantfl.flower.messages import (
     LEVELS_KEY,
     LOSS_PROXY_KEY,
+    PAYLOAD_KEY,
     PROBE_KEY,
     ROUND_KEY,
     SEED_KEY,
+    RoundPlan,
+    payload_array,
     read_train_reply,
 )
-from adaquantfl.flower.rounds import server_metrics
 from adaquantfl.policy import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels
 from adaquantfl.runner.build import build_model, build_server, load_data
 from adaquantfl.runner.config import load_config
@@ -525,6 +525,21 @@ def test_aggregate_evaluate_drops_a_malformed_reply() -> None:
 
 
 # --------------------------------------------------------------------------- records
+
+
+def test_the_package_exports_only_what_a_flower_user_touches() -> None:
+    import adaquantfl.flower as flower
+
+    # The strategies, the mod, the record helper and metric names a user's app
+    # touches, the errors it may catch; the message layout stays internal.
+    assert sorted(flower.__all__) == sorted(
+        ["AdaQuant", "AdaQuantFedAvg", "adaquant_mod", "make_adaquant_mod",
+         "record_from_state_dict", "BATCHNORM_BUFFERS", "PRE_TRAIN_LOSS_KEY", "FlowerRound",
+         "SERVER_METRICS", "server_metrics", "NoAcceptedRepliesError", "MissingModError",
+         "RecordError"]
+    )  # fmt: skip
+    assert all(getattr(flower, name) is not None for name in flower.__all__)
+    assert not hasattr(flower, "RoundPlan") and not hasattr(flower, "payload_array")
 
 
 def test_round_plan_round_trips_and_rejects_bad_values() -> None:

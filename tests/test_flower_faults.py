@@ -34,14 +34,9 @@ from flwr.serverapp.strategy import Result
 
 from adaquantfl.compression import QSGDCompressor, default_message_limit
 from adaquantfl.compression.codec import encode_dense, peek_header
-from adaquantfl.flower import (
-    PAYLOAD_KEY,
-    AdaQuantFedAvg,
-    ArrayLayout,
-    NoAcceptedRepliesError,
-    adaquant_mod,
-)
-from adaquantfl.flower.messages import LEVELS_KEY, PROBE_KEY, ROUND_KEY
+from adaquantfl.flower import AdaQuantFedAvg, NoAcceptedRepliesError, adaquant_mod
+from adaquantfl.flower.layout import ArrayLayout
+from adaquantfl.flower.messages import LEVELS_KEY, PAYLOAD_KEY, PROBE_KEY, ROUND_KEY
 from adaquantfl.policy import AdaQuantLevels, FullPrecision, LevelSchedule
 from tests.flower_helpers import (
     InProcessGrid,

@@ -34,22 +34,10 @@ for _name, _value in (
 
 from adaquantfl.flower.layout import (  # noqa: E402
     BATCHNORM_BUFFERS,
-    ArrayLayout,
     RecordError,
     record_from_state_dict,
 )
-from adaquantfl.flower.messages import (  # noqa: E402
-    FLOWER_TRAIN_LOSS_KEY,
-    LOSS_KEY,
-    LOSS_PROXY_KEY,
-    PAYLOAD_KEY,
-    PRE_TRAIN_LOSS_KEY,
-    DownlinkPlan,
-    MissingModError,
-    RoundPlan,
-    payload_array,
-    payload_bytes,
-)
+from adaquantfl.flower.messages import PRE_TRAIN_LOSS_KEY, MissingModError  # noqa: E402
 from adaquantfl.flower.mod import adaquant_mod, make_adaquant_mod  # noqa: E402
 from adaquantfl.flower.rounds import SERVER_METRICS, FlowerRound, server_metrics  # noqa: E402
 from adaquantfl.flower.strategy import (  # noqa: E402
@@ -60,25 +48,16 @@ from adaquantfl.flower.strategy import (  # noqa: E402
 
 __all__ = [
     "BATCHNORM_BUFFERS",
-    "FLOWER_TRAIN_LOSS_KEY",
-    "LOSS_KEY",
-    "LOSS_PROXY_KEY",
-    "PAYLOAD_KEY",
     "PRE_TRAIN_LOSS_KEY",
     "SERVER_METRICS",
     "AdaQuant",
     "AdaQuantFedAvg",
-    "ArrayLayout",
-    "DownlinkPlan",
     "FlowerRound",
     "MissingModError",
     "NoAcceptedRepliesError",
     "RecordError",
-    "RoundPlan",
     "adaquant_mod",
     "make_adaquant_mod",
-    "payload_array",
-    "payload_bytes",
     "record_from_state_dict",
     "server_metrics",
 ]

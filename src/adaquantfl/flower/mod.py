@@ -84,6 +84,7 @@ from adaquantfl.flower.messages import (
     NODE_STATE_RECORD,
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
+    PREFIX,
     RoundPlan,
     client_id_of,
     probe_reply_content,
@@ -117,7 +118,7 @@ def make_adaquant_mod(
         ``(msg, context, call_next) -> msg``, for ``ClientApp(mods=[...])``.
     """
     for name, key in (("loss_key", loss_key), ("fallback_loss_key", fallback_loss_key)):
-        if key is not None and (not isinstance(key, str) or not key or key.startswith("aq-")):
+        if key is not None and (not isinstance(key, str) or not key or key.startswith(PREFIX)):
             raise ValueError(f"{name} must be the name of a metric of the train reply, got {key!r}")
 
     def read_loss(metrics: MetricRecord, context: Context) -> tuple[float, bool]:
