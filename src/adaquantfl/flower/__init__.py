@@ -13,7 +13,13 @@ replies with :class:`adaquantfl.fl.server.FedServer`, which feeds the level
 policy, and the inner strategy aggregates the nodes' models ``w_k + C(Delta_i)``.
 The train reply reports ``pre-train-loss`` for the exact rule, or else
 Flower's usual ``train_loss`` stands in for it (see :mod:`adaquantfl.flower.mod`).
-``flwr`` is imported only inside this subpackage.
+``flwr`` is imported only inside this subpackage (and by the runner's Flower engine).
+
+Modules, server side first: ``strategy`` (the two strategies and their argument
+checks), ``rounds`` (a round's replies, new model and record), ``sampling``
+(seeded node sampling), ``downlink`` (the compressed downlink, both sides),
+``mod`` (the client mod and the node's state), ``messages`` (every message key
+and record), ``layout`` (which of a model's arrays are compressed).
 
 Importing this package sets ``FLWR_TELEMETRY_ENABLED=0``,
 ``FLWR_DISABLE_UPDATE_CHECK=1`` and ``RAY_USAGE_STATS_ENABLED=0`` unless they
