@@ -67,8 +67,8 @@ def test_compressors_with_other_options_differ() -> None:
     [
         ("zstd", {}, "unknown compressor 'zstd'; allowed: ['qsgd', 'test-rounding', 'topk']"),
         ("qsgd", {"encodng": "packed"}, "allowed: ['encoding', 'bucket_size', 'norm']"),
-        ("qsgd", {"encoding": "zip"}, "encoding must be one of ['packed', 'entropy']"),
-        ("topk", {"fraction": 0}, "fraction must be a number in (0, 1]"),
+        ("qsgd", {"encoding": "zip"}, "unknown encoding 'zip'; allowed: ['packed', 'entropy']"),
+        ("topk", {"fraction": 0}, "fraction must be a finite number in (0, 1], got 0"),
         ("topk", {"k": 3}, "unknown compressor 'topk' option(s) ['k']; allowed: ['fraction']"),
     ],
 )

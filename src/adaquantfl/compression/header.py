@@ -8,8 +8,6 @@ messages.
 
 from __future__ import annotations
 
-import numpy as np
-
 from adaquantfl.compression.container import (
     CodecError,
     Header,
@@ -21,6 +19,7 @@ from adaquantfl.compression.container import (
 )
 from adaquantfl.compression.packed import packed_body_bytes
 from adaquantfl.compression.qsgd import MAX_LEVELS, bits_per_level_index, num_buckets
+from adaquantfl.validation import check_int
 
 __all__ = ["checked_header", "formula_bits", "message_bytes", "peek_header"]
 
@@ -106,8 +105,7 @@ def peek_header(data: bytes | bytearray | memoryview) -> Header:
 
 def checked_header(buf: memoryview, expected_numel: int) -> Header:
     """:func:`peek_header`, then the caller's element count and the CRC32."""
-    if isinstance(expected_numel, bool) or not isinstance(expected_numel, int | np.integer):
-        raise ValueError(f"expected_numel must be an integer, got {expected_numel!r}")
+    check_int("expected_numel", expected_numel)
     header = peek_header(buf)
     if header.numel != expected_numel:
         raise CodecError(f"message has numel {header.numel}; expected {expected_numel}")

@@ -16,6 +16,7 @@ from adaquantfl.compression.codec import (
 from adaquantfl.compression.compressor import BaseCompressor, register_compressor
 from adaquantfl.compression.header import formula_bits, message_bytes
 from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, num_buckets
+from adaquantfl.validation import check_choice, check_int
 
 __all__ = ["MESSAGE_ENCODINGS", "QSGDCompressor", "QSGDOptions"]
 
@@ -43,21 +44,10 @@ class QSGDOptions:
     norm: str = "l2"
 
     def __post_init__(self) -> None:
-        if self.encoding not in MESSAGE_ENCODINGS:
-            raise ValueError(
-                f"encoding must be one of {list(MESSAGE_ENCODINGS)}, got {self.encoding!r}"
-            )
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
-        if self.bucket_size is not None and (
-            isinstance(self.bucket_size, bool)
-            or not isinstance(self.bucket_size, int)
-            or not 1 <= self.bucket_size <= 2**32 - 1
-        ):
-            raise ValueError(
-                f"bucket_size must be an integer in [1, 2**32 - 1] or None, got "
-                f"{self.bucket_size!r}"
-            )
+        check_choice("encoding", self.encoding, MESSAGE_ENCODINGS)
+        check_choice("norm", self.norm, NORMS)
+        if self.bucket_size is not None:
+            check_int("bucket_size", self.bucket_size, 1, 2**32 - 1)
 
 
 @register_compressor

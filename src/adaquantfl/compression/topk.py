@@ -39,6 +39,7 @@ from adaquantfl.compression.container import (
     build_message,
     frame_bytes,
 )
+from adaquantfl.validation import check_real
 
 __all__ = ["TopKCompressor", "TopKOptions", "decode_sparse", "encode_sparse", "top_k_indices"]
 
@@ -58,12 +59,7 @@ class TopKOptions:
     fraction: float = 0.01
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.fraction, bool)
-            or not isinstance(self.fraction, int | float)
-            or not 0 < self.fraction <= 1
-        ):
-            raise ValueError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
+        check_real("fraction", self.fraction, 0.0, 1.0, low_open=True)
 
     def k(self, numel: int) -> int:
         return min(numel, max(1, math.ceil(self.fraction * numel))) if numel else 0

@@ -20,6 +20,7 @@ from adaquantfl.compression.feedback import ErrorFeedback
 from adaquantfl.fl.state import ClientState
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
+from adaquantfl.validation import check_int, check_real
 
 __all__ = [
     "MAX_BATCH_SIZE",
@@ -94,9 +95,7 @@ class LocalTraining:
             ("local_steps", MAX_LOCAL_STEPS, LOCAL_STEPS_LIMIT),
             ("batch_size", MAX_BATCH_SIZE, BATCH_SIZE_LIMIT),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            value = check_int(name, getattr(self, name), 1)
             if value > high:
                 raise ValueError(f"{name} = {value} exceeds {high} ({why})")
         draws = self.local_steps * self.batch_size
@@ -106,17 +105,8 @@ class LocalTraining:
                 f"2**27 = {MAX_DRAWS_PER_ROUND}: a client draws a round's indices at once "
                 "(8 bytes each, 1 GiB at the limit)"
             )
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        mu = self.prox_mu
-        if (
-            isinstance(mu, bool)
-            or not isinstance(mu, int | float)
-            or not (math.isfinite(mu) and mu >= 0)
-        ):
-            raise ValueError(f"prox_mu must be a finite number >= 0, got {mu!r}")
+        check_real("lr", self.lr, 0.0, low_open=True)
+        check_real("prox_mu", self.prox_mu, 0.0)
 
 
 @dataclass(frozen=True)

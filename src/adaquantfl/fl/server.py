@@ -35,9 +35,9 @@ from adaquantfl.policy import (
     LevelSchedule,
     RoundObservation,
 )
-from adaquantfl.policy.base import check_int
 from adaquantfl.policy.classic import as_policy
 from adaquantfl.rng import torch_generator
+from adaquantfl.validation import check_int
 
 __all__ = ["FedServer", "RoundOutcome", "as_policy", "select_clients", "weighted_mean"]
 

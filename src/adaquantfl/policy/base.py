@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from adaquantfl.compression.qsgd import MAX_LEVELS
+from adaquantfl.validation import check_int
 
 __all__ = [
     "ClientOutcome",
     "LevelPlan",
     "LevelPolicy",
     "RoundObservation",
-    "check_int",
     "check_loss",
-    "check_state_keys",
     "round_levels",
 ]
 
@@ -180,18 +179,3 @@ def check_loss(loss: float) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"loss must be finite and positive, got {value!r}")
     return value
-
-
-def check_int(name: str, value: object, low: int, high: int) -> int:
-    """``value`` as an int in ``[low, high]``, or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
-def check_state_keys(cls: str, state: Mapping[str, Any], keys: set[str]) -> None:
-    """A state dict must have exactly ``keys``."""
-    if set(state) != keys:
-        raise ValueError(f"{cls} state must have keys {sorted(keys)}, got {sorted(state)}")

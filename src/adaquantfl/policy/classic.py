@@ -18,11 +18,10 @@ from adaquantfl.policy.base import (
     LevelPlan,
     LevelPolicy,
     RoundObservation,
-    check_int,
     check_loss,
-    check_state_keys,
     round_levels,
 )
+from adaquantfl.validation import check_int, check_keys
 
 __all__ = [
     "AdaQuantLevels",
@@ -102,7 +101,7 @@ class FullPrecision(UniformLevels):
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state_keys("FullPrecision", state, set())
+        check_keys("FullPrecision", state, set())
 
     def __repr__(self) -> str:
         return "FullPrecision()"
@@ -126,7 +125,7 @@ class FixedLevels(UniformLevels):
         return {"levels": self._levels}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state_keys("FixedLevels", state, {"levels"})
+        check_keys("FixedLevels", state, {"levels"})
         self._levels = check_int("levels", state["levels"], 1, MAX_LEVELS)
 
     def __repr__(self) -> str:
@@ -197,7 +196,7 @@ class AdaQuantLevels(UniformLevels):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state_keys(
+        check_keys(
             "AdaQuantLevels",
             state,
             {"initial_levels", "min_levels", "max_levels", "levels", "initial_loss"},

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from adaquantfl.rng import torch_generator
+from adaquantfl.validation import check_real
 
 __all__ = ["ClientFaults", "RoundAvailability"]
 
@@ -61,19 +62,12 @@ class ClientFaults:
     round_time_sigma: float = 0.25
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {self.dropout}")
-        if self.deadline_s is not None and not self.deadline_s > 0:
-            raise ValueError(f"deadline_s must be positive or None, got {self.deadline_s}")
-        if not self.client_time_s > 0:
-            raise ValueError(f"client_time_s must be positive, got {self.client_time_s}")
-        for name in ("client_time_sigma", "round_time_sigma"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    @property
-    def active(self) -> bool:
-        return self.dropout > 0 or self.deadline_s is not None
+        check_real("dropout", self.dropout, 0.0, 1.0)
+        if self.deadline_s is not None:
+            check_real("deadline_s", self.deadline_s, 0.0, low_open=True)
+        check_real("client_time_s", self.client_time_s, 0.0, low_open=True)
+        check_real("client_time_sigma", self.client_time_sigma, 0.0)
+        check_real("round_time_sigma", self.round_time_sigma, 0.0)
 
     def client_time_s_of(self, client_id: int, *, seed: int, round_idx: int) -> float:
         """Simulated time of ``client_id`` in round ``round_idx``."""
