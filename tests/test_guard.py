@@ -285,7 +285,7 @@ def test_an_unusable_payload_is_rejected(data: Any) -> None:
 
 def test_a_decoder_that_crashes_rejects_the_reply() -> None:
     class Broken(QSGDCompressor):
-        def decode(self, payload, *, numel, levels, out):  # type: ignore[no-untyped-def]
+        def _decompress(self, payload, *, numel, levels, out):  # type: ignore[no-untyped-def]
             raise IndexError("bug in a plugin decoder")
 
     server = FedServer(torch.zeros(D), FixedLevels(2), Broken())
@@ -323,7 +323,7 @@ def test_a_reply_in_another_encoding_is_rejected_from_its_header_alone(
         assert out.shape == (D,)
         return
     # Reading past the header (the CRC, then the body) would call this.
-    import adaquantfl.compression.header as header
+    import adaquantfl.compression.codec as header
 
     def no_crc(buf: Any) -> None:
         raise AssertionError("the CRC was read before the encoding was checked")
