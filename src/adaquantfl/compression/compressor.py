@@ -221,7 +221,8 @@ class BaseCompressor:
         The larger of a raw float32 message and :meth:`_max_compressed_bytes`, plus
         :data:`MESSAGE_SLACK_BYTES`; the server rejects anything bigger unread.
         """
-        return max(message_bytes(numel, None), self._max_compressed_bytes(numel)) + MESSAGE_SLACK_BYTES
+        largest = max(message_bytes(numel, None), self._max_compressed_bytes(numel))
+        return largest + MESSAGE_SLACK_BYTES
 
     # ------------------------------------------------------------------ for subclasses
 

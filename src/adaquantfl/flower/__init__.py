@@ -40,7 +40,6 @@ from adaquantfl.flower.layout import (  # noqa: E402
 from adaquantfl.flower.mod import (  # noqa: E402
     FLOWER_TRAIN_LOSS_KEY,
     adaquant_mod,
-    encode_update,
     make_adaquant_mod,
 )
 from adaquantfl.flower.plan import DownlinkPlan, RoundPlan  # noqa: E402
@@ -77,7 +76,6 @@ __all__ = [
     "RecordError",
     "RoundPlan",
     "adaquant_mod",
-    "encode_update",
     "make_adaquant_mod",
     "parse_train_reply",
     "payload_array",

@@ -16,7 +16,7 @@ trains, and replies with its local arrays and metrics. Around it, the mod
 2. calls the train function (``call_next``);
 3. forms ``Delta_i = w_i - w_k`` of the compressed arrays, quantizes it at
    ``s_k`` with the noise stream (seed, round, client id, "quantize") and
-   encodes it with :func:`adaquantfl.fl.client.encode_update` (DESIGN §2,
+   encodes it with :func:`adaquantfl.fl.client.compress_update` (DESIGN §2,
    step 3), exactly as the simulator does;
 4. replies with the encoded bytes (a uint8 Array), the arrays that travel
    beside the update (BatchNorm statistics, integer buffers) as the train
@@ -59,8 +59,8 @@ import math
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from adaquantfl.compression.feedback import ErrorFeedback
-from adaquantfl.fl.client import encode_update
+from adaquantfl.compression.feedback import ClientCompressor
+from adaquantfl.fl.client import compress_update
 from adaquantfl.flower.downlink import receive_model
 from adaquantfl.flower.layout import ArrayLayout
 from adaquantfl.flower.node_state import load_client_state, store_client_state, warn_once
@@ -83,7 +83,7 @@ from adaquantfl.flower.records import (
     with_content,
 )
 
-__all__ = ["FLOWER_TRAIN_LOSS_KEY", "adaquant_mod", "encode_update", "make_adaquant_mod"]
+__all__ = ["FLOWER_TRAIN_LOSS_KEY", "adaquant_mod", "make_adaquant_mod"]
 
 #: The training-loss metric of Flower's app templates (and of Flower's ``QFedAvg``).
 FLOWER_TRAIN_LOSS_KEY = "train_loss"
@@ -163,18 +163,17 @@ def make_adaquant_mod(
         loss, proxy = read_loss(metrics, context)
         _num_examples(metrics)  # the server's weight n_i: fail here, with the reason
 
-        state = load_client_state(context) if isinstance(plan.compressor, ErrorFeedback) else None
-        encoded = encode_update(
+        client = ClientCompressor(plan.compressor)
+        load_client_state(context, client)
+        encoded = compress_update(
             local - params,
             levels=plan.levels,
-            compressor=plan.compressor,
+            compressor=client,
             seed=plan.seed,
             round_idx=plan.round_idx,
             client_id=client_id,
-            state=state,
         )
-        if state is not None:
-            store_client_state(context, state)
+        store_client_state(context, client)
         out_metrics = MetricRecord(dict(metrics))
         out_metrics[CLIENT_ID_KEY] = client_id
         out_metrics[LOSS_KEY] = loss

@@ -21,7 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 
-from adaquantfl.fl.state import ClientState
+from adaquantfl.compression.feedback import ClientCompressor
 from adaquantfl.flower.layout import ArrayLayout
 
 __all__ = [
@@ -75,17 +75,20 @@ def _tensor(array: Array) -> torch.Tensor:
     return torch.from_numpy(array.numpy().astype(np.float32, copy=True)).reshape(-1)
 
 
-def load_client_state(context: Context) -> ClientState:
-    """The node's error-feedback residual (none yet: an empty state)."""
+def load_client_state(context: Context, client: ClientCompressor) -> None:
+    """Restore what the node's end of the compressor kept (its error-feedback residual)."""
     record = _arrays(context)
-    return ClientState(_tensor(record[RESIDUAL_KEY]) if RESIDUAL_KEY in record else None)
+    residual = _tensor(record[RESIDUAL_KEY]) if RESIDUAL_KEY in record else None
+    client.load_state_dict({"residual": residual})
 
 
-def store_client_state(context: Context, state: ClientState) -> None:
-    if state.residual is None:
+def store_client_state(context: Context, client: ClientCompressor) -> None:
+    """Keep what the node's end of the compressor must carry into its next round."""
+    residual = client.state_dict()["residual"]
+    if residual is None:
         return
     record = _arrays(context)
-    record[RESIDUAL_KEY] = Array(state.residual.detach().cpu().numpy())
+    record[RESIDUAL_KEY] = Array(residual.detach().cpu().numpy())
     context.state[CLIENT_STATE_RECORD] = record
 
 

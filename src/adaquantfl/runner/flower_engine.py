@@ -50,7 +50,7 @@ from adaquantfl.runner.config import Config
 
 __all__ = ["engine_client_app", "flat_layout", "loopback_ray", "ray_backend_config", "run_flower"]
 
-#: A ClientError's text (adaquantfl.fl.client / flower.mod.encode_update): the
+#: A ClientError's text (adaquantfl.fl.client.compress_update): the
 #: simulator counts such a client as failed and goes on; any other client
 #: failure is a bug, and the simulator would have raised it too.
 _DIVERGED = "local training diverged"

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from adaquantfl.compression.compressor import Compressor
+from adaquantfl.compression.feedback import ClientCompressor
 from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import (
     ClientError,
     ClientReply,
-    ClientState,
     LocalTraining,
     client_update,
-    encode_update,
+    compress_update,
     evaluate,
 )
 from adaquantfl.fl.record import RoundRecord, record_round
@@ -94,8 +94,9 @@ class Simulator:
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.faults = faults or ClientFaults()
-        #: What each client keeps between its rounds (its error-feedback residual).
-        self.client_states: dict[int, ClientState] = {}
+        #: Each client's end of the compressor, which keeps what the client
+        #: carries between its rounds (its error-feedback residual).
+        self.client_compressors: dict[int, ClientCompressor] = {}
         select_clients(len(data.clients), clients_per_round, seed=seed, round_idx=0)  # validates
         self.trainer: BatchedTrainer | None = None
         if vectorize:
@@ -146,12 +147,11 @@ class Simulator:
                         shard.x,
                         shard.y,
                         levels=plan.levels_of(cid),
-                        compressor=self.compressor,
+                        compressor=self.client_compressor(cid),
                         training=self.training,
                         seed=self.seed,
                         round_idx=round_idx,
                         client_id=cid,
-                        state=self.client_state(cid),
                     )
                 )
             except ClientError as exc:
@@ -176,27 +176,27 @@ class Simulator:
             numel=self.model.numel,
         )
 
-    def client_state(self, client_id: int) -> ClientState:
-        """The state client ``client_id`` keeps between its rounds (created on first use)."""
-        state = self.client_states.get(client_id)
-        if state is None:
-            state = self.client_states[client_id] = ClientState()
-        return state
+    def client_compressor(self, client_id: int) -> ClientCompressor:
+        """Client ``client_id``'s end of the compressor (created on first use)."""
+        client = self.client_compressors.get(client_id)
+        if client is None:
+            client = self.client_compressors[client_id] = ClientCompressor(self.compressor)
+        return client
 
     def state_dict(self) -> dict[str, Any]:
-        """The server's state and every client's own state (for a checkpoint)."""
+        """The server's state and what every client keeps (for a checkpoint)."""
         clients = {
-            cid: st.state_dict()
-            for cid, st in sorted(self.client_states.items())
-            if st.residual is not None
+            cid: client.state_dict()
+            for cid, client in sorted(self.client_compressors.items())
+            if client.residual is not None
         }
         return {**self.server.state_dict(), "clients": clients}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.server.load_state_dict(state)
-        self.client_states = {}
+        self.client_compressors = {}
         for cid, client in state.get("clients", {}).items():
-            self.client_state(int(cid)).load_state_dict(client)
+            self.client_compressor(int(cid)).load_state_dict(client)
 
     def transmit(self, reply: ClientReply, round_idx: int) -> ClientReply | None:
         """The uplink from a client to the server: delivers ``reply`` unchanged.
@@ -226,14 +226,13 @@ class Simulator:
         failed = 0
         for row, cid, shard, loss in zip(local, chosen, shards, losses, strict=True):
             try:
-                encoded = encode_update(
+                encoded = compress_update(
                     row - params,
                     levels=plan.levels_of(cid),
-                    compressor=self.compressor,
+                    compressor=self.client_compressor(cid),
                     seed=self.seed,
                     round_idx=round_idx,
                     client_id=cid,
-                    state=self.client_state(cid),
                 )
             except ClientError as exc:
                 logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
