@@ -42,11 +42,6 @@ class DatasetSpec:
     source: str
     naturally_federated: bool = False
 
-    @property
-    def needs_data_dir(self) -> bool:
-        """Whether loading reads the user's files from ``data_dir``."""
-        return self.source == "files"
-
 
 #: Data sets by name; the CLI's and config's choices come from its keys.
 DATASETS: dict[str, DatasetSpec] = {

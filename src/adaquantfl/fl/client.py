@@ -38,7 +38,7 @@ __all__ = [
 
 _EVAL_CHUNK = 1024
 
-# Stated limits of local training (issue 12). A client draws all of a round's
+# Stated limits of local training. A client draws all of a round's
 # minibatch indices at once (local_steps x batch_size int64 values, 1 GiB at
 # MAX_DRAWS_PER_ROUND), and materializes a minibatch of batch_size examples and
 # its activations at every step. Beyond these, a round cannot fit in memory

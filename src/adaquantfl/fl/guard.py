@@ -1,8 +1,8 @@
 """What the server accepts from a client, and the bounds that protect the aggregate and the policy.
 
 A reply comes from a machine the server does not control, so every field is
-checked before it is used, and nothing in it may make the server raise
-(issue 12). The pure helpers here are what :class:`~adaquantfl.fl.server.FedServer`
+checked before it is used, and nothing in it may make the server raise.
+The pure helpers here are what :class:`~adaquantfl.fl.server.FedServer`
 applies to each reply:
 
 - :func:`reply_problem`: the reason a reply's id, payload, ``n_i``, loss or

@@ -187,11 +187,6 @@ class FedServer:
         self._plan: tuple[int, LevelPlan] | None = None  # (round, plan) of the open round
 
     @property
-    def schedule(self) -> LevelPolicy:
-        """The level policy (the name of DESIGN §7's schedules)."""
-        return self.policy
-
-    @property
     def numel(self) -> int:
         return int(self.params.numel())
 

@@ -24,7 +24,7 @@ __all__ = [
     "LevelPolicy",
     "RoundObservation",
     "check_loss",
-    "round_levels",
+    "rounded_levels",
 ]
 
 #: How a policy may round the levels its rule gives: ``"none"`` (as the rule
@@ -105,11 +105,6 @@ class LevelPlan(Mapping[int, "int | None"]):
     def levels_of(self, client_id: int) -> int | None:
         return self._per_client.get(client_id, self.default)
 
-    @property
-    def uniform(self) -> bool:
-        """Whether every client uses the default levels."""
-        return all(v == self.default for v in self._per_client.values())
-
     def __getitem__(self, client_id: int) -> int | None:
         return self._per_client[client_id]
 
@@ -155,7 +150,7 @@ def _check_levels(value: object, name: str) -> int | None:
     return check_int(name, value, 1, MAX_LEVELS)
 
 
-def round_levels(levels: int, mode: str, max_levels: int) -> int:
+def rounded_levels(levels: int, mode: str, max_levels: int) -> int:
     """``levels`` rounded by ``mode`` (see :data:`ROUNDINGS`), at most ``max_levels``.
 
     ``"pow2m1"``: the smallest ``2^k - 1 >= levels`` (1 -> 1, 2 -> 3, 4 -> 7,

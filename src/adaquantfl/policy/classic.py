@@ -19,7 +19,7 @@ from adaquantfl.policy.base import (
     LevelPolicy,
     RoundObservation,
     check_loss,
-    round_levels,
+    rounded_levels,
 )
 from adaquantfl.validation import check_int, check_keys
 
@@ -166,7 +166,7 @@ class AdaQuantLevels(UniformLevels):
         self._max = check_int("max_levels", max_levels, self._min, MAX_LEVELS)
         self._s0 = check_int("initial_levels", initial_levels, self._min, self._max)
         self._rounding = round_levels
-        self._levels = _round(self._s0, round_levels, self._max)
+        self._levels = rounded_levels(self._s0, self._rounding, self._max)
         self._initial_loss: float | None = None
 
     @property
@@ -183,7 +183,7 @@ class AdaQuantLevels(UniformLevels):
         if self._initial_loss is None:
             self._initial_loss = value
         raw = adaquant_levels(self._initial_loss, value, self._s0, self._min, self._max)
-        self._levels = _round(raw, self._rounding, self._max)
+        self._levels = rounded_levels(raw, self._rounding, self._max)
         return self._levels
 
     def state_dict(self) -> dict[str, Any]:
@@ -221,10 +221,6 @@ class AdaQuantLevels(UniformLevels):
             f"AdaQuantLevels(initial_levels={self._s0}, min_levels={self._min}, "
             f"max_levels={self._max}{rounding})"
         )
-
-
-def _round(levels: int, mode: str, max_levels: int) -> int:
-    return round_levels(levels, mode, max_levels)
 
 
 class _ScheduleAsPolicy(UniformLevels):

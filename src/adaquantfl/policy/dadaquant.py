@@ -54,7 +54,7 @@ from adaquantfl.policy.base import (
     LevelPlan,
     RoundObservation,
     check_loss,
-    round_levels,
+    rounded_levels,
 )
 from adaquantfl.policy.registry import check_options, register_policy
 from adaquantfl.validation import check_choice, check_int, check_keys, check_real
@@ -145,14 +145,14 @@ class DAdaQuant:
         self.sizes: dict[int, int] = {}  # n_i of the clients heard from
 
     def levels_for(self, round_idx: int, client_ids: Sequence[int]) -> LevelPlan:
-        q = round_levels(self.q, self.rounding, self.q_max)
+        q = rounded_levels(self.q, self.rounding, self.q_max)
         if not self.client_adaptive or not client_ids:
             return LevelPlan(q)
         known = self.sizes.values()
         default = sum(known) / len(known) if known else 1.0
         weights = {c: float(self.sizes.get(c, default)) for c in client_ids}
         per_client = {
-            c: round_levels(v, self.rounding, MAX_LEVELS)
+            c: rounded_levels(v, self.rounding, MAX_LEVELS)
             for c, v in client_levels(self.q, weights, self.client_rule).items()
         }
         return LevelPlan(q, per_client)
