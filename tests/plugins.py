@@ -46,14 +46,14 @@ class RoundingCompressor(BaseCompressor):
     options_type = RoundingOptions
     takes_levels = True
 
-    def encode(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
+    def _compress(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
         v = update.detach().reshape(-1).to(torch.float64)
         scale = float(v.abs().max()) * self.options.clip if v.numel() else 0.0
         q = torch.zeros_like(v) if scale == 0 else torch.round(v / scale * levels)
         q = q.clamp(-levels, levels).to(torch.int32)
         return _HEAD.pack(MAGIC, v.numel(), levels, scale) + q.numpy().astype("<i4").tobytes()
 
-    def decode(
+    def _decompress(
         self, payload: bytes, *, numel: int, levels: int, out: torch.Tensor | None
     ) -> torch.Tensor:
         if len(payload) != _HEAD.size + 4 * numel:
@@ -70,7 +70,7 @@ class RoundingCompressor(BaseCompressor):
         out.copy_(dense)
         return out
 
-    def max_encoded_bytes(self, numel: int) -> int:
+    def _max_compressed_bytes(self, numel: int) -> int:
         return _HEAD.size + 4 * numel
 
 

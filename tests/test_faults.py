@@ -14,8 +14,7 @@ from adaquantfl.fl.client import ClientReply, LocalTraining
 from adaquantfl.fl.server import FedServer
 from adaquantfl.models import make_model
 from adaquantfl.policy import AdaQuantLevels
-from adaquantfl.sim.faults import ClientFaults
-from adaquantfl.sim.simulator import Simulator
+from adaquantfl.sim.simulator import ClientFaults, Simulator
 from tests.test_fl import RecordingSchedule, tiny_data
 
 BAD_ROUND = 1  # 0-based round in which the faulty client misbehaves
@@ -99,7 +98,7 @@ def test_a_bad_client_is_excluded_as_if_it_had_not_replied(kind: str, vectorize:
     assert torch.equal(faulty.server.params, reference.server.params)
     assert [r.train_loss for r in records] == [r.train_loss for r in ref_records]
     assert [r.levels for r in records] == [r.levels for r in ref_records]
-    assert faulty.server.schedule.state_dict() == reference.server.schedule.state_dict()
+    assert faulty.server.policy.state_dict() == reference.server.policy.state_dict()
     assert torch.isfinite(faulty.server.params).all()
 
 
@@ -107,11 +106,11 @@ def test_every_client_failing_leaves_the_model_unchanged() -> None:
     sim = build("garbage", {0, 1, 2})
     sim.run_round()
     before = sim.server.params.clone()
-    schedule_before = sim.server.schedule.state_dict()
+    schedule_before = sim.server.policy.state_dict()
     record = sim.run_round()
     assert record.participants == 0 and record.rejected == 3 and record.train_loss is None
     assert torch.equal(sim.server.params, before)
-    assert sim.server.schedule.state_dict() == schedule_before
+    assert sim.server.policy.state_dict() == schedule_before
     assert math.isfinite(record.test_loss)
     assert sim.run_round().participants == 3  # and the run goes on
 

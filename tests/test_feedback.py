@@ -10,7 +10,8 @@ import torch
 
 import adaquantfl
 from adaquantfl.compression import ErrorFeedback, QSGDCompressor, TopKCompressor
-from adaquantfl.fl.client import ClientState, encode_update
+from adaquantfl.compression.feedback import ClientCompressor
+from adaquantfl.fl.client import compress_update
 from adaquantfl.fl.server import select_clients
 from adaquantfl.runner.build import build_simulator
 from adaquantfl.runner.checkpoint import load_checkpoint
@@ -25,32 +26,31 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _encode(update: torch.Tensor, compressor: object, state: ClientState | None, round_idx: int):
-    return encode_update(
-        update, levels=3, compressor=compressor, seed=0, round_idx=round_idx, client_id=4,
-        state=state,
-    )  # fmt: skip
+def _encode(update: torch.Tensor, client: ClientCompressor, round_idx: int):
+    return compress_update(
+        update, levels=3, compressor=client, seed=0, round_idx=round_idx, client_id=4
+    )
 
 
 @pytest.mark.parametrize("inner", [TopKCompressor(0.05), QSGDCompressor()], ids=repr)
 def test_residual_is_what_the_server_did_not_receive(inner: object) -> None:
     # e_1 = D_1 - C(D_1); e_2 = (D_2 + e_1) - C(D_2 + e_1): exactly, in float32.
     ef = ErrorFeedback(inner)  # type: ignore[arg-type]
-    state = ClientState()
+    state = ClientCompressor(ef)
     d1, d2 = torch.randn(200, generator=gen(1)), torch.randn(200, generator=gen(2))
-    first = _encode(d1, ef, state, 0)
+    first = _encode(d1, state, 0)
     sent1 = ef.decompress(first.payload, numel=200, levels=3)  # what the server receives
     assert state.residual is not None and torch.equal(state.residual, d1 - sent1)
     e1 = state.residual.clone()
-    second = _encode(d2, ef, state, 1)
+    second = _encode(d2, state, 1)
     v2 = d2 + e1
     sent2 = ef.decompress(second.payload, numel=200, levels=3)
     assert torch.equal(state.residual, v2 - sent2)
     # The payload is the inner compressor's message of D_2 + e_1 ...
-    plain = _encode(v2, inner, None, 1)
+    plain = _encode(v2, ClientCompressor(inner), 1)  # type: ignore[arg-type]
     assert second.payload == plain.payload
     # ... not of D_2 alone (the negative control).
-    assert second.payload != _encode(d2, inner, None, 1).payload
+    assert second.payload != _encode(d2, ClientCompressor(inner), 1).payload  # type: ignore[arg-type]
     # Norm and distortion describe the compressed vector v_2.
     assert second.update_norm == pytest.approx(float(v2.norm()), rel=1e-6)
     rel = float((sent2.double() - v2.double()).square().sum() / v2.double().square().sum())
@@ -85,18 +85,25 @@ def test_error_feedback_with_coarse_qsgd_stays_finite() -> None:
 
 
 def test_full_precision_sends_the_residual_and_clears_it() -> None:
-    ef = ErrorFeedback(TopKCompressor(0.1))
-    state = ClientState(torch.full((50,), 0.5))
+    state = ClientCompressor(ErrorFeedback(TopKCompressor(0.1)))
+    state.load_state_dict({"residual": torch.full((50,), 0.5)})
     d = torch.randn(50, generator=gen())
-    out = encode_update(d, levels=None, compressor=ef, seed=0, round_idx=0, client_id=0,
-                        state=state)  # fmt: skip
+    out = compress_update(d, levels=None, compressor=state, seed=0, round_idx=0, client_id=0)
     assert torch.equal(TopKCompressor().decompress(out.payload, numel=50, levels=None), d + 0.5)
     assert state.residual is not None and not state.residual.any()
 
 
-def test_error_feedback_needs_the_clients_state() -> None:
-    with pytest.raises(ValueError, match="needs the client's state"):
-        _encode(torch.ones(5), ErrorFeedback(TopKCompressor()), None, 0)
+def test_only_error_feedback_keeps_a_residual() -> None:
+    plain = ClientCompressor(TopKCompressor(0.2))
+    fed = ClientCompressor(ErrorFeedback(TopKCompressor(0.2)))
+    for client in (plain, fed):
+        _encode(torch.randn(50, generator=gen()), client, 0)
+    assert plain.residual is None and plain.state_dict() == {"residual": None}
+    assert fed.residual is not None and fed.residual.any()
+    with pytest.raises(ValueError, match="residual"):
+        fed.load_state_dict({"residual": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match="keys"):
+        fed.load_state_dict({"residual": None, "other": 1})
 
 
 def test_the_residual_survives_rounds_the_client_sits_out() -> None:
@@ -107,18 +114,20 @@ def test_the_residual_survives_rounds_the_client_sits_out() -> None:
     for round_idx in range(6):
         chosen = set(select_clients(10, 3, seed=0, round_idx=round_idx))
         before = {
-            c: s.residual.clone() for c, s in sim.client_states.items() if s.residual is not None
+            c: s.residual.clone()
+            for c, s in sim.client_compressors.items()
+            if s.residual is not None
         }
         sim.run_round()
         for cid, residual in before.items():
-            after = sim.client_states[cid].residual
+            after = sim.client_compressors[cid].residual
             if cid in chosen:
                 changed += not torch.equal(after, residual)
             else:
                 assert torch.equal(after, residual), f"client {cid} lost its residual"
                 kept += 1
     assert kept and changed  # both cases happened
-    assert len(sim.client_states) > 3  # residuals of clients beyond one round's sample
+    assert len(sim.client_compressors) > 3  # residuals of clients beyond one round's sample
 
 
 def test_error_feedback_rescues_top_k() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaquantfl.compression import QSGDCompressor
+from adaquantfl.compression import ClientCompressor, QSGDCompressor
 from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import (
@@ -176,8 +176,8 @@ def test_client_error_on_diverged_training() -> None:
     with pytest.raises(ClientError, match="diverged"):
         client_update(
             model, torch.zeros(model.numel), data.clients[0].x * 1e3, data.clients[0].y, levels=2,
-            compressor=QSGDCompressor(), training=LocalTraining(5, 4, 1e37), seed=0, round_idx=0,
-            client_id=0,
+            compressor=ClientCompressor(QSGDCompressor()), training=LocalTraining(5, 4, 1e37),
+            seed=0, round_idx=0, client_id=0,
         )  # fmt: skip
 
 
@@ -190,8 +190,9 @@ def test_client_reports_pre_training_loss_and_real_update() -> None:
     params = torch.zeros(model.numel)
     shard = data.clients[1]
     reply = client_update(
-        model, params, shard.x, shard.y, levels=None, compressor=QSGDCompressor(),
-        training=TRAINING, seed=0, round_idx=0, client_id=1,
+        model, params, shard.x, shard.y, levels=None,
+        compressor=ClientCompressor(QSGDCompressor()), training=TRAINING,
+        seed=0, round_idx=0, client_id=1,
     )  # fmt: skip
     # Zero weights give uniform predictions: loss log(3) before training.
     assert reply.loss == pytest.approx(float(torch.log(torch.tensor(3.0))), rel=1e-6)
@@ -208,8 +209,9 @@ def test_quantized_payload_is_the_codec_message_at_the_asked_levels() -> None:
     params = model.initial_parameters(generator=torch.Generator().manual_seed(0))
     shard = data.clients[0]
     reply = client_update(
-        model, params, shard.x, shard.y, levels=7, compressor=QSGDCompressor(),
-        training=TRAINING, seed=0, round_idx=2, client_id=0,
+        model, params, shard.x, shard.y, levels=7,
+        compressor=ClientCompressor(QSGDCompressor()), training=TRAINING,
+        seed=0, round_idx=2, client_id=0,
     )  # fmt: skip
     header = peek_header(reply.payload)
     assert header.levels == 7 and header.numel == model.numel and header.encoding == "packed"

@@ -147,7 +147,7 @@ def test_strategy_and_mod_send_the_simulators_bytes(compression: dict[str, Any])
     model, params = build_model(config, data)
     template = build_server(config, params)
     strategy = AdaQuantFedAvg(
-        template.schedule, template.compressor, seed=0,  # type: ignore[arg-type]
+        template.policy, template.compressor, seed=0,
         max_message_bytes=template.max_message_bytes, fraction_evaluate=0.0,
         min_train_nodes=3, min_available_nodes=3,
     )  # fmt: skip

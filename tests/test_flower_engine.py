@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 import adaquantfl.runner.flower_engine as flower_engine
 from adaquantfl.cli import app
-from adaquantfl.compression.header import message_bytes
+from adaquantfl.compression.codec import message_bytes
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import RoundOutcome, select_clients
 from adaquantfl.flower import AdaQuant, FlowerRound

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAdam
 from torch import nn
 
 from adaquantfl.compression import QSGDCompressor
-from adaquantfl.compression.header import message_bytes
+from adaquantfl.compression.codec import message_bytes
 from adaquantfl.data import ClientData
 from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.flower import (

@@ -1,4 +1,4 @@
-"""A hostile client never makes the server raise (issue 12): ids, n_i, losses, payloads, encodings.
+"""A hostile client never makes the server raise: ids, n_i, losses, payloads, encodings.
 
 Each case is a reply a client controls. The server must reject it with a
 reason or accept it within documented bounds, and the round must go on with
@@ -154,20 +154,65 @@ def test_weight_share_cap_bounds_one_clients_pull_on_model_and_loss() -> None:
     assert policy.seen[0].train_loss == out.train_loss
 
 
-def test_a_decoder_that_fails_on_the_capped_second_pass_rejects_the_round() -> None:
-    class Flaky(QSGDCompressor):
-        calls = 0
+class CountingDecoder(QSGDCompressor):
+    """QSGD that counts its decodes and fails on the payloads of ``bad`` client ids."""
 
-        def decompress(self, payload, *, numel, levels, out=None):  # type: ignore[no-untyped-def]
-            Flaky.calls += 1
-            if Flaky.calls > 3:
-                raise CodecError("different the second time")
-            return super().decompress(payload, numel=numel, levels=levels, out=out)
+    def __init__(self, bad: Sequence[int] = (), flaky_after: int | None = None) -> None:
+        super().__init__()
+        self.bad = {payload(cid) for cid in bad}
+        self.flaky_after = flaky_after
+        self.calls: list[bytes] = []
 
-    server = FedServer(torch.zeros(D), FixedLevels(2), Flaky(), max_weight_share=0.5)
+    def decompress(self, payload, *, numel, levels, out=None):  # type: ignore[no-untyped-def]
+        self.calls.append(payload)
+        if payload in self.bad:
+            raise CodecError("a malformed body behind a valid frame")
+        if self.flaky_after is not None and len(self.calls) > self.flaky_after:
+            raise CodecError("different the second time")
+        return super().decompress(payload, numel=numel, levels=levels, out=out)
+
+
+@pytest.mark.parametrize("share", [None, 0.5], ids=["uncapped", "capped"])
+def test_each_payload_is_decoded_once(share: float | None) -> None:
+    decoder = CountingDecoder()
+    server = FedServer(torch.zeros(D), FixedLevels(2), decoder, max_weight_share=share)
     out = server.aggregate([good(0, n=1), good(1, n=1), good(2, n=1000)])
-    assert out.participants == 0 and out.rejected == 3
-    assert "did not decode the same way twice" in out.rejections[0][1]
+    assert out.participants == 3
+    assert sorted(decoder.calls) == sorted(payload(c) for c in range(3))  # once each
+    weights = [1, 1, 1000] if share is None else [1, 1, 2]  # 2 = half of the total 4
+    updates = [QSGDCompressor().decompress(payload(c), numel=D, levels=2) for c in range(3)]
+    expected = sum(w * u.double() for w, u in zip(weights, updates, strict=True)) / sum(weights)
+    assert torch.equal(server.params, expected.float())
+
+
+@pytest.mark.parametrize("share", [None, 0.5], ids=["uncapped", "capped"])
+def test_a_payload_that_fails_to_decode_leaves_the_others_weighted_as_without_it(
+    share: float | None,
+) -> None:
+    # Client 3's claim of 1000 examples binds the cap; once its payload fails,
+    # the cap binds on client 2 instead, and the others are combined again.
+    replies = [good(0, n=1), good(1, n=1), good(2, n=50), good(3, n=1000)]
+    decoder = CountingDecoder(bad=[3])
+    server = FedServer(torch.zeros(D), FixedLevels(2), decoder, max_weight_share=share)
+    out = server.aggregate(replies)
+    assert out.participants == 3 and [cid for cid, _ in out.rejections] == [3]
+    assert "malformed body" in out.rejections[0][1]
+    alone = FedServer(torch.zeros(D), FixedLevels(2), QSGDCompressor(), max_weight_share=share)
+    alone.aggregate(replies[:3])
+    assert torch.equal(server.params, alone.params)
+    assert decoder.calls.count(payload(3)) == 1
+    again = 2 if share is not None else 1  # combined a second time only where the cap moved
+    assert all(decoder.calls.count(payload(c)) == again for c in range(3))
+
+
+def test_a_decoder_that_changes_its_mind_rejects_the_round() -> None:
+    # The second combination (after client 3 failed under a binding cap) meets a
+    # payload that decoded the first time and no longer does: nothing is trusted.
+    decoder = CountingDecoder(bad=[3], flaky_after=4)
+    server = FedServer(torch.zeros(D), FixedLevels(2), decoder, max_weight_share=0.5)
+    out = server.aggregate([good(0, n=1), good(1, n=1), good(2, n=50), good(3, n=1000)])
+    assert out.participants == 0 and out.rejected == 4
+    assert "did not decode the same way twice" in out.rejections[-1][1]
     assert torch.equal(server.params, torch.zeros(D))
 
 
@@ -285,7 +330,7 @@ def test_an_unusable_payload_is_rejected(data: Any) -> None:
 
 def test_a_decoder_that_crashes_rejects_the_reply() -> None:
     class Broken(QSGDCompressor):
-        def decode(self, payload, *, numel, levels, out):  # type: ignore[no-untyped-def]
+        def _decompress(self, payload, *, numel, levels, out):  # type: ignore[no-untyped-def]
             raise IndexError("bug in a plugin decoder")
 
     server = FedServer(torch.zeros(D), FixedLevels(2), Broken())
@@ -323,7 +368,7 @@ def test_a_reply_in_another_encoding_is_rejected_from_its_header_alone(
         assert out.shape == (D,)
         return
     # Reading past the header (the CRC, then the body) would call this.
-    import adaquantfl.compression.header as header
+    import adaquantfl.compression.codec as header
 
     def no_crc(buf: Any) -> None:
         raise AssertionError("the CRC was read before the encoding was checked")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from adaquantfl.compression import QSGDCompressor
-from adaquantfl.fl.client import ClientReply, encode_update
+from adaquantfl.compression.feedback import ClientCompressor
+from adaquantfl.fl.client import ClientReply, compress_update
 from adaquantfl.fl.server import FedServer, as_policy
 from adaquantfl.policy import (
     POLICIES,
@@ -47,8 +48,13 @@ class Recorder:
 
 def reply(cid: int, levels: int | None, *, loss: float = 1.0, n: int = 10) -> ClientReply:
     update = torch.randn(D, generator=torch.Generator().manual_seed(cid))
-    encoded = encode_update(
-        update, levels=levels, compressor=QSGDCompressor(), seed=0, round_idx=0, client_id=cid
+    encoded = compress_update(
+        update,
+        levels=levels,
+        compressor=ClientCompressor(QSGDCompressor()),
+        seed=0,
+        round_idx=0,
+        client_id=cid,
     )
     return ClientReply(cid, encoded.payload, loss, n, encoded.update_norm, encoded.distortion)
 
@@ -56,7 +62,7 @@ def reply(cid: int, levels: int | None, *, loss: float = 1.0, n: int = 10) -> Cl
 def test_level_plan_gives_each_client_its_levels() -> None:
     plan = LevelPlan(3, {1: 7, 2: None})
     assert [plan.levels_of(c) for c in (0, 1, 2)] == [3, 7, None]
-    assert dict(plan) == {1: 7, 2: None} and not plan.uniform and LevelPlan(3, {4: 3}).uniform
+    assert dict(plan) == {1: 7, 2: None} and LevelPlan(3).levels_of(9) == 3
     for bad in (0, -1, 2**24, 1.5, True):
         with pytest.raises(ValueError, match="levels"):
             LevelPlan(bad)  # type: ignore[arg-type]

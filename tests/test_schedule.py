@@ -6,14 +6,15 @@ import math
 
 import pytest
 
+import adaquantfl.policy
 from adaquantfl.policy import (
-    SCHEDULES,
+    POLICIES,
     AdaQuantLevels,
     FixedLevels,
     FullPrecision,
     LevelSchedule,
     adaquant_levels,
-    make_schedule,
+    make_policy,
 )
 
 
@@ -113,11 +114,20 @@ def test_fixed_levels_never_change() -> None:
 def test_registry_builds_each_method() -> None:
     # At least the paper's three: tests/plugins.py (imported by test_compressor in
     # the same session) registers more, so equality would depend on test order.
-    assert {"fp32", "qsgd", "adaquantfl"} <= set(SCHEDULES)
+    assert {"fp32", "qsgd", "adaquantfl"} <= set(POLICIES)
     for name in ("fp32", "qsgd", "adaquantfl"):
-        assert isinstance(make_schedule(name, levels=3), LevelSchedule)
-    assert make_schedule("qsgd", levels=3).levels == 3
-    assert make_schedule("adaquantfl", levels=4).levels == 4
-    assert make_schedule("fp32").levels is None
+        assert isinstance(make_policy(name, levels=3), LevelSchedule)
+    assert make_policy("qsgd", levels=3).levels == 3
+    assert make_policy("adaquantfl", levels=4).levels == 4
+    assert make_policy("fp32").levels is None
     with pytest.raises(ValueError, match="allowed"):
-        make_schedule("adaquant", levels=2)
+        make_policy("adaquant", levels=2)
+
+
+def test_the_old_registry_names_still_work_and_warn() -> None:
+    with pytest.warns(DeprecationWarning, match="use adaquantfl.policy.POLICIES"):
+        assert adaquantfl.policy.SCHEDULES is POLICIES
+    with pytest.warns(DeprecationWarning, match="use adaquantfl.policy.make_policy"):
+        assert adaquantfl.policy.make_schedule is make_policy
+    with pytest.raises(AttributeError, match="no attribute 'SCHEDULE'"):
+        adaquantfl.policy.SCHEDULE  # noqa: B018

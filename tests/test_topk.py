@@ -43,7 +43,7 @@ def test_round_trip_is_the_dense_top_k(d: int, fraction: float) -> None:
     expected = torch.zeros(d)
     expected[keep] = v[keep]
     assert torch.equal(c.decompress(payload, numel=d, levels=1), expected)
-    assert len(payload) <= c.max_encoded_bytes(d)
+    assert len(payload) <= c._max_compressed_bytes(d)
 
 
 def test_sparse_message_bytes_hand_case() -> None:

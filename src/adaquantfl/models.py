@@ -26,6 +26,7 @@ from adaquantfl.batched import (
     cross_entropy_grad,
     linear_sgd_,
 )
+from adaquantfl.validation import check_choice
 
 __all__ = ["CNN", "MLP", "MODELS", "CNN1d", "FlatModel", "LogisticRegression", "make_model"]
 
@@ -322,8 +323,7 @@ class FlatModel:
         ``generator``'s stream; ``"zero"`` is all zeros (the paper's logistic
         regression start).
         """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        check_choice("init", init, INITS)
         if init == "zero":
             return torch.zeros(self.numel, dtype=torch.float32)
         # PyTorch's reset_parameters draws from the global generator; run it

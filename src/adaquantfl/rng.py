@@ -22,6 +22,8 @@ import struct
 import numpy as np
 import torch
 
+from adaquantfl.validation import check_int
+
 __all__ = ["PURPOSES", "derive_seed", "numpy_generator", "torch_generator"]
 
 #: The purposes a stream may be drawn for. A fixed list, so that a typo cannot
@@ -64,10 +66,7 @@ def derive_seed(seed: int, *, purpose: str, round_idx: int = -1, client_id: int 
     if purpose not in PURPOSES:
         raise ValueError(f"unknown random-stream purpose {purpose!r}; allowed: {list(PURPOSES)}")
     for name, value in (("seed", seed), ("round_idx", round_idx), ("client_id", client_id)):
-        if not isinstance(value, int | np.integer) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        if not _INT64_MIN <= int(value) <= _INT64_MAX:
-            raise ValueError(f"{name} must fit in a signed 64-bit integer, got {value}")
+        check_int(name, value, _INT64_MIN, _INT64_MAX)
     material = struct.pack("<qqq", int(seed), int(round_idx), int(client_id)) + purpose.encode()
     digest = hashlib.blake2b(material, digest_size=8, person=b"adaquantfl-rng").digest()
     return int.from_bytes(digest, "little")

@@ -7,7 +7,8 @@
 - :mod:`.compressor`: the compressor protocol and the registry of compressors by name;
 - :mod:`.qsgd_compressor`: QSGD in the v1 format (``"qsgd"``);
 - :mod:`.topk`: top-k sparsification (``"topk"``, biased) and the sparse body;
-- :mod:`.feedback`: error feedback around any compressor;
+- :mod:`.feedback`: a client's end of a compressor (:class:`ClientCompressor`), which
+  keeps error feedback's residual between rounds;
 - :mod:`._kernels`: the compiled (numba) kernels.
 
 Importing this package registers the built-in compressors.
@@ -22,13 +23,15 @@ from adaquantfl.compression.compressor import (
     make_compressor,
     register_compressor,
 )
-from adaquantfl.compression.feedback import ErrorFeedback
+from adaquantfl.compression.feedback import ClientCompressor, CompressedUpdate, ErrorFeedback
 from adaquantfl.compression.qsgd_compressor import QSGDCompressor, QSGDOptions
 from adaquantfl.compression.topk import TopKCompressor, TopKOptions
 
 __all__ = [
     "COMPRESSORS",
     "BaseCompressor",
+    "ClientCompressor",
+    "CompressedUpdate",
     "Compressor",
     "ErrorFeedback",
     "QSGDCompressor",

@@ -21,11 +21,19 @@ Packed body: entry ``i`` becomes the code ``(xi_i << 1) | sign_i`` of
 bit first (bit ``j`` of code ``i`` is stream bit ``i*w + j``; stream bit ``p`` is
 bit ``p % 8`` of byte ``p // 8``); unused bits of the last byte are 0.
 
+This module is the codec of every encoding: :func:`encode` / :func:`decode`
+(a :class:`~.qsgd.Quantized` vector to bytes and back), :func:`encode_dense` /
+:func:`decode_dense` (full precision, raw float32), the checks each encoding
+makes of a header (:func:`peek_header`, :func:`checked_header`) and the exact
+sizes of raw and packed messages (:func:`message_bytes`). The frame around the
+body (header fields, norms, CRC) is read and written by :mod:`.container`.
+
 The client side has a fused path, :func:`quantize_encode`, that quantizes and
 packs in one pass straight into the message buffer, and the server side has
 :func:`decode_dequantize`, which unpacks and dequantizes into a caller's
 buffer. Both give exactly what ``encode(quantize(...))`` and
-``dequantize(decode(...))`` give.
+``dequantize(decode(...))`` give: they are the two layers' verbs in one pass,
+which the QSGD compressor's ``compress`` and ``decompress`` use.
 
 Notes
 -----
@@ -54,11 +62,14 @@ from adaquantfl.compression.container import (
     Header,
     as_buffer,
     build_message,
+    check_length,
     check_norms,
+    frame_bytes,
+    parse_header,
     read_norms,
     varint_bytes,
+    verify_crc,
 )
-from adaquantfl.compression.header import checked_header, formula_bits, message_bytes, peek_header
 from adaquantfl.compression.packed import (
     check_padding,
     code_width,
@@ -67,14 +78,17 @@ from adaquantfl.compression.packed import (
     packed_levels,
 )
 from adaquantfl.compression.qsgd import (
+    MAX_LEVELS,
     NormName,
     Quantized,
+    bits_per_level_index,
     bucket_span,
     bucket_steps,
+    num_buckets,
     output_buffer,
     quantize_inputs,
 )
-from adaquantfl.compression.raw import decode_dense, encode_dense
+from adaquantfl.validation import check_int
 
 __all__ = [
     "ENCODINGS",
@@ -98,6 +112,138 @@ __all__ = [
 ]
 
 _QUANTIZED_ENCODINGS = ("packed", "entropy")
+
+
+# ---------------------------------------------------------------------- header checks and sizes
+
+
+def message_bytes(
+    numel: int, levels: int | None, *, bucket_size: int | None = None, encoding: str = "packed"
+) -> int:
+    """Exact size in bytes of a raw (``levels=None``) or packed message.
+
+    ``4 + varints(d, s, b, body) + 4 * num_buckets + body + 4``. Entropy-coded
+    messages depend on the data and have no closed form.
+    """
+    if levels is None or encoding == "raw":
+        return frame_bytes((numel, 0, 0, 4 * numel), 0)
+    if encoding == "packed":
+        body = packed_body_bytes(numel, levels)
+        return frame_bytes((numel, levels, bucket_size or 0, body), num_buckets(numel, bucket_size))
+    raise ValueError(f"message_bytes has a closed form for 'raw' and 'packed', not {encoding!r}")
+
+
+def formula_bits(numel: int, levels: int | None, *, num_norms: int = 1) -> int:
+    """The paper-style bit count of one message, for comparison with the literature.
+
+    ``d * ceil(log2(s + 1)) + d + 32 * num_norms`` (level index, sign, norm) for
+    a quantized vector; ``32 * d`` for full precision (``levels=None``).
+    """
+    if levels is None:
+        return 32 * numel
+    return numel * bits_per_level_index(levels) + numel + 32 * num_norms
+
+
+def peek_header(data: bytes | bytearray | memoryview) -> Header:
+    """Parse and check a message's header against its own length; nothing else is read.
+
+    Adds to :func:`.container.parse_header` what each encoding requires of the
+    fields: raw has levels 0, bucket size 0, no flags and a body of ``4 d``
+    bytes; quantized messages have levels in ``[1, MAX_LEVELS]``, and packed
+    ones the packed body length.
+
+    Raises
+    ------
+    CodecError
+        If the header is malformed or disagrees with the message length.
+    """
+    buf = as_buffer(data)
+    header = parse_header(buf)
+    numel, levels, body_bytes = header.numel, header.levels, header.body_bytes
+    if header.encoding == "raw":
+        bucket = header.bucket_size or 0
+        if levels != 0 or bucket != 0 or header.flags:
+            raise CodecError(
+                f"raw message must have levels 0, bucket size 0 and no flags; got levels "
+                f"{levels}, bucket size {bucket}, flags 0x{header.flags:02x}"
+            )
+        if body_bytes != 4 * numel:
+            raise CodecError(f"raw body length {body_bytes} != 4 * numel = {4 * numel}")
+    elif header.encoding == "sparse":
+        # levels holds the number k of entries sent; the body is k index
+        # varints (1 to 5 bytes each) and k float32 values (see .topk).
+        bucket = header.bucket_size or 0
+        if bucket != 0 or header.flags:
+            raise CodecError(
+                f"sparse message must have bucket size 0 and no flags; got bucket size "
+                f"{bucket}, flags 0x{header.flags:02x}"
+            )
+        if levels > numel:
+            raise CodecError(f"sparse message sends {levels} entries of a vector of {numel}")
+        if not 5 * levels <= body_bytes <= 9 * levels:
+            raise CodecError(
+                f"sparse body length {body_bytes} is outside [5k, 9k] for k = {levels} entries"
+            )
+    else:
+        if not 1 <= levels <= MAX_LEVELS:
+            raise CodecError(f"levels {levels} out of range [1, {MAX_LEVELS}]")
+        if header.encoding == "packed" and body_bytes != packed_body_bytes(numel, levels):
+            raise CodecError(
+                f"packed body length {body_bytes} != {packed_body_bytes(numel, levels)} "
+                f"expected for numel {numel} and levels {levels}"
+            )
+    check_length(header, len(buf))
+    return header
+
+
+def checked_header(buf: memoryview, expected_numel: int) -> Header:
+    """:func:`peek_header`, then the caller's element count and the CRC32."""
+    check_int("expected_numel", expected_numel)
+    header = peek_header(buf)
+    if header.numel != expected_numel:
+        raise CodecError(f"message has numel {header.numel}; expected {expected_numel}")
+    verify_crc(buf)
+    return header
+
+
+# ----------------------------------------------------------------------- full precision (raw)
+
+
+def encode_dense(x: torch.Tensor) -> bytes:
+    """Encode a full-precision tensor (flattened, float32) as a raw v1 message."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"encode_dense needs a floating-point torch.Tensor, got {x!r:.80}")
+    v = x.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+    if bad:
+        raise ValueError(f"cannot encode a tensor with {bad} non-finite entries (NaN or inf)")
+    if v.size > U32_MAX // 4:
+        raise ValueError(f"raw v1 messages carry at most {U32_MAX // 4} entries")
+
+    def write(out: np.ndarray) -> None:
+        out[: 4 * v.size] = v.astype("<f4", copy=False).view(np.uint8)
+
+    empty = np.zeros(0, dtype=np.float32)
+    return build_message(ENCODINGS["raw"], v.size, 0, 0, empty, 4 * v.size, write)
+
+
+def decode_dense(data: bytes | bytearray | memoryview, *, expected_numel: int) -> torch.Tensor:
+    """Decode a raw full-precision message to a flat float32 tensor.
+
+    Raises
+    ------
+    CodecError
+        As :func:`decode`, and if the message is not raw or holds non-finite values.
+    """
+    buf = as_buffer(data)
+    header = checked_header(buf, expected_numel)
+    if header.encoding != "raw":
+        raise CodecError(f"message is {header.encoding}-encoded; use decode for quantized data")
+    values = np.frombuffer(buf, dtype="<f4", count=header.numel, offset=header.header_bytes)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise CodecError(f"raw body holds {bad} non-finite values")
+    return torch.from_numpy(values.astype(np.float32, copy=True))
 
 
 # --------------------------------------------------------------------------- encode

@@ -8,7 +8,7 @@ and rebuilt from one (:func:`compressor_from_config`).
 
 ``levels`` is the rate a level policy chooses for a client each round.
 ``levels=None`` means full precision for every compressor: the update is sent
-as raw float32 in the v1 container (:mod:`.raw`), so every message, compressed
+as raw float32 in the v1 container (:func:`.codec.encode_dense`), so every message, compressed
 or not, is counted from the bytes actually produced. A compressor whose rate is
 not a number of levels (``takes_levels = False``, e.g. top-k) ignores any
 other value.
@@ -21,9 +21,12 @@ Adding a compressor is one module::
         options_type = MyOptions          # a frozen dataclass that validates itself
         takes_levels = False
 
-        def encode(self, update, levels, *, generator): ...        # -> bytes
-        def decode(self, payload, *, numel, levels, out): ...      # -> tensor
-        def max_encoded_bytes(self, numel): ...                    # -> int
+        def _compress(self, update, levels, *, generator): ...          # -> bytes
+        def _decompress(self, payload, *, numel, levels, out): ...      # -> tensor
+        def _max_compressed_bytes(self, numel): ...                     # -> int
+
+The public verbs are ``compress`` and ``decompress``; the base class handles
+full precision (``levels=None``) and calls the ``_``-prefixed hooks for the rest.
 
 Notes
 -----
@@ -41,10 +44,9 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
+from adaquantfl.compression.codec import decode_dense, encode_dense, message_bytes, peek_header
+from adaquantfl.compression.codec import formula_bits as _formula_bits
 from adaquantfl.compression.container import CodecError
-from adaquantfl.compression.header import formula_bits as _formula_bits
-from adaquantfl.compression.header import message_bytes, peek_header
-from adaquantfl.compression.raw import decode_dense, encode_dense
 
 __all__ = [
     "COMPRESSORS",
@@ -129,7 +131,7 @@ class BaseCompressor:
     """The shared part of every compressor: options, full precision, config, equality.
 
     Subclasses set ``name``, ``options_type`` and ``takes_levels`` and implement
-    :meth:`encode`, :meth:`decode` and :meth:`max_encoded_bytes` for non-None
+    :meth:`_compress`, :meth:`_decompress` and :meth:`_max_compressed_bytes` for non-None
     levels; ``levels=None`` (full precision) is handled here.
 
     Parameters
@@ -177,7 +179,7 @@ class BaseCompressor:
         """The bytes of ``update`` at ``levels``; raw float32 when ``levels`` is None."""
         if levels is None:
             return encode_dense(update)
-        return self.encode(update, levels, generator=generator)
+        return self._compress(update, levels, generator=generator)
 
     def decompress(
         self,
@@ -205,38 +207,39 @@ class BaseCompressor:
                 out.copy_(dense)
                 return out
             return dense
-        return self.decode(payload, numel=numel, levels=levels, out=out)
+        return self._decompress(payload, numel=numel, levels=levels, out=out)
 
     def formula_bits(self, numel: int, levels: int | None) -> int:
         """Paper-style bits of one message; ``32 d`` for full precision."""
         if levels is None:
             return _formula_bits(numel, None)
-        return self.encoded_formula_bits(numel, levels)
+        return self._compressed_formula_bits(numel, levels)
 
     def max_message_bytes(self, numel: int) -> int:
         """The largest message a well-behaved client sends for ``numel`` entries, at any levels.
 
-        The larger of a raw float32 message and :meth:`max_encoded_bytes`, plus
+        The larger of a raw float32 message and :meth:`_max_compressed_bytes`, plus
         :data:`MESSAGE_SLACK_BYTES`; the server rejects anything bigger unread.
         """
-        return max(message_bytes(numel, None), self.max_encoded_bytes(numel)) + MESSAGE_SLACK_BYTES
+        largest = max(message_bytes(numel, None), self._max_compressed_bytes(numel))
+        return largest + MESSAGE_SLACK_BYTES
 
     # ------------------------------------------------------------------ for subclasses
 
-    def encode(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
+    def _compress(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
         raise NotImplementedError
 
-    def decode(
+    def _decompress(
         self, payload: bytes, *, numel: int, levels: int, out: torch.Tensor | None
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def max_encoded_bytes(self, numel: int) -> int:
+    def _max_compressed_bytes(self, numel: int) -> int:
         raise NotImplementedError
 
-    def encoded_formula_bits(self, numel: int, levels: int) -> int:
+    def _compressed_formula_bits(self, numel: int, levels: int) -> int:
         """Paper-style bits of a compressed message; by default 8 x its largest size."""
-        return 8 * self.max_encoded_bytes(numel)
+        return 8 * self._max_compressed_bytes(numel)
 
     def variance_bound(self, numel: int, levels: int | None) -> float | None:
         """``omega`` with ``E||C(v) - v||^2 <= omega ||v||^2`` for an unbiased compressor.

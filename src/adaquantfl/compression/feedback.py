@@ -9,8 +9,11 @@ Client ``i`` keeps a residual ``e_i`` (zero at first) and, each round it takes p
 "Sparsified SGD with memory", NeurIPS 2018; Karimireddy et al., "Error
 feedback fixes SignSGD", ICML 2019.) With a biased compressor (top-k, signs)
 this restores convergence; with an unbiased one (QSGD) it trades variance for
-memory. The residual lives with the client (:class:`adaquantfl.fl.state.ClientState`),
-survives the rounds it sits out, and is checkpointed.
+memory. The residual is state of the client's end of the compressor, a
+:class:`ClientCompressor`: one per client, it survives the rounds the client
+sits out and is checkpointed (:meth:`ClientCompressor.state_dict`). Every
+engine compresses a client's update through it, so error feedback is
+nowhere else.
 
 Error feedback needs a compressor that *contracts*:
 ``||C(v) - v||^2 <= (1 - delta) ||v||^2`` (top-k does, with ``delta = k / d``).
@@ -25,13 +28,17 @@ bytes on the wire are the inner compressor's, and the server, which knows
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from adaquantfl.compression.compressor import Compressor
+from adaquantfl.validation import check_keys
 
-__all__ = ["ErrorFeedback", "feedback_scale"]
+__all__ = ["ClientCompressor", "CompressedUpdate", "ErrorFeedback", "feedback_scale"]
 
 
 def feedback_scale(compressor: Compressor, numel: int, levels: int | None) -> float:
@@ -63,22 +70,6 @@ class ErrorFeedback:
     @property
     def options(self) -> Any:
         return self.inner.options
-
-    # Client side --------------------------------------------------------------
-
-    @staticmethod
-    def add_residual(update: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``v = Delta_i + e_i`` (float32)."""
-        if residual.shape != update.shape:
-            raise ValueError(
-                f"the residual has {residual.numel()} entries; the update has {update.numel()}"
-            )
-        return update + residual
-
-    @staticmethod
-    def residual(v: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
-        """``e_i = v - C(v)``: what the server does not see of ``v``."""
-        return (v - sent).detach().clone()
 
     # The inner compressor's protocol ------------------------------------------
 
@@ -123,3 +114,98 @@ class ErrorFeedback:
 
     def __repr__(self) -> str:
         return f"ErrorFeedback({self.inner!r})"
+
+
+@dataclass(frozen=True)
+class CompressedUpdate:
+    """What a client sends of one update, and two measurements of it.
+
+    Attributes
+    ----------
+    payload : bytes
+        ``C(v)`` as the compressor's message, where ``v`` is the update (plus
+        the client's residual under error feedback).
+    update_norm : float
+        ``||v||_2``.
+    distortion : float
+        ``||C(v) - v||^2 / ||v||^2`` (0 for a zero vector and for full precision).
+    """
+
+    payload: bytes
+    update_norm: float
+    distortion: float
+
+
+class ClientCompressor:
+    """One client's end of a compressor: it compresses the client's updates, round after round.
+
+    It holds what the client must keep between the rounds it takes part in:
+    under :class:`ErrorFeedback`, the residual ``e_i`` (None until the first
+    round); for any other compressor, nothing. The simulator keeps one per
+    client id, a Flower node one in its ``Context.state``; both call
+    :meth:`compress`.
+
+    Parameters
+    ----------
+    compressor : Compressor
+        The run's compressor (possibly an :class:`ErrorFeedback`).
+    """
+
+    __slots__ = ("compressor", "residual")
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.compressor = compressor
+        self.residual: torch.Tensor | None = None
+
+    @property
+    def keeps_residual(self) -> bool:
+        """Whether this compressor carries what it loses into the next round (error feedback)."""
+        return isinstance(self.compressor, ErrorFeedback)
+
+    def compress(
+        self, update: torch.Tensor, levels: int | None, *, generator: torch.Generator
+    ) -> CompressedUpdate:
+        """Compress ``update`` at ``levels`` and measure what was lost.
+
+        1. ``v = Delta_i`` (flattened, float32, on the CPU: the compressors'
+           kernels are CPU code), plus ``e_i`` under error feedback;
+        2. the payload ``C(v)``, with the quantizer's noise from ``generator``;
+        3. ``||v||`` and ``||C(v) - v||^2 / ||v||^2``, from the decoded payload
+           (what the server will see); under error feedback ``e_i <- v - C(v)``.
+        """
+        v = update.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+        if self.keeps_residual and self.residual is not None:
+            if self.residual.shape != v.shape:
+                raise ValueError(
+                    f"the residual has {self.residual.numel()} entries; the update has {v.numel()}"
+                )
+            v = v + self.residual
+        payload = self.compressor.compress(v, levels, generator=generator)
+        norm_sq = float(v.to(torch.float64).square().sum())
+        if levels is None and not self.keeps_residual:
+            distortion = 0.0  # raw float32 is exact
+        else:
+            sent = self.compressor.decompress(payload, numel=v.numel(), levels=levels)
+            if self.keeps_residual:
+                self.residual = (v - sent).detach().clone()
+            error_sq = float((sent.to(torch.float64) - v.to(torch.float64)).square().sum())
+            distortion = error_sq / norm_sq if norm_sq > 0 else 0.0
+        return CompressedUpdate(payload, math.sqrt(norm_sq), distortion)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"residual": e_i or None}``: what must survive a restart."""
+        return {"residual": None if self.residual is None else self.residual.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        residual = check_keys("ClientCompressor", state, {"residual"})["residual"]
+        if residual is not None and (
+            not isinstance(residual, torch.Tensor)
+            or residual.dtype != torch.float32
+            or residual.dim() != 1
+        ):
+            raise ValueError("a client's residual must be a flat float32 tensor or None")
+        self.residual = None if residual is None else residual.clone()
+
+    def __repr__(self) -> str:
+        size = "none" if self.residual is None else f"{self.residual.numel()} entries"
+        return f"ClientCompressor({self.compressor!r}, residual={size})"

@@ -48,6 +48,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from adaquantfl.validation import check_int
+
 __all__ = [
     "MAX_LEVELS",
     "NORMS",
@@ -435,16 +437,9 @@ def _flat_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_levels(levels: int) -> None:
-    if isinstance(levels, bool) or not isinstance(levels, int | np.integer):
-        raise ValueError(f"levels must be an integer, got {levels!r}")
-    if not 1 <= int(levels) <= MAX_LEVELS:
-        raise ValueError(f"levels must be in [1, {MAX_LEVELS}], got {levels}")
+    check_int("levels", levels, 1, MAX_LEVELS)
 
 
 def _check_bucket_size(bucket_size: int | None) -> None:
-    if bucket_size is None:
-        return
-    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int | np.integer):
-        raise ValueError(f"bucket_size must be a positive integer or None, got {bucket_size!r}")
-    if not 1 <= int(bucket_size) <= 2**32 - 1:
-        raise ValueError(f"bucket_size must be in [1, 2**32 - 1] or None, got {bucket_size}")
+    if bucket_size is not None:
+        check_int("bucket_size", bucket_size, 1, 2**32 - 1)

@@ -10,12 +10,14 @@ import torch
 from adaquantfl.compression.codec import (
     CodecError,
     decode_dequantize,
+    formula_bits,
+    message_bytes,
     peek_header,
     quantize_encode,
 )
 from adaquantfl.compression.compressor import BaseCompressor, register_compressor
-from adaquantfl.compression.header import formula_bits, message_bytes
 from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, num_buckets
+from adaquantfl.validation import check_choice, check_int
 
 __all__ = ["MESSAGE_ENCODINGS", "QSGDCompressor", "QSGDOptions"]
 
@@ -43,21 +45,10 @@ class QSGDOptions:
     norm: str = "l2"
 
     def __post_init__(self) -> None:
-        if self.encoding not in MESSAGE_ENCODINGS:
-            raise ValueError(
-                f"encoding must be one of {list(MESSAGE_ENCODINGS)}, got {self.encoding!r}"
-            )
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {list(NORMS)}, got {self.norm!r}")
-        if self.bucket_size is not None and (
-            isinstance(self.bucket_size, bool)
-            or not isinstance(self.bucket_size, int)
-            or not 1 <= self.bucket_size <= 2**32 - 1
-        ):
-            raise ValueError(
-                f"bucket_size must be an integer in [1, 2**32 - 1] or None, got "
-                f"{self.bucket_size!r}"
-            )
+        check_choice("encoding", self.encoding, MESSAGE_ENCODINGS)
+        check_choice("norm", self.norm, NORMS)
+        if self.bucket_size is not None:
+            check_int("bucket_size", self.bucket_size, 1, 2**32 - 1)
 
 
 @register_compressor
@@ -101,7 +92,7 @@ class QSGDCompressor(BaseCompressor):
     def norm(self) -> str:
         return str(self.options.norm)
 
-    def encode(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
+    def _compress(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
         """Quantize and encode ``update`` with the fused :func:`.codec.quantize_encode`.
 
         The bytes are those of ``encode(quantize(update, levels, ...), encoding)``.
@@ -115,7 +106,7 @@ class QSGDCompressor(BaseCompressor):
             norm=self.norm,  # type: ignore[arg-type]
         )
 
-    def decode(
+    def _decompress(
         self, payload: bytes, *, numel: int, levels: int, out: torch.Tensor | None
     ) -> torch.Tensor:
         """Decode with the fused :func:`.codec.decode_dequantize` (into ``out`` when given)."""
@@ -131,7 +122,7 @@ class QSGDCompressor(BaseCompressor):
             )
         return decode_dequantize(payload, expected_numel=numel, expected_levels=levels, out=out)
 
-    def max_encoded_bytes(self, numel: int) -> int:
+    def _max_compressed_bytes(self, numel: int) -> int:
         """A packed message at the maximum levels (entropy bodies are at most 1 byte more,
         within :data:`.compressor.MESSAGE_SLACK_BYTES`)."""
         return message_bytes(numel, MAX_LEVELS, bucket_size=self.bucket_size)
@@ -144,6 +135,6 @@ class QSGDCompressor(BaseCompressor):
         b = min(self.bucket_size or numel, numel)
         return min(b / levels**2, math.sqrt(b) / levels)
 
-    def encoded_formula_bits(self, numel: int, levels: int) -> int:
+    def _compressed_formula_bits(self, numel: int, levels: int) -> int:
         """``d * ceil(log2(s + 1)) + d + 32 * buckets`` (level index, sign, norms)."""
         return formula_bits(numel, levels, num_norms=num_buckets(numel, self.bucket_size))

@@ -39,6 +39,7 @@ from adaquantfl.compression.container import (
     build_message,
     frame_bytes,
 )
+from adaquantfl.validation import check_real
 
 __all__ = ["TopKCompressor", "TopKOptions", "decode_sparse", "encode_sparse", "top_k_indices"]
 
@@ -58,12 +59,7 @@ class TopKOptions:
     fraction: float = 0.01
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.fraction, bool)
-            or not isinstance(self.fraction, int | float)
-            or not 0 < self.fraction <= 1
-        ):
-            raise ValueError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
+        check_real("fraction", self.fraction, 0.0, 1.0, low_open=True)
 
     def k(self, numel: int) -> int:
         return min(numel, max(1, math.ceil(self.fraction * numel))) if numel else 0
@@ -168,12 +164,12 @@ class TopKCompressor(BaseCompressor):
     def __init__(self, fraction: float = 0.01, *, options: TopKOptions | None = None) -> None:
         super().__init__(options or TopKOptions(fraction))
 
-    def encode(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
+    def _compress(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
         """The sparse message of the ``k`` largest entries (deterministic; ``generator`` unused)."""
         flat = update.detach().reshape(-1).to(device="cpu", dtype=torch.float32).numpy()
         return encode_sparse(update, top_k_indices(flat, self.options.k(flat.size)))
 
-    def decode(
+    def _decompress(
         self, payload: bytes, *, numel: int, levels: int, out: torch.Tensor | None
     ) -> torch.Tensor:
         # Encoding and k are checked from the header alone, before the CRC or the body.
@@ -190,11 +186,11 @@ class TopKCompressor(BaseCompressor):
         out.copy_(dense)
         return out
 
-    def max_encoded_bytes(self, numel: int) -> int:
+    def _max_compressed_bytes(self, numel: int) -> int:
         k = int(self.options.k(numel))
         return frame_bytes((numel, k, 0, 9 * k), 0)
 
-    def encoded_formula_bits(self, numel: int, levels: int) -> int:
+    def _compressed_formula_bits(self, numel: int, levels: int) -> int:
         """``k (32 + ceil(log2 d))``: a float32 value and an index per kept entry."""
         k = int(self.options.k(numel))
         return k * (32 + max(1, math.ceil(math.log2(max(numel, 2)))))

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from adaquantfl.data._validate import check_choice, check_int, check_real
 from adaquantfl.data.cifar import load_cifar10_split
 from adaquantfl.data.containers import ArraySplit, ClientData, FederatedData
 from adaquantfl.data.embedded import load_digits_split, load_mnist1d_split, load_mnist5k_split
@@ -17,6 +16,7 @@ from adaquantfl.data.idx import load_idx_split
 from adaquantfl.data.partition import PARTITIONS
 from adaquantfl.data.synthetic import generate_synthetic
 from adaquantfl.rng import numpy_generator
+from adaquantfl.validation import check_choice, check_int, check_real
 
 __all__ = ["DATASETS", "DatasetSpec", "allowed_partitions", "load_federated"]
 
@@ -41,11 +41,6 @@ class DatasetSpec:
     input_shape: tuple[int, ...]
     source: str
     naturally_federated: bool = False
-
-    @property
-    def needs_data_dir(self) -> bool:
-        """Whether loading reads the user's files from ``data_dir``."""
-        return self.source == "files"
 
 
 #: Data sets by name; the CLI's and config's choices come from its keys.
@@ -176,14 +171,14 @@ def load_federated(
     """
     dataset = check_choice("dataset", dataset, list(DATASETS))
     spec = DATASETS[dataset]
-    seed = check_int("seed", seed, minimum=-(2**63), maximum=2**63 - 1)
-    num_clients = check_int("num_clients", num_clients, minimum=1)
+    seed = check_int("seed", seed, -(2**63), 2**63 - 1)
+    num_clients = check_int("num_clients", num_clients, 1)
     resolved = _resolve_partition(dataset, partition)
-    dirichlet_alpha = check_real("dirichlet_alpha", dirichlet_alpha, minimum=0.0, inclusive=False)
-    shards_per_client = check_int("shards_per_client", shards_per_client, minimum=1)
-    min_client_samples = check_int("min_client_samples", min_client_samples, minimum=1)
-    synthetic_alpha = check_real("synthetic_alpha", synthetic_alpha, minimum=0.0, inclusive=True)
-    synthetic_beta = check_real("synthetic_beta", synthetic_beta, minimum=0.0, inclusive=True)
+    dirichlet_alpha = check_real("dirichlet_alpha", dirichlet_alpha, 0.0, low_open=True)
+    shards_per_client = check_int("shards_per_client", shards_per_client, 1)
+    min_client_samples = check_int("min_client_samples", min_client_samples, 1)
+    synthetic_alpha = check_real("synthetic_alpha", synthetic_alpha, 0.0)
+    synthetic_beta = check_real("synthetic_beta", synthetic_beta, 0.0)
     if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
         raise ValueError(f"data_dir must be a path (str or os.PathLike) or None, got {data_dir!r}")
     directory = None if data_dir is None else Path(data_dir)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from adaquantfl.data._validate import check_int, check_real
+from adaquantfl.validation import check_int, check_real
 
 __all__ = [
     "PARTITIONS",
@@ -43,7 +43,7 @@ def _check_inputs(labels: NDArray[Any], num_clients: object) -> tuple[NDArray[np
     n = int(labels.shape[0])
     if n == 0:
         raise ValueError("labels must not be empty: there is nothing to partition")
-    k = check_int("num_clients", num_clients, minimum=1, maximum=n)
+    k = check_int("num_clients", num_clients, 1, n)
     return labels.astype(np.int64, copy=False), k
 
 
@@ -130,9 +130,9 @@ def dirichlet_partition(
         client ``min_client_samples`` samples.
     """
     labels, num_clients = _check_inputs(labels, num_clients)
-    alpha = check_real("dirichlet_alpha", alpha, minimum=0.0, inclusive=False)
-    min_client_samples = check_int("min_client_samples", min_client_samples, minimum=1)
-    max_attempts = check_int("max_attempts", max_attempts, minimum=1)
+    alpha = check_real("dirichlet_alpha", alpha, 0.0, low_open=True)
+    min_client_samples = check_int("min_client_samples", min_client_samples, 1)
+    max_attempts = check_int("max_attempts", max_attempts, 1)
     n = labels.shape[0]
     if num_clients * min_client_samples > n:
         raise ValueError(
@@ -197,7 +197,7 @@ def shards_partition(
         Sorted indices of each client's samples.
     """
     labels, num_clients = _check_inputs(labels, num_clients)
-    shards_per_client = check_int("shards_per_client", shards_per_client, minimum=1)
+    shards_per_client = check_int("shards_per_client", shards_per_client, 1)
     n = labels.shape[0]
     num_shards = num_clients * shards_per_client
     if num_shards > n:

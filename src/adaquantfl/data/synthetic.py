@@ -12,8 +12,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from adaquantfl.data._validate import check_int, check_real
 from adaquantfl.rng import numpy_generator
+from adaquantfl.validation import check_int, check_real
 
 __all__ = [
     "SYNTHETIC_DIMENSION",
@@ -105,9 +105,9 @@ def generate_synthetic(
     client k's data does not change when clients are added. Client sizes are
     heavy-tailed (median about 105, mean about 450) as in the original.
     """
-    num_clients = check_int("num_clients", num_clients, minimum=1)
-    alpha = check_real("synthetic_alpha", alpha, minimum=0.0, inclusive=True)
-    beta = check_real("synthetic_beta", beta, minimum=0.0, inclusive=True)
+    num_clients = check_int("num_clients", num_clients, 1)
+    alpha = check_real("synthetic_alpha", alpha, 0.0)
+    beta = check_real("synthetic_beta", beta, 0.0)
     train_parts: list[tuple[NDArray[np.float32], NDArray[np.int64]]] = []
     test_parts: list[tuple[NDArray[np.float32], NDArray[np.int64]]] = []
     train_owner: list[NDArray[np.int64]] = []

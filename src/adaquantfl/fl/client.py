@@ -2,7 +2,7 @@
 
 One recipe for every engine: :func:`train_locally` (steps 1-2) is what the
 simulator's per-client path and the Flower engine's train function run, and
-:func:`encode_update` (step 3) is what the simulator, its batched path and the
+:func:`compress_update` (step 3) is what the simulator, its batched path and the
 Flower client mod run, so that all of them produce the same bytes for the
 same inputs.
 """
@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adaquantfl.compression.compressor import Compressor
-from adaquantfl.compression.feedback import ErrorFeedback
-from adaquantfl.fl.state import ClientState
+from adaquantfl.compression.feedback import ClientCompressor, CompressedUpdate
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
+from adaquantfl.validation import check_int, check_real
 
 __all__ = [
     "MAX_BATCH_SIZE",
@@ -27,13 +26,11 @@ __all__ = [
     "MAX_LOCAL_STEPS",
     "ClientError",
     "ClientReply",
-    "ClientState",
-    "EncodedUpdate",
     "LocalTraining",
     "all_finite",
     "client_update",
+    "compress_update",
     "draw_minibatches",
-    "encode_update",
     "evaluate",
     "local_sgd",
     "train_locally",
@@ -41,7 +38,7 @@ __all__ = [
 
 _EVAL_CHUNK = 1024
 
-# Stated limits of local training (issue 12). A client draws all of a round's
+# Stated limits of local training. A client draws all of a round's
 # minibatch indices at once (local_steps x batch_size int64 values, 1 GiB at
 # MAX_DRAWS_PER_ROUND), and materializes a minibatch of batch_size examples and
 # its activations at every step. Beyond these, a round cannot fit in memory
@@ -94,9 +91,7 @@ class LocalTraining:
             ("local_steps", MAX_LOCAL_STEPS, LOCAL_STEPS_LIMIT),
             ("batch_size", MAX_BATCH_SIZE, BATCH_SIZE_LIMIT),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            value = check_int(name, getattr(self, name), 1)
             if value > high:
                 raise ValueError(f"{name} = {value} exceeds {high} ({why})")
         draws = self.local_steps * self.batch_size
@@ -106,17 +101,8 @@ class LocalTraining:
                 f"2**27 = {MAX_DRAWS_PER_ROUND}: a client draws a round's indices at once "
                 "(8 bytes each, 1 GiB at the limit)"
             )
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        mu = self.prox_mu
-        if (
-            isinstance(mu, bool)
-            or not isinstance(mu, int | float)
-            or not (math.isfinite(mu) and mu >= 0)
-        ):
-            raise ValueError(f"prox_mu must be a finite number >= 0, got {mu!r}")
+        check_real("lr", self.lr, 0.0, low_open=True)
+        check_real("prox_mu", self.prox_mu, 0.0)
 
 
 @dataclass(frozen=True)
@@ -134,7 +120,8 @@ class ClientReply:
     num_examples : int
         ``n_i``, the client's number of training examples (its aggregation weight).
     update_norm : float, optional
-        ``||v||_2`` of the vector the client compressed (see :class:`EncodedUpdate`).
+        ``||v||_2`` of the vector the client compressed (see
+        :class:`~adaquantfl.compression.feedback.CompressedUpdate`).
     distortion : float, optional
         ``||C(v) - v||^2 / ||v||^2`` of that vector.
     """
@@ -145,27 +132,6 @@ class ClientReply:
     num_examples: int
     update_norm: float | None = None
     distortion: float | None = None
-
-
-@dataclass(frozen=True)
-class EncodedUpdate:
-    """What :func:`encode_update` produces: the bytes and two measurements of them.
-
-    Attributes
-    ----------
-    payload : bytes
-        ``C(v)`` encoded, where ``v`` is the update (plus the client's
-        error-feedback residual when the compressor is an
-        :class:`~adaquantfl.compression.feedback.ErrorFeedback`).
-    update_norm : float
-        ``||v||_2``.
-    distortion : float
-        ``||C(v) - v||^2 / ||v||^2`` (0 for a zero vector and for full precision).
-    """
-
-    payload: bytes
-    update_norm: float
-    distortion: float
 
 
 def evaluate(
@@ -259,30 +225,27 @@ def train_locally(
     return local, loss
 
 
-def encode_update(
+def compress_update(
     update: torch.Tensor,
     *,
     levels: int | None,
-    compressor: Compressor,
+    compressor: ClientCompressor,
     seed: int,
     round_idx: int,
     client_id: int,
-    state: ClientState | None = None,
-) -> EncodedUpdate:
-    """Check, compress and measure one client's update: step 3 of :func:`client_update`.
+) -> CompressedUpdate:
+    """Check and compress one client's update: step 3 of :func:`client_update`.
 
     The quantization noise comes from the (seed, round, client, "quantize")
     stream, so every engine that calls this produces the same bytes for the
-    same update. With an :class:`~adaquantfl.compression.feedback.ErrorFeedback`
-    compressor the client's residual ``e_i`` (kept in ``state``) is added
-    before compression and replaced by what compression lost.
+    same update. ``compressor`` is the client's own end of the run's
+    compressor, which keeps what the client carries between rounds (its
+    error-feedback residual).
 
     Raises
     ------
     ClientError
         If the update has non-finite entries (local training diverged).
-    ValueError
-        If the compressor needs a client state and none is given.
     """
     if not all_finite(update):
         bad = int((~torch.isfinite(update)).sum())
@@ -290,25 +253,8 @@ def encode_update(
             f"client {client_id}: local training diverged in round {round_idx} "
             f"({bad} non-finite entries in the update; lower lr?)"
         )
-    feedback = compressor if isinstance(compressor, ErrorFeedback) else None
-    if feedback is not None and state is None:
-        raise ValueError("an ErrorFeedback compressor needs the client's state (its residual)")
-    # The compressors are CPU code (numba kernels): an update trained on a GPU comes back here.
-    v = update.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
-    if feedback is not None and state is not None and state.residual is not None:
-        v = feedback.add_residual(v, state.residual)
     noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)
-    payload = compressor.compress(v, levels, generator=noise_gen)
-    norm_sq = float(v.to(torch.float64).square().sum())
-    if levels is None and feedback is None:
-        distortion = 0.0  # raw float32 is exact
-    else:
-        sent = compressor.decompress(payload, numel=v.numel(), levels=levels)
-        if feedback is not None and state is not None:
-            state.residual = feedback.residual(v, sent)
-        error_sq = float((sent.to(torch.float64) - v.to(torch.float64)).square().sum())
-        distortion = error_sq / norm_sq if norm_sq > 0 else 0.0
-    return EncodedUpdate(payload, math.sqrt(norm_sq), distortion)
+    return compressor.compress(update, levels, generator=noise_gen)
 
 
 def client_update(
@@ -318,12 +264,11 @@ def client_update(
     y: torch.Tensor,
     *,
     levels: int | None,
-    compressor: Compressor,
+    compressor: ClientCompressor,
     training: LocalTraining,
     seed: int,
     round_idx: int,
     client_id: int,
-    state: ClientState | None = None,
 ) -> ClientReply:
     """One client's work in round ``round_idx`` (DESIGN §2, steps 2-3).
 
@@ -332,8 +277,8 @@ def client_update(
     3. ``Delta_i = w_i - w_k``, compressed at ``levels`` (noise stream: seed,
        round, client, "quantize") and encoded; ``levels=None`` sends float32.
 
-    ``state`` holds what the client keeps between rounds (its error-feedback
-    residual); it is updated in place.
+    ``compressor`` is the client's end of the run's compressor; it keeps what
+    the client carries between rounds (its error-feedback residual).
 
     Raises
     ------
@@ -350,14 +295,13 @@ def client_update(
         round_idx=round_idx,
         client_id=client_id,
     )
-    encoded = encode_update(
+    encoded = compress_update(
         local - params,
         levels=levels,
         compressor=compressor,
         seed=seed,
         round_idx=round_idx,
         client_id=client_id,
-        state=state,
     )
     return ClientReply(
         client_id=client_id,

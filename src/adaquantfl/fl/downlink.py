@@ -32,10 +32,9 @@ from typing import Any
 
 import torch
 
+from adaquantfl.compression.codec import encode_dense, message_bytes
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.compression.feedback import feedback_scale
-from adaquantfl.compression.header import message_bytes
-from adaquantfl.compression.raw import encode_dense
 from adaquantfl.rng import torch_generator
 
 __all__ = ["Downlink", "DownlinkRound", "apply_change"]

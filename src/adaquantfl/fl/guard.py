@@ -1,8 +1,8 @@
 """What the server accepts from a client, and the bounds that protect the aggregate and the policy.
 
 A reply comes from a machine the server does not control, so every field is
-checked before it is used, and nothing in it may make the server raise
-(issue 12). The pure helpers here are what :class:`~adaquantfl.fl.server.FedServer`
+checked before it is used, and nothing in it may make the server raise.
+The pure helpers here are what :class:`~adaquantfl.fl.server.FedServer`
 applies to each reply:
 
 - :func:`reply_problem`: the reason a reply's id, payload, ``n_i``, loss or
@@ -25,11 +25,11 @@ least :data:`MIN_POLICY_LOSS` = 2**-64, so a ratio of two losses stays within
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.policy.base import ClientOutcome, RoundObservation
+from adaquantfl.validation import as_int, as_real
 
 __all__ = [
     "MAX_CLIENT_ID",
@@ -57,22 +57,12 @@ MAX_MEASUREMENT = 2.0**256
 MIN_POLICY_LOSS = 2.0**-64
 
 
-def _real(value: object) -> float | None:
-    """``value`` as a finite float, or None if it is not a finite real number (bool excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        result = float(value)  # an int beyond float64's range raises OverflowError
-    except OverflowError:
-        return None
-    return result if math.isfinite(result) else None
-
-
 def client_id_problem(client_id: object) -> str | None:
     """Why ``client_id`` is not an acceptable id (None if it is)."""
-    if isinstance(client_id, bool) or not isinstance(client_id, int):
+    cid = as_int(client_id) if isinstance(client_id, int) else None
+    if cid is None:
         return f"client_id must be an integer, got {type(client_id).__name__} {client_id!r:.60}"
-    if not 0 <= client_id <= MAX_CLIENT_ID:
+    if not 0 <= cid <= MAX_CLIENT_ID:
         return f"client_id must be in [0, 2**63 - 1], got {client_id}"
     return None
 
@@ -103,14 +93,15 @@ def reply_problem(
         return f"payload must be bytes, got {type(payload).__name__}"
     if max_message_bytes is not None and len(payload) > max_message_bytes:
         return f"payload of {len(payload)} bytes exceeds the limit of {max_message_bytes}"
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+    n = as_int(num_examples) if isinstance(num_examples, int) else None
+    if n is None or n < 1:
         return f"num_examples must be a positive integer, got {num_examples!r:.60}"
-    if num_examples > MAX_NUM_EXAMPLES:
+    if n > MAX_NUM_EXAMPLES:
         return (
             f"num_examples = {num_examples} exceeds 2**53, the largest count the server "
             "weights exactly"
         )
-    value = _real(loss)
+    value = as_real(loss)
     if value is None or value < 0:
         return f"loss must be finite and non-negative, got {loss!r:.60}"
     if value > MAX_LOSS:
@@ -118,7 +109,7 @@ def reply_problem(
     for name, measured in measurements:
         if measured is None:
             continue
-        number = _real(measured)
+        number = as_real(measured)
         if number is None or not 0 <= number <= MAX_MEASUREMENT:
             return f"{name} must be finite, non-negative and at most 2**256, got {measured!r:.60}"
     return None
@@ -128,7 +119,7 @@ def check_weight_share(max_weight_share: object) -> float | None:
     """``max_weight_share`` as a float in ``(0, 1]`` or None, else a ValueError naming it."""
     if max_weight_share is None:
         return None
-    share = _real(max_weight_share)
+    share = as_real(max_weight_share)
     if share is None or not 0 < share <= 1:
         raise ValueError(f"max_weight_share must be in (0, 1] or None, got {max_weight_share!r}")
     return share

@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,9 +35,9 @@ from adaquantfl.policy import (
     LevelSchedule,
     RoundObservation,
 )
-from adaquantfl.policy.base import check_int
 from adaquantfl.policy.classic import as_policy
 from adaquantfl.rng import torch_generator
+from adaquantfl.validation import check_int
 
 __all__ = ["FedServer", "RoundOutcome", "as_policy", "select_clients", "weighted_mean"]
 
@@ -187,11 +187,6 @@ class FedServer:
         self._plan: tuple[int, LevelPlan] | None = None  # (round, plan) of the open round
 
     @property
-    def schedule(self) -> LevelPolicy:
-        """The level policy (the name of DESIGN §7's schedules)."""
-        return self.policy
-
-    @property
     def numel(self) -> int:
         return int(self.params.numel())
 
@@ -224,84 +219,44 @@ class FedServer:
     ) -> RoundOutcome:
         """Apply one round: ``w_{k+1} = w_k + sum_i p_i C(Delta_i)``, then feed the policy.
 
-        1. Each reply is checked (:mod:`.guard`: id, payload size, ``n_i``,
-           loss) and decoded at the levels its client was asked for; a bad one
-           is rejected with a reason. Nothing in a reply makes this raise.
-        2. ``p_i = n_i / sum_j n_j`` over the accepted replies (with
-           ``max_weight_share``, no ``p_i`` exceeds it: :func:`.guard.aggregation_weights`).
-        3. The policy observes ``F(w_k) = sum_i p_i F_i(w_k)`` and the accepted
-           replies, with losses clamped into the range a policy can use
-           (:func:`.guard.policy_loss`). If nothing was accepted the model and
-           the policy are left unchanged.
+        Three steps, none of which raises on anything a reply holds:
+
+        1. **Check** each reply's id, payload size, ``n_i``, loss and reported
+           measurements (:func:`.guard.reply_problem`); a bad one is rejected
+           with a reason.
+        2. **Combine** the checked replies: the weights ``p_i = n_i / sum_j
+           n_j`` (with ``max_weight_share``, capped: :func:`.guard.aggregation_weights`),
+           then each payload decoded once, at the levels its client was asked
+           for, and added to a float64 accumulator in client-id order. A
+           payload that does not decode is rejected.
+        3. **Observe**: the policy is shown ``F(w_k) = sum_i p_i F_i(w_k)``
+           and the accepted replies, with losses clamped into the range a
+           policy can use (:func:`.guard.policy_observation`). If nothing was
+           accepted the model and the policy are left unchanged.
 
         ``expected_levels`` overrides the round's plan for some client ids
         (the Flower strategy passes the levels it sent each reply's node).
         """
-        # Replies with an unusable id are rejected last, under id -1 (the
-        # streams' "no client"), so that ids always sort and hash.
-        valid = [r for r in replies if client_id_problem(r.client_id) is None]
-        invalid = [r for r in replies if client_id_problem(r.client_id) is not None]
-        plan = self.plan(sorted({r.client_id for r in valid}))
-        wire_bits = 0
-        formula_bits = 0
-        accum = torch.zeros(self.numel, dtype=torch.float64)
-        buffer = torch.empty(self.numel, dtype=torch.float32)
-        rejections: list[tuple[int, str]] = []
-        accepted: list[tuple[ClientReply, int | None, int]] = []  # reply, levels, wire bits
-        digests: list[tuple[int, str]] = []
-        # Two replies claiming one client id: neither can be trusted, and keeping
-        # the first would let arrival order (a race on Flower) pick the winner.
-        counts = Counter(reply.client_id for reply in valid)
-        ordered = [(r, int(r.client_id)) for r in sorted(valid, key=lambda r: r.client_id)]
-        for reply, cid in [*ordered, *((r, -1) for r in invalid)]:
-            payload = reply.payload
-            size = len(payload) if isinstance(payload, bytes | bytearray) else 0
-            wire_bits += 8 * size
-            if self.record_digests and size:
-                digests.append((cid, hashlib.sha256(payload).hexdigest()))
-            levels = plan.levels_of(cid)
-            if expected_levels is not None and cid in expected_levels:
-                levels = expected_levels[cid]
-            reason = self._check_reply(reply, counts)
-            update = None
-            if reason is None:
-                update, reason = self._decode(payload, levels, buffer)
-            if update is None:
-                reason = reason or "undecodable payload"
-                logger.warning("round %d: rejected client %s: %s", self.round_idx + 1, cid, reason)
-                rejections.append((cid, reason))
-                continue
-            accum.add_(update.to(torch.float64), alpha=float(reply.num_examples))
-            formula_bits += self.compressor.formula_bits(self.numel, levels)
-            accepted.append((reply, levels, 8 * size))
-
-        weights = aggregation_weights(
-            [int(r.num_examples) for r, _, _ in accepted], self.max_weight_share
-        )
-        capped = any(w != r.num_examples for w, (r, _, _) in zip(weights, accepted, strict=True))
-        new_params = None
-        if weights:
-            summed = self._weighted_sum(accepted, weights, buffer) if capped else accum
-            reason = "a payload did not decode the same way twice"
-            if summed is not None:
-                total = float(sum(weights))
-                new_params = (self.params.to(torch.float64) + summed / total).to(torch.float32)
-                reason = "the weighted average of the accepted updates overflows float32"
-            if new_params is None or not all_finite(new_params):
-                # Each update was finite, but together they overflow float32 (e.g.
-                # valid raw values near 3e38), or a decoder failed on its second
-                # pass: keep the old model and policy.
-                logger.warning("round %d: %s; all replies rejected", self.round_idx + 1, reason)
-                rejections += [(r.client_id, reason) for r, _, _ in accepted]
-                accepted, weights, formula_bits, new_params = [], [], 0, None
+        valid = sorted({r.client_id for r in replies if client_id_problem(r.client_id) is None})
+        plan = self.plan(valid)
+        checked, rejections, digests = self._check(replies, plan, expected_levels)
+        accepted, weights, new_params, failed, overflowed = self._combine(checked)
+        # Rejections in client-id order, unusable ids (-1) last, as the replies were checked.
+        rejections = sorted([*rejections, *failed], key=lambda r: (r[0] < 0, r[0])) + overflowed
         train_loss: float | None = None
         distortion: float | None = None
         if new_params is not None:
             self.params = new_params
-            train_loss = weighted_mean([float(r.loss) for r, _, _ in accepted], weights)
+            train_loss = weighted_mean([float(c.reply.loss) for c in accepted], weights)
             distortion = _weighted_distortion(accepted, weights)
             if train_loss > 0:
-                self._observe(policy_observation(self.round_idx, train_loss, accepted))
+                self._observe(
+                    policy_observation(
+                        self.round_idx,
+                        train_loss,
+                        [(c.reply, c.levels, c.wire_bits) for c in accepted],
+                    )
+                )
             else:
                 # A zero loss is a perfect fit; AdaQuantFL's sqrt(F_0 / F) is then
                 # undefined, so the levels are kept.
@@ -311,16 +266,122 @@ class FedServer:
             levels=plan.default,
             participants=len(accepted),
             rejected=len(rejections),
-            wire_bits=wire_bits,
-            formula_bits=formula_bits,
+            wire_bits=sum(8 * _size(r.payload) for r in replies),
+            formula_bits=sum(self.compressor.formula_bits(self.numel, c.levels) for c in accepted),
             train_loss=train_loss,
             next_levels=self.levels,
             rejections=tuple(rejections),
             digests=tuple(digests),
             received=sum(isinstance(r.payload, bytes | bytearray) for r in replies),
             distortion=distortion,
-            client_levels=tuple((r.client_id, lv) for r, lv, _ in accepted),
+            client_levels=tuple((c.reply.client_id, c.levels) for c in accepted),
         )
+
+    def _check(
+        self,
+        replies: Sequence[ClientReply],
+        plan: LevelPlan,
+        expected_levels: Mapping[int, int | None] | None,
+    ) -> tuple[list[_Checked], list[tuple[int, str]], list[tuple[int, str]]]:
+        """Step 1: the replies whose fields are usable, in client-id order, and the rejections.
+
+        Replies with an unusable id are rejected last, under id -1 (the
+        streams' "no client"), so that ids always sort and hash. Two replies
+        claiming one client id are both rejected: keeping the first would let
+        arrival order (a race on Flower) pick the winner.
+        """
+        valid = [r for r in replies if client_id_problem(r.client_id) is None]
+        invalid = [r for r in replies if client_id_problem(r.client_id) is not None]
+        counts = Counter(reply.client_id for reply in valid)
+        ordered = [(r, int(r.client_id)) for r in sorted(valid, key=lambda r: r.client_id)]
+        checked: list[_Checked] = []
+        rejections: list[tuple[int, str]] = []
+        digests: list[tuple[int, str]] = []
+        for reply, cid in [*ordered, *((r, -1) for r in invalid)]:
+            size = _size(reply.payload)
+            if self.record_digests and size:
+                digests.append((cid, hashlib.sha256(reply.payload).hexdigest()))
+            levels = plan.levels_of(cid)
+            if expected_levels is not None and cid in expected_levels:
+                levels = expected_levels[cid]
+            reason = self._reply_problem(reply, counts)
+            if reason is not None:
+                rejections.append(self._reject(cid, reason))
+                continue
+            checked.append(_Checked(reply, levels, 8 * size))
+        return checked, rejections, digests
+
+    def _combine(self, checked: list[_Checked]) -> tuple[
+        list[_Checked],
+        list[int] | list[float],
+        torch.Tensor | None,
+        list[tuple[int, str]],
+        list[tuple[int, str]],
+    ]:
+        """Step 2: the accepted replies, their weights and the new model (None: unchanged).
+
+        Also returns the replies whose payload did not decode, and, when the
+        accepted updates together overflow float32, all of them (the model is
+        then kept).
+
+        Each payload is decoded once, into one reusable buffer, and added to
+        one float64 accumulator: the work needs the model, the accumulator
+        and one decoded update, however many replies there are. The weights
+        are fixed before decoding, from the checked replies. If a payload
+        then fails to decode (only a malformed body with a valid frame
+        does), the weights of the others are recomputed without it; where
+        the share cap makes them differ, the others are combined again.
+        """
+        buffer = torch.empty(self.numel, dtype=torch.float32)
+        weights = self._weights(checked)
+        accum, accepted, failed = self._accumulate(checked, weights, buffer)
+        if len(accepted) < len(checked):
+            kept = {id(c) for c in accepted}
+            used = [w for c, w in zip(checked, weights, strict=True) if id(c) in kept]
+            weights = self._weights(accepted)
+            if weights != used:
+                # Without the failed replies the share cap binds differently.
+                accum, _, refailed = self._accumulate(accepted, weights, buffer)
+                if refailed:
+                    reason = "a payload did not decode the same way twice"
+                    logger.warning("round %d: %s; all replies rejected", self.round_idx + 1, reason)
+                    return [], [], None, failed, [(c.reply.client_id, reason) for c in accepted]
+        if not accepted:
+            return [], [], None, failed, []
+        total = float(sum(weights))
+        new_params = (self.params.to(torch.float64) + accum / total).to(torch.float32)
+        if not all_finite(new_params):
+            # Each update was finite, but together they overflow float32 (e.g.
+            # valid raw values near 3e38): keep the old model and policy.
+            reason = "the weighted average of the accepted updates overflows float32"
+            logger.warning("round %d: %s; all replies rejected", self.round_idx + 1, reason)
+            return [], [], None, failed, [(c.reply.client_id, reason) for c in accepted]
+        return accepted, weights, new_params, failed, []
+
+    def _weights(self, checked: Sequence[_Checked]) -> list[int] | list[float]:
+        return aggregation_weights(
+            [int(c.reply.num_examples) for c in checked], self.max_weight_share
+        )
+
+    def _accumulate(
+        self, checked: Sequence[_Checked], weights: Sequence[float], buffer: torch.Tensor
+    ) -> tuple[torch.Tensor, list[_Checked], list[tuple[int, str]]]:
+        """``sum_i w_i C(Delta_i)`` in float64, the replies it holds, and those that failed."""
+        accum = torch.zeros(self.numel, dtype=torch.float64)
+        kept: list[_Checked] = []
+        failed: list[tuple[int, str]] = []
+        for item, weight in zip(checked, weights, strict=True):
+            update, reason = self._decode(item.reply.payload, item.levels, buffer)
+            if update is None:
+                failed.append(self._reject(item.reply.client_id, reason))
+                continue
+            accum.add_(update.to(torch.float64), alpha=float(weight))
+            kept.append(item)
+        return accum, kept, failed
+
+    def _reject(self, cid: int, reason: str) -> tuple[int, str]:
+        logger.warning("round %d: rejected client %s: %s", self.round_idx + 1, cid, reason)
+        return cid, reason
 
     def _observe(self, observation: RoundObservation) -> None:
         """Feed the policy; one that cannot use the round's numbers keeps its levels."""
@@ -331,7 +392,7 @@ class FedServer:
             # own limit; the round's model update stands either way.
             logger.exception("round %d: the policy rejected the round", self.round_idx + 1)
 
-    def _check_reply(self, reply: ClientReply, counts: Counter[int]) -> str | None:
+    def _reply_problem(self, reply: ClientReply, counts: Counter[int]) -> str | None:
         problem = client_id_problem(reply.client_id)
         if problem is not None:
             return problem
@@ -347,7 +408,7 @@ class FedServer:
 
     def _decode(
         self, payload: bytes | bytearray, levels: int | None, buffer: torch.Tensor
-    ) -> tuple[torch.Tensor | None, str | None]:
+    ) -> tuple[torch.Tensor | None, str]:
         """The decoded update, or None and the reason it cannot be aggregated."""
         try:
             update = self.compressor.decompress(
@@ -366,22 +427,7 @@ class FedServer:
             return None, "the decoder returned no float32 vector of the model's size"
         if not all_finite(update):
             return None, "decoded update has non-finite values"
-        return update, None
-
-    def _weighted_sum(
-        self,
-        accepted: Sequence[tuple[ClientReply, int | None, int]],
-        weights: Sequence[float],
-        buffer: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """``sum_i w_i C(Delta_i)`` again with capped weights; None if a decode now fails."""
-        accum = torch.zeros(self.numel, dtype=torch.float64)
-        for (reply, levels, _), weight in zip(accepted, weights, strict=True):
-            update, _ = self._decode(reply.payload, levels, buffer)
-            if update is None:
-                return None
-            accum.add_(update.to(torch.float64), alpha=float(weight))
-        return accum
+        return update, ""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run: model, round counter, policy and downlink."""
@@ -410,14 +456,25 @@ class FedServer:
         self._plan = None
 
 
-def _weighted_distortion(
-    accepted: Sequence[tuple[ClientReply, int | None, int]], weights: Sequence[float]
-) -> float | None:
+class _Checked(NamedTuple):
+    """A reply whose fields passed step 1, the levels its client was asked for, its bits."""
+
+    reply: ClientReply
+    levels: int | None
+    wire_bits: int
+
+
+def _size(payload: object) -> int:
+    """Bytes of a payload (0 for anything that is not bytes)."""
+    return len(payload) if isinstance(payload, bytes | bytearray) else 0
+
+
+def _weighted_distortion(accepted: Sequence[_Checked], weights: Sequence[float]) -> float | None:
     """``sum_i p_i D_i`` over the accepted replies that reported a distortion ``D_i``."""
     reported = [
-        (float(r.distortion), w)
-        for (r, _, _), w in zip(accepted, weights, strict=True)
-        if r.distortion is not None
+        (float(c.reply.distortion), w)
+        for c, w in zip(accepted, weights, strict=True)
+        if c.reply.distortion is not None
     ]
     if not reported:
         return None

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord
 
+from adaquantfl.compression.codec import decode_dense, message_bytes
 from adaquantfl.compression.compressor import Compressor
-from adaquantfl.compression.header import message_bytes
-from adaquantfl.compression.raw import decode_dense
 from adaquantfl.fl.downlink import Downlink, apply_change
 from adaquantfl.fl.server import FedServer
 from adaquantfl.flower.layout import ArrayLayout, RecordError, record_bytes

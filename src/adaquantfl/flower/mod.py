@@ -16,7 +16,7 @@ trains, and replies with its local arrays and metrics. Around it, the mod
 2. calls the train function (``call_next``);
 3. forms ``Delta_i = w_i - w_k`` of the compressed arrays, quantizes it at
    ``s_k`` with the noise stream (seed, round, client id, "quantize") and
-   encodes it with :func:`adaquantfl.fl.client.encode_update` (DESIGN §2,
+   encodes it with :func:`adaquantfl.fl.client.compress_update` (DESIGN §2,
    step 3), exactly as the simulator does;
 4. replies with the encoded bytes (a uint8 Array), the arrays that travel
    beside the update (BatchNorm statistics, integer buffers) as the train
@@ -73,9 +73,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 
-from adaquantfl.compression.feedback import ErrorFeedback
-from adaquantfl.fl.client import encode_update
-from adaquantfl.fl.state import ClientState
+from adaquantfl.compression.feedback import ClientCompressor
+from adaquantfl.fl.client import compress_update
 from adaquantfl.flower.downlink import Replica, receive_model
 from adaquantfl.flower.layout import ArrayLayout, RecordError
 from adaquantfl.flower.messages import (
@@ -172,18 +171,17 @@ def make_adaquant_mod(
         loss, proxy = read_loss(metrics, context)
         _num_examples(metrics)  # the server's weight n_i: fail here, with the reason
 
-        state = load_client_state(context) if isinstance(plan.compressor, ErrorFeedback) else None
-        encoded = encode_update(
+        client = ClientCompressor(plan.compressor)
+        load_client_state(context, client)
+        encoded = compress_update(
             local - params,
             levels=plan.levels,
-            compressor=plan.compressor,
+            compressor=client,
             seed=plan.seed,
             round_idx=plan.round_idx,
             client_id=client_id,
-            state=state,
         )
-        if state is not None:
-            store_client_state(context, state)
+        store_client_state(context, client)
         content = train_reply_content(
             (name, metrics_name),
             encoded.payload,
@@ -242,18 +240,20 @@ _REPLICA_ROUND = "replica-round"
 _REPLICA_LAYOUT = "layout"
 
 
-def load_client_state(context: Context) -> ClientState:
-    """The node's error-feedback residual (none yet: an empty state)."""
+def load_client_state(context: Context, client: ClientCompressor) -> None:
+    """Restore what the node's end of the compressor kept (its error-feedback residual)."""
     record = _state_arrays(context)
-    return ClientState(_tensor(record[_RESIDUAL]) if _RESIDUAL in record else None)
+    residual = _tensor(record[_RESIDUAL]) if _RESIDUAL in record else None
+    client.load_state_dict({"residual": residual})
 
 
-def store_client_state(context: Context, state: ClientState) -> None:
-    """Keep the node's error-feedback residual for its next round (nothing if it has none)."""
-    if state.residual is None:
+def store_client_state(context: Context, client: ClientCompressor) -> None:
+    """Keep what the node's end of the compressor must carry into its next round."""
+    residual = client.state_dict()["residual"]
+    if residual is None:
         return
     record = _state_arrays(context)
-    record[_RESIDUAL] = Array(state.residual.detach().cpu().numpy())
+    record[_RESIDUAL] = Array(residual.detach().cpu().numpy())
     context.state[CLIENT_STATE_RECORD] = record
 
 

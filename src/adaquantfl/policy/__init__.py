@@ -17,6 +17,9 @@ Adding a policy is one module whose factory is decorated with
 ``@register_policy("name")``.
 """
 
+import warnings
+from typing import Any
+
 from adaquantfl.policy.auto import AutoLevels
 from adaquantfl.policy.base import (
     ClientOutcome,
@@ -35,13 +38,8 @@ from adaquantfl.policy.classic import (
 from adaquantfl.policy.dadaquant import DAdaQuant
 from adaquantfl.policy.registry import POLICIES, make_policy, register_policy
 
-#: The schedules of DESIGN §7 by method name (the same registry as :data:`POLICIES`).
-SCHEDULES = POLICIES
-make_schedule = make_policy
-
 __all__ = [
     "POLICIES",
-    "SCHEDULES",
     "AdaQuantLevels",
     "AutoLevels",
     "ClientOutcome",
@@ -55,6 +53,21 @@ __all__ = [
     "UniformLevels",
     "adaquant_levels",
     "make_policy",
-    "make_schedule",
     "register_policy",
 ]
+
+#: Old names of the registry, kept working with a warning: the policies
+#: replaced the schedules, and one registry serves both.
+_DEPRECATED = {"SCHEDULES": ("POLICIES", POLICIES), "make_schedule": ("make_policy", make_policy)}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new, value = _DEPRECATED[name]
+        warnings.warn(
+            f"adaquantfl.policy.{name} is deprecated; use adaquantfl.policy.{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return value
+    raise AttributeError(f"module 'adaquantfl.policy' has no attribute {name!r}")

@@ -62,8 +62,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adaquantfl.compression.qsgd import MAX_LEVELS
-from adaquantfl.policy.base import LevelPlan, RoundObservation, check_int, check_state_keys
+from adaquantfl.policy.base import LevelPlan, RoundObservation
 from adaquantfl.policy.registry import check_options, register_policy
+from adaquantfl.validation import check_int, check_keys, check_real
 
 __all__ = ["AutoLevels", "ladder"]
 
@@ -126,9 +127,7 @@ class AutoLevels:
     def __init__(self, *, max_levels: int = 2**16, window: int = WINDOW, z: float = Z) -> None:
         self.steps = ladder(check_int("max_levels", max_levels, 1, MAX_LEVELS))
         self.window = check_int("window", window, 4, 10**6)
-        if isinstance(z, bool) or not isinstance(z, int | float) or not z >= 0:
-            raise ValueError(f"z must be a number >= 0, got {z!r}")
-        self.z = float(z)
+        self.z = check_real("z", z, 0.0)
         self.step = min(1, len(self.steps) - 1)  # index into steps of the rung held (A)
         self.direction = 0  # +1 / -1 during a trial of the rung above / below, else 0
         self.phase = 0  # PROBE or RETURN during a trial
@@ -265,7 +264,7 @@ class AutoLevels:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         keys = {"step", "direction", "phase", "wait_up", "wait_down", "held", "trial", "before",
                 "last_levels", "decisions"}  # fmt: skip
-        check_state_keys("AutoLevels", state, keys)
+        check_keys("AutoLevels", state, keys)
         step = check_int("step", state["step"], 0, len(self.steps) - 1)
         direction, phase = state["direction"], state["phase"]
         if direction not in (-1, 0, 1) or not 0 <= step + direction < len(self.steps):

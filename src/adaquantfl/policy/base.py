@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from adaquantfl.compression.qsgd import MAX_LEVELS
+from adaquantfl.validation import check_int
 
 __all__ = [
     "ClientOutcome",
     "LevelPlan",
     "LevelPolicy",
     "RoundObservation",
-    "check_int",
     "check_loss",
-    "check_state_keys",
-    "round_levels",
+    "rounded_levels",
 ]
 
 #: How a policy may round the levels its rule gives: ``"none"`` (as the rule
@@ -106,11 +105,6 @@ class LevelPlan(Mapping[int, "int | None"]):
     def levels_of(self, client_id: int) -> int | None:
         return self._per_client.get(client_id, self.default)
 
-    @property
-    def uniform(self) -> bool:
-        """Whether every client uses the default levels."""
-        return all(v == self.default for v in self._per_client.values())
-
     def __getitem__(self, client_id: int) -> int | None:
         return self._per_client[client_id]
 
@@ -156,7 +150,7 @@ def _check_levels(value: object, name: str) -> int | None:
     return check_int(name, value, 1, MAX_LEVELS)
 
 
-def round_levels(levels: int, mode: str, max_levels: int) -> int:
+def rounded_levels(levels: int, mode: str, max_levels: int) -> int:
     """``levels`` rounded by ``mode`` (see :data:`ROUNDINGS`), at most ``max_levels``.
 
     ``"pow2m1"``: the smallest ``2^k - 1 >= levels`` (1 -> 1, 2 -> 3, 4 -> 7,
@@ -180,18 +174,3 @@ def check_loss(loss: float) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"loss must be finite and positive, got {value!r}")
     return value
-
-
-def check_int(name: str, value: object, low: int, high: int) -> int:
-    """``value`` as an int in ``[low, high]``, or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
-def check_state_keys(cls: str, state: Mapping[str, Any], keys: set[str]) -> None:
-    """A state dict must have exactly ``keys``."""
-    if set(state) != keys:
-        raise ValueError(f"{cls} state must have keys {sorted(keys)}, got {sorted(state)}")

@@ -18,11 +18,10 @@ from adaquantfl.policy.base import (
     LevelPlan,
     LevelPolicy,
     RoundObservation,
-    check_int,
     check_loss,
-    check_state_keys,
-    round_levels,
+    rounded_levels,
 )
+from adaquantfl.validation import check_int, check_keys
 
 __all__ = [
     "AdaQuantLevels",
@@ -102,7 +101,7 @@ class FullPrecision(UniformLevels):
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state_keys("FullPrecision", state, set())
+        check_keys("FullPrecision", state, set())
 
     def __repr__(self) -> str:
         return "FullPrecision()"
@@ -126,7 +125,7 @@ class FixedLevels(UniformLevels):
         return {"levels": self._levels}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state_keys("FixedLevels", state, {"levels"})
+        check_keys("FixedLevels", state, {"levels"})
         self._levels = check_int("levels", state["levels"], 1, MAX_LEVELS)
 
     def __repr__(self) -> str:
@@ -167,7 +166,7 @@ class AdaQuantLevels(UniformLevels):
         self._max = check_int("max_levels", max_levels, self._min, MAX_LEVELS)
         self._s0 = check_int("initial_levels", initial_levels, self._min, self._max)
         self._rounding = round_levels
-        self._levels = _round(self._s0, round_levels, self._max)
+        self._levels = rounded_levels(self._s0, self._rounding, self._max)
         self._initial_loss: float | None = None
 
     @property
@@ -184,7 +183,7 @@ class AdaQuantLevels(UniformLevels):
         if self._initial_loss is None:
             self._initial_loss = value
         raw = adaquant_levels(self._initial_loss, value, self._s0, self._min, self._max)
-        self._levels = _round(raw, self._rounding, self._max)
+        self._levels = rounded_levels(raw, self._rounding, self._max)
         return self._levels
 
     def state_dict(self) -> dict[str, Any]:
@@ -197,7 +196,7 @@ class AdaQuantLevels(UniformLevels):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state_keys(
+        check_keys(
             "AdaQuantLevels",
             state,
             {"initial_levels", "min_levels", "max_levels", "levels", "initial_loss"},
@@ -222,10 +221,6 @@ class AdaQuantLevels(UniformLevels):
             f"AdaQuantLevels(initial_levels={self._s0}, min_levels={self._min}, "
             f"max_levels={self._max}{rounding})"
         )
-
-
-def _round(levels: int, mode: str, max_levels: int) -> int:
-    return round_levels(levels, mode, max_levels)
 
 
 class _ScheduleAsPolicy(UniformLevels):

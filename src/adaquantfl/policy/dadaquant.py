@@ -53,12 +53,11 @@ from adaquantfl.policy.base import (
     ROUNDINGS,
     LevelPlan,
     RoundObservation,
-    check_int,
     check_loss,
-    check_state_keys,
-    round_levels,
+    rounded_levels,
 )
-from adaquantfl.policy.registry import check_choice, check_options, register_policy
+from adaquantfl.policy.registry import check_options, register_policy
+from adaquantfl.validation import check_choice, check_int, check_keys, check_real
 
 __all__ = ["CLIENT_RULES", "DAdaQuant", "client_levels"]
 
@@ -131,9 +130,7 @@ class DAdaQuant:
         self.q_min = check_int("levels", levels, 1, MAX_LEVELS)
         self.q_max = check_int("max_levels", max_levels, self.q_min, MAX_LEVELS)
         check_int("rounds", rounds, 1, 2**62)
-        if isinstance(psi, bool) or not isinstance(psi, int | float) or not 0 <= psi < 1:
-            raise ValueError(f"psi must be a number in [0, 1), got {psi!r}")
-        self.psi = float(psi)
+        self.psi = check_real("psi", psi, 0.0, 1.0, high_open=True)
         self.phi = (
             max(1, round(PHI_FRACTION * rounds)) if phi is None else check_int("phi", phi, 1, 2**62)
         )
@@ -148,14 +145,14 @@ class DAdaQuant:
         self.sizes: dict[int, int] = {}  # n_i of the clients heard from
 
     def levels_for(self, round_idx: int, client_ids: Sequence[int]) -> LevelPlan:
-        q = round_levels(self.q, self.rounding, self.q_max)
+        q = rounded_levels(self.q, self.rounding, self.q_max)
         if not self.client_adaptive or not client_ids:
             return LevelPlan(q)
         known = self.sizes.values()
         default = sum(known) / len(known) if known else 1.0
         weights = {c: float(self.sizes.get(c, default)) for c in client_ids}
         per_client = {
-            c: round_levels(v, self.rounding, MAX_LEVELS)
+            c: rounded_levels(v, self.rounding, MAX_LEVELS)
             for c, v in client_levels(self.q, weights, self.client_rule).items()
         }
         return LevelPlan(q, per_client)
@@ -186,7 +183,7 @@ class DAdaQuant:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state_keys("DAdaQuant", state, {"q", "averages", "seen", "last_increase", "sizes"})
+        check_keys("DAdaQuant", state, {"q", "averages", "seen", "last_increase", "sizes"})
         self.q = check_int("q", state["q"], self.q_min, self.q_max)
         self.averages = [check_loss(v) for v in state["averages"]]
         self.seen = check_int("seen", state["seen"], 0, 2**62)

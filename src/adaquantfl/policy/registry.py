@@ -7,12 +7,12 @@ from typing import Any
 
 from adaquantfl.policy.base import ROUNDINGS, LevelPolicy
 from adaquantfl.policy.classic import AdaQuantLevels, FixedLevels, FullPrecision
+from adaquantfl.validation import check_choice
 
 __all__ = [
     "LEVELLESS",
     "POLICIES",
     "PolicyFactory",
-    "check_choice",
     "check_options",
     "make_policy",
     "no_options",
@@ -62,10 +62,6 @@ def check_options(
     return {**defaults, **given}
 
 
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-    return str(value)
 
 
 def no_options(method: str, options: Mapping[str, Any] | None) -> None:

@@ -21,8 +21,7 @@ from adaquantfl.fl.server import FedServer
 from adaquantfl.models import FlatModel, make_model
 from adaquantfl.rng import torch_generator
 from adaquantfl.runner.config import Config, ConfigError
-from adaquantfl.sim.faults import ClientFaults
-from adaquantfl.sim.simulator import Simulator
+from adaquantfl.sim.simulator import ClientFaults, Simulator
 
 __all__ = [
     "EngineRun",

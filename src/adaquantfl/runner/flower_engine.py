@@ -51,7 +51,7 @@ from adaquantfl.runner.config import Config
 
 __all__ = ["engine_client_app", "flat_layout", "loopback_ray", "ray_backend_config", "run_flower"]
 
-#: A ClientError's text (adaquantfl.fl.client.encode_update, via adaquant_mod): the
+#: A ClientError's text (adaquantfl.fl.client.compress_update, via adaquant_mod): the
 #: simulator counts such a client as failed and goes on; any other client
 #: failure is a bug, and the simulator would have raised it too.
 _DIVERGED = "local training diverged"

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaquantfl.compression.codec import message_bytes
 from adaquantfl.compression.container import frame_bytes
-from adaquantfl.compression.header import message_bytes
 from adaquantfl.compression.qsgd_compressor import QSGDCompressor
 from adaquantfl.runner.build import build_model, load_data
 from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint

@@ -4,39 +4,125 @@ Each round the simulator selects clients, runs :func:`adaquantfl.fl.client.clien
 for each (in client-id order; the order does not affect any random draw), hands the
 replies to :class:`adaquantfl.fl.server.FedServer`, and evaluates the new global
 model on the test set.
+
+Faults (:class:`ClientFaults`, all off by default) are seeded per (seed,
+round, client), like every other draw of a run, so a fault pattern is
+reproducible and the same under resume.
+
+- Dropout: each selected client independently fails to reply with
+  probability ``dropout`` (stream "dropout").
+- Deadline: a client's simulated time for a round is
+  ``client_time_s * exp(client_time_sigma * z_c + round_time_sigma * z_{c,k})``,
+  a lognormal with a persistent per-client factor ``z_c`` (slow devices stay
+  slow) and per-round jitter ``z_{c,k}`` (stream "straggler"). Clients whose
+  time exceeds ``deadline_s`` miss the round.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from adaquantfl.compression.compressor import Compressor
+from adaquantfl.compression.feedback import ClientCompressor
 from adaquantfl.data import ClientData, FederatedData
 from adaquantfl.fl.client import (
     ClientError,
     ClientReply,
-    ClientState,
     LocalTraining,
     client_update,
-    encode_update,
+    compress_update,
     evaluate,
 )
 from adaquantfl.fl.record import RoundRecord, record_round
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
-from adaquantfl.sim.faults import ClientFaults
 from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
+from adaquantfl.validation import check_real
 
-__all__ = ["Simulator"]
+__all__ = ["ClientFaults", "RoundAvailability", "Simulator"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundAvailability:
+    """Which selected clients reply in a round."""
+
+    replying: list[int]
+    dropped_out: list[int]
+    missed_deadline: list[int]
+
+    @property
+    def dropped(self) -> int:
+        return len(self.dropped_out) + len(self.missed_deadline)
+
+
+@dataclass(frozen=True)
+class ClientFaults:
+    """Fault model of the simulator (all off by default).
+
+    Parameters
+    ----------
+    dropout : float
+        Probability in ``[0, 1]`` that a selected client does not reply.
+    deadline_s : float or None
+        Round deadline in simulated seconds; None waits for every client.
+    client_time_s : float
+        Median simulated time of a client's round.
+    client_time_sigma, round_time_sigma : float
+        Log-scale spread of the persistent per-client factor and of the per-round jitter.
+    """
+
+    dropout: float = 0.0
+    deadline_s: float | None = None
+    client_time_s: float = 1.0
+    client_time_sigma: float = 0.5
+    round_time_sigma: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_real("dropout", self.dropout, 0.0, 1.0)
+        if self.deadline_s is not None:
+            check_real("deadline_s", self.deadline_s, 0.0, low_open=True)
+        check_real("client_time_s", self.client_time_s, 0.0, low_open=True)
+        check_real("client_time_sigma", self.client_time_sigma, 0.0)
+        check_real("round_time_sigma", self.round_time_sigma, 0.0)
+
+    def client_time_s_of(self, client_id: int, *, seed: int, round_idx: int) -> float:
+        """Simulated time of ``client_id`` in round ``round_idx``."""
+        device = _normal(torch_generator(seed, purpose="straggler", client_id=client_id))
+        jitter = _normal(
+            torch_generator(seed, purpose="straggler", round_idx=round_idx, client_id=client_id)
+        )
+        return self.client_time_s * math.exp(
+            self.client_time_sigma * device + self.round_time_sigma * jitter
+        )
+
+    def availability(self, chosen: list[int], *, seed: int, round_idx: int) -> RoundAvailability:
+        """Split the selected clients into those that reply and those that do not."""
+        replying, dropped_out, late = [], [], []
+        for cid in chosen:
+            gen = torch_generator(seed, purpose="dropout", round_idx=round_idx, client_id=cid)
+            if self.dropout > 0 and float(torch.rand((), generator=gen)) < self.dropout:
+                dropped_out.append(cid)
+            elif self.deadline_s is not None and (
+                self.client_time_s_of(cid, seed=seed, round_idx=round_idx) > self.deadline_s
+            ):
+                late.append(cid)
+            else:
+                replying.append(cid)
+        return RoundAvailability(replying, dropped_out, late)
+
+
+def _normal(generator: torch.Generator) -> float:
+    return float(torch.randn((), generator=generator))
 
 
 class Simulator:
@@ -94,8 +180,9 @@ class Simulator:
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.faults = faults or ClientFaults()
-        #: What each client keeps between its rounds (its error-feedback residual).
-        self.client_states: dict[int, ClientState] = {}
+        #: Each client's end of the compressor, which keeps what the client
+        #: carries between its rounds (its error-feedback residual).
+        self.client_compressors: dict[int, ClientCompressor] = {}
         select_clients(len(data.clients), clients_per_round, seed=seed, round_idx=0)  # validates
         self.trainer: BatchedTrainer | None = None
         if vectorize:
@@ -146,12 +233,11 @@ class Simulator:
                         shard.x,
                         shard.y,
                         levels=plan.levels_of(cid),
-                        compressor=self.compressor,
+                        compressor=self.client_compressor(cid),
                         training=self.training,
                         seed=self.seed,
                         round_idx=round_idx,
                         client_id=cid,
-                        state=self.client_state(cid),
                     )
                 )
             except ClientError as exc:
@@ -176,27 +262,27 @@ class Simulator:
             numel=self.model.numel,
         )
 
-    def client_state(self, client_id: int) -> ClientState:
-        """The state client ``client_id`` keeps between its rounds (created on first use)."""
-        state = self.client_states.get(client_id)
-        if state is None:
-            state = self.client_states[client_id] = ClientState()
-        return state
+    def client_compressor(self, client_id: int) -> ClientCompressor:
+        """Client ``client_id``'s end of the compressor (created on first use)."""
+        client = self.client_compressors.get(client_id)
+        if client is None:
+            client = self.client_compressors[client_id] = ClientCompressor(self.compressor)
+        return client
 
     def state_dict(self) -> dict[str, Any]:
-        """The server's state and every client's own state (for a checkpoint)."""
+        """The server's state and what every client keeps (for a checkpoint)."""
         clients = {
-            cid: st.state_dict()
-            for cid, st in sorted(self.client_states.items())
-            if st.residual is not None
+            cid: client.state_dict()
+            for cid, client in sorted(self.client_compressors.items())
+            if client.residual is not None
         }
         return {**self.server.state_dict(), "clients": clients}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.server.load_state_dict(state)
-        self.client_states = {}
+        self.client_compressors = {}
         for cid, client in state.get("clients", {}).items():
-            self.client_state(int(cid)).load_state_dict(client)
+            self.client_compressor(int(cid)).load_state_dict(client)
 
     def transmit(self, reply: ClientReply, round_idx: int) -> ClientReply | None:
         """The uplink from a client to the server: delivers ``reply`` unchanged.
@@ -226,14 +312,13 @@ class Simulator:
         failed = 0
         for row, cid, shard, loss in zip(local, chosen, shards, losses, strict=True):
             try:
-                encoded = encode_update(
+                encoded = compress_update(
                     row - params,
                     levels=plan.levels_of(cid),
-                    compressor=self.compressor,
+                    compressor=self.client_compressor(cid),
                     seed=self.seed,
                     round_idx=round_idx,
                     client_id=cid,
-                    state=self.client_state(cid),
                 )
             except ClientError as exc:
                 logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
