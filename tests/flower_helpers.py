@@ -28,7 +28,7 @@ from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import RoundOutcome
 from adaquantfl.flower import adaquant_mod
-from adaquantfl.flower.records import NUM_EXAMPLES_KEY, PRE_TRAIN_LOSS_KEY
+from adaquantfl.flower.messages import NUM_EXAMPLES_KEY, PRE_TRAIN_LOSS_KEY
 from adaquantfl.runner.build import build_simulator
 from adaquantfl.runner.config import Config
 
@@ -131,10 +131,9 @@ class InProcessGrid(Grid):
 
 def forget_warnings() -> None:
     """Let the once-per-process warnings of adaquantfl.flower be logged again (per test)."""
-    from adaquantfl.flower import node_state, replies
+    from adaquantfl.flower import mod
 
-    node_state._WARNED.clear()
-    replies._LOGGED.clear()
+    mod._LOGGED.clear()
 
 
 def simulate(config: Config) -> tuple[list[RoundOutcome], torch.Tensor]:

@@ -45,20 +45,25 @@ from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
 from adaquantfl.flower import (
-    PAYLOAD_KEY,
     AdaQuantFedAvg,
-    ArrayLayout,
     FlowerRound,
     RecordError,
-    RoundPlan,
     adaquant_mod,
     make_adaquant_mod,
-    parse_train_reply,
-    payload_array,
+    server_metrics,
 )
-from adaquantfl.flower.plan import LEVELS_KEY, PROBE_KEY, ROUND_KEY, SEED_KEY
-from adaquantfl.flower.records import LOSS_PROXY_KEY
-from adaquantfl.flower.rounds import server_metrics
+from adaquantfl.flower.layout import ArrayLayout
+from adaquantfl.flower.messages import (
+    LEVELS_KEY,
+    LOSS_PROXY_KEY,
+    PAYLOAD_KEY,
+    PROBE_KEY,
+    ROUND_KEY,
+    SEED_KEY,
+    RoundPlan,
+    payload_array,
+    read_train_reply,
+)
 from adaquantfl.policy import AdaQuantLevels, FixedLevels, FullPrecision, adaquant_levels
 from adaquantfl.runner.build import build_model, build_server, load_data
 from adaquantfl.runner.config import load_config
@@ -142,7 +147,7 @@ def test_strategy_and_mod_send_the_simulators_bytes(compression: dict[str, Any])
     model, params = build_model(config, data)
     template = build_server(config, params)
     strategy = AdaQuantFedAvg(
-        template.schedule, template.compressor, seed=0,  # type: ignore[arg-type]
+        template.policy, template.compressor, seed=0,
         max_message_bytes=template.max_message_bytes, fraction_evaluate=0.0,
         min_train_nodes=3, min_available_nodes=3,
     )  # fmt: skip
@@ -301,7 +306,9 @@ def test_bad_or_missing_replies_are_dropped_and_the_round_goes_on() -> None:
     layout = ArrayLayout.of(arrays)
     reference = FedServer(layout.flatten(arrays), FixedLevels(7), QSGDCompressor())
     good_replies = [
-        parse_train_reply(r.content) for r in grid.replies if r.metadata.src_node_id in good
+        read_train_reply(r.content, layout).reply
+        for r in grid.replies
+        if r.metadata.src_node_id in good
     ]
     reference.aggregate(good_replies)
     assert torch.equal(layout.flatten(new_arrays), reference.params)
@@ -520,6 +527,21 @@ def test_aggregate_evaluate_drops_a_malformed_reply() -> None:
 # --------------------------------------------------------------------------- records
 
 
+def test_the_package_exports_only_what_a_flower_user_touches() -> None:
+    import adaquantfl.flower as flower
+
+    # The strategies, the mod, the record helper and metric names a user's app
+    # touches, the errors it may catch; the message layout stays internal.
+    assert sorted(flower.__all__) == sorted(
+        ["AdaQuant", "AdaQuantFedAvg", "adaquant_mod", "make_adaquant_mod",
+         "record_from_state_dict", "BATCHNORM_BUFFERS", "PRE_TRAIN_LOSS_KEY", "FlowerRound",
+         "SERVER_METRICS", "server_metrics", "NoAcceptedRepliesError", "MissingModError",
+         "RecordError"]
+    )  # fmt: skip
+    assert all(getattr(flower, name) is not None for name in flower.__all__)
+    assert not hasattr(flower, "RoundPlan") and not hasattr(flower, "payload_array")
+
+
 def test_round_plan_round_trips_and_rejects_bad_values() -> None:
     plan = RoundPlan(7, 11, 4, QSGDCompressor("entropy", 32, "max"))
     assert RoundPlan.from_config(plan.to_config()) == plan
@@ -539,19 +561,24 @@ def test_round_plan_round_trips_and_rejects_bad_values() -> None:
             RoundPlan.from_config({**plan.to_config(), key: value})
 
 
-def test_parse_train_reply_rejects_npy_payloads() -> None:
+def test_read_train_reply_rejects_npy_payloads() -> None:
+    layout = ArrayLayout(("w",), ((3,),))
     payload = payload_array(b"AQ-bytes")
     metrics = MetricRecord({"aq-client-id": 1, "aq-loss": 0.5, "num-examples": 3})
-    ok = parse_train_reply(
-        RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics})
+    ok = read_train_reply(
+        RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics}), layout
     )
-    assert ok == ClientReply(1, b"AQ-bytes", 0.5, 3)
+    assert ok.reply == ClientReply(1, b"AQ-bytes", 0.5, 3)
     npy = Array(np.frombuffer(b"AQ-bytes", dtype=np.uint8))
     with pytest.raises(RecordError, match="stype"):
-        parse_train_reply(RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: npy}), "m": metrics}))
+        read_train_reply(
+            RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: npy}), "m": metrics}), layout
+        )
     with pytest.raises(RecordError, match="aq-client-id"):
         del metrics["aq-client-id"]
-        parse_train_reply(RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics}))
+        read_train_reply(
+            RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: payload}), "m": metrics}), layout
+        )
 
 
 def test_engine_raises_on_client_failures_other_than_divergence() -> None:

@@ -34,14 +34,9 @@ from flwr.serverapp.strategy import Result
 
 from adaquantfl.compression import QSGDCompressor, default_message_limit
 from adaquantfl.compression.codec import encode_dense, peek_header
-from adaquantfl.flower import (
-    PAYLOAD_KEY,
-    AdaQuantFedAvg,
-    ArrayLayout,
-    NoAcceptedRepliesError,
-    adaquant_mod,
-)
-from adaquantfl.flower.plan import LEVELS_KEY, PROBE_KEY, ROUND_KEY
+from adaquantfl.flower import AdaQuantFedAvg, NoAcceptedRepliesError, adaquant_mod
+from adaquantfl.flower.layout import ArrayLayout
+from adaquantfl.flower.messages import LEVELS_KEY, PAYLOAD_KEY, PROBE_KEY, ROUND_KEY
 from adaquantfl.policy import AdaQuantLevels, FullPrecision, LevelSchedule
 from tests.flower_helpers import (
     InProcessGrid,
@@ -337,7 +332,7 @@ def test_a_bad_node_is_excluded_as_if_it_had_not_replied(
         assert "train-steps" in clients and not any(k.startswith("aq-") for k in clients)
     faulty_bits = faulty.metrics(bad_round)["aq-wire-bits"]
     assert faulty_bits >= reference.metrics(bad_round)["aq-wire-bits"]
-    assert faulty.strategy.schedule.state_dict() == reference.strategy.schedule.state_dict()
+    assert faulty.strategy.policy.state_dict() == reference.strategy.policy.state_dict()
     # A rejected reply teaches the strategy nothing: the bad node keeps its client id.
     node = faulty.grid.node_of(BAD_CLIENT)
     assert faulty.node_clients[bad_round][node] == BAD_CLIENT

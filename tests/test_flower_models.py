@@ -30,14 +30,14 @@ from adaquantfl.compression.codec import message_bytes
 from adaquantfl.data import ClientData
 from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.flower import (
-    PAYLOAD_KEY,
     AdaQuant,
     AdaQuantFedAvg,
-    ArrayLayout,
     RecordError,
     adaquant_mod,
     record_from_state_dict,
 )
+from adaquantfl.flower.layout import ArrayLayout
+from adaquantfl.flower.messages import PAYLOAD_KEY
 from adaquantfl.policy import FixedLevels
 from tests.flower_helpers import InProcessGrid, TinyNet, forget_warnings, tiny_shards
 

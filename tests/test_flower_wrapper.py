@@ -30,16 +30,10 @@ from flwr.serverapp.strategy import (
 )
 
 from adaquantfl.compression import QSGDCompressor
-from adaquantfl.flower import (
-    PAYLOAD_KEY,
-    AdaQuant,
-    AdaQuantFedAvg,
-    ArrayLayout,
-    NoAcceptedRepliesError,
-    adaquant_mod,
-    payload_array,
-)
-from adaquantfl.flower.node_state import load_replica
+from adaquantfl.flower import AdaQuant, AdaQuantFedAvg, NoAcceptedRepliesError, adaquant_mod
+from adaquantfl.flower.layout import ArrayLayout
+from adaquantfl.flower.messages import PAYLOAD_KEY, payload_array
+from adaquantfl.flower.mod import load_replica
 from adaquantfl.policy import AdaQuantLevels, FixedLevels
 from tests.flower_helpers import (
     InProcessGrid,

@@ -13,7 +13,13 @@ replies with :class:`adaquantfl.fl.server.FedServer`, which feeds the level
 policy, and the inner strategy aggregates the nodes' models ``w_k + C(Delta_i)``.
 The train reply reports ``pre-train-loss`` for the exact rule, or else
 Flower's usual ``train_loss`` stands in for it (see :mod:`adaquantfl.flower.mod`).
-``flwr`` is imported only inside this subpackage.
+``flwr`` is imported only inside this subpackage (and by the runner's Flower engine).
+
+Modules, server side first: ``strategy`` (the two strategies and their argument
+checks), ``rounds`` (a round's replies, new model and record), ``sampling``
+(seeded node sampling), ``downlink`` (the compressed downlink, both sides),
+``mod`` (the client mod and the node's state), ``messages`` (every message key
+and record), ``layout`` (which of a model's arrays are compressed).
 
 Importing this package sets ``FLWR_TELEMETRY_ENABLED=0``,
 ``FLWR_DISABLE_UPDATE_CHECK=1`` and ``RAY_USAGE_STATS_ENABLED=0`` unless they
@@ -34,52 +40,30 @@ for _name, _value in (
 
 from adaquantfl.flower.layout import (  # noqa: E402
     BATCHNORM_BUFFERS,
-    ArrayLayout,
+    RecordError,
     record_from_state_dict,
 )
-from adaquantfl.flower.mod import (  # noqa: E402
-    FLOWER_TRAIN_LOSS_KEY,
-    adaquant_mod,
-    make_adaquant_mod,
-)
-from adaquantfl.flower.plan import DownlinkPlan, RoundPlan  # noqa: E402
-from adaquantfl.flower.records import (  # noqa: E402
-    LOSS_KEY,
-    LOSS_PROXY_KEY,
-    PAYLOAD_KEY,
-    PRE_TRAIN_LOSS_KEY,
-    MissingModError,
-    RecordError,
-    parse_train_reply,
-    payload_array,
-    payload_bytes,
-)
+from adaquantfl.flower.messages import PRE_TRAIN_LOSS_KEY, MissingModError  # noqa: E402
+from adaquantfl.flower.mod import adaquant_mod, make_adaquant_mod  # noqa: E402
 from adaquantfl.flower.rounds import SERVER_METRICS, FlowerRound, server_metrics  # noqa: E402
-from adaquantfl.flower.strategy import AdaQuantFedAvg  # noqa: E402
-from adaquantfl.flower.wrapper import AdaQuant, NoAcceptedRepliesError  # noqa: E402
+from adaquantfl.flower.strategy import (  # noqa: E402
+    AdaQuant,
+    AdaQuantFedAvg,
+    NoAcceptedRepliesError,
+)
 
 __all__ = [
     "BATCHNORM_BUFFERS",
-    "FLOWER_TRAIN_LOSS_KEY",
-    "LOSS_KEY",
-    "LOSS_PROXY_KEY",
-    "PAYLOAD_KEY",
     "PRE_TRAIN_LOSS_KEY",
     "SERVER_METRICS",
     "AdaQuant",
     "AdaQuantFedAvg",
-    "ArrayLayout",
-    "DownlinkPlan",
     "FlowerRound",
     "MissingModError",
     "NoAcceptedRepliesError",
     "RecordError",
-    "RoundPlan",
     "adaquant_mod",
     "make_adaquant_mod",
-    "parse_train_reply",
-    "payload_array",
-    "payload_bytes",
     "record_from_state_dict",
     "server_metrics",
 ]

@@ -4,15 +4,11 @@
 change ``m_k``, the replica ``x_k`` and, for each node, whether it gets
 ``m_k``, the messages since it last took part (catch-up), or the full model.
 On Flower the train instruction's ArrayRecord then holds, instead of the
-model's float arrays:
-
-    aq-model                the full x_k as a raw float32 codec message, or
-    aq-change-0, -1, ...    the change messages, oldest first,
-    <the side arrays>       the model's uncompressed arrays (.npy), as always
-
-(payload Arrays as in :func:`~adaquantfl.flower.records.payload_array`), and the
-plan (:class:`~adaquantfl.flower.plan.DownlinkPlan`) names the compressor and the
-round the node's replica must be of. ``adaquant_mod`` keeps the replica in
+model's float arrays, the full ``x_k`` (``aq-model``) or the change messages
+(``aq-change-0``, ``-1``, ...), beside the side arrays
+(:func:`~adaquantfl.flower.messages.downlink_arrays`), and the plan
+(:class:`~adaquantfl.flower.messages.DownlinkPlan`) names the compressor and
+the round the node's replica must be of. ``adaquant_mod`` keeps the replica in
 ``Context.state``, applies the messages with
 :func:`adaquantfl.fl.downlink.apply_change` (the server's own function, so the
 same bits), and hands the train function ``x_k`` in the model's arrays.
@@ -28,32 +24,26 @@ full model the next time: it may not hold ``x_k``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import ArrayRecord
 
 from adaquantfl.compression.codec import decode_dense, message_bytes
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.downlink import Downlink, apply_change
 from adaquantfl.fl.server import FedServer
-from adaquantfl.flower.layout import ArrayLayout, record_bytes
-from adaquantfl.flower.node_state import Replica, load_replica, store_replica
-from adaquantfl.flower.plan import DownlinkPlan
-from adaquantfl.flower.records import RecordError, payload_array, payload_bytes
+from adaquantfl.flower.layout import ArrayLayout, RecordError, record_bytes
+from adaquantfl.flower.messages import (
+    LAYOUT_KEY,
+    MODEL_KEY,
+    DownlinkPlan,
+    downlink_arrays,
+    read_downlink_arrays,
+)
 
-__all__ = [
-    "CHANGE_PREFIX",
-    "MODEL_KEY",
-    "DownlinkSender",
-    "NodeDownlink",
-    "receive_model",
-    "send_model",
-]
-
-MODEL_KEY = "aq-model"
-CHANGE_PREFIX = "aq-change-"
+__all__ = ["DownlinkSender", "NodeDownlink", "Replica", "receive_model", "send_model"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +53,15 @@ class NodeDownlink:
     record: ArrayRecord
     plan: DownlinkPlan
     sent_bytes: int
+
+
+@dataclass(frozen=True)
+class Replica:
+    """The downlink model ``x_k`` a node holds, the round it is of, and the model's layout."""
+
+    params: torch.Tensor
+    round_idx: int
+    layout: ArrayLayout
 
 
 class DownlinkSender:
@@ -85,26 +84,21 @@ class DownlinkSender:
         self.downlink: Downlink | None = None
 
     def send(
-        self,
-        params: torch.Tensor,
-        round_idx: int,
-        nodes: Sequence[int],
-        layout: ArrayLayout,
-        side: Mapping[str, Array],
+        self, server: FedServer, nodes: Sequence[int], layout: ArrayLayout, arrays: ArrayRecord
     ) -> dict[int, NodeDownlink]:
-        """Broadcast round ``round_idx``'s model to ``nodes``: per node, what to send."""
+        """Broadcast the server's model of this round to ``nodes``: per node, what to send."""
         if self.downlink is None:
             self.downlink = Downlink(layout.numel, self.compressor, self.levels, seed=self.seed)
         downlink = self.downlink
+        side = {name: arrays[name] for name in layout.side}
         bases = {n: downlink.synced.get(n) for n in nodes}
-        sent = downlink.broadcast(params, round_idx, list(nodes))
+        sent = downlink.broadcast(server.params, server.round_idx, list(nodes))
         full = set(sent.full)
-        full_array = payload_array(downlink.full_model()) if full else None
+        full_model = downlink.full_model() if full else None
         out: dict[int, NodeDownlink] = {}
         for node in nodes:
-            arrays: dict[str, Array] = {}
-            if node in full and full_array is not None:
-                arrays[MODEL_KEY] = full_array
+            if node in full and full_model is not None:
+                carried = downlink_arrays(full_model)
                 plan = DownlinkPlan(self.compressor, self.levels, None, layout)
             else:
                 messages = sent.catch_up.get(node)
@@ -112,12 +106,10 @@ class DownlinkSender:
                     if sent.payload is None:  # pragma: no cover - Downlink sends it after round 0
                         raise RuntimeError("the downlink has no change message for this round")
                     messages = [sent.payload]
-                for i, message in enumerate(messages):
-                    arrays[f"{CHANGE_PREFIX}{i}"] = payload_array(message)
+                carried = downlink_arrays(None, messages)
                 plan = DownlinkPlan(self.compressor, self.levels, bases[node])
-            payload_bytes_sent = record_bytes(ArrayRecord(arrays))
-            arrays.update(side)
-            out[node] = NodeDownlink(ArrayRecord(arrays), plan, payload_bytes_sent)
+            sent_bytes = record_bytes(ArrayRecord(carried))
+            out[node] = NodeDownlink(ArrayRecord({**carried, **side}), plan, sent_bytes)
         return out
 
     def forget(self, node: int) -> None:
@@ -143,18 +135,17 @@ def send_model(
     side_bytes = len(nodes) * record_bytes(arrays, layout.side)
     if sender is None:
         return {}, len(nodes) * message_bytes(layout.numel, None) + side_bytes
-    side = {name: arrays[name] for name in layout.side}
-    sent = sender.send(server.params, server.round_idx, nodes, layout, side)
+    sent = sender.send(server, nodes, layout, arrays)
     return sent, sum(d.sent_bytes for d in sent.values()) + side_bytes
 
 
 def receive_model(
-    context: Context, record: ArrayRecord, plan: DownlinkPlan, round_idx: int
-) -> tuple[ArrayRecord, torch.Tensor, ArrayLayout]:
-    """The node's side: ``x_k`` from the message and the replica in ``Context.state``.
+    record: ArrayRecord, plan: DownlinkPlan, round_idx: int, held: Replica | None
+) -> tuple[ArrayRecord, Replica]:
+    """The node's side: ``x_k`` from the message and the replica the node ``held``.
 
-    Returns the model in its own arrays (for the train function), ``x_k`` as
-    the flat float32 vector the update is taken against, and the layout.
+    Returns the model in its own arrays (for the train function) and the new
+    replica (``x_k`` as the flat float32 vector the update is taken against).
 
     Raises
     ------
@@ -164,12 +155,11 @@ def receive_model(
     """
     if MODEL_KEY in record:
         if plan.layout is None:
-            raise RecordError("the full model came without its layout (aq-layout)")
+            raise RecordError(f"the full model came without its layout ({LAYOUT_KEY})")
         layout = plan.layout
-        params = decode_dense(payload_bytes(record[MODEL_KEY]), expected_numel=layout.numel)
-        expected = {MODEL_KEY, *layout.side}
+        (full,) = read_downlink_arrays(record, layout.side)
+        params = decode_dense(full, expected_numel=layout.numel)
     else:
-        held = load_replica(context)
         if held is None or plan.base is None or held.round_idx != plan.base:
             have = "no model" if held is None else f"the model of round {held.round_idx}"
             raise RecordError(
@@ -177,19 +167,9 @@ def receive_model(
                 f"round {plan.base} (a lost node state?); the server sends the full model next time"
             )
         layout, params = held.layout, held.params
-        count = sum(k.startswith(CHANGE_PREFIX) for k in record)
-        if count == 0:
-            raise RecordError(f"the downlink sent neither {MODEL_KEY!r} nor change messages")
-        for i in range(count):
-            key = f"{CHANGE_PREFIX}{i}"
-            if key not in record:
-                raise RecordError(f"the downlink's change messages skip {key!r}")
-            params = apply_change(params, payload_bytes(record[key]), plan.compressor, plan.levels)
-        expected = {f"{CHANGE_PREFIX}{i}" for i in range(count)} | set(layout.side)
-    if set(record.keys()) != expected or not params.numel():
-        raise RecordError(
-            f"the downlink's ArrayRecord holds {sorted(record.keys())}, expected {sorted(expected)}"
-        )
-    store_replica(context, Replica(params, round_idx, layout))
+        for change in read_downlink_arrays(record, layout.side):
+            params = apply_change(params, change, plan.compressor, plan.levels)
+    if not params.numel():
+        raise RecordError("the downlink's model is empty")
     side = {name: record[name] for name in layout.side}
-    return layout.to_record(params, side), params, layout
+    return layout.to_record(params, side), Replica(params, round_idx, layout)

@@ -38,12 +38,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from adaquantfl.flower.records import RecordError
-
 __all__ = [
     "BATCHNORM_BUFFERS",
     "ArrayLayout",
-    "matches",
+    "RecordError",
     "record_bytes",
     "record_from_state_dict",
 ]
@@ -52,6 +50,15 @@ __all__ = [
 #: or a ``.``-separated suffix): they travel beside the compressed update.
 BATCHNORM_BUFFERS: tuple[str, ...] = ("running_mean", "running_var", "num_batches_tracked")
 
+
+class RecordError(ValueError):
+    """A Flower record does not have the layout adaquantfl expects; the text says why.
+
+    Raised for the model's arrays here and for every ``aq-*`` record in
+    :mod:`adaquantfl.flower.messages`.
+    """
+
+
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 _NUMPY_STYPE = "numpy.ndarray"
 #: Room for a .npy header beyond the array's bytes (numpy pads it to 64 bytes;
@@ -59,7 +66,7 @@ _NUMPY_STYPE = "numpy.ndarray"
 _NPY_HEADER_LIMIT = 65536
 
 
-def matches(name: str, patterns: Collection[str]) -> bool:
+def _matches(name: str, patterns: Collection[str]) -> bool:
     """Whether ``name`` is one of ``patterns`` or ends with ``.<pattern>``."""
     return any(name == p or name.endswith(f".{p}") for p in patterns)
 
@@ -142,7 +149,7 @@ class ArrayLayout:
             names.append(name)
             shapes.append(tuple(int(d) for d in array.shape))
             dtypes.append(array.dtype)
-            if array.dtype not in _FLOAT_DTYPES or matches(name, uncompressed):
+            if array.dtype not in _FLOAT_DTYPES or _matches(name, uncompressed):
                 side.append(name)
         if not names:
             raise RecordError("the model's ArrayRecord is empty")
@@ -256,7 +263,7 @@ class ArrayLayout:
             acc = np.zeros(shape, dtype=np.float64)
             for arrays, n in zip(sides, weights, strict=True):
                 acc += arrays[name].numpy().astype(np.float64) * (n / total)
-            out[name] = Array(cast_values(acc, dtype))
+            out[name] = Array(_cast_values(acc, dtype))
         return out
 
     def adopt(self, record: ArrayRecord) -> ArrayRecord:
@@ -278,7 +285,7 @@ class ArrayLayout:
             if values.dtype.kind in "fc" and not bool(np.isfinite(values).all()):
                 raise RecordError(f"the inner strategy's array {name!r} has non-finite values")
             same = str(values.dtype) == dtype
-            arrays[name] = record[name] if same else Array(cast_values(values, dtype))
+            arrays[name] = record[name] if same else Array(_cast_values(values, dtype))
         return ArrayRecord(arrays)
 
     # ------------------------------------------------------------------ to a node
@@ -302,7 +309,7 @@ class ArrayLayout:
             raise RecordError(f"bad model layout in the train config: {exc}") from None
 
 
-def cast_values(values: np.ndarray, dtype: str) -> np.ndarray:
+def _cast_values(values: np.ndarray, dtype: str) -> np.ndarray:
     """``values`` in ``dtype``: integers rounded half to even, bools by ``>= 0.5``."""
     # np.asarray throughout: numpy turns 0-d results into scalars, which Array refuses
     # (num_batches_tracked is 0-d).

@@ -8,7 +8,7 @@ trains, and replies with its local arrays and metrics. Around it, the mod
 1. reads the node's plan (levels, seed, round, compressor, which arrays
    travel uncompressed) from the ``aq-*`` keys that
    :class:`~adaquantfl.flower.AdaQuant` added to the train ConfigRecord
-   (:mod:`adaquantfl.flower.plan`), and takes the received model ``w_k``;
+   (:mod:`adaquantfl.flower.messages`), and takes the received model ``w_k``;
    with a compressed downlink it first rebuilds ``x_k`` from the change
    messages and the replica it keeps in ``Context.state``, and hands the
    train function ``x_k`` in the model's arrays
@@ -21,7 +21,7 @@ trains, and replies with its local arrays and metrics. Around it, the mod
 4. replies with the encoded bytes (a uint8 Array), the arrays that travel
    beside the update (BatchNorm statistics, integer buffers) as the train
    function returned them, and the train function's metrics plus the
-   mod's ``aq-*`` keys (:mod:`adaquantfl.flower.records`).
+   mod's ``aq-*`` keys (:mod:`adaquantfl.flower.messages`).
 
 Messages without an AdaQuantFL plan (evaluate, query, or a plain FedAvg's
 train) pass through untouched.
@@ -50,43 +50,50 @@ from the train reply's MetricRecord:
 Either way the value is sent as ``aq-loss``; the user's own metrics are
 never changed. A reply with neither is an error (the strategy drops that node
 for the round) rather than a silently invented loss.
+
+A node's state lives in its ``Context.state``, which Flower's simulation and
+a SuperNode hand to every message of a run (even where each message runs in
+a new ``flwr-clientapp`` process), so it survives the rounds the node sits
+out. This module alone reads and writes it:
+
+- ``aq-client-state`` (ArrayRecord): ``residual``, the error-feedback residual
+  ``e_i``; ``replica``, the downlink model ``x_k`` the node holds;
+- ``aq-node-state`` (ConfigRecord): ``replica-round`` and ``layout`` of that
+  replica, and ``warned-<key>`` for each warning the node has logged.
 """
 
 from __future__ import annotations
 
 import math
+from logging import WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.logger import log
 
 from adaquantfl.compression.feedback import ClientCompressor
 from adaquantfl.fl.client import compress_update
-from adaquantfl.flower.downlink import receive_model
-from adaquantfl.flower.layout import ArrayLayout
-from adaquantfl.flower.node_state import load_client_state, store_client_state, warn_once
-from adaquantfl.flower.plan import RoundPlan
-from adaquantfl.flower.records import (
-    CLIENT_ID_KEY,
-    DISTORTION_KEY,
-    LOSS_KEY,
-    LOSS_PROXY_KEY,
-    METRICS_RECORD,
+from adaquantfl.flower.downlink import Replica, receive_model
+from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.messages import (
+    CLIENT_STATE_RECORD,
+    FLOWER_TRAIN_LOSS_KEY,
+    NODE_STATE_RECORD,
     NUM_EXAMPLES_KEY,
-    PAYLOAD_KEY,
     PRE_TRAIN_LOSS_KEY,
-    UPDATE_NORM_KEY,
-    RecordError,
+    PREFIX,
+    RoundPlan,
     client_id_of,
-    payload_array,
+    probe_reply_content,
     single_array_record,
     single_metric_record,
+    train_reply_content,
     with_content,
 )
 
-__all__ = ["FLOWER_TRAIN_LOSS_KEY", "adaquant_mod", "make_adaquant_mod"]
-
-#: The training-loss metric of Flower's app templates (and of Flower's ``QFedAvg``).
-FLOWER_TRAIN_LOSS_KEY = "train_loss"
+__all__ = ["adaquant_mod", "log_once", "make_adaquant_mod"]
 
 
 def make_adaquant_mod(
@@ -110,7 +117,7 @@ def make_adaquant_mod(
         ``(msg, context, call_next) -> msg``, for ``ClientApp(mods=[...])``.
     """
     for name, key in (("loss_key", loss_key), ("fallback_loss_key", fallback_loss_key)):
-        if key is not None and (not isinstance(key, str) or not key or key.startswith("aq-")):
+        if key is not None and (not isinstance(key, str) or not key or key.startswith(PREFIX)):
             raise ValueError(f"{name} must be the name of a metric of the train reply, got {key!r}")
 
     def read_loss(metrics: MetricRecord, context: Context) -> tuple[float, bool]:
@@ -118,33 +125,34 @@ def make_adaquant_mod(
         if loss_key in metrics or fallback_loss_key is None or fallback_loss_key not in metrics:
             # The exact rule, or the error that names both keys.
             return _loss(metrics, loss_key, fallback_loss_key), False
-        warn_once(
-            context,
+        log_once(
             "loss-proxy",
+            WARNING,
             "adaquant_mod: the train reply has no %r metric; the AdaQuantFL policy is fed %r "
             "(the loss during local training) instead of the received model's loss before "
             "training. Report %r for the exact rule. (Logged once per node.)",
             loss_key,
             fallback_loss_key,
             loss_key,
+            context=context,
         )
         return _loss(metrics, fallback_loss_key, None), True
 
     def adaquant_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        plan_config = _plan_config(msg)
-        if plan_config is None:
+        plan = RoundPlan.of(msg)
+        if plan is None:
             return call_next(msg, context)
-        plan = RoundPlan.from_config(plan_config)
         client_id = client_id_of(context)
         if plan.probe:
             # The strategy only wants to know which client this node is.
-            return Message(
-                RecordDict({METRICS_RECORD: MetricRecord({CLIENT_ID_KEY: client_id})}),
-                reply_to=msg,
-            )
+            return Message(probe_reply_content(client_id), reply_to=msg)
         name, received = single_array_record(msg.content, "the train instruction")
         if plan.downlink is not None:
-            model, params, layout = receive_model(context, received, plan.downlink, plan.round_idx)
+            model, replica = receive_model(
+                received, plan.downlink, plan.round_idx, load_replica(context)
+            )
+            store_replica(context, replica)
+            params, layout = replica.params, replica.layout
             # The train function gets x_k in the model's arrays (a copy: the
             # instruction itself stays as the server sent it).
             train_msg = with_content(msg, RecordDict({**dict(msg.content.items()), name: model}))
@@ -174,17 +182,16 @@ def make_adaquant_mod(
             client_id=client_id,
         )
         store_client_state(context, client)
-        out_metrics = MetricRecord(dict(metrics))
-        out_metrics[CLIENT_ID_KEY] = client_id
-        out_metrics[LOSS_KEY] = loss
-        out_metrics[LOSS_PROXY_KEY] = int(proxy)
-        out_metrics[UPDATE_NORM_KEY] = encoded.update_norm
-        out_metrics[DISTORTION_KEY] = encoded.distortion
-        content = RecordDict(
-            {
-                name: ArrayRecord({PAYLOAD_KEY: payload_array(encoded.payload), **side}),
-                metrics_name: out_metrics,
-            }
+        content = train_reply_content(
+            (name, metrics_name),
+            encoded.payload,
+            side,
+            metrics,
+            client_id=client_id,
+            loss=loss,
+            loss_proxy=proxy,
+            update_norm=encoded.update_norm,
+            distortion=encoded.distortion,
         )
         return Message(content, reply_to=msg)
 
@@ -194,16 +201,6 @@ def make_adaquant_mod(
 
 #: The mod with the default ``pre-train-loss`` convention (see the module notes).
 adaquant_mod: Mod = make_adaquant_mod()
-
-
-def _plan_config(msg: Message) -> ConfigRecord | None:
-    """The ConfigRecord of a train instruction that carries an AdaQuantFL plan, if any."""
-    if not msg.has_content() or msg.metadata.message_type.split(".", 1)[0] != "train":
-        return None
-    for config in msg.content.config_records.values():
-        if RoundPlan.present(config):
-            return config
-    return None
 
 
 def _loss(metrics: MetricRecord, key: str, fallback: str | None) -> float:
@@ -232,3 +229,91 @@ def _num_examples(metrics: MetricRecord) -> int:
             f"(the client's aggregation weight n_i), got {value!r}"
         )
     return value
+
+
+# --------------------------------------------------------------------------- node state
+
+# The entries of the aq-client-state (arrays) and aq-node-state (config) records.
+_RESIDUAL = "residual"
+_REPLICA = "replica"
+_REPLICA_ROUND = "replica-round"
+_REPLICA_LAYOUT = "layout"
+
+
+def load_client_state(context: Context, client: ClientCompressor) -> None:
+    """Restore what the node's end of the compressor kept (its error-feedback residual)."""
+    record = _state_arrays(context)
+    residual = _tensor(record[_RESIDUAL]) if _RESIDUAL in record else None
+    client.load_state_dict({"residual": residual})
+
+
+def store_client_state(context: Context, client: ClientCompressor) -> None:
+    """Keep what the node's end of the compressor must carry into its next round."""
+    residual = client.state_dict()["residual"]
+    if residual is None:
+        return
+    record = _state_arrays(context)
+    record[_RESIDUAL] = Array(residual.detach().cpu().numpy())
+    context.state[CLIENT_STATE_RECORD] = record
+
+
+def load_replica(context: Context) -> Replica | None:
+    """The downlink model the node holds, if any."""
+    record = _state_arrays(context)
+    node = _state_config(context)
+    if _REPLICA not in record or _REPLICA_ROUND not in node or _REPLICA_LAYOUT not in node:
+        return None
+    return Replica(
+        _tensor(record[_REPLICA]),
+        int(node[_REPLICA_ROUND]),  # type: ignore[arg-type]
+        ArrayLayout.from_json(str(node[_REPLICA_LAYOUT])),
+    )
+
+
+def store_replica(context: Context, replica: Replica) -> None:
+    """Keep ``replica`` as the node's downlink model."""
+    record = _state_arrays(context)
+    record[_REPLICA] = Array(replica.params.detach().cpu().numpy())
+    context.state[CLIENT_STATE_RECORD] = record
+    node = _state_config(context)
+    node[_REPLICA_ROUND] = replica.round_idx
+    node[_REPLICA_LAYOUT] = replica.layout.to_json()
+    context.state[NODE_STATE_RECORD] = node
+
+
+#: Messages this process has logged (a simulation's nodes share the process
+#: with each other and with the ServerApp; a deployment's node starts a process per message).
+_LOGGED: set[str] = set()
+
+
+def log_once(
+    key: str, level: int, message: str, *args: object, context: Context | None = None
+) -> None:
+    """Log ``message`` through Flower's logger once per process, and once per node.
+
+    With the node's ``context``, its ``Context.state`` remembers the warning,
+    so a SuperNode that starts a new process for every message still logs it
+    once. The strategy calls it without one (once per ServerApp process).
+    """
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    if context is not None:
+        node = _state_config(context)
+        if node.get(f"warned-{key}"):
+            return
+        node[f"warned-{key}"] = True
+        context.state[NODE_STATE_RECORD] = node
+    log(level, message, *args)
+
+
+def _state_config(context: Context) -> ConfigRecord:
+    return context.state.config_records.get(NODE_STATE_RECORD, ConfigRecord())
+
+
+def _state_arrays(context: Context) -> ArrayRecord:
+    return context.state.array_records.get(CLIENT_STATE_RECORD, ArrayRecord())
+
+
+def _tensor(array: Array) -> torch.Tensor:
+    return torch.from_numpy(array.numpy().astype(np.float32, copy=True)).reshape(-1)

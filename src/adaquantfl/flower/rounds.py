@@ -1,45 +1,60 @@
-"""What the strategy keeps of each round, and how it reports the nodes it left out."""
+"""A training round on the server after its messages went out: replies, model, record.
+
+:class:`~adaquantfl.flower.AdaQuant` calls these pure helpers from
+``aggregate_train`` / ``aggregate_evaluate``: sort a round's replies into
+usable, failed and missing ones (:func:`sort_replies`, which reads each with
+:func:`~adaquantfl.flower.messages.read_train_reply`); build the new global
+model, FedAvg's mean from :class:`~adaquantfl.fl.server.FedServer`
+(:func:`fedavg_model`) or the inner strategy's aggregate of the nodes' models
+(:func:`inner_model`); and keep and report the round (:class:`FlowerRound`,
+:func:`server_metrics`, :func:`log_exclusions`, :func:`why_nothing_accepted`).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import ERROR, WARNING
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-from adaquantfl.fl.server import RoundOutcome
-from adaquantfl.flower.records import MISSING_MOD_HINT, NO_MOD_REASON
+from adaquantfl.compression.compressor import Compressor
+from adaquantfl.fl.guard import aggregation_weights
+from adaquantfl.fl.server import FedServer, RoundOutcome
+from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.messages import (
+    MISSING_MOD_HINT,
+    NO_MOD_REASON,
+    MissingModError,
+    TrainReply,
+    read_train_reply,
+    with_content,
+)
+from adaquantfl.flower.mod import log_once
 
 __all__ = [
     "SERVER_METRICS",
-    "UNAVAILABLE",
     "FlowerRound",
     "PendingRound",
+    "common_metrics",
+    "evaluate_replies",
+    "fedavg_model",
+    "inner_model",
     "log_exclusions",
     "server_metrics",
+    "sort_replies",
+    "uses_fedavg_math",
     "why_nothing_accepted",
     "with_server_metrics",
 ]
-
-#: The keys of :func:`server_metrics`, one per figure of a training round.
-SERVER_METRICS = (
-    "aq-levels",
-    "aq-next-levels",
-    "aq-wire-bits",
-    "aq-formula-bits",
-    "aq-downlink-bits",
-    "aq-participants",
-    "aq-rejected",
-    "aq-dropped",
-    "aq-loss",
-    "aq-distortion",
-    "aq-time-s",
-)
 
 #: Error codes with which Flower reports that a node never answered (as
 #: opposed to a ClientApp that answered with an exception).
@@ -50,6 +65,40 @@ UNAVAILABLE = frozenset(
         ErrorCode.NODE_UNAVAILABLE,
     }
 )
+
+
+@dataclass
+class PendingRound:
+    """A training round between ``configure_train`` and ``aggregate_train``."""
+
+    server_round: int
+    nodes: frozenset[int]
+    downlink_bits: int
+    started: float
+    #: The train messages sent; the Grid gives each its message id when it pushes it.
+    messages: tuple[Message, ...] = ()
+    #: The levels each node was sent (a per-client plan gives nodes different ones).
+    node_levels: Mapping[int, int | None] = field(default_factory=dict)
+    #: The global model the round was configured with (w_k), as the flat vector.
+    params: torch.Tensor | None = None
+
+    def sender(self, reply: Message) -> int:
+        """The node a reply stands for.
+
+        An error reply that the SuperLink itself generates for a node that
+        stopped sending heartbeats (NODE_UNAVAILABLE) or for an expired message
+        comes from the SuperLink's node id, not the lost node's; it names the
+        instruction it answers.
+        """
+        src = reply.metadata.src_node_id
+        if src in self.nodes:
+            return src
+        for msg in self.messages:
+            if msg.metadata.message_id and (
+                msg.metadata.message_id == reply.metadata.reply_to_message_id
+            ):
+                return msg.metadata.dst_node_id
+        return src
 
 
 @dataclass(frozen=True)
@@ -93,39 +142,257 @@ class FlowerRound:
         return len(self.dropouts)
 
 
-@dataclass
-class PendingRound:
-    """A training round between ``configure_train`` and ``aggregate_train``."""
+# --------------------------------------------------------------------------- replies
 
-    server_round: int
-    nodes: frozenset[int]
-    downlink_bits: int
-    started: float
-    #: The train messages sent; the Grid gives each its message id when it pushes it.
-    messages: tuple[Message, ...] = ()
-    #: The levels each node was sent (a per-client plan gives nodes different ones).
-    node_levels: Mapping[int, int | None] = field(default_factory=dict)
-    #: The global model the inner strategy configured the round with (w_k).
-    arrays: ArrayRecord | None = None
-    params: torch.Tensor | None = None
+Failures = list[tuple[int, str]]
 
-    def sender(self, reply: Message) -> int:
-        """The node a reply stands for.
 
-        An error reply that the SuperLink itself generates for a node that
-        stopped sending heartbeats (NODE_UNAVAILABLE) or for an expired message
-        comes from the SuperLink's node id, not the lost node's; it names the
-        instruction it answers.
-        """
-        src = reply.metadata.src_node_id
-        if src in self.nodes:
-            return src
-        for msg in self.messages:
-            if msg.metadata.message_id and (
-                msg.metadata.message_id == reply.metadata.reply_to_message_id
-            ):
-                return msg.metadata.dst_node_id
-        return src
+def sort_replies(
+    replies: Sequence[Message], pending: PendingRound, layout: ArrayLayout
+) -> tuple[list[tuple[int, TrainReply, Message]], Failures, Failures]:
+    """``(parsed, failures, dropouts)`` of a training round's replies.
+
+    ``parsed``: (node, reply, message) of every reply with the right layout,
+    for :meth:`FedServer.aggregate` to judge. ``failures``: (node, reason) of
+    error replies and malformed ones. ``dropouts``: nodes that never replied,
+    or that Flower reports unavailable. A reply without a payload
+    (:class:`MissingModError`) is explained once per process, at ERROR; the
+    loss stand-in is warned about once.
+    """
+    parsed: list[tuple[int, TrainReply, Message]] = []
+    failures: Failures = []
+    dropouts: Failures = []
+    for msg in replies:
+        node = pending.sender(msg)
+        if msg.has_error():
+            entry = (node, f"error reply ({msg.error.code}): {msg.error.reason}")
+            (dropouts if msg.error.code in UNAVAILABLE else failures).append(entry)
+            continue
+        try:
+            reply = read_train_reply(msg.content, layout)
+        except MissingModError as exc:
+            log_once("strategy-missing-mod", ERROR, "AdaQuant: %s", exc)
+            failures.append((node, NO_MOD_REASON))
+            continue
+        except RecordError as exc:
+            failures.append((node, f"malformed reply: {exc}"))
+            continue
+        if reply.loss_proxy:
+            log_once(
+                "strategy-loss-proxy",
+                WARNING,
+                "AdaQuant: nodes send their train function's training loss, not "
+                "'pre-train-loss': the level policy follows the loss during local training "
+                "(see adaquantfl.flower.mod)",
+            )
+        parsed.append((node, reply, msg))
+    answered = {pending.sender(m) for m in replies}
+    for node in sorted(pending.nodes - answered):
+        dropouts.append((node, "no reply before the round's timeout"))
+    return parsed, failures, dropouts
+
+
+def common_metrics(records: Sequence[MetricRecord], weight_key: str) -> list[MetricRecord]:
+    """Each record restricted to the keys that every record has.
+
+    Flower's strategies refuse a whole round when the replies' metrics have
+    different keys; one node's extra metric must not stop the round (the
+    weighting key is kept, whatever happens, so that a reply without it fails
+    loudly in the inner strategy).
+    """
+    if not records:
+        return []
+    shared = set(records[0].keys()).intersection(*(r.keys() for r in records[1:]))
+    dropped = set().union(*(r.keys() for r in records)) - shared - {weight_key}
+    if dropped:
+        log_once(
+            "strategy-metric-keys",
+            WARNING,
+            "AdaQuant: the nodes report different metrics; aggregating only those all of them "
+            "report (left out: %s; logged once)",
+            sorted(dropped),
+        )
+    keep = shared | {weight_key}
+    return [MetricRecord({k: v for k, v in r.items() if k in keep}) for r in records]
+
+
+def evaluate_replies(replies: Sequence[Message], weight_key: str) -> list[Message]:
+    """The evaluate replies the inner strategy can aggregate (one bad reply is dropped alone).
+
+    Flower's FedAvg checks all replies together and gives up on the round if
+    one differs; here error replies and replies that are malformed on their
+    own are dropped with a warning, and the rest keep the metric keys they share.
+    """
+    good: list[Message] = []
+    for msg in replies:
+        if msg.has_error():
+            log(WARNING, "aggregate_evaluate: node %d: error reply: %s",
+                msg.metadata.src_node_id, msg.error.reason)  # fmt: skip
+            continue
+        try:
+            validate_message_reply_consistency(
+                [msg.content], weighted_by_key=weight_key, check_arrayrecord=False
+            )
+        except InconsistentMessageReplies as exc:
+            log(WARNING, "aggregate_evaluate: dropped reply from node %d: %s",
+                msg.metadata.src_node_id, exc)  # fmt: skip
+            continue
+        good.append(msg)
+    if not good:
+        return []
+    names = [next(iter(m.content.metric_records)) for m in good]
+    records = [m.content.metric_records[n] for m, n in zip(good, names, strict=True)]
+    out = []
+    for msg, name, record in zip(good, names, common_metrics(records, weight_key), strict=True):
+        out.append(with_content(msg, RecordDict({**dict(msg.content.items()), name: record})))
+    return out
+
+
+# --------------------------------------------------------------------------- the new model
+
+Accepted = Sequence[tuple[int, TrainReply, Message]]
+
+
+def uses_fedavg_math(strategy: object) -> bool:
+    """Whether ``strategy`` aggregates with FedAvg's own ``aggregate_train`` (FedAvg, FedProx)."""
+    return isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train
+
+
+def fedavg_model(
+    strategy: Any,
+    server: FedServer,
+    layout: ArrayLayout,
+    accepted: Accepted,
+    metrics: Sequence[MetricRecord],
+    weight_key: str,
+) -> tuple[ArrayRecord, MetricRecord]:
+    """FedAvg's model: FedServer's exact mean, and the side arrays' mean with the same ``p_i``.
+
+    The metrics are aggregated with the strategy's ``train_metrics_aggr_fn``.
+    """
+    n = [int(tr.reply.num_examples) for _, tr, _ in accepted]
+    weights = aggregation_weights(n, server.max_weight_share)  # FedServer's p_i
+    side = layout.mean_side([tr.side for _, tr, _ in accepted], weights)
+    params = server.params
+    contents = [
+        RecordDict({tr.metrics_name: m}) for (_, tr, _), m in zip(accepted, metrics, strict=True)
+    ]
+    try:
+        aggregated: MetricRecord = strategy.train_metrics_aggr_fn(contents, weight_key)
+    except (TypeError, ValueError, KeyError) as exc:  # e.g. lists of different lengths
+        log(WARNING, "aggregate_train: could not aggregate the nodes' metrics: %s", exc)
+        aggregated = MetricRecord()
+    return layout.to_record(params, side), aggregated
+
+
+def inner_model(
+    strategy: Any,
+    server_round: int,
+    compressor: Compressor,
+    layout: ArrayLayout,
+    w_k: torch.Tensor,
+    accepted: Accepted,
+    metrics: Sequence[MetricRecord],
+    levels: dict[int, int | None],
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """The inner strategy's aggregate of the models ``w_k + C(Delta_i)``, in the model's dtypes.
+
+    Returns None for the model if the strategy aggregated nothing or
+    returned arrays that do not fit the model (logged).
+    """
+    models = []
+    for (_, tr, msg), m in zip(accepted, metrics, strict=True):
+        update = compressor.decompress(
+            tr.reply.payload, numel=layout.numel, levels=levels[tr.reply.client_id]
+        )
+        record = layout.to_record(w_k + update, tr.side)
+        content = RecordDict({tr.arrays_name: record, tr.metrics_name: m})
+        # A copy of the reply's metadata: the strategy sees each node as it replied.
+        models.append(with_content(msg, content))
+    arrays, aggregated = strategy.aggregate_train(server_round, models)
+    if arrays is None:
+        return None, aggregated
+    try:
+        return layout.adopt(arrays), aggregated
+    except RecordError as exc:
+        log(
+            WARNING,
+            "aggregate_train: round %d: the inner strategy's model is unusable, the model is "
+            "unchanged: %s",
+            server_round,
+            exc,
+        )
+        return None, aggregated
+
+
+# --------------------------------------------------------------- what the strategy reports
+
+
+#: The keys of :func:`server_metrics`, one per figure of a training round.
+SERVER_METRICS = (
+    "aq-levels",
+    "aq-next-levels",
+    "aq-wire-bits",
+    "aq-formula-bits",
+    "aq-downlink-bits",
+    "aq-participants",
+    "aq-rejected",
+    "aq-dropped",
+    "aq-loss",
+    "aq-distortion",
+    "aq-time-s",
+)
+
+
+def server_metrics(flower_round: FlowerRound) -> MetricRecord:
+    """The strategy's own figures of a training round (``aq-*``), for the server-side results.
+
+    Levels 0 stand for full precision, as in the codec's header (a MetricRecord
+    has no None); ``aq-loss`` (``F(w_k)``) and ``aq-distortion`` are left out
+    when no reply was accepted.
+    """
+    o = flower_round.outcome
+    values: dict[str, int | float | None] = {
+        "aq-levels": o.levels or 0,
+        "aq-next-levels": o.next_levels or 0,
+        "aq-wire-bits": o.wire_bits,
+        "aq-formula-bits": o.formula_bits,
+        "aq-downlink-bits": flower_round.downlink_bits,
+        "aq-participants": o.participants,
+        "aq-rejected": o.rejected,
+        "aq-dropped": flower_round.dropped,
+        "aq-loss": o.train_loss,
+        "aq-distortion": o.distortion,
+        "aq-time-s": flower_round.time_s,
+    }
+    return MetricRecord({k: v for k, v in values.items() if v is not None})
+
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+def with_server_metrics(
+    evaluate_fn: EvaluateFn | None, rounds: Sequence[FlowerRound], first: int
+) -> EvaluateFn:
+    """``evaluate_fn`` plus the :func:`server_metrics` of the round it is called after.
+
+    Flower's ``Strategy.start`` keeps what its ``evaluate_fn`` returns in
+    ``Result.evaluate_metrics_serverapp``: the place for server-side figures.
+    The user's keys win over ours (they are never overwritten).
+    """
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        own = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+        done = rounds[-1] if len(rounds) > first else None
+        if server_round == 0 or done is None or done.server_round != server_round:
+            return own
+        merged = MetricRecord(dict(own) if own is not None else {})
+        for key, value in server_metrics(done).items():
+            if key not in merged:
+                merged[key] = value
+        return merged
+
+    return evaluate
 
 
 def log_exclusions(
@@ -169,30 +436,6 @@ def log_exclusions(
         )
 
 
-def server_metrics(flower_round: FlowerRound) -> MetricRecord:
-    """The strategy's own figures of a training round (``aq-*``), for the server-side results.
-
-    Levels 0 stand for full precision, as in the codec's header (a MetricRecord
-    has no None); ``aq-loss`` (``F(w_k)``) and ``aq-distortion`` are left out
-    when no reply was accepted.
-    """
-    o = flower_round.outcome
-    values: dict[str, int | float | None] = {
-        "aq-levels": o.levels or 0,
-        "aq-next-levels": o.next_levels or 0,
-        "aq-wire-bits": o.wire_bits,
-        "aq-formula-bits": o.formula_bits,
-        "aq-downlink-bits": flower_round.downlink_bits,
-        "aq-participants": o.participants,
-        "aq-rejected": o.rejected,
-        "aq-dropped": flower_round.dropped,
-        "aq-loss": o.train_loss,
-        "aq-distortion": o.distortion,
-        "aq-time-s": flower_round.time_s,
-    }
-    return MetricRecord({k: v for k, v in values.items() if v is not None})
-
-
 def why_nothing_accepted(rounds: Sequence[FlowerRound]) -> str:
     """The error text of a run in which no round accepted a reply: the commonest reasons."""
     reasons: Counter[str] = Counter()
@@ -215,30 +458,3 @@ def why_nothing_accepted(rounds: Sequence[FlowerRound]) -> str:
         f"no reply was accepted in any of the {len(rounds)} training rounds, so the model never "
         f"changed. Why: {top or 'no node replied'}.{hint}"
     )
-
-
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-
-
-def with_server_metrics(
-    evaluate_fn: EvaluateFn | None, rounds: Sequence[FlowerRound], first: int
-) -> EvaluateFn:
-    """``evaluate_fn`` plus the :func:`server_metrics` of the round it is called after.
-
-    Flower's ``Strategy.start`` keeps what its ``evaluate_fn`` returns in
-    ``Result.evaluate_metrics_serverapp``: the place for server-side figures.
-    The user's keys win over ours (they are never overwritten).
-    """
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        own = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
-        done = rounds[-1] if len(rounds) > first else None
-        if server_round == 0 or done is None or done.server_round != server_round:
-            return own
-        merged = MetricRecord(dict(own) if own is not None else {})
-        for key, value in server_metrics(done).items():
-            if key not in merged:
-                merged[key] = value
-        return merged
-
-    return evaluate

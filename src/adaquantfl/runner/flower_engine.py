@@ -33,24 +33,25 @@ from adaquantfl.compression.compressor import default_message_limit
 from adaquantfl.data import FederatedData
 from adaquantfl.fl.client import LocalTraining, evaluate, train_locally
 from adaquantfl.fl.record import RoundRecord, record_round
-from adaquantfl.flower.layout import ArrayLayout
-from adaquantfl.flower.mod import adaquant_mod
-from adaquantfl.flower.plan import RoundPlan
-from adaquantfl.flower.records import (
+from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.messages import (
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
+    RoundPlan,
     client_id_of,
     single_array_record,
 )
-from adaquantfl.flower.strategy import AdaQuantFedAvg, FlowerRound
+from adaquantfl.flower.mod import adaquant_mod
+from adaquantfl.flower.rounds import FlowerRound
+from adaquantfl.flower.strategy import AdaQuantFedAvg
 from adaquantfl.models import FlatModel
 from adaquantfl.runner.build import EngineRun, build_model, load_data
 from adaquantfl.runner.config import Config
 
 __all__ = ["engine_client_app", "flat_layout", "loopback_ray", "ray_backend_config", "run_flower"]
 
-#: A ClientError's text (adaquantfl.fl.client.compress_update): the
+#: A ClientError's text (adaquantfl.fl.client.compress_update, via adaquant_mod): the
 #: simulator counts such a client as failed and goes on; any other client
 #: failure is a bug, and the simulator would have raised it too.
 _DIVERGED = "local training diverged"
@@ -186,9 +187,9 @@ def _train(config: Config, num_threads: int, msg: Message, context: Context) -> 
         torch.set_num_threads(num_threads)
     state = _client_state(config)
     client_id = client_id_of(context)
-    plan = RoundPlan.from_config(
-        next(c for c in msg.content.config_records.values() if RoundPlan.present(c))
-    )
+    plan = RoundPlan.of(msg)
+    if plan is None:  # adaquant_mod passes only its own train messages on with a plan
+        raise RecordError("the engine's train function got a message without an AdaQuantFL plan")
     shard = state.data.clients[client_id]
     # With a compressed downlink adaquant_mod has put x_k here already.
     name, received = single_array_record(msg.content, "the train instruction")

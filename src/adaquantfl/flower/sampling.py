@@ -1,4 +1,4 @@
-"""Finding the nodes of a round: a bounded wait, seeded sampling, asking nodes for their client id.
+"""Sampling the nodes of a round: a bounded wait, seeded choice, asking nodes their client id.
 
 Used when :class:`~adaquantfl.flower.AdaQuant` samples the nodes itself
 (``sample_nodes=True``, as :class:`~adaquantfl.flower.AdaQuantFedAvg` does):
@@ -12,23 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from adaquantfl.fl.server import select_clients
-from adaquantfl.flower.plan import RoundPlan, plan_config
-from adaquantfl.flower.records import (
-    CLIENT_ID_KEY,
-    MISSING_MOD_HINT,
-    RecordError,
-    single_metric_record,
-)
+from adaquantfl.flower.layout import RecordError
+from adaquantfl.flower.messages import RoundPlan, probe_message, read_probe_reply
 
 __all__ = [
     "SAMPLING_ATTRIBUTES",
@@ -143,15 +137,7 @@ def probe_client_ids(
     grid: Grid, nodes: Sequence[int], plan: RoundPlan, config_key: str, wait_s: float
 ) -> dict[int, int]:
     """Ask ``nodes`` for their client id (the mod answers without training): node -> id."""
-    probe = replace(plan, probe=True)
-    messages = [
-        Message(
-            content=RecordDict({config_key: plan_config(ConfigRecord(), probe)}),
-            message_type=MessageType.TRAIN,
-            dst_node_id=node,
-        )
-        for node in nodes
-    ]
+    messages = [probe_message(plan, node, config_key) for node in nodes]
     found: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=wait_s):
         node = reply.metadata.src_node_id
@@ -160,15 +146,9 @@ def probe_client_ids(
                 "adaquant_mod in its ClientApp", reply.error.reason)  # fmt: skip
             continue
         try:
-            _, metrics = single_metric_record(reply.content, "a probe reply")
+            found[node] = read_probe_reply(reply.content)
         except RecordError as exc:
             log(WARNING, "probe: node %d: %s", node, exc)
-            continue
-        client_id = metrics.get(CLIENT_ID_KEY)
-        if isinstance(client_id, int) and not isinstance(client_id, bool):
-            found[node] = client_id
-        else:
-            log(WARNING, "probe: node %d did not say its client id: %s", node, MISSING_MOD_HINT)
     return found
 
 
