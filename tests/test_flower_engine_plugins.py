@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-import tests.plugins  # noqa: F401  (the driver registers them as well)
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import RoundOutcome
 from adaquantfl.flower import FlowerRound
