@@ -9,6 +9,8 @@ import pytest
 import torch
 from benchmarks import _common, bits, cnn, codec, entropy_check
 
+pytestmark = pytest.mark.slow  # benchmarks are not part of the edit loop's tier
+
 
 def test_codec_benchmark_measures_every_pair_and_its_naive_baseline_round_trips() -> None:
     rows = codec.measure([1000], [1, 255], quick=True)

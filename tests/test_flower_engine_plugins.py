@@ -25,6 +25,8 @@ from adaquantfl.runner.config import load_config
 from adaquantfl.runner.flower_engine import run_flower
 from tests.flower_helpers import simulate
 
+pytestmark = pytest.mark.ray
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
 ROUNDS = 5
 OVERRIDES = [

@@ -330,6 +330,7 @@ def test_a_node_that_lost_its_replica_gets_the_full_model_next_time() -> None:
 # --------------------------------------------------------------------------- Flower's engine
 
 
+@pytest.mark.ray
 def test_the_wrapper_runs_each_inner_strategy_on_flowers_simulation_engine() -> None:
     """AdaQuant around FedAvg, FedProx, FedAdam and FedTrimmedAvg on Ray, as in-process.
 
