@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv, install, run the paper's comparison on embedded data
 #   make test   - create (or reuse) .venv, install, run the whole test suite
+#   make check  - the fast tier of the tests, for the edit loop (no Ray, no Flower
+#                 deployments, no benchmarks, golden reruns or other slow tests)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +11,7 @@ STAMP := $(VENV)/.installed
 # local CPU wheel; any other version would pull several GB of CUDA packages.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test bench lint typecheck clean clean-cache
+.PHONY: demo test check bench lint typecheck clean clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The markers are declared in pyproject.toml.
+check: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not ray and not deployment"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

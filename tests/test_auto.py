@@ -138,6 +138,7 @@ def test_options_are_checked() -> None:
         AutoLevels(window=2)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path: Path) -> None:
     overrides = ["compression.method=auto", "compare.methods=[]", "train.rounds=300",
                  "train.checkpoint_every=10"]  # fmt: skip

@@ -11,7 +11,7 @@ from adaquantfl.batched import Conv1dNetSGD
 #: (layers, length, channels): MNIST-1D's ConvBase, odd lengths, and strides
 #: and kernels other than ConvBase's (a kernel shorter than its stride included).
 GEOMETRIES = [
-    (((5, 2, 1), (3, 2, 1), (3, 2, 1)), 40, 25),
+    pytest.param(((5, 2, 1), (3, 2, 1), (3, 2, 1)), 40, 25, marks=pytest.mark.slow),
     (((5, 2, 1), (3, 2, 1), (3, 2, 1)), 9, 3),
     (((3, 1, 1), (5, 3, 2)), 16, 4),
     (((2, 3, 0), (4, 2, 3)), 20, 2),

@@ -99,6 +99,7 @@ def test_no_usable_checkpoint_names_both_files(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     rounds = 600
     config = write_config(tmp_path / "run.toml", rounds=rounds, every=20)

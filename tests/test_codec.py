@@ -49,6 +49,11 @@ def test_encoder_reproduces_checked_in_golden_bytes(name: str) -> None:
     assert golden_cases()[name] == (GOLDEN / name).read_bytes()
 
 
+def test_every_checked_in_vector_is_one_the_encoder_reproduces() -> None:
+    # A .bin file no case builds would be checked by nothing above.
+    assert sorted(p.name for p in GOLDEN.glob("*.bin")) == sorted(golden_cases())
+
+
 def test_golden_hand_vector_matches_field_by_field_reference() -> None:
     data = (GOLDEN / "packed_s3_hand.bin").read_bytes()
     mags, signs = [0, 1, 2, 3, 1], [False, True, False, True, False]
@@ -70,6 +75,9 @@ def test_golden_bucketed_max_norm_vector_layout() -> None:
     data = (GOLDEN / "packed_s1_bucket3_maxnorm.bin").read_bytes()
     q = decode(data, expected_numel=7)
     assert q.norm == "max" and q.bucket_size == 3 and q.norms.tolist() == [1.0, 0.5, 0.25]
+    # The entries make_golden.py wrote, not merely what this file decodes to.
+    assert q.magnitudes.tolist() == [1, 0, 1, 1, 1, 0, 1]
+    assert q.signs.tolist() == [True, False, False, True, False, False, True]
     body = reference_pack(q.magnitudes.tolist(), q.signs.tolist(), 1)
     norms = [np.float32(v) for v in (1.0, 0.5, 0.25)]
     assert data == reference_message(1, 7, 1, 3, norms, body, flags=0x10)

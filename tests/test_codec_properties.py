@@ -313,6 +313,7 @@ def failures(calls: list[fuzz.Call]) -> list[fuzz.Call]:
     return [c for c in calls if not c.ok]
 
 
+@pytest.mark.slow
 @settings(PROFILE, max_examples=4000)
 @given(case=mutated_messages(), container=st.sampled_from(CONTAINERS))
 def test_every_mutation_is_rejected_or_decodes_exactly(

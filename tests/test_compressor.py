@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 
-import tests.plugins  # noqa: F401  (registers test-rounding and test-per-client)
 from adaquantfl.compression import (
     COMPRESSORS,
     ErrorFeedback,
@@ -21,7 +23,6 @@ from adaquantfl.compression import (
 from adaquantfl.compression.codec import CodecError, message_bytes
 from adaquantfl.runner.build import build_simulator
 from adaquantfl.runner.config import ConfigError, load_config
-from tests.plugins import RoundingCompressor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
 
@@ -30,42 +31,57 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def plugins() -> ModuleType:
+    """``tests.plugins``, imported in the test: test-rounding and test-per-client registered.
+
+    The registries are restored after every test (tests/conftest.py), so no
+    other test sees them.
+    """
+    return importlib.import_module("tests.plugins")
+
+
 # --------------------------------------------------------------------------- registry
 
 
-def test_registry_holds_the_built_in_and_the_plugin_compressors() -> None:
-    assert COMPRESSORS["qsgd"] is QSGDCompressor
-    assert COMPRESSORS["topk"] is TopKCompressor
-    assert COMPRESSORS["test-rounding"] is RoundingCompressor
+def test_registry_holds_the_built_in_compressors_and_no_test_plugin() -> None:
+    assert COMPRESSORS["qsgd"] is QSGDCompressor and COMPRESSORS["topk"] is TopKCompressor
+    assert "test-rounding" not in COMPRESSORS  # registered only by tests that import it
+
+
+def test_importing_a_plugin_module_registers_its_compressor(plugins: ModuleType) -> None:
+    assert COMPRESSORS["test-rounding"] is plugins.RoundingCompressor
+    assert COMPRESSORS["qsgd"] is QSGDCompressor and COMPRESSORS["topk"] is TopKCompressor
 
 
 @pytest.mark.parametrize(
-    "compressor",
+    "make",
     [
-        QSGDCompressor(),
-        QSGDCompressor("entropy", 64, "max"),
-        TopKCompressor(0.25),
-        RoundingCompressor(),
+        lambda p: QSGDCompressor(),
+        lambda p: QSGDCompressor("entropy", 64, "max"),
+        lambda p: TopKCompressor(0.25),
+        lambda p: p.RoundingCompressor(),
     ],
-    ids=repr,
+    ids=["qsgd", "qsgd-entropy-64-max", "topk-0.25", "test-rounding"],
 )
-def test_to_config_round_trips_through_the_registry(compressor: object) -> None:
-    config = compressor.to_config()  # type: ignore[attr-defined]
+def test_to_config_round_trips_through_the_registry(make: Any, plugins: ModuleType) -> None:
+    compressor = make(plugins)
+    config = compressor.to_config()
     assert json.loads(json.dumps(config)) == config  # plain data (a Flower message carries it)
     assert compressor_from_config(config) == compressor
 
 
-def test_compressors_with_other_options_differ() -> None:
+def test_compressors_with_other_options_differ(plugins: ModuleType) -> None:
     # The negative control of the round trip above: equality sees the options.
     assert QSGDCompressor("packed", 64) != QSGDCompressor("packed", 32)
     assert TopKCompressor(0.1) != TopKCompressor(0.2)
-    assert QSGDCompressor() != RoundingCompressor()
+    assert QSGDCompressor() != plugins.RoundingCompressor()
 
 
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("zstd", {}, "unknown compressor 'zstd'; allowed: ['qsgd', 'test-rounding', 'topk']"),
+        ("zstd", {}, "unknown compressor 'zstd'; allowed: ["),
         ("qsgd", {"encodng": "packed"}, "allowed: ['encoding', 'bucket_size', 'norm']"),
         ("qsgd", {"encoding": "zip"}, "unknown encoding 'zip'; allowed: ['packed', 'entropy']"),
         ("topk", {"fraction": 0}, "fraction must be a finite number in (0, 1], got 0"),
@@ -154,6 +170,8 @@ def test_config_errors_name_the_key_and_the_allowed_values(override: str, messag
 
 
 def test_a_plugin_compressor_runs_through_the_simulator() -> None:
+    # The config's `plugins` imports the module: no import of it in this test.
+    assert "test-rounding" not in COMPRESSORS
     cfg = load_config(
         CONFIG,
         ["compression.plugins=['tests.plugins']", "compression.compressor=test-rounding",
@@ -162,7 +180,7 @@ def test_a_plugin_compressor_runs_through_the_simulator() -> None:
     sim = build_simulator(cfg)
     rows = [sim.run_round() for _ in range(5)]
     d = sim.model.numel
-    message = RoundingCompressor()._max_compressed_bytes(d)
+    message = COMPRESSORS["test-rounding"]()._max_compressed_bytes(d)
     assert all(r.wire_bits == 8 * message * r.participants for r in rows)
     assert rows[-1].train_loss is not None and rows[-1].train_loss < rows[0].train_loss
     # Round to nearest onto 7 levels of the max-norm: error at most half a step.

@@ -126,6 +126,7 @@ def test_summary_scores_match_the_metrics(compared: tuple[Path, Any]) -> None:
     assert summary["methods"]["fp32"]["bits_to_target"] is not None
 
 
+@pytest.mark.slow
 def test_report_redraws_from_the_directory(compared: tuple[Path, Any]) -> None:
     out, _ = compared
     (out / "loss_vs_bits.png").unlink()

@@ -35,6 +35,8 @@ from adaquantfl.flower import AdaQuant, FlowerRound
 from adaquantfl.runner.config import load_config
 from tests.flower_helpers import simulate, simulate_records
 
+pytestmark = pytest.mark.ray
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
 ROUNDS = 6
 OVERRIDES = [

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-import tests.plugins  # noqa: F401  (the driver registers them as well)
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import RoundOutcome
 from adaquantfl.flower import FlowerRound
 from adaquantfl.runner.config import load_config
 from adaquantfl.runner.flower_engine import run_flower
 from tests.flower_helpers import simulate
+
+pytestmark = pytest.mark.ray
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
 ROUNDS = 5

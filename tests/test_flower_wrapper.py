@@ -153,16 +153,30 @@ def test_a_bad_reply_never_reaches_the_inner_strategy() -> None:
     np.testing.assert_allclose(flat(models[1]), x.mean(axis=0), atol=1e-6)
 
 
-def test_the_wrapper_composes_with_a_dp_wrapper() -> None:
-    # Flower's server-side DP clipping around FedAvg, inside AdaQuant (no noise).
+def test_a_dp_wrapper_inside_clips_each_nodes_decoded_update() -> None:
+    # Prepare: Flower's server-side fixed clipping (no noise) around FedAvg, inside
+    # AdaQuant, at a norm below every node's update (theirs are 1.03 to 1.21).
+    clip = 0.5
     grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
-    dp = DifferentialPrivacyServerSideFixedClipping(FedAvg(**SAMPLING), 0.0, 100.0, NUM_NODES)
-    s = AdaQuant(dp, policy=AdaQuantLevels(2), seed=0)
+    dp = DifferentialPrivacyServerSideFixedClipping(FedAvg(**SAMPLING), 0.0, clip, NUM_NODES)
+    s = AdaQuant(dp, policy=FixedLevels(LEVELS), seed=0)
 
-    models, _ = start(s, grid, rounds=2)
+    # Execute
+    models, _ = start(s, grid)
 
-    assert [r.outcome.participants for r in s.rounds] == [NUM_NODES, NUM_NODES]
-    assert not np.array_equal(flat(models[2]), flat(models[0]))
+    # Assert: w_1 = w_0 + sum_i p_i min(1, C / ||u_i||) u_i, with u_i = C(Delta_i)
+    # decoded here from each node's payload: the clip acts on what the node sent.
+    w0 = flat(initial_arrays())
+    x, n = nodes_models(grid, w0)
+    updates = x - w0
+    norms = np.linalg.norm(updates.astype(np.float64), axis=1)
+    assert (norms > 2 * clip).all()  # the clip binds for every node, by a factor of 2
+    p = n / n.sum()
+    clipped = w0 + p @ (updates * (clip / norms)[:, None])
+    np.testing.assert_allclose(flat(models[1]), clipped, rtol=0, atol=1e-6)
+    # Control: the plain weighted mean is far from that (the clip changed the model).
+    assert np.abs(flat(models[1]) - (w0 + p @ updates)).max() > 0.1
+    assert s.rounds[0].outcome.participants == NUM_NODES
 
 
 # --------------------------------------------------------------------------- misuse
@@ -324,6 +338,7 @@ def test_a_node_that_lost_its_replica_gets_the_full_model_next_time() -> None:
 # --------------------------------------------------------------------------- Flower's engine
 
 
+@pytest.mark.ray
 def test_the_wrapper_runs_each_inner_strategy_on_flowers_simulation_engine() -> None:
     """AdaQuant around FedAvg, FedProx, FedAdam and FedTrimmedAvg on Ray, as in-process.
 
