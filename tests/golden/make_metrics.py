@@ -164,8 +164,8 @@ class OneFlipQSGD(QSGDCompressor):
     pick: ClassVar[int] = 0
     sent: ClassVar[int] = 0
 
-    def encode(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
-        data = super().encode(update, levels, generator=generator)
+    def _compress(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
+        data = super()._compress(update, levels, generator=generator)
         cls = type(self)
         cls.sent += 1
         if cls.sent - 1 != cls.target:
