@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from adaquantfl.data import ClientData
-from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.record import RoundRecord
-from adaquantfl.fl.server import RoundOutcome
 from adaquantfl.flower import adaquant_mod
 from adaquantfl.flower.messages import NUM_EXAMPLES_KEY, PRE_TRAIN_LOSS_KEY
 from adaquantfl.runner.build import build_simulator
@@ -136,28 +133,12 @@ def forget_warnings() -> None:
     mod._LOGGED.clear()
 
 
-def simulate(config: Config) -> tuple[list[RoundOutcome], torch.Tensor]:
-    """Run ``config`` on the in-process simulator; the server's outcomes (with digests)."""
-    outcomes, _, params = simulate_records(config)
-    return outcomes, params
-
-
-def simulate_records(
-    config: Config,
-) -> tuple[list[RoundOutcome], list[RoundRecord], torch.Tensor]:
-    """Run ``config`` on the in-process simulator: outcomes (with digests), records, model."""
+def simulate(config: Config) -> tuple[list[RoundRecord], torch.Tensor]:
+    """Run ``config`` on the in-process simulator: its records (with digests), the final model."""
     sim = build_simulator(config)
     sim.server.record_digests = True
-    outcomes: list[RoundOutcome] = []
-    aggregate = sim.server.aggregate
-
-    def recording(replies: Sequence[ClientReply], **kwargs: Any) -> RoundOutcome:
-        outcomes.append(aggregate(replies, **kwargs))
-        return outcomes[-1]
-
-    sim.server.aggregate = recording  # type: ignore[method-assign]
     records = [sim.run_round() for _ in range(config.train.rounds)]
-    return outcomes, records, sim.server.params
+    return records, sim.server.params
 
 
 # --------------------------------------------------------------------------- a user's app

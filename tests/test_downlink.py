@@ -11,12 +11,14 @@ import torch
 import adaquantfl.sim.simulator as simulator_module
 from adaquantfl.compression import Compressor, QSGDCompressor
 from adaquantfl.compression.codec import decode_dense, encode_dense
-from adaquantfl.fl.downlink import Downlink, DownlinkRound, apply_change
+from adaquantfl.fl.downlink import Downlink, RoundPlan, apply_change
+from adaquantfl.policy import LevelPlan
 from adaquantfl.runner.build import build_simulator
 from adaquantfl.runner.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist1d-floor.toml"
 D = 300
+FP32 = LevelPlan(None)  # the participants' levels (the downlink does not read them)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -31,7 +33,7 @@ class Client:
         self.model: torch.Tensor | None = None
         self.received_bytes = 0
 
-    def receive(self, cid: int, sent: DownlinkRound, downlink: Downlink) -> None:
+    def receive(self, cid: int, sent: RoundPlan, downlink: Downlink) -> None:
         if cid in sent.full:
             message = downlink.full_model()
             self.model = decode_dense(message, expected_numel=D)
@@ -44,17 +46,17 @@ class Client:
             self.received_bytes += len(message)
 
 
-def walk(downlink: Downlink, rounds: list[list[int]]) -> Iterator[tuple[int, DownlinkRound]]:
+def walk(downlink: Downlink, rounds: list[list[int]]) -> Iterator[tuple[int, RoundPlan]]:
     """Broadcast a drifting model to each round's participants."""
     params = torch.randn(D, generator=gen(99))
     for round_idx, clients in enumerate(rounds):
         params = params + 0.1 * torch.randn(D, generator=gen(round_idx))
-        yield round_idx, downlink.broadcast(params, round_idx, clients)
+        yield round_idx, downlink.broadcast(params, round_idx, clients, FP32)
 
 
 def test_raw_downlink_costs_the_real_messages_bytes_in_closed_form() -> None:
     params = torch.randn(410, generator=gen())
-    sent = Downlink(410).broadcast(params, 0, [0, 1, 2])
+    sent = Downlink(410).broadcast(params, 0, [0, 1, 2], FP32)
     assert sent.model is params and sent.payload is None
     assert sent.bits == 3 * 8 * len(encode_dense(params))
 
@@ -97,7 +99,7 @@ def test_the_replica_follows_a_moving_model_with_error_feedback() -> None:
         step = 0.05 * torch.randn(D, generator=gen(100 + round_idx))
         params = params + step
         steps.append(float(step.norm()))
-        gaps.append(float((downlink.broadcast(params, round_idx, [0]).model - params).norm()))
+        gaps.append(float((downlink.broadcast(params, round_idx, [0], FP32).model - params).norm()))
     assert gaps[0] == 0.0
     assert max(gaps[30:]) < 3 * max(steps)  # bounded, not a random walk (sqrt(60) steps)
 
@@ -108,7 +110,7 @@ def test_downlink_state_round_trips_and_continues_identically() -> None:
     b = Downlink(D, QSGDCompressor(), 7, seed=1)
     b.load_state_dict(a.state_dict())
     params = torch.randn(D, generator=gen(42))
-    sa, sb = a.broadcast(params, 3, [1, 2]), b.broadcast(params, 3, [1, 2])
+    sa, sb = a.broadcast(params, 3, [1, 2], FP32), b.broadcast(params, 3, [1, 2], FP32)
     assert sa.payload == sb.payload and sa.bits == sb.bits and torch.equal(sa.model, sb.model)
     assert results  # the walk above ran
 

@@ -43,10 +43,10 @@ from flwr.serverapp.strategy import FedAvg
 from adaquantfl.compression import QSGDCompressor
 from adaquantfl.compression.codec import encode_dense, peek_header
 from adaquantfl.fl.client import ClientReply
-from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
+from adaquantfl.fl.record import RoundRecord
+from adaquantfl.fl.server import FedServer, select_clients
 from adaquantfl.flower import (
     AdaQuantFedAvg,
-    FlowerRound,
     RecordError,
     adaquant_mod,
     make_adaquant_mod,
@@ -60,7 +60,7 @@ from adaquantfl.flower.messages import (
     PROBE_KEY,
     ROUND_KEY,
     SEED_KEY,
-    RoundPlan,
+    Instruction,
     payload_array,
     read_train_reply,
 )
@@ -108,8 +108,8 @@ def one_round(
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages, timeout=5))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
-    assert strategy.rounds[-1].server_round == server_round
-    return messages, new_arrays, server_metrics(strategy.rounds[-1])
+    assert strategy.rounds[-1].round == server_round
+    return messages, new_arrays, server_metrics(strategy.rounds[-1], strategy.server.levels)
 
 
 # ------------------------------------------------------------------ same bytes as the simulator
@@ -159,10 +159,10 @@ def test_strategy_and_mod_send_the_simulators_bytes(compression: dict[str, Any])
     )
 
     # Assert: the same payload hashes, levels and losses in every round, the same model.
-    assert [r.outcome.digests for r in strategy.rounds] == [o.digests for o in sim_outcomes]
+    assert [r.digests for r in strategy.rounds] == [o.digests for o in sim_outcomes]
     assert all(len(o.digests) == 3 for o in sim_outcomes)
-    assert [r.outcome.levels for r in strategy.rounds] == [o.levels for o in sim_outcomes]
-    assert [r.outcome.train_loss for r in strategy.rounds] == [o.train_loss for o in sim_outcomes]
+    assert [r.levels for r in strategy.rounds] == [o.levels for o in sim_outcomes]
+    assert [r.train_loss for r in strategy.rounds] == [o.train_loss for o in sim_outcomes]
     assert torch.equal(strategy.server.params, sim_params)  # type: ignore[union-attr]
     assert torch.equal(flat_layout(model).flatten(result.arrays), sim_params)
     # The bytes Flower carried are the codec's bytes, and wire_bits counts exactly them.
@@ -235,8 +235,9 @@ def test_levels_are_sent_per_node_and_follow_the_schedule() -> None:
         assert metrics["aq-levels"] == expected
         losses.append(float(metrics["aq-loss"]))
     assert losses[-1] < losses[0]
-    assert strategy.rounds[-1].outcome.next_levels == adaquant_levels(
-        losses[0], losses[-1], 2, 1, 2**16
+    assert strategy.server.levels == adaquant_levels(losses[0], losses[-1], 2, 1, 2**16)
+    assert server_metrics(strategy.rounds[-1], strategy.server.levels)["aq-next-levels"] == (
+        adaquant_levels(losses[0], losses[-1], 2, 1, 2**16)
     )
 
 
@@ -301,7 +302,7 @@ def test_bad_or_missing_replies_are_dropped_and_the_round_goes_on() -> None:
     outcome = strategy.rounds[0]
     assert {n for n, _ in outcome.failures} == {raising, odd_keys}
     garbage_client = grid.contexts[garbage].node_config["partition-id"]
-    assert [c for c, _ in outcome.outcome.rejections] == [garbage_client]
+    assert [c for c, _ in outcome.rejections] == [garbage_client]
     assert [n for n, _ in outcome.dropouts] == [silent]
     layout = ArrayLayout.of(arrays)
     reference = FedServer(layout.flatten(arrays), FixedLevels(7), QSGDCompressor())
@@ -427,7 +428,7 @@ def test_mod_runs_a_stock_flower_train_function_on_its_train_loss() -> None:
         [r.content["metrics"]["train_loss"] for r in stock.replies[:NUM_NODES]],
         weights=[r.content["metrics"]["num-examples"] for r in stock.replies[:NUM_NODES]],
     )
-    assert strategy.rounds[0].outcome.train_loss == pytest.approx(expected, rel=1e-6)
+    assert strategy.rounds[0].train_loss == pytest.approx(expected, rel=1e-6)
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     # One mod instance serves every node of this in-process app: one warning.
     assert sum("the AdaQuantFL policy is fed 'train_loss'" in w for w in warnings) == 1
@@ -495,7 +496,7 @@ def test_participants_are_chosen_by_client_id_like_the_simulator() -> None:
         assert len(probes) == (5 if server_round == 1 else 0)
         assert all(not p.content.array_records for p in probes)
         assert metrics is not None and metrics["aq-participants"] == 2
-        assert [c for c, _ in strategy.rounds[-1].outcome.digests] == chosen
+        assert [c for c, _ in strategy.rounds[-1].digests] == chosen
 
 
 def test_aggregate_evaluate_drops_a_malformed_reply() -> None:
@@ -534,18 +535,19 @@ def test_the_package_exports_only_what_a_flower_user_touches() -> None:
     # touches, the errors it may catch; the message layout stays internal.
     assert sorted(flower.__all__) == sorted(
         ["AdaQuant", "AdaQuantFedAvg", "adaquant_mod", "make_adaquant_mod",
-         "record_from_state_dict", "BATCHNORM_BUFFERS", "PRE_TRAIN_LOSS_KEY", "FlowerRound",
+         "record_from_state_dict", "BATCHNORM_BUFFERS", "PRE_TRAIN_LOSS_KEY",
          "SERVER_METRICS", "server_metrics", "NoAcceptedRepliesError", "MissingModError",
          "RecordError"]
     )  # fmt: skip
     assert all(getattr(flower, name) is not None for name in flower.__all__)
-    assert not hasattr(flower, "RoundPlan") and not hasattr(flower, "payload_array")
+    assert not hasattr(flower, "Instruction") and not hasattr(flower, "payload_array")
 
 
 def test_round_plan_round_trips_and_rejects_bad_values() -> None:
-    plan = RoundPlan(7, 11, 4, QSGDCompressor("entropy", 32, "max"))
-    assert RoundPlan.from_config(plan.to_config()) == plan
-    assert RoundPlan.from_config(RoundPlan(None, 0, 0, QSGDCompressor()).to_config()).levels is None
+    plan = Instruction(7, 11, 4, QSGDCompressor("entropy", 32, "max"))
+    assert Instruction.from_config(plan.to_config()) == plan
+    full_precision = Instruction(None, 0, 0, QSGDCompressor())
+    assert Instruction.from_config(full_precision.to_config()).levels is None
     bad = [
         (LEVELS_KEY, -1, LEVELS_KEY),
         (LEVELS_KEY, 1.5, LEVELS_KEY),
@@ -558,7 +560,7 @@ def test_round_plan_round_trips_and_rejects_bad_values() -> None:
     ]
     for key, value, message in bad:
         with pytest.raises(RecordError, match=message):
-            RoundPlan.from_config({**plan.to_config(), key: value})
+            Instruction.from_config({**plan.to_config(), key: value})
 
 
 def test_read_train_reply_rejects_npy_payloads() -> None:
@@ -584,9 +586,8 @@ def test_read_train_reply_rejects_npy_payloads() -> None:
 def test_engine_raises_on_client_failures_other_than_divergence() -> None:
     # The simulator counts a diverged client as failed and goes on; anything
     # else a client raises is a bug that the simulator would have raised too.
-    outcome = RoundOutcome(2, 1, 1, 0, 0, 1.0, 2)
     diverged = "client 3: local training diverged in round 0 (5 non-finite entries ...)"
-    fine = FlowerRound(1, outcome, 2, 0, ((7, f"error reply (2): {diverged}"),), (), 0.1)
+    fine = RoundRecord(1, 2, 1, 1, 0, 0, 0, 1.0, failures=((7, f"error reply (2): {diverged}"),))
     _raise_unexpected_failures(fine)
     broken = replace(fine, failures=((7, "error reply (2): KeyError: 'partition-id'"),))
     with pytest.raises(RuntimeError, match=r"node 7: .*partition-id"):

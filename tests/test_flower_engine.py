@@ -15,7 +15,6 @@ import pytest
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed")
 
-import functools
 import json
 import math
 import time
@@ -30,10 +29,10 @@ import adaquantfl.runner.flower_engine as flower_engine
 from adaquantfl.cli import app
 from adaquantfl.compression.codec import message_bytes
 from adaquantfl.fl.record import RoundRecord
-from adaquantfl.fl.server import RoundOutcome, select_clients
-from adaquantfl.flower import AdaQuant, FlowerRound
+from adaquantfl.fl.server import select_clients
+from adaquantfl.flower import AdaQuant
 from adaquantfl.runner.config import load_config
-from tests.flower_helpers import simulate, simulate_records
+from tests.flower_helpers import simulate
 
 pytestmark = pytest.mark.ray
 
@@ -59,9 +58,9 @@ class Runs:
     out: Path
     exit_code: int
     output: str
-    flower_rounds: list[FlowerRound]
+    flower_rounds: list[RoundRecord]
     flower_s: float
-    sim_outcomes: list[RoundOutcome]
+    sim_outcomes: list[RoundRecord]
     sim_params: torch.Tensor
     sim_rows: list[dict[str, Any]]
 
@@ -73,16 +72,17 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     out = tmp_path_factory.mktemp("flower-engine")
-    rounds: list[FlowerRound] = []
+    rounds: list[RoundRecord] = []
     runner = CliRunner()
     with pytest.MonkeyPatch.context() as mp:
         # The runner imports run_flower when the engine starts; hand it a
-        # version that also reports the strategy's rounds (payload digests).
-        mp.setattr(
-            flower_engine,
-            "run_flower",
-            functools.partial(flower_engine.run_flower, on_flower_round=rounds.append),
-        )
+        # version that also keeps every round's record (payload digests).
+        run_flower = flower_engine.run_flower
+
+        def keeping(config: Any, on_record: Any, **kwargs: Any) -> Any:
+            return run_flower(config, lambda r: (rounds.append(r), on_record(r)), **kwargs)
+
+        mp.setattr(flower_engine, "run_flower", keeping)
         start = time.perf_counter()
         result = runner.invoke(
             app,
@@ -125,11 +125,11 @@ def test_both_engines_send_the_same_bytes_in_every_round(runs: Runs) -> None:
     assert len(runs.flower_rounds) == len(runs.sim_outcomes) == ROUNDS
     for k, (fr, sim) in enumerate(zip(runs.flower_rounds, runs.sim_outcomes, strict=True)):
         # Same clients (select_clients by partition id), same SHA-256 of every payload.
-        assert [c for c, _ in fr.outcome.digests] == select_clients(10, 7, seed=0, round_idx=k)
-        assert fr.outcome.digests == sim.digests
-        assert fr.outcome.levels == sim.levels and fr.outcome.next_levels == sim.next_levels
+        assert [c for c, _ in fr.digests] == select_clients(10, 7, seed=0, round_idx=k)
+        assert fr.digests == sim.digests
+        assert fr.levels == sim.levels and fr.client_levels == sim.client_levels
     # Levels moved (AdaQuantFL), so the comparison covers more than one level.
-    assert len({fr.outcome.levels for fr in runs.flower_rounds}) > 1
+    assert len({fr.levels for fr in runs.flower_rounds}) > 1
     final = torch.load(runs.out / "flower" / "adaquantfl-s2" / "model.pt")
     sim_final = torch.load(runs.out / "sim" / "adaquantfl-s2" / "model.pt")
     assert all(torch.equal(final[k], sim_final[k]) for k in sim_final)
@@ -163,11 +163,9 @@ DOWNLINK = [*OVERRIDES, "compression.downlink=qsgd", "compression.downlink_level
 
 @dataclass
 class DownlinkRuns:
-    flower_rounds: list[FlowerRound]
     records: list[RoundRecord]
     sent_bytes: list[int]  # per round: the bytes of the Arrays the strategy sent
     sent_kinds: set[str]
-    sim_outcomes: list[RoundOutcome]
     sim_records: list[RoundRecord]
     sim_params: torch.Tensor
     params: torch.Tensor
@@ -176,7 +174,6 @@ class DownlinkRuns:
 @pytest.fixture(scope="module")
 def downlink_runs() -> DownlinkRuns:
     config = load_config(CONFIG, DOWNLINK)
-    rounds: list[FlowerRound] = []
     records: list[RoundRecord] = []
     sent: dict[int, int] = {}
     kinds: set[str] = set()
@@ -195,21 +192,20 @@ def downlink_runs() -> DownlinkRuns:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(AdaQuant, "configure_train", counting)
-        run = flower_engine.run_flower(config, records.append, on_flower_round=rounds.append)
-    outcomes, sim_records, sim_params = simulate_records(config)
+        run = flower_engine.run_flower(config, records.append)
+    sim_records, sim_params = simulate(config)
     return DownlinkRuns(
-        rounds, records, [sent[r] for r in sorted(sent)], kinds, outcomes, sim_records,
-        sim_params, run.params,
-    )  # fmt: skip
+        records, [sent[r] for r in sorted(sent)], kinds, sim_records, sim_params, run.params
+    )
 
 
 def test_a_compressed_downlink_on_flower_sends_the_simulators_bytes(
     downlink_runs: DownlinkRuns,
 ) -> None:
     runs = downlink_runs
-    assert len(runs.flower_rounds) == len(runs.sim_outcomes) == ROUNDS
-    for fr, sim in zip(runs.flower_rounds, runs.sim_outcomes, strict=True):
-        assert fr.outcome.digests == sim.digests and len(sim.digests) == 7
+    assert len(runs.records) == len(runs.sim_records) == ROUNDS
+    for fr, sim in zip(runs.records, runs.sim_records, strict=True):
+        assert fr.digests == sim.digests and len(sim.digests) == 7
     assert torch.equal(runs.params, runs.sim_params)
     # The downlink: what the simulator charges, and 8 x the bytes Flower was handed.
     downlink_bits = [r.downlink_bits for r in runs.records]

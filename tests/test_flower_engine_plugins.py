@@ -19,8 +19,6 @@ from pathlib import Path
 import torch
 
 from adaquantfl.fl.record import RoundRecord
-from adaquantfl.fl.server import RoundOutcome
-from adaquantfl.flower import FlowerRound
 from adaquantfl.runner.config import load_config
 from adaquantfl.runner.flower_engine import run_flower
 from tests.flower_helpers import simulate
@@ -42,36 +40,34 @@ OVERRIDES = [
 
 @dataclass
 class Runs:
-    flower: list[FlowerRound]
     records: list[RoundRecord]
     flower_params: torch.Tensor
-    sim: list[RoundOutcome]
+    sim: list[RoundRecord]
     sim_params: torch.Tensor
 
 
 @pytest.fixture(scope="module")
 def runs() -> Runs:
     config = load_config(CONFIG, OVERRIDES)
-    flower: list[FlowerRound] = []
     records: list[RoundRecord] = []
-    final = run_flower(config, records.append, on_flower_round=flower.append)
-    outcomes, params = simulate(config)
-    return Runs(flower, records, final.params, outcomes, params)
+    final = run_flower(config, records.append)
+    sim, params = simulate(config)
+    return Runs(records, final.params, sim, params)
 
 
 def test_both_engines_send_the_same_bytes_with_plugins_and_error_feedback(runs: Runs) -> None:
-    assert len(runs.flower) == len(runs.sim) == ROUNDS
-    for fr, sim in zip(runs.flower, runs.sim, strict=True):
-        assert fr.outcome.digests == sim.digests and len(sim.digests) == 7
-        assert fr.outcome.client_levels == sim.client_levels
-        assert fr.outcome.rejected == 0
+    assert len(runs.records) == len(runs.sim) == ROUNDS
+    for fr, sim in zip(runs.records, runs.sim, strict=True):
+        assert fr.digests == sim.digests and len(sim.digests) == 7
+        assert fr.client_levels == sim.client_levels
+        assert fr.rejected == 0
     assert torch.equal(runs.flower_params, runs.sim_params)
 
 
 def test_clients_used_their_own_levels(runs: Runs) -> None:
-    for k, fr in enumerate(runs.flower):
-        assert all(levels == 1 + (cid + k) % 4 for cid, levels in fr.outcome.client_levels)
-    assert len({lv for fr in runs.flower for _, lv in fr.outcome.client_levels}) == 4
+    for k, fr in enumerate(runs.records):
+        assert all(levels == 1 + (cid + k) % 4 for cid, levels in fr.client_levels)
+    assert len({lv for fr in runs.records for _, lv in fr.client_levels}) == 4
 
 
 def test_the_bytes_depend_on_the_residuals_the_nodes_kept() -> None:

@@ -368,7 +368,7 @@ def test_every_node_failing_leaves_the_model_and_the_schedule_unchanged(
     assert tally == (0, NUM_NODES, 0)
     assert "aq-loss" not in metrics and metrics["aq-formula-bits"] == 0
     assert bad_round not in faulty.result.train_metrics_clientapp  # no client metrics at all
-    assert faulty.strategy.rounds[BAD_ROUND].outcome.train_loss is None
+    assert faulty.strategy.rounds[BAD_ROUND].train_loss is None
     assert torch.equal(faulty.models[bad_round], faulty.models[bad_round - 1])
     assert metrics["aq-next-levels"] == metrics["aq-levels"]
     # The run goes on: the next round trains from the unchanged model at the same levels.
@@ -402,8 +402,8 @@ def test_the_payload_limit_defaults_to_the_largest_honest_message() -> None:
     # decode); honest full-precision messages are well below the limit.
     assert at_limit.strategy.server is not None
     assert at_limit.strategy.server.max_message_bytes == limit
-    (_, at_reason), = at_limit.strategy.rounds[BAD_ROUND].outcome.rejections  # fmt: skip
-    (_, above_reason), = above.strategy.rounds[BAD_ROUND].outcome.rejections  # fmt: skip
+    (_, at_reason), = at_limit.strategy.rounds[BAD_ROUND].rejections  # fmt: skip
+    (_, above_reason), = above.strategy.rounds[BAD_ROUND].rejections  # fmt: skip
     assert "exceeds the limit" not in at_reason
     assert above_reason == f"payload of {limit + 1} bytes exceeds the limit of {limit}"
     assert len(encode_dense(torch.zeros(NUMEL))) < limit
@@ -419,13 +419,13 @@ def test_an_explicit_payload_limit_is_enforced_and_validated() -> None:
 
     # Assert: every reply is rejected for its size, in every round; the model never moves,
     # and the run ends with an error that says why.
-    assert all(r.outcome.participants == 0 for r in tight.strategy.rounds)
+    assert all(r.participants == 0 for r in tight.strategy.rounds)
     assert tight.error is not None and tight.result is None
     assert f"exceeds the limit of {min(sizes) - 1} ({ROUNDS * NUM_NODES}x)" in str(tight.error)
     assert all(
         reason.endswith(f"exceeds the limit of {min(sizes) - 1}")
         for r in tight.strategy.rounds
-        for _, reason in r.outcome.rejections
+        for _, reason in r.rejections
     )
     assert torch.equal(tight.models[ROUNDS], tight.models[0])
     for bad in (0, -1, 1.5, True):

@@ -152,7 +152,7 @@ def test_a_batchnorm_cnn_trains_with_its_buffers_beside_the_update(share: float 
     for k, r in enumerate(s.rounds):
         replies = grid.replies[NUM_NODES * k : NUM_NODES * (k + 1)]
         carried = sum(len(a.data) for m in replies for a in m.content["arrays"].values())
-        assert r.outcome.wire_bits == 8 * carried and r.outcome.participants == NUM_NODES
+        assert r.wire_bits == 8 * carried and r.participants == NUM_NODES
     # FedAvg of the buffers: the weighted mean; the counter rounded, still int64.
     last = grid.replies[-NUM_NODES:]
     last = sorted(last, key=lambda m: m.content["metrics"]["aq-client-id"])
@@ -169,7 +169,7 @@ def test_a_batchnorm_cnn_trains_with_its_buffers_beside_the_update(share: float 
         else:
             np.testing.assert_array_equal(got, mean.astype(np.float32))
     # It trains: the policy's loss falls, and the model runs.
-    losses = [r.outcome.train_loss for r in s.rounds]
+    losses = [r.train_loss for r in s.rounds]
     assert losses[-1] < losses[0]  # type: ignore[operator]
     model = BatchNormCNN()
     model.load_state_dict(models[ROUNDS].to_torch_state_dict())
@@ -191,7 +191,7 @@ def test_a_batchnorm_cnn_under_fedadam_keeps_its_dtypes() -> None:
         k: a.dtype for k, a in initial(BatchNormCNN).items()
     }
     assert all(np.isfinite(a.numpy()).all() for a in models[ROUNDS].values())
-    assert all(r.outcome.participants == NUM_NODES for r in s.rounds)
+    assert all(r.participants == NUM_NODES for r in s.rounds)
 
 
 def test_side_arrays_of_a_reply_are_checked_before_use() -> None:
@@ -241,8 +241,8 @@ def test_half_precision_models_train(dtype: torch.dtype) -> None:
     assert {a.dtype for a in arrays.values()} == {wire_dtype}
     assert {a.dtype for a in models[ROUNDS].values()} == {wire_dtype}
     assert s.layout is not None and s.layout.side == () and s.layout.numel == 5 * 3 + 3
-    assert all(r.outcome.participants == NUM_NODES for r in s.rounds)
-    losses = [r.outcome.train_loss for r in s.rounds]
+    assert all(r.participants == NUM_NODES for r in s.rounds)
+    losses = [r.train_loss for r in s.rounds]
     assert losses[-1] < losses[0]  # type: ignore[operator]
     model = TinyNet().to(dtype)
     model.load_state_dict(models[ROUNDS].to_torch_state_dict())

@@ -120,7 +120,7 @@ def test_the_wrapper_hands_the_inner_strategy_the_nodes_models(inner: str) -> No
     # The policy's input is the nodes' weighted pre-training loss, not the inner math.
     ordered = sorted(grid.replies, key=lambda m: m.content["metrics"]["aq-client-id"])
     loss = np.average([m.content["metrics"]["aq-loss"] for m in ordered], weights=n)
-    assert s.rounds[0].outcome.train_loss == pytest.approx(loss, rel=1e-12)
+    assert s.rounds[0].train_loss == pytest.approx(loss, rel=1e-12)
     # The nodes' own metrics, aggregated by the inner strategy; ours server-side.
     assert set(result.train_metrics_clientapp[1]) == {"train-steps", "pre-train-loss"}
     server = result.evaluate_metrics_serverapp[1]
@@ -176,7 +176,7 @@ def test_a_dp_wrapper_inside_clips_each_nodes_decoded_update() -> None:
     np.testing.assert_allclose(flat(models[1]), clipped, rtol=0, atol=1e-6)
     # Control: the plain weighted mean is far from that (the clip changed the model).
     assert np.abs(flat(models[1]) - (w0 + p @ updates)).max() > 0.1
-    assert s.rounds[0].outcome.participants == NUM_NODES
+    assert s.rounds[0].participants == NUM_NODES
 
 
 # --------------------------------------------------------------------------- misuse
@@ -200,7 +200,7 @@ def test_a_clientapp_without_the_mod_fails_the_run_with_one_clear_error(
     assert "no adaquant_mod on the node" in str(error.value)
     explained = [r for r in caplog.records if "does not run adaquant_mod" in r.getMessage()]
     assert len(explained) == 1 and explained[0].levelno == logging.ERROR
-    assert all(r.outcome.participants == 0 for r in s.rounds) and len(s.rounds) == 3
+    assert all(r.participants == 0 for r in s.rounds) and len(s.rounds) == 3
 
 
 def test_without_the_mod_and_selection_by_client_id_the_run_fails_too() -> None:
@@ -308,7 +308,7 @@ def test_a_compressed_downlink_reaches_every_node_bit_for_bit() -> None:
     for k, r in enumerate(s.rounds):
         sent = [m for m in train if m.content["config"]["aq-round"] == k]
         nbytes = sum(len(a.data) for m in sent for a in m.content["arrays"].values())
-        assert r.downlink_bits == 8 * nbytes and r.outcome.participants == 2
+        assert r.downlink_bits == 8 * nbytes and r.participants == 2
 
 
 def test_a_node_that_lost_its_replica_gets_the_full_model_next_time() -> None:
@@ -332,7 +332,7 @@ def test_a_node_that_lost_its_replica_gets_the_full_model_next_time() -> None:
     assert failure[0] == node and "the server sends the full model next time" in failure[1]
     third = next(m for m in messages if m.metadata.dst_node_id == node)
     assert "aq-model" in third.content["arrays"]
-    assert s.rounds[2].outcome.participants == NUM_NODES
+    assert s.rounds[2].participants == NUM_NODES
 
 
 # --------------------------------------------------------------------------- Flower's engine
@@ -367,7 +367,7 @@ def test_the_wrapper_runs_each_inner_strategy_on_flowers_simulation_engine() -> 
             s = AdaQuant(make(), policy=AdaQuantLevels(2), seed=0)
             # A long timeout: the first round waits for Ray to start its actors.
             result = s.start(grid, initial_arrays(), num_rounds=2, timeout=600)
-            on_ray[name] = (flat(result.arrays), [r.outcome.participants for r in s.rounds])
+            on_ray[name] = (flat(result.arrays), [r.participants for r in s.rounds])
 
     with loopback_ray(2):
         run_simulation(

@@ -6,8 +6,10 @@
   combining and the policy (:class:`FedServer`);
 - :mod:`.guard`: what the server accepts from a client, and the bounds that
   protect the aggregate and the policy;
-- :mod:`.downlink`: how the model reaches the clients (raw, or a compressed change);
-- :mod:`.record`: the results row every engine emits (:class:`RoundRecord`).
+- :mod:`.downlink`: what the participants of a round receive: their levels and the
+  model, raw or as a compressed change (:class:`RoundPlan`);
+- :mod:`.record`: what happened in a round, the results row every engine emits
+  (:class:`RoundRecord`).
 """
 
 from adaquantfl.fl.client import (
@@ -19,9 +21,9 @@ from adaquantfl.fl.client import (
     evaluate,
     train_locally,
 )
-from adaquantfl.fl.downlink import Downlink
+from adaquantfl.fl.downlink import Downlink, RoundPlan
 from adaquantfl.fl.record import RoundRecord
-from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients, weighted_mean
+from adaquantfl.fl.server import FedServer, select_clients, weighted_mean
 
 __all__ = [
     "ClientError",
@@ -29,7 +31,7 @@ __all__ = [
     "Downlink",
     "FedServer",
     "LocalTraining",
-    "RoundOutcome",
+    "RoundPlan",
     "RoundRecord",
     "client_update",
     "compress_update",

@@ -1,4 +1,9 @@
-"""How the global model reaches the clients: raw float32, or a compressed change.
+"""What the server sends the participants of a round: their levels and the model.
+
+A round opens with a :class:`RoundPlan`: the levels of every participant (the
+policy's :class:`~adaquantfl.policy.LevelPlan`) and the model they train from,
+with what sending it costs. The model travels as raw float32, or as a
+compressed change.
 
 Without a downlink compressor every participant receives ``w_k`` as a raw
 float32 message (the paper's setting); its size has a closed form, so nothing
@@ -35,9 +40,10 @@ import torch
 from adaquantfl.compression.codec import encode_dense, message_bytes
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.compression.feedback import feedback_scale
+from adaquantfl.policy.base import LevelPlan
 from adaquantfl.rng import torch_generator
 
-__all__ = ["Downlink", "DownlinkRound", "apply_change"]
+__all__ = ["Downlink", "RoundPlan", "apply_change"]
 
 
 def apply_change(
@@ -55,11 +61,17 @@ def apply_change(
 
 
 @dataclass(frozen=True)
-class DownlinkRound:
-    """What the participants of a round receive.
+class RoundPlan:
+    """What the participants of a round receive: their levels, and the model.
 
     Attributes
     ----------
+    round_idx : int
+        0-based index of the round.
+    clients : tuple of int
+        The participants' ids, sorted.
+    levels : LevelPlan
+        The levels each participant must use (``levels.levels_of(client_id)``).
     model : torch.Tensor
         The flat float32 model every participant trains from.
     bits : int
@@ -73,6 +85,9 @@ class DownlinkRound:
         Participants that receive the whole model as raw float32.
     """
 
+    round_idx: int
+    clients: tuple[int, ...]
+    levels: LevelPlan
     model: torch.Tensor
     bits: int
     payload: bytes | None = None
@@ -120,18 +135,23 @@ class Downlink:
         return self.compressor is not None
 
     def broadcast(
-        self, params: torch.Tensor, round_idx: int, client_ids: Sequence[int]
-    ) -> DownlinkRound:
+        self, params: torch.Tensor, round_idx: int, client_ids: Sequence[int], levels: LevelPlan
+    ) -> RoundPlan:
         """Send round ``round_idx``'s model to ``client_ids`` (see the module docstring)."""
+        clients = tuple(client_ids)
         if self.compressor is None:
-            return DownlinkRound(model=params, bits=8 * self.full_bytes * len(client_ids))
+            bits = 8 * self.full_bytes * len(clients)
+            return RoundPlan(round_idx, clients, levels, model=params, bits=bits)
         if self.replica is None:
             self.replica = params.detach().clone()
             self._mark(client_ids, round_idx)
-            return DownlinkRound(
+            return RoundPlan(
+                round_idx,
+                clients,
+                levels,
                 model=self.replica,
-                bits=8 * self.full_bytes * len(client_ids),
-                full=tuple(client_ids),
+                bits=8 * self.full_bytes * len(clients),
+                full=clients,
             )
         generator = torch_generator(self.seed, purpose="downlink", round_idx=round_idx)
         payload = self.compressor.compress(params - self.replica, self.levels, generator=generator)
@@ -150,8 +170,15 @@ class Downlink:
                     catch_up[cid] = messages
                 total += sum(len(m) for m in messages)
         self._mark(client_ids, round_idx)
-        return DownlinkRound(
-            model=self.replica, bits=8 * total, payload=payload, catch_up=catch_up, full=tuple(full)
+        return RoundPlan(
+            round_idx,
+            clients,
+            levels,
+            model=self.replica,
+            bits=8 * total,
+            payload=payload,
+            catch_up=catch_up,
+            full=tuple(full),
         )
 
     def full_model(self) -> bytes:

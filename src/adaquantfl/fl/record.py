@@ -1,29 +1,80 @@
-"""The results row every engine emits for a round: :class:`RoundRecord`."""
+"""What happened in a round, measured: :class:`RoundRecord`, the results row every engine emits.
+
+:meth:`FedServer.aggregate <adaquantfl.fl.server.FedServer.aggregate>` measures
+what the server saw (the replies it accepted or rejected, their bits, ``F(w_k)``);
+the engine completes the record with what only it knows (the test set, the
+clock, the clients that failed or never replied) through :meth:`RoundRecord.completed`.
+Every engine (the simulator, the Flower wrapper and the runner's Flower
+engine) hands on the same type, and :meth:`RoundRecord.as_row` is one line of
+``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from adaquantfl.fl.server import RoundOutcome
+__all__ = ["ROW_KEYS", "RoundRecord"]
 
-__all__ = ["RoundRecord", "record_round"]
+#: The columns of a metrics row, in order (``metrics.jsonl``; the runner adds running totals).
+ROW_KEYS: tuple[str, ...] = (
+    "round",
+    "levels",
+    "participants",
+    "rejected",
+    "wire_bits",
+    "formula_bits",
+    "downlink_bits",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "time_s",
+    "dropped",
+    "distortion",
+    "bits_per_coordinate",
+)
+
+Reasons = tuple[tuple[int, str], ...]
 
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One row of ``metrics.jsonl`` (before the running totals are added).
+    """One round's measurements: the metrics row, and the details behind its counts.
 
-    ``train_loss`` is ``F(w_{k-1})``, the participants' weighted loss on the
-    model they received (the schedule's input); ``test_*`` evaluate the global
-    model after this round's aggregation. Of the clients selected for the
-    round, ``participants`` were aggregated, ``rejected`` replied with
-    something unusable or failed, and ``dropped`` never replied.
+    The row (:data:`ROW_KEYS`):
 
-    Named measurements: ``distortion`` is ``sum_i p_i ||C(v_i) - v_i||^2 /
-    ||v_i||^2`` over the accepted replies (None if none reported it), and
-    ``bits_per_coordinate`` is ``wire_bits / (messages received x d)`` (None
-    if no message arrived).
+    - ``round``: 1-based; ``levels``: the round's default levels (None: full
+      precision; clients of a per-client plan may have used others, see
+      ``client_levels``);
+    - of the clients selected for the round, ``participants`` were
+      aggregated, ``rejected`` replied with something unusable or failed,
+      and ``dropped`` never replied;
+    - ``wire_bits``: 8 x the bytes of every received payload, accepted or not;
+      ``formula_bits``: the paper-style bits of the accepted messages;
+      ``downlink_bits``: 8 x the bytes that carried the model to the participants;
+    - ``train_loss``: ``F(w_k)``, the accepted clients' sample-weighted loss on
+      the model they received, before training (the policy's input; None if
+      no reply was accepted); ``test_*``: the global model after this
+      round's aggregation (None until the engine evaluates it);
+    - ``distortion``: ``sum_i p_i ||C(v_i) - v_i||^2 / ||v_i||^2`` over the
+      accepted replies that reported it; ``bits_per_coordinate``:
+      ``wire_bits / (messages received x d)``.
+
+    The details (not in the row):
+
+    - ``received``: payloads received (the messages ``wire_bits`` counts);
+      ``sent``: clients the round's instruction went to;
+    - ``client_levels``: ``(client id, levels)`` of each accepted reply;
+    - ``rejections``: ``(client id, reason)`` of each reply the server
+      checked and refused (-1: a reply whose id was unusable);
+    - ``failures``: ``(id, reason)`` of each client that failed before the
+      server could check its reply (its training diverged, or on Flower, a
+      node's error or malformed reply, by node id); counted in ``rejected``;
+    - ``dropouts``: ``(id, reason)`` of each selected client that never
+      replied; counted in ``dropped``;
+    - ``digests``: ``(client id, SHA-256 hex)`` of every received payload,
+      when the server records them (to check that two engines sent the same bytes).
     """
 
     round: int
@@ -34,48 +85,48 @@ class RoundRecord:
     formula_bits: int
     downlink_bits: int
     train_loss: float | None
-    test_loss: float
-    test_accuracy: float
-    time_s: float
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    time_s: float = 0.0
     dropped: int = 0
     distortion: float | None = None
     bits_per_coordinate: float | None = None
+    received: int = 0
+    sent: int = 0
+    client_levels: tuple[tuple[int, int | None], ...] = field(default=())
+    rejections: Reasons = field(default=())
+    failures: Reasons = field(default=())
+    dropouts: Reasons = field(default=())
+    digests: tuple[tuple[int, str], ...] = field(default=())
 
     def as_row(self) -> dict[str, Any]:
-        return asdict(self)
+        """The round's line of ``metrics.jsonl`` (:data:`ROW_KEYS`, in order)."""
+        return {key: getattr(self, key) for key in ROW_KEYS}
 
+    def completed(
+        self,
+        *,
+        test_loss: float | None,
+        test_accuracy: float | None,
+        time_s: float,
+        failures: Sequence[tuple[int, str]] = (),
+        dropouts: Sequence[tuple[int, str]] = (),
+        sent: int | None = None,
+        downlink_bits: int | None = None,
+    ) -> RoundRecord:
+        """This record with what only the engine knows: evaluation, time, failures, dropouts.
 
-def record_round(
-    round_number: int,
-    outcome: RoundOutcome,
-    *,
-    downlink_bits: int,
-    test_loss: float,
-    test_accuracy: float,
-    time_s: float,
-    dropped: int = 0,
-    numel: int | None = None,
-) -> RoundRecord:
-    """Combine the server's outcome with the engine's own measurements.
-
-    ``numel`` (the model's size ``d``) gives ``bits_per_coordinate``.
-    """
-    per_coordinate = None
-    if numel and outcome.received:
-        per_coordinate = outcome.wire_bits / (outcome.received * numel)
-    return RoundRecord(
-        round=round_number,
-        levels=outcome.levels,
-        participants=outcome.participants,
-        rejected=outcome.rejected,
-        wire_bits=outcome.wire_bits,
-        formula_bits=outcome.formula_bits,
-        downlink_bits=downlink_bits,
-        train_loss=outcome.train_loss,
-        test_loss=test_loss,
-        test_accuracy=test_accuracy,
-        time_s=time_s,
-        dropped=dropped,
-        distortion=outcome.distortion,
-        bits_per_coordinate=per_coordinate,
-    )
+        ``failures`` add to ``rejected`` and ``dropouts`` to ``dropped``.
+        """
+        return replace(
+            self,
+            test_loss=test_loss,
+            test_accuracy=test_accuracy,
+            time_s=time_s,
+            rejected=self.rejected + len(failures),
+            failures=self.failures + tuple(failures),
+            dropped=self.dropped + len(dropouts),
+            dropouts=self.dropouts + tuple(dropouts),
+            sent=self.sent if sent is None else sent,
+            downlink_bits=self.downlink_bits if downlink_bits is None else downlink_bits,
+        )

@@ -13,7 +13,6 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from adaquantfl.compression.codec import CodecError
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.client import ClientReply, all_finite
-from adaquantfl.fl.downlink import Downlink, DownlinkRound
+from adaquantfl.fl.downlink import Downlink, RoundPlan
 from adaquantfl.fl.guard import (
     aggregation_weights,
     check_weight_share,
@@ -29,6 +28,7 @@ from adaquantfl.fl.guard import (
     policy_observation,
     reply_problem,
 )
+from adaquantfl.fl.record import RoundRecord
 from adaquantfl.policy import (
     LevelPlan,
     LevelPolicy,
@@ -39,7 +39,7 @@ from adaquantfl.policy.classic import as_policy
 from adaquantfl.rng import torch_generator
 from adaquantfl.validation import check_int
 
-__all__ = ["FedServer", "RoundOutcome", "as_policy", "select_clients", "weighted_mean"]
+__all__ = ["FedServer", "as_policy", "select_clients", "weighted_mean"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,56 +72,6 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     return math.fsum(v * (n / total) for v, n in zip(values, weights, strict=True))
 
 
-@dataclass(frozen=True)
-class RoundOutcome:
-    """What the server observed in one round.
-
-    Attributes
-    ----------
-    levels : int or None
-        The round's default levels (None: full precision); clients of a
-        per-client plan may have been asked for others (``client_levels``).
-    participants : int
-        Replies that were aggregated.
-    rejected : int
-        Replies excluded from the aggregate and the schedule (see ``rejections``).
-    wire_bits : int
-        8 x the bytes of every received payload, accepted or not.
-    received : int
-        Payloads received (the messages ``wire_bits`` counts).
-    formula_bits : int
-        Paper-style bits of the accepted messages.
-    train_loss : float or None
-        ``F(w_k)``, the accepted clients' sample-weighted pre-training loss;
-        None if no reply was accepted.
-    next_levels : int or None
-        The policy's default levels for the next round.
-    distortion : float or None
-        ``sum_i p_i ||C(v_i) - v_i||^2 / ||v_i||^2`` over the accepted replies
-        that reported it (the clients compute it); None if none did.
-    client_levels : tuple of (client_id, levels)
-        The levels each accepted reply was asked for and used.
-    rejections : tuple of (client_id, reason)
-    digests : tuple of (client_id, sha256 hex)
-        SHA-256 of every received payload, in client-id order, when the server
-        was built with ``record_digests=True`` (used to check that two engines
-        sent the same bytes); empty otherwise.
-    """
-
-    levels: int | None
-    participants: int
-    rejected: int
-    wire_bits: int
-    formula_bits: int
-    train_loss: float | None
-    next_levels: int | None
-    rejections: tuple[tuple[int, str], ...] = field(default=())
-    digests: tuple[tuple[int, str], ...] = field(default=())
-    received: int = 0
-    distortion: float | None = None
-    client_levels: tuple[tuple[int, int | None], ...] = field(default=())
-
-
 class FedServer:
     """Global model, round counter, level policy and downlink, with weighted aggregation.
 
@@ -140,7 +90,7 @@ class FedServer:
         Cap on one client's share ``p_i`` of a round's aggregate and loss, in
         ``(0, 1]`` (None, the default: ``p_i = n_i / sum_j n_j`` uncapped).
     record_digests : bool
-        Record the SHA-256 of every payload in :attr:`RoundOutcome.digests`.
+        Record the SHA-256 of every payload in :attr:`RoundRecord.digests`.
     downlink : Downlink, optional
         How the model reaches the clients; by default raw float32 to each participant.
 
@@ -184,7 +134,7 @@ class FedServer:
         self.record_digests = record_digests
         self.downlink = downlink if downlink is not None else Downlink(self.numel)
         self.round_idx = 0  # completed rounds
-        self._plan: tuple[int, LevelPlan] | None = None  # (round, plan) of the open round
+        self._open: RoundPlan | None = None  # the plan of the open round
 
     @property
     def numel(self) -> int:
@@ -196,27 +146,29 @@ class FedServer:
         return self.plan().default
 
     def plan(self, client_ids: Sequence[int] = ()) -> LevelPlan:
-        """The levels of the coming round (the plan of :meth:`begin_round` once it ran)."""
-        if self._plan is not None and self._plan[0] == self.round_idx:
-            return self._plan[1]
+        """The levels of the coming round (those of :meth:`begin_round` once it ran)."""
+        if self._open is not None and self._open.round_idx == self.round_idx:
+            return self._open.levels
         return self.policy.levels_for(self.round_idx, list(client_ids))
 
-    def begin_round(self, client_ids: Sequence[int]) -> DownlinkRound:
+    def begin_round(self, client_ids: Sequence[int]) -> RoundPlan:
         """Open the next round for ``client_ids``: fix their levels and send them the model.
 
-        Returns the model the participants train from (the global model, or
+        Returns the round's :class:`~adaquantfl.fl.downlink.RoundPlan`: each
+        participant's levels, the model they train from (the global model, or
         the downlink replica they all hold) and what sending it costs.
         """
         ids = sorted(int(c) for c in client_ids)
-        self._plan = (self.round_idx, self.policy.levels_for(self.round_idx, ids))
-        return self.downlink.broadcast(self.params, self.round_idx, ids)
+        levels = self.policy.levels_for(self.round_idx, ids)
+        self._open = self.downlink.broadcast(self.params, self.round_idx, ids, levels)
+        return self._open
 
     def aggregate(
         self,
         replies: Sequence[ClientReply],
         *,
         expected_levels: Mapping[int, int | None] | None = None,
-    ) -> RoundOutcome:
+    ) -> RoundRecord:
         """Apply one round: ``w_{k+1} = w_k + sum_i p_i C(Delta_i)``, then feed the policy.
 
         Three steps, none of which raises on anything a reply holds:
@@ -236,6 +188,10 @@ class FedServer:
 
         ``expected_levels`` overrides the round's plan for some client ids
         (the Flower strategy passes the levels it sent each reply's node).
+
+        Returns the round's :class:`~adaquantfl.fl.record.RoundRecord` as the
+        server saw it; the engine completes it (evaluation, time, the
+        clients that failed or never replied).
         """
         valid = sorted({r.client_id for r in replies if client_id_problem(r.client_id) is None})
         plan = self.plan(valid)
@@ -261,20 +217,26 @@ class FedServer:
                 # A zero loss is a perfect fit; AdaQuantFL's sqrt(F_0 / F) is then
                 # undefined, so the levels are kept.
                 logger.warning("round %d: weighted loss is 0; levels unchanged", self.round_idx + 1)
+        opened = self._open if self._open and self._open.round_idx == self.round_idx else None
+        wire_bits = sum(8 * _size(r.payload) for r in replies)
+        received = sum(isinstance(r.payload, bytes | bytearray) for r in replies)
         self.round_idx += 1
-        return RoundOutcome(
+        return RoundRecord(
+            round=self.round_idx,
             levels=plan.default,
             participants=len(accepted),
             rejected=len(rejections),
-            wire_bits=sum(8 * _size(r.payload) for r in replies),
+            wire_bits=wire_bits,
             formula_bits=sum(self.compressor.formula_bits(self.numel, c.levels) for c in accepted),
+            downlink_bits=0 if opened is None else opened.bits,
             train_loss=train_loss,
-            next_levels=self.levels,
+            distortion=distortion,
+            bits_per_coordinate=wire_bits / (received * self.numel) if received else None,
+            received=received,
+            sent=0 if opened is None else len(opened.clients),
+            client_levels=tuple((c.reply.client_id, c.levels) for c in accepted),
             rejections=tuple(rejections),
             digests=tuple(digests),
-            received=sum(isinstance(r.payload, bytes | bytearray) for r in replies),
-            distortion=distortion,
-            client_levels=tuple((c.reply.client_id, c.levels) for c in accepted),
         )
 
     def _check(
@@ -453,7 +415,7 @@ class FedServer:
             self.downlink.load_state_dict(state["downlink"])
         self.params = params.detach().clone()
         self.round_idx = int(state["round_idx"])
-        self._plan = None
+        self._open = None
 
 
 class _Checked(NamedTuple):

@@ -45,7 +45,7 @@ from adaquantfl.flower.layout import (  # noqa: E402
 )
 from adaquantfl.flower.messages import PRE_TRAIN_LOSS_KEY, MissingModError  # noqa: E402
 from adaquantfl.flower.mod import adaquant_mod, make_adaquant_mod  # noqa: E402
-from adaquantfl.flower.rounds import SERVER_METRICS, FlowerRound, server_metrics  # noqa: E402
+from adaquantfl.flower.rounds import SERVER_METRICS, server_metrics  # noqa: E402
 from adaquantfl.flower.strategy import (  # noqa: E402
     AdaQuant,
     AdaQuantFedAvg,
@@ -58,7 +58,6 @@ __all__ = [
     "SERVER_METRICS",
     "AdaQuant",
     "AdaQuantFedAvg",
-    "FlowerRound",
     "MissingModError",
     "NoAcceptedRepliesError",
     "RecordError",

@@ -7,7 +7,7 @@ On Flower the train instruction's ArrayRecord then holds, instead of the
 model's float arrays, the full ``x_k`` (``aq-model``) or the change messages
 (``aq-change-0``, ``-1``, ...), beside the side arrays
 (:func:`~adaquantfl.flower.messages.downlink_arrays`), and the plan
-(:class:`~adaquantfl.flower.messages.DownlinkPlan`) names the compressor and
+(:class:`~adaquantfl.flower.messages.DownlinkInstruction`) names the compressor and
 the round the node's replica must be of. ``adaquant_mod`` keeps the replica in
 ``Context.state``, applies the messages with
 :func:`adaquantfl.fl.downlink.apply_change` (the server's own function, so the
@@ -38,7 +38,7 @@ from adaquantfl.flower.layout import ArrayLayout, RecordError, record_bytes
 from adaquantfl.flower.messages import (
     LAYOUT_KEY,
     MODEL_KEY,
-    DownlinkPlan,
+    DownlinkInstruction,
     downlink_arrays,
     read_downlink_arrays,
 )
@@ -51,7 +51,7 @@ class NodeDownlink:
     """What one node is sent in a round: its ArrayRecord, its plan, and the bytes."""
 
     record: ArrayRecord
-    plan: DownlinkPlan
+    plan: DownlinkInstruction
     sent_bytes: int
 
 
@@ -92,14 +92,14 @@ class DownlinkSender:
         downlink = self.downlink
         side = {name: arrays[name] for name in layout.side}
         bases = {n: downlink.synced.get(n) for n in nodes}
-        sent = downlink.broadcast(server.params, server.round_idx, list(nodes))
+        sent = downlink.broadcast(server.params, server.round_idx, list(nodes), server.plan())
         full = set(sent.full)
         full_model = downlink.full_model() if full else None
         out: dict[int, NodeDownlink] = {}
         for node in nodes:
             if node in full and full_model is not None:
                 carried = downlink_arrays(full_model)
-                plan = DownlinkPlan(self.compressor, self.levels, None, layout)
+                plan = DownlinkInstruction(self.compressor, self.levels, None, layout)
             else:
                 messages = sent.catch_up.get(node)
                 if messages is None:
@@ -107,7 +107,7 @@ class DownlinkSender:
                         raise RuntimeError("the downlink has no change message for this round")
                     messages = [sent.payload]
                 carried = downlink_arrays(None, messages)
-                plan = DownlinkPlan(self.compressor, self.levels, bases[node])
+                plan = DownlinkInstruction(self.compressor, self.levels, bases[node])
             sent_bytes = record_bytes(ArrayRecord(carried))
             out[node] = NodeDownlink(ArrayRecord({**carried, **side}), plan, sent_bytes)
         return out
@@ -140,7 +140,7 @@ def send_model(
 
 
 def receive_model(
-    record: ArrayRecord, plan: DownlinkPlan, round_idx: int, held: Replica | None
+    record: ArrayRecord, plan: DownlinkInstruction, round_idx: int, held: Replica | None
 ) -> tuple[ArrayRecord, Replica]:
     """The node's side: ``x_k`` from the message and the replica the node ``held``.
 

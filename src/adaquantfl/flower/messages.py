@@ -6,7 +6,7 @@ cannot disagree about the layout. Every key, record and metric adaquantfl
 adds starts with ``aq-``; the user's keys are never written.
 
 Train instruction (server -> node): the inner strategy's message, with these
-keys added to a per-node copy of its ConfigRecord (:class:`RoundPlan`)::
+keys added to a per-node copy of its ConfigRecord (:class:`Instruction`)::
 
     aq-levels               int   this node's levels s_k; 0 means full precision (raw float32)
     aq-seed                 int   run seed of every derived random stream
@@ -82,10 +82,10 @@ from adaquantfl.flower.layout import ArrayLayout, RecordError
 
 __all__ = [
     "PRE_TRAIN_LOSS_KEY",
-    "DownlinkPlan",
+    "DownlinkInstruction",
+    "Instruction",
     "MissingModError",
     "RecordError",
-    "RoundPlan",
     "TrainReply",
     "add_plans",
     "read_downlink_arrays",
@@ -184,8 +184,8 @@ def payload_bytes(array: Array) -> bytes:
 
 
 @dataclass(frozen=True)
-class DownlinkPlan:
-    """How a node gets the model in a round with a compressed downlink.
+class DownlinkInstruction:
+    """The part of an :class:`Instruction` that says how a node rebuilds a compressed model.
 
     Attributes
     ----------
@@ -207,8 +207,14 @@ class DownlinkPlan:
 
 
 @dataclass(frozen=True)
-class RoundPlan:
-    """What the server asks of a node in one round (the ``aq-*`` config keys)."""
+class Instruction:
+    """What one node is asked in a round: its part of the server's plan, as its message carries it.
+
+    The server opens a round with a :class:`~adaquantfl.fl.downlink.RoundPlan`;
+    each node's train message carries that node's levels, the run's seed and
+    compressor and, with a compressed downlink, how to rebuild the model, as
+    the ``aq-*`` keys of its ConfigRecord (:meth:`to_config`, :meth:`from_config`).
+    """
 
     levels: int | None
     seed: int
@@ -216,7 +222,7 @@ class RoundPlan:
     compressor: Compressor
     probe: bool = False
     uncompressed: tuple[str, ...] = ()
-    downlink: DownlinkPlan | None = None
+    downlink: DownlinkInstruction | None = None
 
     def to_config(self) -> dict[str, int | str]:
         """The ``aq-*`` entries of a train instruction's ConfigRecord."""
@@ -242,14 +248,14 @@ class RoundPlan:
         return out
 
     @classmethod
-    def from_config(cls, config: Mapping[str, object]) -> RoundPlan:
+    def from_config(cls, config: Mapping[str, object]) -> Instruction:
         """Read and validate the plan; raises :class:`RecordError` naming the bad key."""
         levels = _int(config, LEVELS_KEY, 0, MAX_LEVELS)
         downlink = None
         if DOWNLINK_KEY in config:
             base = _int(config, DOWNLINK_BASE_KEY, -1, _INT64_MAX)
             layout = _str(config, LAYOUT_KEY) if LAYOUT_KEY in config else None
-            downlink = DownlinkPlan(
+            downlink = DownlinkInstruction(
                 compressor=_compressor(
                     _str(config, DOWNLINK_KEY), _str(config, DOWNLINK_OPTIONS_KEY), 0
                 ),
@@ -272,7 +278,7 @@ class RoundPlan:
         )
 
     @classmethod
-    def of(cls, msg: Message) -> RoundPlan | None:
+    def of(cls, msg: Message) -> Instruction | None:
         """The plan of a train instruction; None for any other message (the mod stays out).
 
         Raises
@@ -288,7 +294,7 @@ class RoundPlan:
         return None
 
 
-def plan_config(base: ConfigRecord, plan: RoundPlan) -> ConfigRecord:
+def plan_config(base: ConfigRecord, plan: Instruction) -> ConfigRecord:
     """A fresh ConfigRecord: the inner strategy's train config plus the node's plan."""
     config = ConfigRecord(dict(base))
     for key, value in plan.to_config().items():
@@ -299,7 +305,7 @@ def plan_config(base: ConfigRecord, plan: RoundPlan) -> ConfigRecord:
 def add_plans(
     messages: Sequence[Message],
     strategy: object,
-    plans: Mapping[int, RoundPlan],
+    plans: Mapping[int, Instruction],
     downlinks: Mapping[int, ArrayRecord],
 ) -> None:
     """Give each of the inner strategy's train messages its node's plan (and downlink arrays).
@@ -414,7 +420,7 @@ def _names(value: object) -> tuple[str, ...]:
     return tuple(names)
 
 
-def probe_message(plan: RoundPlan, node: int, config_key: str) -> Message:
+def probe_message(plan: Instruction, node: int, config_key: str) -> Message:
     """A probe for ``node``: the plan with ``aq-probe`` = 1 and no arrays."""
     config = plan_config(ConfigRecord(), replace(plan, probe=True))
     return Message(

@@ -84,7 +84,7 @@ from adaquantfl.flower.messages import (
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
     PREFIX,
-    RoundPlan,
+    Instruction,
     client_id_of,
     probe_reply_content,
     single_array_record,
@@ -139,7 +139,7 @@ def make_adaquant_mod(
         return _loss(metrics, fallback_loss_key, None), True
 
     def adaquant_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        plan = RoundPlan.of(msg)
+        plan = Instruction.of(msg)
         if plan is None:
             return call_next(msg, context)
         client_id = client_id_of(context)

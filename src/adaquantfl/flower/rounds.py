@@ -6,8 +6,9 @@ usable, failed and missing ones (:func:`sort_replies`, which reads each with
 :func:`~adaquantfl.flower.messages.read_train_reply`); build the new global
 model, FedAvg's mean from :class:`~adaquantfl.fl.server.FedServer`
 (:func:`fedavg_model`) or the inner strategy's aggregate of the nodes' models
-(:func:`inner_model`); and keep and report the round (:class:`FlowerRound`,
-:func:`server_metrics`, :func:`log_exclusions`, :func:`why_nothing_accepted`).
+(:func:`inner_model`); and report the round, whose
+:class:`~adaquantfl.fl.record.RoundRecord` the strategy keeps
+(:func:`server_metrics`, :func:`log_exclusions`, :func:`why_nothing_accepted`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.guard import aggregation_weights
-from adaquantfl.fl.server import FedServer, RoundOutcome
+from adaquantfl.fl.record import RoundRecord
+from adaquantfl.fl.server import FedServer
 from adaquantfl.flower.layout import ArrayLayout, RecordError
 from adaquantfl.flower.messages import (
     MISSING_MOD_HINT,
@@ -42,8 +44,7 @@ from adaquantfl.flower.mod import log_once
 
 __all__ = [
     "SERVER_METRICS",
-    "FlowerRound",
-    "PendingRound",
+    "OpenRound",
     "common_metrics",
     "evaluate_replies",
     "fedavg_model",
@@ -68,8 +69,9 @@ UNAVAILABLE = frozenset(
 
 
 @dataclass
-class PendingRound:
-    """A training round between ``configure_train`` and ``aggregate_train``."""
+class OpenRound:
+    """What the strategy remembers of a training round between ``configure_train`` and
+    ``aggregate_train``: which nodes it sent what, and when."""
 
     server_round: int
     nodes: frozenset[int]
@@ -101,54 +103,13 @@ class PendingRound:
         return src
 
 
-@dataclass(frozen=True)
-class FlowerRound:
-    """One training round as the strategy saw it.
-
-    Attributes
-    ----------
-    server_round : int
-        Flower's 1-based round number.
-    outcome : RoundOutcome
-        The server's outcome; ``rejected`` also counts the failures below.
-    sent : int
-        Train messages sent (each carried the global model).
-    downlink_bits : int
-        With a compressed downlink, 8 x the bytes of the Arrays sent (change
-        messages or the full model, and the side arrays). Otherwise ``sent``
-        x 8 x the bytes of the compressed arrays as one raw float32 codec
-        message (the simulator's measure; Flower carries the same values as
-        .npy arrays, 128 header bytes more per array), plus the side arrays.
-    failures : tuple of (node_id, reason)
-        Error and malformed replies (counted in ``outcome.rejected``).
-    dropouts : tuple of (node_id, reason)
-        Nodes that never replied: no answer before the round's timeout, or
-        Flower reported the node or its reply unavailable.
-    time_s : float
-        Seconds from configuring the round to the end of its aggregation.
-    """
-
-    server_round: int
-    outcome: RoundOutcome
-    sent: int
-    downlink_bits: int
-    failures: tuple[tuple[int, str], ...]
-    dropouts: tuple[tuple[int, str], ...]
-    time_s: float
-
-    @property
-    def dropped(self) -> int:
-        """Nodes that were sent a train message and never replied."""
-        return len(self.dropouts)
-
-
 # --------------------------------------------------------------------------- replies
 
 Failures = list[tuple[int, str]]
 
 
 def sort_replies(
-    replies: Sequence[Message], pending: PendingRound, layout: ArrayLayout
+    replies: Sequence[Message], pending: OpenRound, layout: ArrayLayout
 ) -> tuple[list[tuple[int, TrainReply, Message]], Failures, Failures]:
     """``(parsed, failures, dropouts)`` of a training round's replies.
 
@@ -344,26 +305,26 @@ SERVER_METRICS = (
 )
 
 
-def server_metrics(flower_round: FlowerRound) -> MetricRecord:
+def server_metrics(record: RoundRecord, next_levels: int | None) -> MetricRecord:
     """The strategy's own figures of a training round (``aq-*``), for the server-side results.
 
-    Levels 0 stand for full precision, as in the codec's header (a MetricRecord
-    has no None); ``aq-loss`` (``F(w_k)``) and ``aq-distortion`` are left out
-    when no reply was accepted.
+    ``next_levels`` is the policy's default for the round after it. Levels 0
+    stand for full precision, as in the codec's header (a MetricRecord has no
+    None); ``aq-loss`` (``F(w_k)``) and ``aq-distortion`` are left out when
+    no reply was accepted.
     """
-    o = flower_round.outcome
     values: dict[str, int | float | None] = {
-        "aq-levels": o.levels or 0,
-        "aq-next-levels": o.next_levels or 0,
-        "aq-wire-bits": o.wire_bits,
-        "aq-formula-bits": o.formula_bits,
-        "aq-downlink-bits": flower_round.downlink_bits,
-        "aq-participants": o.participants,
-        "aq-rejected": o.rejected,
-        "aq-dropped": flower_round.dropped,
-        "aq-loss": o.train_loss,
-        "aq-distortion": o.distortion,
-        "aq-time-s": flower_round.time_s,
+        "aq-levels": record.levels or 0,
+        "aq-next-levels": next_levels or 0,
+        "aq-wire-bits": record.wire_bits,
+        "aq-formula-bits": record.formula_bits,
+        "aq-downlink-bits": record.downlink_bits,
+        "aq-participants": record.participants,
+        "aq-rejected": record.rejected,
+        "aq-dropped": record.dropped,
+        "aq-loss": record.train_loss,
+        "aq-distortion": record.distortion,
+        "aq-time-s": record.time_s,
     }
     return MetricRecord({k: v for k, v in values.items() if v is not None})
 
@@ -372,9 +333,14 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
 def with_server_metrics(
-    evaluate_fn: EvaluateFn | None, rounds: Sequence[FlowerRound], first: int
+    evaluate_fn: EvaluateFn | None,
+    rounds: Sequence[RoundRecord],
+    first: int,
+    next_levels: Callable[[], int | None],
 ) -> EvaluateFn:
     """``evaluate_fn`` plus the :func:`server_metrics` of the round it is called after.
+
+    ``next_levels()`` gives the policy's default levels for the coming round.
 
     Flower's ``Strategy.start`` keeps what its ``evaluate_fn`` returns in
     ``Result.evaluate_metrics_serverapp``: the place for server-side figures.
@@ -384,10 +350,10 @@ def with_server_metrics(
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         own = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
         done = rounds[-1] if len(rounds) > first else None
-        if server_round == 0 or done is None or done.server_round != server_round:
+        if server_round == 0 or done is None or done.round != server_round:
             return own
         merged = MetricRecord(dict(own) if own is not None else {})
-        for key, value in server_metrics(done).items():
+        for key, value in server_metrics(done, next_levels()).items():
             if key not in merged:
                 merged[key] = value
         return merged
@@ -395,24 +361,19 @@ def with_server_metrics(
     return evaluate
 
 
-def log_exclusions(
-    server_round: int,
-    outcome: RoundOutcome,
-    failures: Sequence[tuple[int, str]],
-    dropouts: Sequence[tuple[int, str]],
-    nodes_of: dict[int, list[int]],
-) -> None:
+def log_exclusions(record: RoundRecord, nodes_of: dict[int, list[int]]) -> None:
     """One WARNING per node left out of the round, then the round's tally.
 
     Through Flower's logger, so that a deployment's ``flwr log`` shows them
     (:class:`FedServer` also logs its rejections, by client id, through
     :mod:`logging`).
     """
-    for node, reason in failures:
+    server_round = record.round
+    for node, reason in record.failures:
         if reason == NO_MOD_REASON:
             continue  # explained once, at ERROR, when it is first seen
         log(WARNING, "aggregate_train: round %d: rejected node %d: %s", server_round, node, reason)
-    for client_id, reason in dict.fromkeys(outcome.rejections):  # a shared id: once
+    for client_id, reason in dict.fromkeys(record.rejections):  # a shared id: once
         nodes = ", ".join(str(n) for n in nodes_of.get(client_id, [])) or "?"
         log(
             WARNING,
@@ -422,21 +383,21 @@ def log_exclusions(
             client_id,
             reason,
         )
-    for node, reason in dropouts:
+    for node, reason in record.dropouts:
         log(WARNING, "aggregate_train: round %d: dropped node %d: %s", server_round, node, reason)
-    if outcome.rejected or dropouts:
+    if record.rejected or record.dropped:
         log(
             WARNING,
             "aggregate_train: round %d: %d accepted, %d rejected, %d dropped%s",
             server_round,
-            outcome.participants,
-            outcome.rejected,
-            len(dropouts),
-            "" if outcome.participants else "; the global model is unchanged",
+            record.participants,
+            record.rejected,
+            record.dropped,
+            "" if record.participants else "; the global model is unchanged",
         )
 
 
-def why_nothing_accepted(rounds: Sequence[FlowerRound]) -> str:
+def why_nothing_accepted(rounds: Sequence[RoundRecord]) -> str:
     """The error text of a run in which no round accepted a reply: the commonest reasons."""
     reasons: Counter[str] = Counter()
     for r in rounds:
@@ -445,7 +406,7 @@ def why_nothing_accepted(rounds: Sequence[FlowerRound]) -> str:
             head, _, detail = reason.partition(": ")
             last = detail.strip().splitlines()[-1][:200] if detail.strip() else ""
             reasons[f"{head}: {last}" if last else head] += 1
-        reasons.update(reason for _, reason in r.outcome.rejections)
+        reasons.update(reason for _, reason in r.rejections)
         reasons.update("no reply" for _ in r.dropouts)
     top = "; ".join(f"{reason} ({count}x)" for reason, count in reasons.most_common(3))
     if not any(r.sent for r in rounds):

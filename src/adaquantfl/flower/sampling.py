@@ -22,7 +22,7 @@ from flwr.supercore.run import Run
 
 from adaquantfl.fl.server import select_clients
 from adaquantfl.flower.layout import RecordError
-from adaquantfl.flower.messages import RoundPlan, probe_message, read_probe_reply
+from adaquantfl.flower.messages import Instruction, probe_message, read_probe_reply
 
 __all__ = [
     "SAMPLING_ATTRIBUTES",
@@ -134,7 +134,7 @@ def wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
 
 
 def probe_client_ids(
-    grid: Grid, nodes: Sequence[int], plan: RoundPlan, config_key: str, wait_s: float
+    grid: Grid, nodes: Sequence[int], plan: Instruction, config_key: str, wait_s: float
 ) -> dict[int, int]:
     """Ask ``nodes`` for their client id (the mod answers without training): node -> id."""
     messages = [probe_message(plan, node, config_key) for node in nodes]
@@ -159,7 +159,7 @@ def choose_nodes(
     settings: Any,
     node_clients: MutableMapping[int, int],
     *,
-    probe: RoundPlan | None = None,
+    probe: Instruction | None = None,
 ) -> list[int]:
     """The nodes of round ``round_idx``, reproducibly from the run seed.
 
@@ -204,7 +204,7 @@ def sampled_messages(
     round_idx: int,
     configure: Callable[[Grid], Iterable[Message]],
     *,
-    probe: RoundPlan | None = None,
+    probe: Instruction | None = None,
 ) -> list[Message]:
     """The inner strategy's messages for the nodes the wrapper chose (``sample_nodes=True``).
 

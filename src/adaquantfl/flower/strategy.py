@@ -57,19 +57,19 @@ from adaquantfl.compression.compressor import Compressor, default_message_limit
 from adaquantfl.compression.qsgd import MAX_LEVELS
 from adaquantfl.compression.qsgd_compressor import QSGDCompressor
 from adaquantfl.fl.guard import check_weight_share
-from adaquantfl.fl.server import FedServer, RoundOutcome, as_policy, select_clients
+from adaquantfl.fl.record import RoundRecord
+from adaquantfl.fl.server import FedServer, as_policy, select_clients
 from adaquantfl.flower.downlink import DownlinkSender, send_model
 from adaquantfl.flower.layout import BATCHNORM_BUFFERS, ArrayLayout
 from adaquantfl.flower.messages import (
     NUM_EXAMPLES_KEY,
-    RoundPlan,
+    Instruction,
     TrainReply,
     add_plans,
     describe_compressor,
 )
 from adaquantfl.flower.rounds import (
-    FlowerRound,
-    PendingRound,
+    OpenRound,
     common_metrics,
     evaluate_replies,
     fedavg_model,
@@ -199,11 +199,11 @@ class AdaQuant(Strategy):
         self.server: FedServer | None = None
         self.layout: ArrayLayout | None = None
         #: Every completed training round, in order.
-        self.rounds: list[FlowerRound] = []
+        self.rounds: list[RoundRecord] = []
         #: Client id of every node whose reply was accepted (node id -> partition id).
         self.node_clients: dict[int, int] = {}
         self._global: ArrayRecord | None = None
-        self._pending: PendingRound | None = None
+        self._pending: OpenRound | None = None
 
     def __repr__(self) -> str:
         return f"AdaQuant({self.strategy!r}, policy={self.policy!r})"
@@ -227,7 +227,7 @@ class AdaQuant(Strategy):
         server, layout = self._sync(arrays)
         self._pending = None
         started = time.perf_counter()
-        plan = RoundPlan(
+        plan = Instruction(
             server.levels, self.seed, server.round_idx, self.compressor, uncompressed=layout.side
         )
         messages = self._inner_train_messages(server_round, arrays, config, grid, plan)
@@ -252,7 +252,7 @@ class AdaQuant(Strategy):
             "fp32" if level_plan.default is None else level_plan.default,
             len(nodes),
         )
-        self._pending = PendingRound(
+        self._pending = OpenRound(
             server_round=server_round,
             nodes=frozenset(nodes),
             downlink_bits=8 * sent,
@@ -271,7 +271,7 @@ class AdaQuant(Strategy):
         replies = list(replies)
         pending = self._pending
         if pending is None or pending.server_round != server_round:
-            pending = PendingRound(server_round, frozenset(), 0, time.perf_counter())
+            pending = OpenRound(server_round, frozenset(), 0, time.perf_counter())
         parsed, failures, dropouts = sort_replies(replies, pending, self._require_server()[1])
         nodes_of: dict[int, list[int]] = {}
         for node, tr, _ in parsed:
@@ -281,8 +281,8 @@ class AdaQuant(Strategy):
             for node, tr, _ in parsed
         }
         previous = server.params
-        outcome = server.aggregate([tr.reply for _, tr, _ in parsed], expected_levels=expected)
-        rejected = {c for c, _ in outcome.rejections}
+        record = server.aggregate([tr.reply for _, tr, _ in parsed], expected_levels=expected)
+        rejected = {c for c, _ in record.rejections}
         # In client-id order, as FedServer sums: the inner strategy's float sums
         # then do not depend on the order in which replies arrived.
         accepted = sorted(
@@ -297,25 +297,28 @@ class AdaQuant(Strategy):
         if self.downlink is not None:
             for node in pending.nodes - {n for n, _, _ in accepted}:
                 self.downlink.forget(node)
-        outcome = replace(
-            outcome,
-            rejected=outcome.rejected + len(failures),
-            wire_bits=outcome.wire_bits + 8 * sum(tr.side_bytes for _, tr, _ in parsed),
-        )
-        log_exclusions(server_round, outcome, failures, dropouts, nodes_of)
-        arrays, metrics = None, None
-        if accepted:
-            arrays, metrics = self._aggregate(server_round, accepted, outcome, pending, previous)
-        flower_round = FlowerRound(
-            server_round=server_round,
-            outcome=outcome,
+        # The arrays that travel beside the update count as uplink bits too.
+        wire_bits = record.wire_bits + 8 * sum(tr.side_bytes for _, tr, _ in parsed)
+        per_coordinate = wire_bits / (record.received * server.numel) if record.received else None
+        record = replace(
+            record,
+            round=server_round,
+            wire_bits=wire_bits,
+            bits_per_coordinate=per_coordinate,
+        ).completed(
+            test_loss=None,
+            test_accuracy=None,
+            time_s=0.0,
+            failures=failures,
+            dropouts=dropouts,
             sent=len(pending.nodes),
             downlink_bits=pending.downlink_bits,
-            failures=tuple(failures),
-            dropouts=tuple(dropouts),
-            time_s=time.perf_counter() - pending.started,
         )
-        self.rounds.append(flower_round)
+        log_exclusions(record, nodes_of)
+        arrays, metrics = None, None
+        if accepted:
+            arrays, metrics = self._aggregate(server_round, accepted, record, pending, previous)
+        self.rounds.append(replace(record, time_s=time.perf_counter() - pending.started))
         self._pending = None
         return arrays, metrics
 
@@ -323,8 +326,8 @@ class AdaQuant(Strategy):
         self,
         server_round: int,
         accepted: list[tuple[int, TrainReply, Message]],
-        outcome: RoundOutcome,
-        pending: PendingRound,
+        record: RoundRecord,
+        pending: OpenRound,
         previous: torch.Tensor,
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The new global model and the nodes' aggregated metrics (``accepted`` is not empty)."""
@@ -333,11 +336,11 @@ class AdaQuant(Strategy):
         metrics = common_metrics([tr.metrics for _, tr, _ in accepted], weight_key)
         if uses_fedavg_math(self.strategy):
             # FedAvg's mean, computed exactly by FedServer (see the module notes).
-            record, aggregated = fedavg_model(
+            mean, aggregated = fedavg_model(
                 self.strategy, server, layout, accepted, metrics, weight_key
             )
-            self._global = record
-            return record, aggregated
+            self._global = mean
+            return mean, aggregated
         w_k = pending.params if pending.params is not None else previous
         model, inner_metrics = inner_model(
             self.strategy,
@@ -347,7 +350,7 @@ class AdaQuant(Strategy):
             w_k,
             accepted,
             metrics,
-            dict(outcome.client_levels),
+            dict(record.client_levels),
         )
         if model is None:
             server.params = previous  # the model stays as it was
@@ -407,7 +410,9 @@ class AdaQuant(Strategy):
             If training rounds ran and none accepted a reply.
         """
         first = len(self.rounds)
-        evaluate = with_server_metrics(evaluate_fn, self.rounds, first)
+        evaluate = with_server_metrics(
+            evaluate_fn, self.rounds, first, lambda: self._require_server()[0].levels
+        )
         result = super().start(
             grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate
         )
@@ -420,7 +425,7 @@ class AdaQuant(Strategy):
         :meth:`start` calls it at the end; call it after a loop of your own.
         """
         done = self.rounds[first_round:]
-        if not done or any(r.outcome.participants for r in done):
+        if not done or any(r.participants for r in done):
             return
         if getattr(self.strategy, "fraction_train", None) != 0.0:  # training was asked for
             raise NoAcceptedRepliesError(why_nothing_accepted(done))
@@ -433,7 +438,7 @@ class AdaQuant(Strategy):
         arrays: ArrayRecord,
         config: ConfigRecord,
         grid: Grid,
-        plan: RoundPlan,
+        plan: Instruction,
     ) -> list[Message]:
         if not self.sample_nodes:
             return list(self.strategy.configure_train(server_round, arrays, config, grid))

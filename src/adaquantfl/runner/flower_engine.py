@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -32,18 +32,17 @@ from flwr.simulation import run_simulation
 from adaquantfl.compression.compressor import default_message_limit
 from adaquantfl.data import FederatedData
 from adaquantfl.fl.client import LocalTraining, evaluate, train_locally
-from adaquantfl.fl.record import RoundRecord, record_round
+from adaquantfl.fl.record import RoundRecord
 from adaquantfl.flower.layout import ArrayLayout, RecordError
 from adaquantfl.flower.messages import (
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
-    RoundPlan,
+    Instruction,
     client_id_of,
     single_array_record,
 )
 from adaquantfl.flower.mod import adaquant_mod
-from adaquantfl.flower.rounds import FlowerRound
 from adaquantfl.flower.strategy import AdaQuantFedAvg
 from adaquantfl.models import FlatModel
 from adaquantfl.runner.build import EngineRun, build_model, load_data
@@ -187,7 +186,7 @@ def _train(config: Config, num_threads: int, msg: Message, context: Context) -> 
         torch.set_num_threads(num_threads)
     state = _client_state(config)
     client_id = client_id_of(context)
-    plan = RoundPlan.of(msg)
+    plan = Instruction.of(msg)
     if plan is None:  # adaquant_mod passes only its own train messages on with a plan
         raise RecordError("the engine's train function got a message without an AdaQuantFL plan")
     shard = state.data.clients[client_id]
@@ -242,7 +241,6 @@ def run_flower(
     *,
     round_timeout_s: float = 600.0,
     num_cpus: int | None = None,
-    on_flower_round: Callable[[FlowerRound], None] | None = None,
 ) -> EngineRun:
     """Run ``config.train.rounds`` rounds on Flower's simulation engine (Ray backend).
 
@@ -252,16 +250,13 @@ def run_flower(
         A single-method config (as :func:`adaquantfl.runner.experiment.run` passes it).
     on_record : callable
         Called after every round, in order, with the round's record (the same
-        fields the simulator produces; test metrics are a central evaluation
-        of the new global model on ``data.test``).
+        fields the simulator produces, payload digests included; test metrics
+        are a central evaluation of the new global model on ``data.test``).
     round_timeout_s : float
         Longest wait for a round's replies (and for nodes to be available).
     num_cpus : int, optional
         CPUs given to Ray (default: all, at most one per client); one
         ClientApp runs per CPU.
-    on_flower_round : callable, optional
-        Also called after every round with the strategy's view of it
-        (payload digests, failures, messages sent).
 
     Returns
     -------
@@ -306,25 +301,19 @@ def run_flower(
         if server_round == 0:
             return None
         start = time.perf_counter()
-        flower_round = strategy.rounds[-1]
-        if flower_round.server_round != server_round:
+        trained = strategy.rounds[-1]
+        if trained.round != server_round:
             raise RuntimeError(f"round {server_round} has no training outcome")
-        _raise_unexpected_failures(flower_round)
+        _raise_unexpected_failures(trained)
         test_loss, test_accuracy = evaluate(model, layout.flatten(arrays), data.test.x, data.test.y)
-        record = record_round(
-            server_round,
-            flower_round.outcome,
-            downlink_bits=flower_round.downlink_bits,
+        record = replace(
+            trained,
             test_loss=test_loss,
             test_accuracy=test_accuracy,
-            time_s=flower_round.time_s + time.perf_counter() - start,
-            dropped=flower_round.dropped,
-            numel=model.numel,
+            time_s=trained.time_s + time.perf_counter() - start,
         )
         records.append(record)
         on_record(record)
-        if on_flower_round is not None:
-            on_flower_round(flower_round)
         return MetricRecord({"test_loss": test_loss, "test_accuracy": test_accuracy})
 
     server_app = ServerApp()
@@ -361,12 +350,12 @@ def run_flower(
     return EngineRun(strategy.server.params.clone(), model)
 
 
-def _raise_unexpected_failures(flower_round: FlowerRound) -> None:
-    failures = flower_round.failures + flower_round.dropouts
+def _raise_unexpected_failures(record: RoundRecord) -> None:
+    failures = record.failures + record.dropouts
     unexpected = [(n, r) for n, r in failures if _DIVERGED not in r]
     if unexpected:
         node, reason = unexpected[0]
         raise RuntimeError(
-            f"round {flower_round.server_round}: {len(unexpected)} client(s) failed; "
+            f"round {record.round}: {len(unexpected)} client(s) failed; "
             f"node {node}: {reason}"
         )

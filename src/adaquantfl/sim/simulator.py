@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,8 +40,9 @@ from adaquantfl.fl.client import (
     compress_update,
     evaluate,
 )
-from adaquantfl.fl.record import RoundRecord, record_round
-from adaquantfl.fl.server import FedServer, RoundOutcome, select_clients
+from adaquantfl.fl.downlink import RoundPlan
+from adaquantfl.fl.record import RoundRecord
+from adaquantfl.fl.server import FedServer, select_clients
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
 from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
@@ -207,9 +208,8 @@ class Simulator:
         chosen = select_clients(
             len(self.data.clients), self.clients_per_round, seed=self.seed, round_idx=round_idx
         )
-        sent = self.server.begin_round(chosen)
-        params = sent.model.to(self.device)
-        plan = self.server.plan()
+        plan = self.server.begin_round(chosen)
+        params = plan.model.to(self.device)
         available = self.faults.availability(chosen, seed=self.seed, round_idx=round_idx)
         if available.dropped:
             logger.info(
@@ -218,11 +218,14 @@ class Simulator:
                 len(available.dropped_out),
                 len(available.missed_deadline),
             )
+        dropouts = [(c, "dropped out") for c in available.dropped_out] + [
+            (c, "missed the deadline") for c in available.missed_deadline
+        ]
         chosen = available.replying
         replies: list[ClientReply] = []
-        failed = 0
+        failures: list[tuple[int, str]] = []
         if self.trainer is not None and chosen:
-            replies, failed = self._batched_replies(self.trainer, chosen, params, round_idx)
+            replies, failures = self._batched_replies(self.trainer, chosen, plan, params)
         for cid in chosen if self.trainer is None else ():
             shard = self.shards[cid]
             try:
@@ -232,7 +235,7 @@ class Simulator:
                         params,
                         shard.x,
                         shard.y,
-                        levels=plan.levels_of(cid),
+                        levels=plan.levels.levels_of(cid),
                         compressor=self.client_compressor(cid),
                         training=self.training,
                         seed=self.seed,
@@ -242,24 +245,19 @@ class Simulator:
                 )
             except ClientError as exc:
                 logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
-                failed += 1
-        delivered = [self.transmit(reply, round_idx) for reply in replies]
-        outcome = self.server.aggregate([r for r in delivered if r is not None])
-        failed += sum(r is None for r in delivered)
-        if failed:
-            outcome = _add_failures(outcome, failed)
+                failures.append((cid, str(exc)))
+        delivered = [(reply.client_id, self.transmit(reply, round_idx)) for reply in replies]
+        record = self.server.aggregate([r for _, r in delivered if r is not None])
+        failures += [(cid, "the reply never arrived") for cid, r in delivered if r is None]
         test_loss, test_accuracy = evaluate(
             self.model, self.server.params.to(self.device), self.test.x, self.test.y
         )
-        return record_round(
-            round_idx + 1,
-            outcome,
-            downlink_bits=sent.bits,
+        return record.completed(
             test_loss=test_loss,
             test_accuracy=test_accuracy,
             time_s=time.perf_counter() - start,
-            dropped=available.dropped,
-            numel=self.model.numel,
+            failures=failures,
+            dropouts=dropouts,
         )
 
     def client_compressor(self, client_id: int) -> ClientCompressor:
@@ -297,10 +295,10 @@ class Simulator:
         self,
         trainer: BatchedTrainer,
         chosen: list[int],
+        plan: RoundPlan,
         params: torch.Tensor,
-        round_idx: int,
-    ) -> tuple[list[ClientReply], int]:
-        plan = self.server.plan()
+    ) -> tuple[list[ClientReply], list[tuple[int, str]]]:
+        round_idx = plan.round_idx
         shards = [self.shards[cid] for cid in chosen]
         gens = [
             torch_generator(self.seed, purpose="batch", round_idx=round_idx, client_id=cid)
@@ -309,12 +307,12 @@ class Simulator:
         local = trainer.train(params, trainer.plan(shards, gens))
         losses = trainer.initial_losses(params, shards)
         replies = []
-        failed = 0
+        failures: list[tuple[int, str]] = []
         for row, cid, shard, loss in zip(local, chosen, shards, losses, strict=True):
             try:
                 encoded = compress_update(
                     row - params,
-                    levels=plan.levels_of(cid),
+                    levels=plan.levels.levels_of(cid),
                     compressor=self.client_compressor(cid),
                     seed=self.seed,
                     round_idx=round_idx,
@@ -322,7 +320,7 @@ class Simulator:
                 )
             except ClientError as exc:
                 logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
-                failed += 1
+                failures.append((cid, str(exc)))
                 continue
             replies.append(
                 ClientReply(
@@ -334,14 +332,10 @@ class Simulator:
                     distortion=encoded.distortion,
                 )
             )
-        return replies, failed
+        return replies, failures
 
 
 def _to(shard: ClientData, device: torch.device) -> ClientData:
     if shard.x.device == device and shard.y.device == device:
         return shard
     return ClientData(shard.x.to(device), shard.y.to(device))
-
-
-def _add_failures(outcome: RoundOutcome, failed: int) -> RoundOutcome:
-    return replace(outcome, rejected=outcome.rejected + failed)
