@@ -8,8 +8,9 @@ which ``python -O`` strips.
 - :func:`check_int`, :func:`check_real`, :func:`check_choice`,
   :func:`check_keys` raise;
 - :func:`as_int` and :func:`as_real` return None for a value that is not a
-  usable number, for code that collects a reason instead of raising (the
-  server's checks of a client's reply, :mod:`adaquantfl.fl.guard`).
+  usable number, and :func:`is_real` says whether it is a number at all, for
+  code that collects a reason instead of raising (the server's checks of a
+  client's reply, :mod:`adaquantfl.fl.guard`).
 
 Notes
 -----
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from numbers import Integral, Real
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 __all__ = [
     "as_int",
@@ -32,6 +33,7 @@ __all__ = [
     "check_int",
     "check_keys",
     "check_real",
+    "is_real",
 ]
 
 _E = TypeVar("_E", bound=Exception)
@@ -44,12 +46,17 @@ def as_int(value: object) -> int | None:
     return int(value)
 
 
+def is_real(value: object) -> TypeGuard[Real]:
+    """Whether ``value`` is a real number, finite or not (``bool`` is not)."""
+    return not isinstance(value, bool) and isinstance(value, Real)
+
+
 def as_real(value: object) -> float | None:
     """``value`` as a finite ``float``, or None when it is not a finite real number.
 
     ``bool`` is not a number here; an ``int`` beyond float64's range is not finite.
     """
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if not is_real(value):
         return None
     try:
         result = float(value)

@@ -79,6 +79,7 @@ from adaquantfl.compression.feedback import ErrorFeedback
 from adaquantfl.compression.qsgd import MAX_LEVELS
 from adaquantfl.fl.client import ClientReply
 from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.validation import as_int, check_int, is_real
 
 __all__ = [
     "PRE_TRAIN_LOSS_KEY",
@@ -395,12 +396,15 @@ def _compressor(name: str, options_json: str, error_feedback: int) -> Compressor
 
 
 def _int(config: Mapping[str, object], key: str, low: int, high: int) -> int:
-    value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise RecordError(
-            f"train config {key!r} must be an integer in [{low}, {high}], got {value!r}"
-        )
-    return value
+    return check_int(f"train config {key!r}", config.get(key), low, high, error=RecordError)
+
+
+def _number(metrics: MetricRecord, key: str) -> float:
+    """A reply's metric as a number (its range is the server's to judge, with a reason)."""
+    value = metrics.get(key)
+    if not is_real(value):
+        raise RecordError(f"a train reply's {key!r} must be a number, got {value!r:.80}")
+    return value  # type: ignore[return-value]
 
 
 def _str(config: Mapping[str, object], key: str) -> str:
@@ -566,25 +570,18 @@ def read_train_reply(content: RecordDict, layout: ArrayLayout) -> TrainReply:
         )
     payload = payload_bytes(arrays[PAYLOAD_KEY])
     metrics_name, metrics = single_metric_record(content, "a train reply")
-    client_id = metrics.get(CLIENT_ID_KEY)
-    if isinstance(client_id, bool) or not isinstance(client_id, int):
-        raise RecordError(
-            f"a train reply's {CLIENT_ID_KEY!r} must be an integer, got {client_id!r}"
-        )
-    loss = metrics.get(LOSS_KEY)
-    if isinstance(loss, bool) or not isinstance(loss, int | float):
-        raise RecordError(f"a train reply's {LOSS_KEY!r} must be a number, got {loss!r}")
+    # Types only: the ranges are FedServer's to judge (fl.guard), with a reason.
+    client_id = check_int(f"a train reply's {CLIENT_ID_KEY!r}", metrics.get(CLIENT_ID_KEY),
+                          error=RecordError)  # fmt: skip
+    loss = _number(metrics, LOSS_KEY)
     n = metrics.get(NUM_EXAMPLES_KEY)
     if isinstance(n, float) and n.is_integer():
         n = int(n)
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise RecordError(f"a train reply's {NUM_EXAMPLES_KEY!r} must be an integer, got {n!r}")
-    measured = {}
-    for key in (UPDATE_NORM_KEY, DISTORTION_KEY):
-        value = metrics.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise RecordError(f"a train reply's {key!r} must be a number, got {value!r}")
-        measured[key] = None if value is None else float(value)
+    n = check_int(f"a train reply's {NUM_EXAMPLES_KEY!r}", n, error=RecordError)
+    measured = {
+        key: None if metrics.get(key) is None else _number(metrics, key)
+        for key in (UPDATE_NORM_KEY, DISTORTION_KEY)
+    }
     side = layout.side_arrays({name: arrays[name] for name in layout.side}, trusted=False)
     return TrainReply(
         reply=ClientReply(
@@ -612,8 +609,8 @@ def probe_reply_content(client_id: int) -> RecordDict:
 def read_probe_reply(content: RecordDict) -> int:
     """The client id a probe's reply names; raises :class:`RecordError` without one."""
     _, metrics = single_metric_record(content, "a probe reply")
-    client_id = metrics.get(CLIENT_ID_KEY)
-    if isinstance(client_id, bool) or not isinstance(client_id, int):
+    client_id = as_int(metrics.get(CLIENT_ID_KEY))
+    if client_id is None:
         raise RecordError(
             f"the reply does not say its client id ({CLIENT_ID_KEY!r}): {MISSING_MOD_HINT}"
         )
@@ -663,8 +660,4 @@ def client_id_of(context: Context) -> int:
     value = context.node_config.get("partition-id")
     if value is None:
         return int(context.node_id) & _INT64_MAX
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RecordError(
-            f"node config 'partition-id' must be a non-negative integer, got {value!r}"
-        )
-    return value
+    return check_int("node config 'partition-id'", value, 0, _INT64_MAX, error=RecordError)

@@ -92,6 +92,7 @@ from adaquantfl.flower.messages import (
     train_reply_content,
     with_content,
 )
+from adaquantfl.validation import as_int
 
 __all__ = ["adaquant_mod", "log_once", "make_adaquant_mod"]
 
@@ -223,12 +224,13 @@ def _num_examples(metrics: MetricRecord) -> int:
     value = metrics.get(NUM_EXAMPLES_KEY)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    n = as_int(value)
+    if n is None or n < 1:
         raise RecordError(
             f"the train function's reply must report {NUM_EXAMPLES_KEY!r} as a positive integer "
             f"(the client's aggregation weight n_i), got {value!r}"
         )
-    return value
+    return n
 
 
 # --------------------------------------------------------------------------- node state

@@ -40,7 +40,6 @@ strategy made of the previous round (see docs/flower.md).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
@@ -82,6 +81,7 @@ from adaquantfl.flower.rounds import (
 )
 from adaquantfl.flower.sampling import SAMPLING_ATTRIBUTES, sampled_messages
 from adaquantfl.policy import LevelPolicy, LevelSchedule
+from adaquantfl.validation import check_int, check_real
 
 __all__ = ["AdaQuant", "AdaQuantFedAvg", "NoAcceptedRepliesError"]
 
@@ -599,17 +599,6 @@ def _check_policy(policy: object, what: str = "policy") -> Any:
         ) from None
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-
-
 def _check_settings(
     name: str, strategy: object, args: tuple[object, ...], values: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -633,7 +622,7 @@ def _check_settings(
     if values["policy"] is None:
         raise TypeError(f"{name} needs a level policy, policy=...: {_USAGE}")
     out: dict[str, Any] = {"policy": _check_policy(values["policy"])}
-    _check_int("seed", values["seed"], -_INT64, _INT64 - 1)
+    check_int("seed", values["seed"], -_INT64, _INT64 - 1)
     for key in ("compressor", "downlink"):
         if values[key] is not None:
             try:
@@ -641,7 +630,7 @@ def _check_settings(
             except ValueError as exc:
                 raise ValueError(f"{key}: {exc}") from None
     if values["downlink_levels"] is not None:
-        _check_int("downlink_levels", values["downlink_levels"], 1, MAX_LEVELS)
+        check_int("downlink_levels", values["downlink_levels"], 1, MAX_LEVELS)
         if values["downlink"] is None:
             raise ValueError("downlink_levels needs a downlink compressor (downlink=...)")
     uncompressed = values["uncompressed"]
@@ -658,8 +647,8 @@ def _check_settings(
     if (num_clients is None) != (per_round is None):
         raise ValueError("num_clients and clients_per_round must be given together")
     if num_clients is not None:
-        _check_int("num_clients", num_clients, 1)
-        _check_int("clients_per_round", per_round, 1, num_clients)
+        check_int("num_clients", num_clients, 1)
+        check_int("clients_per_round", per_round, 1, num_clients)
         select_clients(num_clients, per_round, seed=values["seed"], round_idx=0)
         if not values["sample_nodes"]:
             raise ValueError(
@@ -673,27 +662,16 @@ def _check_settings(
                 f"sample_nodes=True reads FedAvg's sampling settings from the inner strategy; "
                 f"{type(strategy).__name__} lacks {missing}"
             )
-    wait = values["node_wait_s"]
-    if not isinstance(wait, int | float) or isinstance(wait, bool) or not math.isfinite(wait):
-        raise ValueError(f"node_wait_s must be a finite number >= 0, got {wait!r}")
-    if wait < 0:
-        raise ValueError(f"node_wait_s must be a finite number >= 0, got {wait!r}")
+    check_real("node_wait_s", values["node_wait_s"], 0.0)
     out["max_weight_share"] = check_weight_share(values["max_weight_share"])
     limit = values["max_message_bytes"]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(
-            f"max_message_bytes must be a positive integer or None (the model's default "
-            f"limit), got {limit!r}"
-        )
+    if limit is not None:
+        check_int("max_message_bytes (None: the model's default limit)", limit, 1)
     return out
 
 
 def _check_fedavg(**values: Any) -> None:
     for name in ("fraction_train", "fraction_evaluate"):
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        check_real(name, values[name], 0.0, 1.0)
     for name in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_int(name, values[name], 0)
