@@ -224,7 +224,7 @@ CONSTRUCTOR_ERRORS = [
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2), 0.5, seed=0), ValueError,
      "compressor: compressor must be a compressor of adaquantfl.compression"),
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2), seed=0, fraction_train=2), ValueError,
-     "fraction_train must be a number in [0, 1], got 2"),
+     "fraction_train must be a finite number in [0, 1], got 2"),
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2), seed="0"), ValueError, "seed must be an integer"),
     (lambda: AdaQuant(AdaQuantLevels(2), policy=AdaQuantLevels(2), seed=0), TypeError,
      "AdaQuant wraps a Flower strategy (e.g. FedAvg(), FedAdam()) as its first argument"),
