@@ -198,11 +198,13 @@ def compare(
 @app.command()
 def report(results: Annotated[Path, typer.Argument(help="A results directory.")]) -> None:
     """Re-draw the plots and table of a results directory."""
+    from adaquantfl.runner.preflight import hold_out_dir
     from adaquantfl.runner.report import load_results, rich_table, write_report
 
     try:
-        paths = write_report(results)
-        summary, _ = load_results(results)
+        with hold_out_dir(results, "report"):  # it writes the plots: not while a run does
+            paths = write_report(results)
+            summary, _ = load_results(results)
     except (ValueError, OSError) as exc:
         _fail(exc)
         return

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from adaquantfl.runner.files import fsync_dir
+from adaquantfl.runner.files import fsync_dir, temp_path
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -52,8 +52,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     torch.save(state, buffer)
     payload = buffer.getvalue()
     header = _HEADER.pack(_MAGIC, _VERSION, len(payload), hashlib.sha256(payload).digest())
-    tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as f:
+    tmp = temp_path(target)
+    with open(tmp, "xb") as f:
         f.write(header)
         f.write(payload)
         f.flush()

@@ -3,7 +3,8 @@
 A run that fails must not destroy results it did not produce (issue 12). So
 before anything is written, :func:`preflight` checks:
 
-1. ``--out``: a directory or nothing yet (not a file, nor below one);
+1. ``--out``: a directory or nothing yet (not a file, nor below one), that no
+   other run holds: :func:`hold_out_dir` takes its lock for the run's whole life;
 2. every run's engine options, data (files included) and model, and that a
    client's first message fits ``[train] max_message_bytes``;
 3. ownership: a directory that holds another run's results is refused unless
@@ -14,9 +15,10 @@ before anything is written, :func:`preflight` checks:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,9 @@ from adaquantfl.runner.build import build_model, load_data
 from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint
 from adaquantfl.runner.config import Config, ConfigError
 from adaquantfl.runner.engines import check_engine
-from adaquantfl.runner.files import check_out_dir, results_in
+from adaquantfl.runner.files import ResultsLock, check_out_dir, results_in
 
-__all__ = ["CHECKPOINT_NAME", "Job", "config_diff", "preflight", "resume_state"]
+__all__ = ["CHECKPOINT_NAME", "Job", "config_diff", "hold_out_dir", "preflight", "resume_state"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: The one key that may change when a run is resumed (a run may be extended).
@@ -46,6 +48,26 @@ class Job:
     label: str
     config: Config
     run_dir: Path | None
+
+
+@contextlib.contextmanager
+def hold_out_dir(out: Path | None, command: str) -> Iterator[None]:
+    """Hold ``out``'s :class:`~.files.ResultsLock` (after checking ``--out``) while the block runs.
+
+    The lock is taken before anything else is checked, so that the ownership
+    checks of :func:`preflight`, the checkpoints and every write happen with
+    no other run in the directory. A directory another run holds is refused
+    at once, whatever the flags.
+    """
+    if out is None:
+        yield
+        return
+    try:
+        check_out_dir(out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    with ResultsLock(out, command):
+        yield
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
