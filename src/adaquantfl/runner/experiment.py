@@ -11,9 +11,11 @@ Results directory (DESIGN §7)::
 A run holds ``DIR``'s lock for its whole life (one run per directory at a
 time), and writes nothing before the config, the data and ``DIR`` pass
 :func:`.preflight.preflight` (``DIR`` holding another run's results needs
-``overwrite``; ``resume`` needs the same config). Every file is written
-atomically (:mod:`.files`); ``metrics.jsonl`` streams to a partial file of
-the run's own and replaces the old file only when its run ends.
+``overwrite``; ``resume`` needs the same config and a checkpoint that holds
+what a resume needs). Every file is written atomically (:mod:`.files`);
+``metrics.jsonl`` streams to a partial file of the run's own and replaces the
+old file only when its run ends. A resumed run rewrites ``config.toml`` (its
+new ``rounds``) only when it has finished, with ``summary.json``.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from adaquantfl.runner.config import Config, ConfigError, MethodSpec, load_confi
 from adaquantfl.runner.engines import ENGINES
 from adaquantfl.runner.files import StreamedFile, atomic_write, remove_orphans
 from adaquantfl.runner.metrics import (
+    CUMULATIVE_KEYS,
     DEFAULT_TARGET_FACTOR,
     aggregate_seeds,
     final_mean,
     summarize_run,
 )
-from adaquantfl.runner.preflight import CHECKPOINT_NAME, Job, hold_out_dir, preflight, resume_state
+from adaquantfl.runner.preflight import Job, hold_out_dir, preflight
+from adaquantfl.runner.resume import CHECKPOINT_NAME, resume_state
 
 __all__ = ["CompareResult", "RunResult", "compare", "run"]
 
@@ -93,7 +97,7 @@ class _RowWriter:
         self.sink = sink
         self.on_round = on_round
         self.rows: list[dict[str, Any]] = []
-        self._cum = {"wire_bits": 0, "formula_bits": 0, "downlink_bits": 0}
+        self._cum = dict.fromkeys(CUMULATIVE_KEYS, 0)
         for row in rows:  # rows restored from a checkpoint
             self._emit(dict(row))
             for key in self._cum:
@@ -128,7 +132,7 @@ def _run_one(
     engine = ENGINES[config.train.engine]
     if run_dir is None and (resume or config.train.checkpoint_every):
         raise ConfigError("checkpoints and --resume need an output directory")
-    state = resume_state(config, run_dir) if resume and run_dir is not None else None
+    state = resume_state(config, run_dir, label) if resume and run_dir is not None else None
     if resume and run_dir is not None and state is None:
         logger.warning("no checkpoint in %s; starting the run from round 1", run_dir)
     elif state is not None:
@@ -225,7 +229,8 @@ def run(
         preflight([job], out, cfg, resume=resume, overwrite=overwrite)
         if out is not None:
             _remove_orphans(out, [job])
-            _write_config(cfg, out)
+            if not resume:
+                _write_config(cfg, out)
         result = _run_one(
             cfg,
             spec.label,
@@ -236,6 +241,8 @@ def run(
             resume=resume,
         )
         if out is not None:
+            if resume:
+                _write_config(cfg, out)
             _write_summary(
                 out,
                 {
@@ -287,10 +294,13 @@ def compare(
         preflight(jobs, out, cfg, resume=resume, overwrite=overwrite)
         if out is not None:
             _remove_orphans(out, jobs)
-            _write_config(cfg, out)
+            if not resume:
+                _write_config(cfg, out)
         runs, target = _run_jobs(jobs, specs, cfg, target, len(seeds), on_round, resume)
         result = _score(cfg, specs, runs, target, out)
         if out is not None:
+            if resume:
+                _write_config(cfg, out)
             _write_summary(out, result.summary)
             if plots:
                 from adaquantfl.runner.report import write_report
