@@ -115,11 +115,14 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path: Path) 
     state, _ = load_checkpoint(run_dir / "checkpoint.pt")
     assert 20 <= state["round"] < rounds
     assert not (run_dir / "model.pt").exists()
-    # Metrics stream to metrics.jsonl.partial; metrics.jsonl appears only when a run ends.
+    # Metrics stream to a partial file named by the run's pid; metrics.jsonl appears
+    # only when a run ends.
     assert not (run_dir / "metrics.jsonl").exists()
-    assert len((run_dir / "metrics.jsonl.partial").read_text().splitlines()) < rounds
+    (partial,) = run_dir.glob(f"metrics.jsonl.{proc.pid}.*.partial")
+    assert len(partial.read_text().splitlines()) < rounds
 
     resumed = adaquantfl.run(config, out, resume=True)
+    assert not partial.exists()  # its writer is gone: the resumed run removed it
     assert torch.equal(resumed.params, reference.params)
     ref_model = torch.load(tmp_path / "ref" / "adaquantfl-s2" / "model.pt")
     new_model = torch.load(run_dir / "model.pt")

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from adaquantfl.runner.config import Config, ConfigError, load_config, parse_overrides
+from adaquantfl.cli import app
+from adaquantfl.runner.config import (
+    CompareConfig,
+    CompressionConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+)
+from adaquantfl.runner.fields import INT64_MAX
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -135,3 +150,152 @@ def test_max_weight_share_is_a_train_key_the_server_gets() -> None:
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(ConfigError, match="max_weight_share"):
             load_config({}, [f"train.max_weight_share={bad}"])
+
+
+# --------------------------------------------------------------------------- ranges
+
+TINY = """
+[data]
+dataset = "digits"
+num_clients = 3
+
+[model]
+name = "logreg"
+
+[train]
+rounds = 1
+local_steps = 2
+batch_size = 8
+lr = 0.1
+
+[compression]
+method = "qsgd"
+levels = 3
+"""
+
+
+def cli_run(tmp_path: Path, *sets: str) -> Any:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    args = ["run", str(config), "--out", str(tmp_path / "out"), "-q"]
+    for item in sets:
+        args += ["--set", item]
+    return CliRunner().invoke(app, args)
+
+
+def assert_refused(result: Any, *fragments: str) -> None:
+    """Exit 2 with an ``error:`` line holding every fragment, and no traceback."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "error:" in text and "Traceback" not in text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+
+
+def numeric_fields() -> list[tuple[str, Any, Any]]:
+    sections = {"data": DataConfig, "train": TrainConfig, "compare": CompareConfig,
+                "compression": CompressionConfig}  # fmt: skip
+    out = []
+    for name, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+            if kinds & {int, float} and bool not in kinds:
+                out.append((f"{name}.{f.name}", f, kinds))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "f", "kinds"), numeric_fields(), ids=[n for n, *_ in numeric_fields()]
+)
+def test_every_numeric_key_has_a_range(name: str, f: Any, kinds: Any) -> None:
+    """Each number has a lower bound, and an upper one (integers: 2**63 - 1 at most)."""
+    assert "min" in f.metadata, name
+    if float in kinds:  # a float without a bound of its own could be 1e308
+        assert "max" in f.metadata and "why" in f.metadata, name
+    else:
+        assert f.metadata.get("max", INT64_MAX) <= INT64_MAX, name
+
+
+@pytest.mark.parametrize("vectorize", ["true", "false"])
+@pytest.mark.parametrize("lr", ["1e39", "3.5e38", "1e30", "2e6"])
+def test_a_learning_rate_past_its_range_is_an_error_line_on_both_training_paths(
+    tmp_path: Path, lr: str, vectorize: str
+) -> None:
+    """Reproduces lr = 1e39 ending in a RuntimeError traceback (value cannot be converted to
+    float without overflow) from the batched path, while the per-client path ran."""
+    result = cli_run(tmp_path, f"train.lr={lr}", f"train.vectorize={vectorize}")
+    assert_refused(result, "[train] lr = ", "must be <= 1048576", "allowed range (0, 1048576]",
+                   "float32")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragments"),
+    [
+        (["train.prox_mu=1e39"], ["[train] prox_mu = 1e+39", "allowed range [0, 1048576]"]),
+        (["train.deadline_s=1.0", "train.client_time_sigma=1e300"],
+         ["client_time_sigma = 1e+300", "allowed range [0, 8]", "exp()"]),
+        (["train.deadline_s=1.0", "train.round_time_sigma=800.0"],
+         ["round_time_sigma = 800.0", "allowed range [0, 8]"]),
+        (["train.deadline_s=1e300"], ["deadline_s = 1e+300", "allowed range (0, 2**64]"]),
+        (["data.dataset=synthetic", "data.synthetic_beta=1e300"],
+         ["synthetic_beta = 1e+300", "allowed range [0, 1048576]", "float32"]),
+        (["data.dataset=synthetic", "data.synthetic_alpha=1e39"], ["synthetic_alpha = 1e+39"]),
+        (["data.partition=dirichlet", "data.dirichlet_alpha=1e-300"],
+         ["dirichlet_alpha = 1e-300", "allowed range [0.001, 1000000]"]),
+        (["compare.target_loss=1e300"], ["target_loss = 1e+300", "2**64"]),
+        (["train.seed=9223372036854775807", "compare.seeds=2"],
+         ["seed = 9223372036854775807", "seeds = 2", "2**63 - 1"]),
+        (["compare.seeds=100000"], ["seeds = 100000", "allowed range [1, 1024]"]),
+        (["data.dataset=synthetic", "data.num_clients=100000"],
+         ["num_clients = 100000", "dataset 'synthetic'", "[1, 65536]"]),
+        (["train.uplink_budget_bits=100000000000000000000"], ["2**63 - 1"]),
+        (["train.lr=1" + "0" * 400], ["[train] lr = 1000000", "characters): must be a finite"]),
+    ],
+    ids=["prox-mu", "client-sigma", "round-sigma", "deadline", "synthetic-beta",
+         "synthetic-alpha", "dirichlet-alpha", "target-loss", "last-seed", "seeds",
+         "synthetic-clients", "budget", "lr-400-digits"],
+)  # fmt: skip
+def test_a_value_past_its_keys_range_is_refused_naming_key_value_range_and_reason(
+    tmp_path: Path, sets: list[str], fragments: list[str]
+) -> None:
+    """Values that ended in OverflowError tracebacks (a straggler's exp()), float32 overflow of
+    generated data, a seed past int64 in the second of a comparison's runs, or a run of
+    diverged clients, are refused when the config is loaded, before anything is written."""
+    with pytest.raises(ConfigError):
+        load_config(None, sets)
+    assert_refused(cli_run(tmp_path, *sets), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("{}['missing']\n", "KeyError: 'missing'"),
+        ("def broken(:\n", "SyntaxError: invalid syntax"),
+        ("raise RuntimeError('no GPU here\\nsecond line')\n", "RuntimeError: no GPU here"),
+        ("1 / 0\n", "ZeroDivisionError: division by zero"),
+        ("raise SystemExit(3)\n", "SystemExit: 3"),
+        ("raise ValueError('bad option\\nmore')\n", "ValueError: bad option"),
+        ("import aq_no_such_module_at_all\n", "ModuleNotFoundError: No module named"),
+    ],
+    ids=["keyerror", "syntax", "runtime", "zerodivision", "systemexit", "valueerror", "import"],
+)
+def test_a_plugin_that_fails_to_import_is_an_error_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, fragment: str
+) -> None:
+    """Reproduces a plugin module that raises on import (anything but ImportError, or a
+    syntax error) ending in a traceback; the error names the module and the first line."""
+    (tmp_path / "aq_broken_plugin.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = cli_run(tmp_path, "compression.plugins=['aq_broken_plugin']")
+    assert_refused(result, "cannot import module 'aq_broken_plugin'", fragment)
+    assert "second line" not in result.output and "more" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -10,10 +10,16 @@ that a refused or failed run leaves every byte of it as it was.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import adaquantfl
@@ -21,6 +27,7 @@ from adaquantfl.cli import app
 from adaquantfl.data.idx import IDX_FILES
 from adaquantfl.runner import engines
 from adaquantfl.runner.config import ConfigError, load_config
+from adaquantfl.runner.files import LOCK_NAME, ResultsLock
 from adaquantfl.runner.preflight import config_diff
 
 BASE = """
@@ -165,6 +172,116 @@ def test_a_run_that_fails_midway_keeps_the_earlier_runs_files(
         k: v for k, v in before.items() if k != "config.toml"
     }
     assert set(after) == set(before)
+
+
+# --------------------------------------------------------------------------- one writer
+
+
+def run_files(out: Path) -> dict[str, Any]:
+    """What a results directory holds: its file names, rows without time, config, summary, model."""
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    rows = [json.loads(line) for line in (out / LABEL / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("time_s")  # wall-clock time is the one field a rerun cannot reproduce
+    model = torch.load(out / LABEL / "model.pt")
+    return {
+        "names": names,
+        "rows": rows,
+        "config": (out / "config.toml").read_text(),
+        "summary": json.loads((out / "summary.json").read_text()),
+        "model": {k: v.tolist() for k, v in model.items()},
+    }
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_and_the_first_is_untouched(
+    tmp_path: Path,
+) -> None:
+    """Two runs on one --out: the second is refused at once, whatever its flags.
+
+    Reproduces a 20-round ``--overwrite`` run started on the directory of a
+    longer run still streaming its metrics: both wrote the same
+    ``metrics.jsonl.partial``, and the directory ended with the long run's
+    rows, a torn line, and the short run's config.toml and summary.json.
+    """
+    config = tmp_path / "base.toml"
+    config.write_text(BASE)
+    long = ["--set", "train.rounds=60", "--set", "train.checkpoint_every=0"]
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "adaquantfl", "run", str(config), "--out", str(out), "-q", *long],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        lock = out / LOCK_NAME
+        # Wait until the first run owns the directory: it holds the lock (and,
+        # without one, once it has written its config).
+        while not (
+            (lock.is_file() and lock.read_text().startswith(f"pid {first.pid} "))
+            or (out / "config.toml").is_file()
+        ):
+            assert first.poll() is None, first.stderr.read() if first.stderr else ""
+            assert time.monotonic() < deadline, "the first run never started"
+            time.sleep(0.01)
+        second = [
+            cli("run", str(config), "--out", str(out), "-q", "--set", "train.rounds=20", *flags)
+            for flags in ([], ["--overwrite"], ["--resume"])
+        ]
+        still_running = first.poll() is None
+        assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert still_running, "the first run ended before the second tried: the test proves nothing"
+    for refused in second:
+        assert_error_line(refused, "is in use by another run", str(out), f"pid {first.pid} ")
+    alone = tmp_path / "alone"
+    ran = cli("run", str(config), "--out", str(alone), "-q", *long)
+    assert ran.exit_code == 0, ran.output
+    assert run_files(out) == run_files(alone)
+
+
+def test_run_compare_and_report_refuse_a_held_directory_and_write_nothing(
+    done: tuple[Path, Path, dict[str, tuple[str, int, int]]],
+) -> None:
+    config, out, before = done
+    sets = ["--set", "compare.target_loss=1.0"]
+    with ResultsLock(out, "run"):
+        held = snapshot(out)
+        for args in (
+            ["run", str(config), "--out", str(out), "-q", "--overwrite"],
+            ["run", str(config), "--out", str(out), "-q", "--resume", "--set", "train.rounds=6"],
+            ["compare", str(config), "--out", str(out), "-q", "--overwrite", *sets],
+            ["report", str(out)],
+        ):
+            result = cli(*args)
+            assert_error_line(result, "is in use by another run", f"pid {os.getpid()} ")
+            assert snapshot(out) == held
+    assert snapshot(out) == before  # the lock file goes with the lock
+
+
+def test_a_lock_file_left_by_a_killed_run_neither_blocks_nor_counts_as_results(
+    tmp_path: Path,
+) -> None:
+    """A crashed run's lock file and partial files do not stop or confuse the next run."""
+    config = tmp_path / "base.toml"
+    config.write_text(BASE)
+    out = tmp_path / "out"
+    (out / LABEL).mkdir(parents=True)
+    (out / LOCK_NAME).write_text("pid 999999999 on a machine long gone\n")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = out / LABEL / f"metrics.jsonl.{gone}.0123abcd.partial"
+    stale.write_text('{"round": 1}\n{"round": 2, "torn')
+    ran = cli("run", str(config), "--out", str(out), "-q")  # no --overwrite needed
+    assert ran.exit_code == 0, ran.output
+    assert not stale.exists() and not (out / LOCK_NAME).exists()
+    assert len((out / LABEL / "metrics.jsonl").read_text().splitlines()) == 4
+    (out / LOCK_NAME).write_text("pid 999999999 on a machine long gone\n")
+    report = cli("report", str(out))
+    assert report.exit_code == 0, report.output
 
 
 # --------------------------------------------------------------------------- resume

@@ -35,9 +35,11 @@ app = typer.Typer(
 # defaults to 80 columns there and would truncate the method names).
 console = Console(width=None if sys.stdout.isatty() else 160)
 
-ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (TOML).", show_default=False)]
+# Paths are taken as plain strings: click's Path type stats its value while
+# parsing and lets a ValueError (a NUL byte) escape as a traceback.
+ConfigArg = Annotated[str, typer.Argument(help="Experiment config (TOML).", show_default=False)]
 OutOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option("--out", "-o", help="Results directory [default: results/CONFIG-NAME]."),
 ]
 SetOpt = Annotated[
@@ -62,8 +64,8 @@ OverwriteOpt = Annotated[
 ]
 
 
-def _default_out(config: Path, out: Path | None) -> Path:
-    return out if out is not None else Path("results") / config.stem
+def _default_out(config: str, out: str | None) -> Path:
+    return Path(out) if out is not None else Path("results") / Path(config).stem
 
 
 @contextmanager
@@ -108,6 +110,8 @@ def _fail(exc: Exception) -> None:
     message = str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
         message = f"{message}: {exc.filename}"
+    if isinstance(exc, MemoryError):
+        message = f"out of memory: {message or 'an allocation failed'}"
     _error(message)
     raise typer.Exit(code=2)
 
@@ -148,7 +152,7 @@ def run(
             result = run_experiment(
                 cfg, out_dir, on_round=on_round, resume=resume, overwrite=overwrite
             )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MemoryError) as exc:
         _fail(exc)
         return
     s = result.summary
@@ -183,7 +187,7 @@ def compare(
             result = compare_experiment(
                 cfg, out_dir, on_round=on_round, resume=resume, overwrite=overwrite
             )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MemoryError) as exc:
         _fail(exc)
         return
     console.print(rich_table(result.summary))
@@ -196,14 +200,16 @@ def compare(
 
 
 @app.command()
-def report(results: Annotated[Path, typer.Argument(help="A results directory.")]) -> None:
+def report(results: Annotated[str, typer.Argument(help="A results directory.")]) -> None:
     """Re-draw the plots and table of a results directory."""
+    from adaquantfl.runner.preflight import hold_out_dir
     from adaquantfl.runner.report import load_results, rich_table, write_report
 
     try:
-        paths = write_report(results)
-        summary, _ = load_results(results)
-    except (ValueError, OSError) as exc:
+        with hold_out_dir(Path(results), "report"):  # it writes the plots: not while a run does
+            paths = write_report(results)
+            summary, _ = load_results(results)
+    except (ValueError, OSError, MemoryError) as exc:
         _fail(exc)
         return
     console.print(rich_table(summary))

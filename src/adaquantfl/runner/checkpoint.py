@@ -5,11 +5,14 @@ A checkpoint file is::
     b"AQCK" | format version (u8) | payload length (u64 LE) | SHA-256 of payload | payload
 
 where the payload is ``torch.save`` of a dict of tensors and plain data. It is
-written to a temporary file in the same directory, flushed and fsynced, and
-renamed over the old one (whose previous version is kept as
+written to a temporary file of its own in the same directory, flushed and
+fsynced, and renamed over the old one (whose previous version is kept as
 ``<name>.prev``); the directory is fsynced after the renames. A crash at any
-point leaves either the new or the previous checkpoint intact, and a torn or
-corrupt file is detected by its length and digest.
+point leaves either the new or the previous checkpoint intact, a failed write
+(a full disk) removes its temporary file, and a torn or corrupt file is
+detected by its length and digest. A file whose digest is right may still hold
+the wrong things: :func:`load_checkpoint` takes the caller's check of the
+contents and falls back to the previous file when the newest fails it.
 
 Notes
 -----
@@ -25,12 +28,13 @@ import io
 import logging
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from adaquantfl.runner.files import fsync_dir
+from adaquantfl.runner.files import fsync_dir, temp_path
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -52,15 +56,19 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     torch.save(state, buffer)
     payload = buffer.getvalue()
     header = _HEADER.pack(_MAGIC, _VERSION, len(payload), hashlib.sha256(payload).digest())
-    tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    if target.exists():
-        os.replace(target, target.with_name(target.name + ".prev"))
-    os.replace(tmp, target)
+    tmp = temp_path(target)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        if target.exists():
+            os.replace(target, target.with_name(target.name + ".prev"))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(target.parent)
 
 
@@ -96,8 +104,14 @@ def _read(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
+def load_checkpoint(
+    path: str | os.PathLike[str], check: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[dict[str, Any], Path]:
     """Load the newest intact checkpoint: ``path``, else ``path.prev``.
+
+    ``check`` (optional) checks the contents of a file whose digest is right:
+    a :class:`CheckpointError` it raises makes the file unusable, like a torn
+    one (the previous file is tried); any other exception propagates.
 
     Returns
     -------
@@ -113,6 +127,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     for candidate in (target, target.with_name(target.name + ".prev")):
         try:
             state = _read(candidate)
+            if check is not None:
+                try:
+                    check(state)
+                except CheckpointError as exc:
+                    raise CheckpointError(f"checkpoint {candidate} is unusable: {exc}") from None
         except CheckpointError as exc:
             problems.append(str(exc))
             if candidate == target and candidate.exists():

@@ -88,9 +88,11 @@ class CompressionConfig:
                 raise ConfigError(f"[compression] plugins must be module names, got {name!r}")
             try:
                 importlib.import_module(name)
-            except ImportError as exc:
+            except (Exception, SystemExit) as exc:  # a plugin's own code may raise anything
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise ConfigError(
-                    f"[compression] plugins: cannot import module {name!r}: {exc}"
+                    f"[compression] plugins: cannot import module {name!r}: "
+                    f"{type(exc).__name__}" + (f": {first}" if first else "")
                 ) from None
 
     def compressor_config(self) -> dict[str, Any]:

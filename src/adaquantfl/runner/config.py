@@ -28,13 +28,14 @@ from adaquantfl.fl.client import (
 from adaquantfl.models import INITS, MODELS
 from adaquantfl.runner.compression_config import CompressionConfig
 from adaquantfl.runner.fields import (
+    INT64_MAX,
     ConfigError,
     at_least,
     at_most,
     build_section,
     choice,
-    positive,
     validate,
+    within,
 )
 
 __all__ = [
@@ -53,6 +54,39 @@ ENGINES: tuple[str, ...] = ("sim", "flower")
 #: Where the simulator trains (``[train] device``); checked against the machine when built.
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
+# The ranges of the numeric keys, each with the reason shown when a value is outside it.
+STEP_MAX = 2.0**20
+STEP_WHY = (
+    "lr and prox_mu scale every local step in float32 arithmetic, whose largest value is "
+    "3.4e38; at most 2**20 each, they and their product stay finite (a larger lr does not "
+    "even convert to float32)"
+)
+ALPHA_RANGE = (1e-3, 1e6)
+ALPHA_WHY = (
+    "the Dirichlet label skew saturates outside it: below 0.001 most draws already give each "
+    "class to a single client, above 1e6 the split is iid to 0.1%"
+)
+SYNTHETIC_MAX = 2.0**20
+SYNTHETIC_WHY = (
+    "Synthetic(alpha, beta) draws features of scale beta and logits of scale ~60 x alpha x "
+    "beta; FedProx uses 0 to 1, and 2**20 keeps both finite in float32"
+)
+MAX_CLIENTS = 2**20
+CLIENTS_WHY = "each client needs a training sample of its own; no data set here has 2**20"
+#: Synthetic data are generated per client, about 100 kB each (10,000 clients: ~1 GB).
+MAX_SYNTHETIC_CLIENTS = 2**16
+SECONDS_MAX = 2.0**64
+SECONDS_WHY = "simulated seconds; no deadline binds beyond 2**64 s: leave deadline_s unset"
+SIGMA_MAX = 8.0
+SIGMA_WHY = (
+    "a log-scale spread: a client's time is client_time_s x exp(sigma x z + ...), z normal; "
+    "e**8 = 3000x already covers any device mix, and exp() stays finite for every draw"
+)
+LOSS_MAX = 2.0**64
+LOSS_WHY = "the server accepts no reported loss above 2**64, so no target beyond it means anything"
+MAX_SEEDS = 1024
+SEEDS_WHY = "each seed runs every method once more"
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -60,16 +94,23 @@ class DataConfig:
 
     dataset: str = field(default="digits", metadata=choice(*DATASETS))
     partition: str | None = field(default=None, metadata=choice(*PARTITIONS))
-    dirichlet_alpha: float = field(default=0.5, metadata=positive())
+    dirichlet_alpha: float = field(default=0.5, metadata=within(*ALPHA_RANGE, ALPHA_WHY))
     shards_per_client: int = field(default=2, metadata=at_least(1))
     min_client_samples: int = field(default=10, metadata=at_least(1))
-    synthetic_alpha: float = field(default=1.0, metadata=at_least(0))
-    synthetic_beta: float = field(default=1.0, metadata=at_least(0))
-    num_clients: int = field(default=10, metadata=at_least(1))
+    synthetic_alpha: float = field(default=1.0, metadata=within(0, SYNTHETIC_MAX, SYNTHETIC_WHY))
+    synthetic_beta: float = field(default=1.0, metadata=within(0, SYNTHETIC_MAX, SYNTHETIC_WHY))
+    num_clients: int = field(default=10, metadata=at_most(MAX_CLIENTS, CLIENTS_WHY))
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
         validate(self, "data")
+        if self.dataset == "synthetic" and self.num_clients > MAX_SYNTHETIC_CLIENTS:
+            raise ConfigError(
+                f"[data] num_clients = {self.num_clients}: must be <= {MAX_SYNTHETIC_CLIENTS} "
+                "for dataset 'synthetic' (it generates about 100 kB of data per client: "
+                f"{MAX_SYNTHETIC_CLIENTS} clients are some 6.5 GB); allowed range "
+                f"[1, {MAX_SYNTHETIC_CLIENTS}]"
+            )
 
 
 @dataclass(frozen=True)
@@ -90,22 +131,28 @@ class TrainConfig:
     rounds: int = field(default=100, metadata=at_least(1))
     local_steps: int = field(default=10, metadata=at_most(MAX_LOCAL_STEPS, LOCAL_STEPS_LIMIT))
     batch_size: int = field(default=32, metadata=at_most(MAX_BATCH_SIZE, BATCH_SIZE_LIMIT))
-    lr: float = field(default=0.05, metadata=positive())
+    lr: float = field(default=0.05, metadata=within(0, STEP_MAX, STEP_WHY, above=True))
     clients_per_round: int | None = field(default=None, metadata=at_least(1))
     seed: int = field(default=0, metadata=at_least(0))
     engine: str = field(default="sim", metadata=choice(*ENGINES))
     vectorize: bool = True
     device: str = field(default="cpu", metadata=choice(*DEVICES))
     checkpoint_every: int = field(default=0, metadata=at_least(0))
-    dropout: float = field(default=0.0, metadata={"min": 0, "max": 1})
-    deadline_s: float | None = field(default=None, metadata=positive())
-    client_time_s: float = field(default=1.0, metadata=positive())
-    client_time_sigma: float = field(default=0.5, metadata=at_least(0))
-    round_time_sigma: float = field(default=0.25, metadata=at_least(0))
+    dropout: float = field(default=0.0, metadata=within(0, 1, "a probability"))
+    deadline_s: float | None = field(
+        default=None, metadata=within(0, SECONDS_MAX, SECONDS_WHY, above=True)
+    )
+    client_time_s: float = field(
+        default=1.0, metadata=within(0, SECONDS_MAX, SECONDS_WHY, above=True)
+    )
+    client_time_sigma: float = field(default=0.5, metadata=within(0, SIGMA_MAX, SIGMA_WHY))
+    round_time_sigma: float = field(default=0.25, metadata=within(0, SIGMA_MAX, SIGMA_WHY))
     max_message_bytes: int | None = field(default=None, metadata=at_least(1))
-    prox_mu: float = field(default=0.0, metadata=at_least(0))
+    prox_mu: float = field(default=0.0, metadata=within(0, STEP_MAX, STEP_WHY))
     uplink_budget_bits: int | None = field(default=None, metadata=at_least(1))
-    max_weight_share: float | None = field(default=None, metadata={**positive(), "max": 1})
+    max_weight_share: float | None = field(
+        default=None, metadata=within(0, 1, "a share of the round's weight", above=True)
+    )
 
     def __post_init__(self) -> None:
         validate(self, "train")
@@ -128,9 +175,11 @@ class CompareConfig:
     """``[compare]``: which methods to run side by side and how to score them."""
 
     methods: tuple[dict[str, Any], ...] = ()
-    target_loss: float | None = field(default=None, metadata=positive())
+    target_loss: float | None = field(
+        default=None, metadata=within(0, LOSS_MAX, LOSS_WHY, above=True)
+    )
     smooth_rounds: int = field(default=10, metadata=at_least(1))
-    seeds: int = field(default=1, metadata=at_least(1))
+    seeds: int = field(default=1, metadata=at_most(MAX_SEEDS, SEEDS_WHY))
 
     def __post_init__(self) -> None:
         validate(self, "compare")
@@ -152,6 +201,13 @@ class Config:
             raise ConfigError(
                 f"[train] clients_per_round = {cpr} exceeds [data] num_clients = "
                 f"{self.data.num_clients}"
+            )
+        last_seed = self.train.seed + self.compare.seeds - 1
+        if last_seed > INT64_MAX:
+            raise ConfigError(
+                f"[train] seed = {self.train.seed} with [compare] seeds = {self.compare.seeds} "
+                f"runs seed {last_seed}: the last seed must be <= 2**63 - 1 (the random streams "
+                "pack it as a signed 64-bit integer)"
             )
         self.methods()  # validates every [compare] entry now, not mid-run
 
@@ -253,6 +309,11 @@ def load_config(
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(
+                f"config file {str(path)!r} nests arrays or tables deeper than the TOML "
+                "parser can follow"
+            ) from None
     for section, key, value in parse_overrides(overrides):
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
@@ -278,7 +339,7 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str, Any]]:
             )
         try:
             value = tomllib.loads(f"v = {text.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, RecursionError):
             value = text.strip()
         parsed.append((section, key, value))
     return parsed

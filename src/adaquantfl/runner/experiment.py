@@ -8,11 +8,14 @@ Results directory (DESIGN §7)::
     DIR/<label>/model.pt        the final global model (state_dict)
     DIR/*.png                   plots (see adaquantfl.runner.report)
 
-A run writes nothing before the config, the data and ``DIR`` pass
+A run holds ``DIR``'s lock for its whole life (one run per directory at a
+time), and writes nothing before the config, the data and ``DIR`` pass
 :func:`.preflight.preflight` (``DIR`` holding another run's results needs
-``overwrite``; ``resume`` needs the same config). Every file is written
-atomically (:mod:`.files`); ``metrics.jsonl`` streams to
-``metrics.jsonl.partial`` and replaces the old file only when its run ends.
+``overwrite``; ``resume`` needs the same config and a checkpoint that holds
+what a resume needs). Every file is written atomically (:mod:`.files`);
+``metrics.jsonl`` streams to a partial file of the run's own and replaces the
+old file only when its run ends. A resumed run rewrites ``config.toml`` (its
+new ``rounds``) only when it has finished, with ``summary.json``.
 """
 
 from __future__ import annotations
@@ -34,14 +37,16 @@ from adaquantfl.fl.record import RoundRecord
 from adaquantfl.runner.checkpoint import save_checkpoint
 from adaquantfl.runner.config import Config, ConfigError, MethodSpec, load_config
 from adaquantfl.runner.engines import ENGINES
-from adaquantfl.runner.files import StreamedFile, atomic_write
+from adaquantfl.runner.files import StreamedFile, atomic_write, remove_orphans
 from adaquantfl.runner.metrics import (
+    CUMULATIVE_KEYS,
     DEFAULT_TARGET_FACTOR,
     aggregate_seeds,
     final_mean,
     summarize_run,
 )
-from adaquantfl.runner.preflight import CHECKPOINT_NAME, Job, preflight, resume_state
+from adaquantfl.runner.preflight import Job, hold_out_dir, preflight
+from adaquantfl.runner.resume import CHECKPOINT_NAME, resume_state
 
 __all__ = ["CompareResult", "RunResult", "compare", "run"]
 
@@ -92,7 +97,7 @@ class _RowWriter:
         self.sink = sink
         self.on_round = on_round
         self.rows: list[dict[str, Any]] = []
-        self._cum = {"wire_bits": 0, "formula_bits": 0, "downlink_bits": 0}
+        self._cum = dict.fromkeys(CUMULATIVE_KEYS, 0)
         for row in rows:  # rows restored from a checkpoint
             self._emit(dict(row))
             for key in self._cum:
@@ -127,7 +132,7 @@ def _run_one(
     engine = ENGINES[config.train.engine]
     if run_dir is None and (resume or config.train.checkpoint_every):
         raise ConfigError("checkpoints and --resume need an output directory")
-    state = resume_state(config, run_dir) if resume and run_dir is not None else None
+    state = resume_state(config, run_dir, label) if resume and run_dir is not None else None
     if resume and run_dir is not None and state is None:
         logger.warning("no checkpoint in %s; starting the run from round 1", run_dir)
     elif state is not None:
@@ -176,6 +181,16 @@ def _run_one(
     return RunResult(label, config.train.seed, rows, summary, final.params, run_dir)
 
 
+def _remove_orphans(out: Path, jobs: Sequence[Job]) -> None:
+    """Temporary files of runs killed in ``out`` earlier (called holding its lock)."""
+    dirs = {out}
+    for job in jobs:
+        if job.run_dir is not None:
+            dirs |= {job.run_dir, job.run_dir.parent}
+    for directory in sorted(dirs):
+        remove_orphans(directory)
+
+
 def _write_config(config: Config, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "config.toml", tomli_w.dumps(config.to_dict()))
@@ -210,27 +225,32 @@ def run(
     spec = MethodSpec(cfg.compression, cfg.compression.label)
     out = Path(out_dir) if out_dir is not None else None
     job = Job(spec.label, cfg, out / spec.label if out is not None else None)
-    preflight([job], out, cfg, resume=resume, overwrite=overwrite)
-    if out is not None:
-        _write_config(cfg, out)
-    result = _run_one(
-        cfg,
-        spec.label,
-        job.run_dir,
-        target_loss=cfg.compare.target_loss,
-        smooth_rounds=cfg.compare.smooth_rounds,
-        on_round=on_round,
-        resume=resume,
-    )
-    if out is not None:
-        _write_summary(
-            out,
-            {
-                "target_loss": cfg.compare.target_loss,
-                "uplink_budget_bits": cfg.train.uplink_budget_bits,
-                "methods": {spec.label: result.summary},
-            },
+    with hold_out_dir(out, "run"):
+        preflight([job], out, cfg, resume=resume, overwrite=overwrite)
+        if out is not None:
+            _remove_orphans(out, [job])
+            if not resume:
+                _write_config(cfg, out)
+        result = _run_one(
+            cfg,
+            spec.label,
+            job.run_dir,
+            target_loss=cfg.compare.target_loss,
+            smooth_rounds=cfg.compare.smooth_rounds,
+            on_round=on_round,
+            resume=resume,
         )
+        if out is not None:
+            if resume:
+                _write_config(cfg, out)
+            _write_summary(
+                out,
+                {
+                    "target_loss": cfg.compare.target_loss,
+                    "uplink_budget_bits": cfg.train.uplink_budget_bits,
+                    "methods": {spec.label: result.summary},
+                },
+            )
     return result
 
 
@@ -270,9 +290,35 @@ def compare(
                 run_dir = out / spec.label if len(seeds) == 1 else out / spec.label / f"seed-{seed}"
             run_cfg = cfg.with_compression(spec.compression).with_seed(seed)
             jobs.append(Job(spec.label, run_cfg, run_dir))
-    preflight(jobs, out, cfg, resume=resume, overwrite=overwrite)
-    if out is not None:
-        _write_config(cfg, out)
+    with hold_out_dir(out, "compare"):
+        preflight(jobs, out, cfg, resume=resume, overwrite=overwrite)
+        if out is not None:
+            _remove_orphans(out, jobs)
+            if not resume:
+                _write_config(cfg, out)
+        runs, target = _run_jobs(jobs, specs, cfg, target, len(seeds), on_round, resume)
+        result = _score(cfg, specs, runs, target, out)
+        if out is not None:
+            if resume:
+                _write_config(cfg, out)
+            _write_summary(out, result.summary)
+            if plots:
+                from adaquantfl.runner.report import write_report
+
+                result.plots = write_report(out)
+    return result
+
+
+def _run_jobs(
+    jobs: Sequence[Job],
+    specs: Sequence[MethodSpec],
+    cfg: Config,
+    target: float | None,
+    n_seeds: int,
+    on_round: RoundCallback | None,
+    resume: bool,
+) -> tuple[dict[str, list[RunResult]], float | None]:
+    """Every job in order; fp32's runs set the default target of those after them."""
     runs: dict[str, list[RunResult]] = {s.label: [] for s in specs}
     for job in jobs:
         runs[job.label].append(
@@ -286,13 +332,23 @@ def compare(
                 resume=resume,
             )
         )
-        is_last_seed = len(runs[job.label]) == len(seeds)
+        is_last_seed = len(runs[job.label]) == n_seeds
         if target is None and job.config.compression.method == "fp32" and is_last_seed:
             finals = [final_mean(r.metrics, "train_loss") for r in runs[job.label]]
             present = [f for f in finals if f is not None]
             if present:
                 target = DEFAULT_TARGET_FACTOR * sum(present) / len(present)
-    # Re-score every run against the final target (fp32's own runs included).
+    return runs, target
+
+
+def _score(
+    cfg: Config,
+    specs: Sequence[MethodSpec],
+    runs: dict[str, list[RunResult]],
+    target: float | None,
+    out: Path | None,
+) -> CompareResult:
+    """Every run re-scored against the final target (fp32's own runs included), and the summary."""
     methods: dict[str, Any] = {}
     for spec in specs:
         for r in runs[spec.label]:
@@ -312,11 +368,4 @@ def compare(
         "uplink_budget_bits": cfg.train.uplink_budget_bits,
         "methods": methods,
     }
-    result = CompareResult(target_loss=target, summary=summary, runs=runs, out_dir=out)
-    if out is not None:
-        _write_summary(out, summary)
-        if plots:
-            from adaquantfl.runner.report import write_report
-
-            result.plots = write_report(out)
-    return result
+    return CompareResult(target_loss=target, summary=summary, runs=runs, out_dir=out)

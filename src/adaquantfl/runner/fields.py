@@ -3,6 +3,12 @@
 Every section of a config is a frozen dataclass whose fields carry a type and,
 where it is a choice or a bound, metadata that :func:`validate` checks, so a
 bad value is reported with its section, name and what is allowed.
+
+Every number has a range: a float field's bounds are in its metadata (each
+with the reason for it, shown with an error), and an integer field without an
+upper bound of its own is at most ``2**63 - 1``, the largest integer TOML and
+the random streams (which pack round, seed and client as signed 64-bit
+integers) hold.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "INT64_MAX",
     "ConfigError",
     "at_least",
     "at_most",
@@ -22,7 +29,12 @@ __all__ = [
     "choice",
     "positive",
     "validate",
+    "within",
 ]
+
+#: The largest value of an integer field without a bound of its own.
+INT64_MAX = 2**63 - 1
+_INT64_WHY = "a signed 64-bit integer, the largest TOML and the random streams hold"
 
 
 class ConfigError(ValueError):
@@ -44,6 +56,26 @@ def at_least(low: float) -> dict[str, Any]:
 def at_most(high: float, why: str, low: float = 1) -> dict[str, Any]:
     """At least ``low`` and at most ``high``; ``why`` is the reason for ``high``, shown with it."""
     return {"min": low, "max": high, "why": why}
+
+
+def within(low: float, high: float, why: str, *, above: bool = False) -> dict[str, Any]:
+    """In ``[low, high]`` (``(low, high]`` with ``above``); ``why`` is the reason, shown with it."""
+    return {"min": low, "max": high, "why": why, "exclusive": above}
+
+
+def _range(meta: Mapping[str, Any], high: float) -> str:
+    opening = "(" if meta.get("exclusive") else "["
+    return f"{opening}{_number(meta.get('min', '-inf'))}, {_number(high)}]"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**64:
+        value = int(value)
+    if isinstance(value, int) and value > 2**32 and (value & (value - 1)) == 0:
+        return f"2**{value.bit_length() - 1}"
+    if isinstance(value, int) and value > 2**32 and ((value + 1) & value) == 0:
+        return f"2**{value.bit_length()} - 1"
+    return str(value)
 
 
 def build_section(
@@ -69,7 +101,10 @@ def validate(obj: Any, section: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        where = f"[{section}] {f.name} = {value!r}"
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = f"{shown[:60]}... ({len(shown)} characters)"
+        where = f"[{section}] {f.name} = {shown}"
         _check_type(value, hints[f.name], where)
         if isinstance(value, int) and _is_float_hint(hints[f.name]):
             value = float(value)  # TOML writes 1 for 1.0; store the float
@@ -79,15 +114,21 @@ def validate(obj: Any, section: str) -> None:
             continue
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(f"{where} is not allowed; choose one of {list(meta['choices'])}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        high, why = meta.get("max"), meta.get("why")
+        if high is None and isinstance(value, int):
+            high, why = INT64_MAX, _INT64_WHY
+        reason = f" ({why})" if why else ""
+        allowed = f"; allowed range {_range(meta, high)}" if high is not None else ""
         if "min" in meta:
             low = meta["min"]
             if meta.get("exclusive") and not value > low:
-                raise ConfigError(f"{where}: must be > {low}")
+                raise ConfigError(f"{where}: must be > {_number(low)}{reason}{allowed}")
             if not meta.get("exclusive") and value < low:
-                raise ConfigError(f"{where}: must be >= {low}")
-        if "max" in meta and value > meta["max"]:
-            why = f" ({meta['why']})" if "why" in meta else ""
-            raise ConfigError(f"{where}: must be <= {meta['max']}{why}")
+                raise ConfigError(f"{where}: must be >= {_number(low)}{reason}{allowed}")
+        if high is not None and value > high:
+            raise ConfigError(f"{where}: must be <= {_number(high)}{reason}{allowed}")
 
 
 def _is_float_hint(hint: Any) -> bool:
@@ -114,6 +155,7 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
+            or (isinstance(value, int) and value.bit_length() > 1000)  # float() would overflow
             or not math.isfinite(value)
         ):
             raise ConfigError(f"{where}: must be a finite number")

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "CUMULATIVE_KEYS",
     "DEFAULT_TARGET_FACTOR",
     "SUMMARY_KEYS",
     "aggregate_seeds",
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 DEFAULT_TARGET_FACTOR = 1.01
+#: The per-round figures every metrics row also carries as running totals, ``cum_<key>``.
+CUMULATIVE_KEYS: tuple[str, ...] = ("wire_bits", "formula_bits", "downlink_bits")
 
 #: Per-method summary figures, in the order tables show them.
 SUMMARY_KEYS: tuple[str, ...] = (

@@ -1,22 +1,29 @@
 """Everything a run checks before it writes a byte into its results directory.
 
-A run that fails must not destroy results it did not produce (issue 12). So
-before anything is written, :func:`preflight` checks:
+A run that fails must not destroy results it did not produce. So before
+anything is written:
 
-1. ``--out``: a directory or nothing yet (not a file, nor below one);
+1. ``--out`` must be a directory or nothing yet (not a file, nor below one),
+   and no other run may hold it: :func:`hold_out_dir` takes its lock, for the
+   run's whole life;
+
+then, under that lock, :func:`preflight` checks
+
 2. every run's engine options, data (files included) and model, and that a
    client's first message fits ``[train] max_message_bytes``;
 3. ownership: a directory that holds another run's results is refused unless
    ``overwrite``; with ``resume`` the run it holds must have the same config
    (only ``[train] rounds`` may change), and every checkpoint to resume from
-   must be intact and not past ``rounds`` (:func:`resume_state`).
+   must be intact, hold what a resume needs and not be past ``rounds``
+   (:func:`.resume.resume_state`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +32,12 @@ from adaquantfl.compression.codec import message_bytes
 from adaquantfl.compression.container import frame_bytes
 from adaquantfl.compression.qsgd_compressor import QSGDCompressor
 from adaquantfl.runner.build import build_model, load_data
-from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint
 from adaquantfl.runner.config import Config, ConfigError
 from adaquantfl.runner.engines import check_engine
-from adaquantfl.runner.files import check_out_dir, results_in
+from adaquantfl.runner.files import ResultsLock, check_out_dir, results_in
+from adaquantfl.runner.resume import CHECKPOINT_NAME, config_changes, config_diff, resume_state
 
-__all__ = ["CHECKPOINT_NAME", "Job", "config_diff", "preflight", "resume_state"]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-#: The one key that may change when a run is resumed (a run may be extended).
-RESUMABLE_KEYS = ("train.rounds",)
+__all__ = ["CHECKPOINT_NAME", "Job", "config_diff", "hold_out_dir", "preflight"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,61 +51,24 @@ class Job:
     run_dir: Path | None
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
+@contextlib.contextmanager
+def hold_out_dir(out: Path | None, command: str) -> Iterator[None]:
+    """Hold ``out``'s :class:`~.files.ResultsLock` (after checking ``--out``) while the block runs.
 
-
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``"section.key (old -> new)"`` for every key whose value differs, ignoring ``rounds``."""
-    a, b = _flatten(old), _flatten(new)
-    missing = "unset"
-    return [
-        f"{key} ({a.get(key, missing)!r} -> {b.get(key, missing)!r})"
-        for key in sorted(set(a) | set(b))
-        if key not in RESUMABLE_KEYS and a.get(key, missing) != b.get(key, missing)
-    ]
-
-
-def _refuse_changes(where: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
-    changed = config_diff(old, new)
-    if changed:
-        raise ConfigError(
-            f"cannot resume {where}: the config differs from the run's in "
-            f"{', '.join(changed)}; only [train] rounds may change on resume "
-            "(to start over, drop --resume and pass --overwrite)"
-        )
-
-
-def resume_state(config: Config, run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint of ``run_dir`` if there is one, checked against ``config``.
-
-    Raises
-    ------
-    ConfigError
-        If no checkpoint file is intact, it was written with another config
-        (naming the keys), or it has run more than ``[train] rounds``.
+    The lock is taken before anything else is checked, so that the ownership
+    checks of :func:`preflight`, the checkpoints and every write happen with
+    no other run in the directory. A directory another run holds is refused
+    at once, whatever the flags.
     """
-    path = run_dir / CHECKPOINT_NAME
-    if not (path.exists() or path.with_name(path.name + ".prev").exists()):
-        return None
+    if out is None:
+        yield
+        return
     try:
-        state, source = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
-    _refuse_changes(f"{run_dir} ({source.name})", state["config"], config.to_dict())
-    if state["round"] > config.train.rounds:
-        raise ConfigError(
-            f"cannot resume {run_dir}: it already ran {state['round']} rounds, "
-            f"more than rounds = {config.train.rounds}"
-        )
-    return state
+        check_out_dir(out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    with ResultsLock(out, command):
+        yield
 
 
 def _first_message_bytes(config: Config, numel: int) -> tuple[int, str]:
@@ -161,7 +127,8 @@ def preflight(
 ) -> None:
     """Check ``--out``, every job's data, model and limits, and who owns ``out``; write nothing.
 
-    ``written`` is the config the run writes as ``out/config.toml``.
+    ``written`` is the config the run writes as ``out/config.toml``. Called
+    while holding ``out`` (:func:`hold_out_dir`).
 
     Raises
     ------
@@ -190,10 +157,12 @@ def preflight(
         return
     stored = _stored_config(out)
     if stored is not None:
-        _refuse_changes(str(out), stored, written.to_dict())
+        changes = config_changes(stored, written.to_dict())
+        if changes is not None:
+            raise ConfigError(f"cannot resume {out}: {changes}")
     resumable = False
     for job in jobs:  # one at a time: a checkpoint holds a model
-        if job.run_dir is not None and resume_state(job.config, job.run_dir) is not None:
+        if job.run_dir is not None and resume_state(job.config, job.run_dir, job.label):
             resumable = True
     if existing and stored is None and not resumable:
         raise ConfigError(

@@ -1,0 +1,321 @@
+"""Resuming a run: its checkpoint is checked, whole, before anything is written.
+
+A checkpoint's digest proves that a file is the one that was written, not
+that it holds what a resume needs: a file re-wrapped with a correct digest, or
+written by another version, may lack a key, hold a value of the wrong type, or
+hold a server whose round differs from the rows'. :func:`resume_state` loads
+the newest checkpoint of a run directory and checks, in order:
+
+1. the envelope: exactly the keys ``label, config, round, server, rows``, each
+   of its type; the config plain TOML data;
+2. the config: the same as the run's but for ``[train] rounds``, which may
+   not be below the rounds already run (a :class:`ConfigError` naming each
+   key that differs; the previous checkpoint is not tried, since it has the
+   same config);
+3. the rows: ``round`` of them, numbered 1, 2, ..., each with every key of a
+   metrics row and no other, of its type, and running totals that add up;
+4. the server: ``round_idx`` equal to ``round``, the uplink bits spent equal
+   to the rows' total, the model's parameters float32 of the model's size,
+   every client's residual of that size and every client id one of the
+   run's; then the server, policy, downlink and client states are loaded into
+   a freshly built simulator, whose own ``load_state_dict`` checks them, and
+   must export the very state they were loaded from (nothing coerced on the
+   way in).
+
+A checkpoint that fails 1, 3 or 4 is unusable, like a torn one: the previous
+checkpoint is tried (:func:`~.checkpoint.load_checkpoint`). Nothing here
+writes a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaquantfl.fl.record import RoundRecord
+from adaquantfl.runner.build import build_simulator
+from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint
+from adaquantfl.runner.config import Config, ConfigError
+from adaquantfl.runner.metrics import CUMULATIVE_KEYS
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "RESUMABLE_KEYS",
+    "check_checkpoint",
+    "config_changes",
+    "config_diff",
+    "resume_state",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+#: The one key that may change when a run is resumed (a run may be extended).
+RESUMABLE_KEYS = ("train.rounds",)
+
+_ENVELOPE = {"label": str, "config": dict, "round": int, "server": dict, "rows": list}
+_SERVER_KEYS = ("params", "round_idx", "schedule", "downlink", "clients", "uplink_bits_spent")
+#: What the server's own loaders raise on a state they cannot take.
+_LOAD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError,
+                RuntimeError)  # fmt: skip
+
+
+def _row_types() -> dict[str, tuple[type, bool]]:
+    """Every key of a metrics row: (int or float, whether None is allowed)."""
+    hints = typing.get_type_hints(RoundRecord)
+    out: dict[str, tuple[type, bool]] = {}
+    for f in dataclasses.fields(RoundRecord):
+        hint = hints[f.name]
+        args = (
+            typing.get_args(hint)
+            if typing.get_origin(hint) in (typing.Union, types.UnionType)
+            else (hint,)
+        )
+        base = next(a for a in args if a is not type(None))
+        out[f.name] = (base, type(None) in args)
+    for key in CUMULATIVE_KEYS:
+        out[f"cum_{key}"] = (int, False)
+    return out
+
+
+_ROW_TYPES = _row_types()
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"section.key (old -> new)"`` for every key whose value differs, ignoring ``rounds``."""
+    a, b = _flatten(old), _flatten(new)
+    missing = "unset"
+    return [
+        f"{key} ({a.get(key, missing)!r} -> {b.get(key, missing)!r})"
+        for key in sorted(set(a) | set(b))
+        if key not in RESUMABLE_KEYS and a.get(key, missing) != b.get(key, missing)
+    ]
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """Why ``new`` cannot resume a run of ``old`` (the keys that differ), or None if it can."""
+    changed = config_diff(old, new)
+    if not changed:
+        return None
+    return (
+        f"the config differs from the run's in {', '.join(changed)}; only [train] rounds may "
+        "change on resume (to start over, drop --resume and pass --overwrite)"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain(value: Any, where: str) -> None:
+    """Raise CheckpointError unless ``value`` is TOML-like data (tables, lists, scalars)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{where} has a key {key!r} that is not a string")
+            _plain(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain(item, f"{where}[{i}]")
+    elif not isinstance(value, str | int | float | bool):
+        raise CheckpointError(f"{where} holds a {type(value).__name__}, not config data")
+
+
+def _check_envelope(state: Mapping[str, Any], label: str) -> None:
+    missing = [k for k in _ENVELOPE if k not in state]
+    if missing:
+        raise CheckpointError(f"it has no {', '.join(repr(k) for k in missing)}")
+    extra = sorted(str(k) for k in state if k not in _ENVELOPE)
+    if extra:
+        raise CheckpointError(f"it has unexpected keys {extra}")
+    for key, kind in _ENVELOPE.items():
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"its {key!r} is a {type(value).__name__}, not a {kind.__name__}")
+    if state["label"] != label:
+        raise CheckpointError(f"it belongs to method {state['label']!r}, not {label!r}")
+    if state["round"] < 0:
+        raise CheckpointError(f"its round {state['round']} is negative")
+    _plain(state["config"], "its config")
+
+
+def _check_rows(rows: list[Any], done: int) -> None:
+    if len(rows) != done:
+        raise CheckpointError(f"it holds {len(rows)} metrics rows for round {done}")
+    totals = dict.fromkeys(CUMULATIVE_KEYS, 0)
+    for i, row in enumerate(rows):
+        where = f"metrics row {i + 1}"
+        if not isinstance(row, dict):
+            raise CheckpointError(f"its {where} is a {type(row).__name__}, not a table")
+        missing = sorted(set(_ROW_TYPES) - set(row))
+        extra = sorted(str(k) for k in set(row) - set(_ROW_TYPES))
+        if missing or extra:
+            raise CheckpointError(f"its {where} lacks {missing} or has unknown keys {extra}")
+        for key, (kind, optional) in _ROW_TYPES.items():
+            value = row[key]
+            if value is None and optional:
+                continue
+            if kind is int:
+                ok = _is_int(value) and value >= 0
+            else:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok:
+                raise CheckpointError(
+                    f"its {where} has {key} = {value!r}, not "
+                    + ("an integer >= 0" if kind is int else "a number")
+                )
+        if row["round"] != i + 1:
+            raise CheckpointError(f"its {where} is numbered round {row['round']}")
+        for key in CUMULATIVE_KEYS:
+            totals[key] += row[key]
+            if row[f"cum_{key}"] != totals[key]:
+                raise CheckpointError(
+                    f"its {where} has cum_{key} = {row[f'cum_{key}']}, but its rows add up to "
+                    f"{totals[key]}"
+                )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality of state dicts: tensors by dtype, shape and value; lists equal tuples."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if a.is_floating_point():
+            return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+        return bool(torch.equal(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return type(a) is type(b) and bool(a == b)
+
+
+def _check_server(server: dict[str, Any], done: int, rows: list[Any], config: Config) -> None:
+    missing = [k for k in _SERVER_KEYS if k not in server]
+    if missing:
+        raise CheckpointError(f"its server state has no {', '.join(repr(k) for k in missing)}")
+    extra = sorted(str(k) for k in server if k not in _SERVER_KEYS)
+    if extra:
+        raise CheckpointError(f"its server state has unexpected keys {extra}")
+    if not _is_int(server["round_idx"]) or server["round_idx"] != done:
+        raise CheckpointError(
+            f"its server is at round {server['round_idx']!r}, but the checkpoint is of round {done}"
+        )
+    spent = rows[-1]["cum_wire_bits"] if rows else 0
+    if not _is_int(server["uplink_bits_spent"]) or server["uplink_bits_spent"] != spent:
+        raise CheckpointError(
+            f"its server spent {server['uplink_bits_spent']!r} uplink bits, but its rows add "
+            f"up to {spent}"
+        )
+    try:
+        sim = build_simulator(config)
+    except ValueError as exc:  # the config itself was checked: say so, not that the file is bad
+        raise ConfigError(f"cannot rebuild the run to check its checkpoint: {exc}") from None
+    numel = sim.model.numel
+    params = server["params"]
+    if (
+        not isinstance(params, torch.Tensor)
+        or params.dtype != torch.float32
+        or params.layout != torch.strided
+        or params.shape != (numel,)
+    ):
+        what = (
+            f"{params.dtype} of shape {tuple(params.shape)}"
+            if isinstance(params, torch.Tensor)
+            else type(params).__name__
+        )
+        raise CheckpointError(f"its model parameters are {what}, not float32 of shape ({numel},)")
+    clients = server["clients"]
+    if not isinstance(clients, dict):
+        raise CheckpointError(f"its client states are a {type(clients).__name__}, not a table")
+    for cid, client in clients.items():
+        if not _is_int(cid) or not 0 <= cid < config.data.num_clients:
+            raise CheckpointError(
+                f"it holds the state of client {cid!r}, not one of the run's "
+                f"{config.data.num_clients} clients"
+            )
+        residual = client.get("residual") if isinstance(client, dict) else None
+        if not isinstance(residual, torch.Tensor) or residual.shape != (numel,):
+            raise CheckpointError(
+                f"client {cid}'s state is not a residual of the model's {numel} entries"
+            )
+    state = {k: server[k] for k in _SERVER_KEYS if k != "uplink_bits_spent"}
+    try:
+        sim.load_state_dict(state)
+        again = sim.state_dict()
+    except _LOAD_ERRORS as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"its server state does not load: {type(exc).__name__}: {first}"
+        ) from None
+    for key in state:
+        if not _same(again.get(key), state[key]):
+            raise CheckpointError(
+                f"its server's {key!r} state is not what the server writes (it loads as "
+                "something else)"
+            )
+
+
+def check_checkpoint(state: dict[str, Any], config: Config, label: str) -> None:
+    """Check a loaded checkpoint against ``config`` (see the module docstring).
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint is unusable (a previous one may be tried).
+    ConfigError
+        If it is intact but of another config, or has run more rounds than ``config``.
+    """
+    _check_envelope(state, label)
+    changes = config_changes(state["config"], config.to_dict())
+    if changes is not None:
+        raise ConfigError(changes)
+    done = state["round"]
+    if done > config.train.rounds:
+        raise ConfigError(f"it already ran {done} rounds, more than rounds = {config.train.rounds}")
+    _check_rows(state["rows"], done)
+    _check_server(state["server"], done, state["rows"], config)
+
+
+def resume_state(config: Config, run_dir: Path, label: str) -> dict[str, Any] | None:
+    """The newest usable checkpoint of ``run_dir`` (None if none), checked against ``config``.
+
+    Raises
+    ------
+    ConfigError
+        If no checkpoint file is intact and usable (naming what is wrong with
+        each), or the newest was written with another config (naming the
+        keys) or has run more than ``[train] rounds``.
+    """
+    path = run_dir / CHECKPOINT_NAME
+    if not (path.exists() or path.with_name(path.name + ".prev").exists()):
+        return None
+    try:
+        state, _ = load_checkpoint(path, lambda s: check_checkpoint(s, config, label))
+    except CheckpointError as exc:
+        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    return state
