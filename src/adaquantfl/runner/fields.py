@@ -14,11 +14,12 @@ integers) hold.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any
+
+from adaquantfl.validation import as_int, as_real, is_real
 
 __all__ = [
     "INT64_MAX",
@@ -114,7 +115,7 @@ def validate(obj: Any, section: str) -> None:
             continue
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(f"{where} is not allowed; choose one of {list(meta['choices'])}")
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_real(value):
             continue
         high, why = meta.get("max"), meta.get("why")
         if high is None and isinstance(value, int):
@@ -152,16 +153,11 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
             raise ConfigError(f"{where}: must be a table")
         return
     if hint is float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or (isinstance(value, int) and value.bit_length() > 1000)  # float() would overflow
-            or not math.isfinite(value)
-        ):
+        if as_real(value) is None:  # also an integer too large for a float
             raise ConfigError(f"{where}: must be a finite number")
         return
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if as_int(value) is None:
             raise ConfigError(f"{where}: must be an integer")
         return
     if hint is str:

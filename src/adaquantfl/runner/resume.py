@@ -29,7 +29,6 @@ writes a file.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
 import typing
@@ -39,11 +38,12 @@ from typing import Any
 
 import torch
 
-from adaquantfl.fl.record import RoundRecord
+from adaquantfl.fl.record import ROW_KEYS, RoundRecord
 from adaquantfl.runner.build import build_simulator
 from adaquantfl.runner.checkpoint import CheckpointError, load_checkpoint
 from adaquantfl.runner.config import Config, ConfigError
 from adaquantfl.runner.metrics import CUMULATIVE_KEYS
+from adaquantfl.validation import as_int, is_real
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -69,15 +69,15 @@ def _row_types() -> dict[str, tuple[type, bool]]:
     """Every key of a metrics row: (int or float, whether None is allowed)."""
     hints = typing.get_type_hints(RoundRecord)
     out: dict[str, tuple[type, bool]] = {}
-    for f in dataclasses.fields(RoundRecord):
-        hint = hints[f.name]
+    for name in ROW_KEYS:
+        hint = hints[name]
         args = (
             typing.get_args(hint)
             if typing.get_origin(hint) in (typing.Union, types.UnionType)
             else (hint,)
         )
         base = next(a for a in args if a is not type(None))
-        out[f.name] = (base, type(None) in args)
+        out[name] = (base, type(None) in args)
     for key in CUMULATIVE_KEYS:
         out[f"cum_{key}"] = (int, False)
     return out
@@ -117,10 +117,6 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None
         f"the config differs from the run's in {', '.join(changed)}; only [train] rounds may "
         "change on resume (to start over, drop --resume and pass --overwrite)"
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _plain(value: Any, where: str) -> None:
@@ -172,9 +168,10 @@ def _check_rows(rows: list[Any], done: int) -> None:
             if value is None and optional:
                 continue
             if kind is int:
-                ok = _is_int(value) and value >= 0
+                count = as_int(value)
+                ok = count is not None and count >= 0
             else:
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                ok = is_real(value)
             if not ok:
                 raise CheckpointError(
                     f"its {where} has {key} = {value!r}, not "
@@ -219,12 +216,12 @@ def _check_server(server: dict[str, Any], done: int, rows: list[Any], config: Co
     extra = sorted(str(k) for k in server if k not in _SERVER_KEYS)
     if extra:
         raise CheckpointError(f"its server state has unexpected keys {extra}")
-    if not _is_int(server["round_idx"]) or server["round_idx"] != done:
+    if as_int(server["round_idx"]) is None or server["round_idx"] != done:
         raise CheckpointError(
             f"its server is at round {server['round_idx']!r}, but the checkpoint is of round {done}"
         )
     spent = rows[-1]["cum_wire_bits"] if rows else 0
-    if not _is_int(server["uplink_bits_spent"]) or server["uplink_bits_spent"] != spent:
+    if as_int(server["uplink_bits_spent"]) is None or server["uplink_bits_spent"] != spent:
         raise CheckpointError(
             f"its server spent {server['uplink_bits_spent']!r} uplink bits, but its rows add "
             f"up to {spent}"
@@ -251,7 +248,7 @@ def _check_server(server: dict[str, Any], done: int, rows: list[Any], config: Co
     if not isinstance(clients, dict):
         raise CheckpointError(f"its client states are a {type(clients).__name__}, not a table")
     for cid, client in clients.items():
-        if not _is_int(cid) or not 0 <= cid < config.data.num_clients:
+        if as_int(cid) is None or not 0 <= cid < config.data.num_clients:
             raise CheckpointError(
                 f"it holds the state of client {cid!r}, not one of the run's "
                 f"{config.data.num_clients} clients"
