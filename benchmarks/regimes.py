@@ -154,14 +154,14 @@ def run_job(job: Job, fresh: bool) -> dict[str, Any]:
 
 
 def bits_to(rows: Sequence[dict[str, Any]], target: float, smooth: int = 10) -> int | None:
-    from adaquantfl.runner.metrics import first_round_at_target
+    from adaquantfl.runner.report import first_round_at_target
 
     hit = first_round_at_target(rows, target, smooth)
     return None if hit is None else int(rows[hit]["cum_wire_bits"])
 
 
 def final_loss(rows: Sequence[dict[str, Any]]) -> float:
-    from adaquantfl.runner.metrics import final_mean
+    from adaquantfl.runner.report import final_mean
 
     value = final_mean(rows, "train_loss")
     if value is None:
@@ -177,7 +177,7 @@ def at_budget(rows: Sequence[dict[str, Any]], budget: int) -> tuple[float | None
     simulator is deterministic and a budget stop only drops the rounds
     after), so their final means are what that run would report.
     """
-    from adaquantfl.runner.metrics import final_mean
+    from adaquantfl.runner.report import final_mean
 
     kept = [r for r in rows if r["cum_wire_bits"] <= budget]
     if not kept:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from adaquantfl.cli import app
 from adaquantfl.runner.config import (
+    INT64_MAX,
     CompareConfig,
     CompressionConfig,
     Config,
@@ -22,7 +23,6 @@ from adaquantfl.runner.config import (
     load_config,
     parse_overrides,
 )
-from adaquantfl.runner.fields import INT64_MAX
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -269,7 +269,7 @@ def _alternatives(q: Quantized) -> dict[str, bytes]:
     return out
 
 
-def test_the_reviewers_second_form_of_one_vector_is_rejected() -> None:
+def test_a_second_valid_looking_form_of_one_vector_is_rejected() -> None:
     # Both decode to 10 zeros at s = 7 (norm 0): the encoder's body 00 00
     # (k = 0, m = 0) and 01 00 (k = 1: ten zero low bits from an empty coder).
     canonical = bytes.fromhex("415101020a070002000000000000339804fe")

@@ -16,7 +16,7 @@ import adaquantfl
 from adaquantfl.cli import app
 from adaquantfl.policy import adaquant_levels
 from adaquantfl.runner.experiment import run
-from adaquantfl.runner.metrics import final_mean, first_round_at_target
+from adaquantfl.runner.report import final_mean, first_round_at_target
 
 ROWS_KEYS = {
     "round", "levels", "wire_bits", "cum_wire_bits", "formula_bits", "downlink_bits",

@@ -97,7 +97,7 @@ def test_an_absurd_num_examples_is_rejected_and_the_round_goes_on(n: Any) -> Non
 
 
 def test_three_clients_at_int64_max_do_not_crash_the_round() -> None:
-    # Issue 12: sum(weights) overflowed torch's int64 and raised OverflowError.
+    # Once, sum(weights) overflowed torch's int64 and raised OverflowError.
     server = FedServer(torch.zeros(D), FixedLevels(2), QSGDCompressor())
     out = server.aggregate([ClientReply(i, payload(i), 1.0, 2**63 - 1) for i in range(3)])
     assert out.participants == 0 and out.rejected == 3
@@ -245,7 +245,7 @@ def test_an_unusable_loss_is_rejected(loss: Any) -> None:
 def test_a_steered_loss_never_makes_a_policy_overflow(
     policy_factory: Any, losses: tuple[float, float]
 ) -> None:
-    # Issue 12: 5e-324 in round 2 (or 1e308 then 1e-10) raised OverflowError in
+    # Once, 5e-324 in round 2 (or 1e308 then 1e-10) raised OverflowError in
     # adaquant_levels. Every round must complete with levels in range.
     policy = policy_factory()
     server = FedServer(torch.zeros(D), policy, QSGDCompressor())
@@ -299,7 +299,7 @@ def test_a_policy_that_raises_on_a_round_does_not_stop_it() -> None:
     "cid", [None, "a", 2**100, -3, 2**63, [1], 1.0, True], ids=lambda c: repr(c)[:20]
 )
 def test_an_unusable_client_id_is_rejected_beside_int_ids(cid: Any) -> None:
-    # Issue 12: None or a str beside ints raised TypeError in sorted().
+    # Once, None or a str beside ints raised TypeError in sorted().
     server = FedServer(torch.zeros(D), FixedLevels(2), QSGDCompressor())
     out = server.aggregate([good(0), ClientReply(cid, payload(2), 1.0, 5), good(1)])
     assert out.participants == 2 and out.rejected == 1
@@ -379,7 +379,7 @@ def test_a_reply_in_another_encoding_is_rejected_from_its_header_alone(
 
 
 def test_a_tiny_entropy_message_claiming_a_huge_vector_costs_nothing() -> None:
-    # Issue 12: 25 bytes claiming 10**7 entries cost 0.55 s and 114 MiB before rejection.
+    # Once, 25 bytes claiming 10**7 entries cost 0.55 s and 114 MiB before rejection.
     numel = 10**7
     norms = np.ones(1, dtype=np.float32)
     message = build_message(ENCODINGS["entropy"], numel, 3, 0, norms, 5, lambda out: None)

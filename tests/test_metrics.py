@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adaquantfl.runner.metrics import (
+from adaquantfl.runner.report import (
     aggregate_seeds,
     final_mean,
     first_round_at_target,

@@ -1,9 +1,9 @@
 """A run never destroys results it did not produce, and a user's mistake is an ``error:`` line.
 
-Issue 12: a run that failed on its data truncated an earlier run's metrics
-and replaced its config.toml; a refused --resume still rewrote config.toml;
---resume with changed levels silently started over; several mistakes ended
-in a traceback. Every test here snapshots the results directory and checks
+Each test reproduces a way a run once damaged earlier results (a run that
+failed on its data truncated an earlier run's metrics and replaced its
+config.toml; a refused --resume rewrote config.toml; --resume with changed
+levels silently started over) or ended in a traceback. Every test here snapshots the results directory and checks
 that a refused or failed run leaves every byte of it as it was.
 """
 

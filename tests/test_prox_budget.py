@@ -12,7 +12,7 @@ import adaquantfl
 from adaquantfl.fl.client import LocalTraining, draw_minibatches, local_sgd
 from adaquantfl.models import make_model
 from adaquantfl.runner.config import ConfigError, load_config
-from adaquantfl.runner.metrics import final_mean
+from adaquantfl.runner.report import final_mean
 from adaquantfl.sim.vectorized import BatchedTrainer
 from tests.test_fl import tiny_data
 

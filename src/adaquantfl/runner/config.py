@@ -5,18 +5,30 @@ a bad key or value is reported with its section, name and what is allowed::
 
     [train] lr = -1.0: must be > 0
     unknown key 'train.roundz'; allowed keys in [train]: batch_size, ...
+
+This module is the whole config: the typed fields and their checks (each
+number with a range and the reason for it), the ``[compression]`` section (the
+level policy, the compressor, error feedback, the downlink), the other
+sections, and loading a file with overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import tomllib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaquantfl.compression.compressor import COMPRESSORS, compressor_from_config
+from adaquantfl.compression.feedback import ErrorFeedback
+from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS
+from adaquantfl.compression.qsgd_compressor import MESSAGE_ENCODINGS
 from adaquantfl.data import DATASETS, PARTITIONS
 from adaquantfl.fl.client import (
     BATCH_SIZE_LIMIT,
@@ -26,19 +38,13 @@ from adaquantfl.fl.client import (
     LocalTraining,
 )
 from adaquantfl.models import INITS, MODELS
-from adaquantfl.runner.compression_config import CompressionConfig
-from adaquantfl.runner.fields import (
-    INT64_MAX,
-    ConfigError,
-    at_least,
-    at_most,
-    build_section,
-    choice,
-    validate,
-    within,
-)
+from adaquantfl.policy import POLICIES, LevelPolicy, make_policy
+from adaquantfl.policy.registry import LEVELLESS
+from adaquantfl.validation import as_int, as_real, is_real
 
 __all__ = [
+    "INT64_MAX",
+    "QSGD_KEYS",
     "CompareConfig",
     "CompressionConfig",
     "Config",
@@ -46,9 +52,322 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "TrainConfig",
+    "at_least",
+    "at_most",
+    "build_section",
+    "choice",
     "load_config",
     "parse_overrides",
+    "positive",
+    "validate",
+    "within",
 ]
+
+
+#: The largest value of an integer field without a bound of its own.
+INT64_MAX = 2**63 - 1
+_INT64_WHY = "a signed 64-bit integer, the largest TOML and the random streams hold"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not allowed; the text names it."""
+
+
+def choice(*choices: str) -> dict[str, Any]:
+    return {"choices": tuple(choices)}
+
+
+def positive() -> dict[str, Any]:
+    return {"min": 0, "exclusive": True}
+
+
+def at_least(low: float) -> dict[str, Any]:
+    return {"min": low}
+
+
+def at_most(high: float, why: str, low: float = 1) -> dict[str, Any]:
+    """At least ``low`` and at most ``high``; ``why`` is the reason for ``high``, shown with it."""
+    return {"min": low, "max": high, "why": why}
+
+
+def within(low: float, high: float, why: str, *, above: bool = False) -> dict[str, Any]:
+    """In ``[low, high]`` (``(low, high]`` with ``above``); ``why`` is the reason, shown with it."""
+    return {"min": low, "max": high, "why": why, "exclusive": above}
+
+
+def _range(meta: Mapping[str, Any], high: float) -> str:
+    opening = "(" if meta.get("exclusive") else "["
+    return f"{opening}{_number(meta.get('min', '-inf'))}, {_number(high)}]"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**64:
+        value = int(value)
+    if isinstance(value, int) and value > 2**32 and (value & (value - 1)) == 0:
+        return f"2**{value.bit_length() - 1}"
+    if isinstance(value, int) and value > 2**32 and ((value + 1) & value) == 0:
+        return f"2**{value.bit_length()} - 1"
+    return str(value)
+
+
+def build_section(
+    cls: type, values: Mapping[str, Any], section: str, *, strict_keys: Mapping[str, Any]
+) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(strict_keys) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {section}.{unknown[0]!s}; allowed keys in [{section}]: {', '.join(names)}"
+        )
+    kwargs = {k: v for k, v in values.items() if k in names}
+    for key, value in kwargs.items():  # TOML arrays -> the tuples the dataclasses hold
+        if isinstance(value, list):
+            kwargs[key] = tuple(value)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(f"[{section}]: {exc}") from None
+
+
+def validate(obj: Any, section: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = f"{shown[:60]}... ({len(shown)} characters)"
+        where = f"[{section}] {f.name} = {shown}"
+        _check_type(value, hints[f.name], where)
+        if isinstance(value, int) and _is_float_hint(hints[f.name]):
+            value = float(value)  # TOML writes 1 for 1.0; store the float
+            object.__setattr__(obj, f.name, value)
+        meta = f.metadata
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{where} is not allowed; choose one of {list(meta['choices'])}")
+        if not is_real(value):
+            continue
+        high, why = meta.get("max"), meta.get("why")
+        if high is None and isinstance(value, int):
+            high, why = INT64_MAX, _INT64_WHY
+        reason = f" ({why})" if why else ""
+        allowed = f"; allowed range {_range(meta, high)}" if high is not None else ""
+        if "min" in meta:
+            low = meta["min"]
+            if meta.get("exclusive") and not value > low:
+                raise ConfigError(f"{where}: must be > {_number(low)}{reason}{allowed}")
+            if not meta.get("exclusive") and value < low:
+                raise ConfigError(f"{where}: must be >= {_number(low)}{reason}{allowed}")
+        if high is not None and value > high:
+            raise ConfigError(f"{where}: must be <= {_number(high)}{reason}{allowed}")
+
+
+def _is_float_hint(hint: Any) -> bool:
+    return hint is float or float in typing.get_args(hint)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return
+        hint = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{where}: must be a list")
+        return
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: must be a table")
+        return
+    if hint is float:
+        if as_real(value) is None:  # also an integer too large for a float
+            raise ConfigError(f"{where}: must be a finite number")
+        return
+    if hint is int:
+        if as_int(value) is None:
+            raise ConfigError(f"{where}: must be an integer")
+        return
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string")
+        return
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
+        return
+    if not isinstance(value, hint):  # pragma: no cover - every field type is handled above
+        raise ConfigError(f"{where}: must be of type {hint}")
+
+
+#: The QSGD options that ``[compression]`` also takes as keys of its own (the
+#: keys of the paper's configs, kept working beside ``[compression.options]``).
+QSGD_KEYS: tuple[str, ...] = ("encoding", "bucket_size", "norm")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """``[compression]``: the level policy (method), the compressor, and the downlink.
+
+    ``method`` names a policy (:data:`adaquantfl.policy.POLICIES`), with
+    ``levels`` (s for fixed levels, s0 for AdaQuantFL), ``min_levels``,
+    ``max_levels`` and ``[compression.policy_options]``. ``compressor`` names
+    a compressor (:data:`adaquantfl.compression.compressor.COMPRESSORS`) with
+    ``[compression.options]``; QSGD's ``encoding``, ``bucket_size`` and
+    ``norm`` may also be given as keys of ``[compression]``.
+    ``error_feedback`` wraps the compressor in
+    :class:`~adaquantfl.compression.feedback.ErrorFeedback`. ``downlink``
+    names a compressor for the model the server sends (``"none"``: raw
+    float32, the paper), at ``downlink_levels`` with ``[compression.downlink_options]``.
+    ``plugins`` lists modules to import first: a compressor or policy of the
+    user's own registers itself when its module is imported (the Flower
+    engine imports them on every client too).
+    """
+
+    method: str = "adaquantfl"
+    levels: int = field(default=2, metadata={"min": 1, "max": MAX_LEVELS})
+    compressor: str = "qsgd"
+    options: dict[str, Any] = field(default_factory=dict)
+    encoding: str | None = field(default=None, metadata=choice(*MESSAGE_ENCODINGS))
+    bucket_size: int | None = field(default=None, metadata=at_least(1))
+    norm: str | None = field(default=None, metadata=choice(*NORMS))
+    min_levels: int = field(default=1, metadata={"min": 1, "max": MAX_LEVELS})
+    max_levels: int = field(default=2**16, metadata={"min": 1, "max": MAX_LEVELS})
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    error_feedback: bool = False
+    downlink: str = "none"
+    downlink_levels: int = field(default=255, metadata={"min": 1, "max": MAX_LEVELS})
+    downlink_options: dict[str, Any] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate(self, "compression")
+        self.import_plugins()
+        # Checked here, not by field metadata: a plugin registers its names on import.
+        for key, value, allowed in (
+            ("method", self.method, sorted(POLICIES)),
+            ("compressor", self.compressor, sorted(COMPRESSORS)),
+            ("downlink", self.downlink, ["none", *sorted(COMPRESSORS)]),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"[compression] {key} = {value!r} is not allowed; choose one of {allowed}"
+                )
+        if self.method == "adaquantfl" and not (self.min_levels <= self.levels <= self.max_levels):
+            raise ConfigError(
+                f"[compression] levels = {self.levels} must lie in [min_levels, max_levels] = "
+                f"[{self.min_levels}, {self.max_levels}] for adaquantfl"
+            )
+        # Build both once now, so that a bad option is reported when the config
+        # is loaded, not in the middle of a run.
+        self.build_compressor()
+        self.build_downlink_compressor()
+        self.build_policy()
+
+    def import_plugins(self) -> None:
+        """Import the modules of ``plugins`` (each registers compressors or policies)."""
+        for name in self.plugins:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"[compression] plugins must be module names, got {name!r}")
+            try:
+                importlib.import_module(name)
+            except (Exception, SystemExit) as exc:  # a plugin's own code may raise anything
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConfigError(
+                    f"[compression] plugins: cannot import module {name!r}: "
+                    f"{type(exc).__name__}" + (f": {first}" if first else "")
+                ) from None
+
+    def compressor_config(self) -> dict[str, Any]:
+        """``{"compressor": name, "options": {...}}``; for qsgd with the QSGD keys merged in.
+
+        ``encoding``, ``bucket_size`` and ``norm`` of ``[compression]`` are the
+        qsgd compressor's options (so that a ``[compare]`` entry can switch to
+        another compressor without unsetting them); other compressors take
+        theirs from ``[compression.options]`` alone.
+        """
+        options = dict(self.options)
+        if self.compressor != "qsgd":
+            return {"compressor": self.compressor, "options": options}
+        for key in QSGD_KEYS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key in options and options[key] != value:
+                raise ConfigError(
+                    f"[compression] {key} = {value!r} contradicts [compression.options] "
+                    f"{key} = {options[key]!r}"
+                )
+            options[key] = value
+        return {"compressor": self.compressor, "options": options}
+
+    def build_compressor(self) -> Any:
+        """The clients' compressor (wrapped in error feedback when that is on)."""
+        try:
+            compressor = compressor_from_config(self.compressor_config())
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"[compression] {exc}") from None
+        return ErrorFeedback(compressor) if self.error_feedback else compressor
+
+    def build_downlink_compressor(self) -> Any:
+        """The server's compressor of the model it sends, or None (raw float32)."""
+        if self.downlink == "none":
+            if self.downlink_options:
+                raise ConfigError(
+                    "[compression] downlink_options need a downlink compressor; set downlink"
+                )
+            return None
+        try:
+            return compressor_from_config(
+                {"compressor": self.downlink, "options": self.downlink_options}
+            )
+        except ValueError as exc:
+            raise ConfigError(f"[compression] downlink: {exc}") from None
+
+    def build_policy(self, rounds: int = 100) -> LevelPolicy:
+        """A fresh level policy of ``method`` for a run of ``rounds`` rounds."""
+        try:
+            return make_policy(
+                self.method,
+                levels=self.levels,
+                min_levels=self.min_levels,
+                max_levels=self.max_levels,
+                rounds=rounds,
+                options=dict(self.policy_options),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"[compression] method {self.method!r}: {exc}") from None
+
+    @property
+    def resolved_encoding(self) -> str | None:
+        """The QSGD encoding in use (None for other compressors)."""
+        if self.compressor != "qsgd":
+            return None
+        return str(self.compressor_config()["options"].get("encoding", "packed"))
+
+    @property
+    def label(self) -> str:
+        """``fp32``, ``qsgd-s<levels>`` or ``adaquantfl-s<levels>`` (DESIGN §7).
+
+        Other compressors prefix their name (``topk``, or ``topk-qsgd-s2`` for
+        one that takes levels); ``-ef`` marks error feedback and ``-dl`` a
+        compressed downlink.
+        """
+        base = self.method if self.method in LEVELLESS else f"{self.method}-s{self.levels}"
+        if self.compressor != "qsgd" and self.method != "fp32":
+            takes_levels = COMPRESSORS[self.compressor].takes_levels
+            base = f"{self.compressor}-{base}" if takes_levels else self.compressor
+        if self.error_feedback and self.method != "fp32":
+            base += "-ef"
+        if self.downlink != "none":
+            base += "-dl"
+        return base
+
 
 ENGINES: tuple[str, ...] = ("sim", "flower")
 #: Where the simulator trains (``[train] device``); checked against the machine when built.

@@ -34,19 +34,18 @@ import tomli_w
 import torch
 
 from adaquantfl.fl.record import RoundRecord
-from adaquantfl.runner.checkpoint import save_checkpoint
+from adaquantfl.runner.checkpoint import CHECKPOINT_NAME, resume_state, save_checkpoint
 from adaquantfl.runner.config import Config, ConfigError, MethodSpec, load_config
 from adaquantfl.runner.engines import ENGINES
 from adaquantfl.runner.files import StreamedFile, atomic_write, remove_orphans
-from adaquantfl.runner.metrics import (
+from adaquantfl.runner.preflight import Job, hold_out_dir, preflight
+from adaquantfl.runner.report import (
     CUMULATIVE_KEYS,
     DEFAULT_TARGET_FACTOR,
     aggregate_seeds,
     final_mean,
     summarize_run,
 )
-from adaquantfl.runner.preflight import Job, hold_out_dir, preflight
-from adaquantfl.runner.resume import CHECKPOINT_NAME, resume_state
 
 __all__ = ["CompareResult", "RunResult", "compare", "run"]
 

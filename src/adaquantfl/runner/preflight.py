@@ -32,10 +32,10 @@ from adaquantfl.compression.codec import message_bytes
 from adaquantfl.compression.container import frame_bytes
 from adaquantfl.compression.qsgd_compressor import QSGDCompressor
 from adaquantfl.runner.build import build_model, load_data
+from adaquantfl.runner.checkpoint import CHECKPOINT_NAME, config_changes, config_diff, resume_state
 from adaquantfl.runner.config import Config, ConfigError
 from adaquantfl.runner.engines import check_engine
 from adaquantfl.runner.files import ResultsLock, check_out_dir, results_in
-from adaquantfl.runner.resume import CHECKPOINT_NAME, config_changes, config_diff, resume_state
 
 __all__ = ["CHECKPOINT_NAME", "Job", "config_diff", "hold_out_dir", "preflight"]
 
