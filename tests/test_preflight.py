@@ -3,8 +3,9 @@
 Each test reproduces a way a run once damaged earlier results (a run that
 failed on its data truncated an earlier run's metrics and replaced its
 config.toml; a refused --resume rewrote config.toml; --resume with changed
-levels silently started over) or ended in a traceback. Every test here snapshots the results directory and checks
-that a refused or failed run leaves every byte of it as it was.
+levels silently started over) or ended in a traceback. Every test here
+snapshots the results directory and checks that a refused or failed run
+leaves every byte of it as it was.
 """
 
 from __future__ import annotations

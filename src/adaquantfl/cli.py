@@ -64,6 +64,18 @@ OverwriteOpt = Annotated[
 ]
 
 
+def _own_code_importable(config: str) -> None:
+    """Let a config name modules in the working directory or next to the config file.
+
+    A config's ``[model] name``, ``[data] dataset`` and ``[compression] plugins``
+    may name a user's own modules (``"netlib:make_net"``); as with ``python -m``,
+    those in the current directory import, and so do those beside the config.
+    """
+    for directory in (Path.cwd(), Path(config).resolve().parent):
+        if str(directory) not in sys.path:
+            sys.path.insert(0, str(directory))
+
+
 def _default_out(config: str, out: str | None) -> Path:
     return Path(out) if out is not None else Path("results") / Path(config).stem
 
@@ -147,6 +159,7 @@ def run(
 
     out_dir = _default_out(config, out)
     try:
+        _own_code_importable(config)
         cfg = load_config(config, set_ or [])
         with _progress(cfg.train.rounds, quiet) as on_round:
             result = run_experiment(
@@ -182,6 +195,7 @@ def compare(
 
     out_dir = _default_out(config, out)
     try:
+        _own_code_importable(config)
         cfg = load_config(config, set_ or [])
         with _progress(cfg.train.rounds, quiet) as on_round:
             result = compare_experiment(

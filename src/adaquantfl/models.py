@@ -9,6 +9,7 @@ the same code can evaluate any ``w`` through ``torch.func.functional_call``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from adaquantfl.batched import (
     cross_entropy_grad,
     linear_sgd_,
 )
+from adaquantfl.imports import call_factory, import_object, is_import_path
 from adaquantfl.validation import check_choice
 
 __all__ = ["CNN", "MLP", "MODELS", "CNN1d", "FlatModel", "LogisticRegression", "make_model"]
@@ -291,9 +293,12 @@ class FlatModel:
     def __init__(self, module: nn.Module) -> None:
         if any(True for _ in module.buffers()):
             raise ValueError(
-                "models with buffers (e.g. BatchNorm) are not supported: the federated loop "
-                "averages parameters only"
+                "models with buffers (e.g. BatchNorm) are not supported here: the simulator "
+                "averages parameters only (the Flower integration carries buffers beside the "
+                "update, see docs/flower.md)"
             )
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError("the model has no trainable parameters")
         self.module = module
         slots = []
         offset = 0
@@ -417,10 +422,54 @@ class FlatModel:
         return {name: t.clone() for name, t in self.unflatten(flat).items()}
 
 
-def make_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> FlatModel:
-    """Build model ``name`` (a key of :data:`MODELS`) as a :class:`FlatModel`."""
+def make_model(
+    name: str | nn.Module | Callable[..., nn.Module],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    seed: int = 0,
+) -> FlatModel:
+    """Build model ``name`` as a :class:`FlatModel`.
+
+    ``name`` is a key of :data:`MODELS`, or a user's own model: an import path
+    ``"package.module:make_net"`` (or a ``"python:"`` name, see
+    :mod:`adaquantfl.imports`) of a factory, the factory itself, or an
+    ``nn.Module``. A factory is called with those of ``input_shape`` and
+    ``num_classes`` that it takes by name and must return an ``nn.Module``
+    whose forward maps a batch of inputs to class logits; an ``nn.Module``
+    instance is copied, so the caller's stays as it is. A factory runs with
+    PyTorch's global generator seeded from ``seed`` (and restored after), so
+    that layers it initialises itself come out the same in every run.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, a path that does not import, a factory that
+        fails or returns something else than an ``nn.Module``, or a module
+        the federated loop cannot train (buffers, no parameters).
+    """
+    if isinstance(name, str) and name in MODELS:
+        return FlatModel(MODELS[name](tuple(input_shape), num_classes))
+    if isinstance(name, str) and not is_import_path(name):
+        raise ValueError(
+            f"unknown model {name!r}; allowed: {sorted(MODELS)} or an import path "
+            "'package.module:factory' of your own (a callable returning an nn.Module)"
+        )
+    what = f"name {name!r}" if isinstance(name, str) else "model"
+    obj = import_object(name, what) if isinstance(name, str) else name
+    if isinstance(obj, nn.Module):
+        module = copy.deepcopy(obj)
+    elif callable(obj):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = call_factory(
+                obj, what, input_shape=tuple(input_shape), num_classes=int(num_classes)
+            )
+    else:
+        raise ValueError(f"{what} must be an nn.Module or a factory returning one, got {obj!r:.80}")
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{what}: the factory returned {type(module).__name__}, not an nn.Module")
     try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}") from None
-    return FlatModel(factory(tuple(input_shape), num_classes))
+        return FlatModel(module)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ from adaquantfl.data.embedded import load_digits_split, load_mnist1d_split, load
 from adaquantfl.data.idx import load_idx_split
 from adaquantfl.data.partition import PARTITIONS
 from adaquantfl.data.synthetic import generate_synthetic
+from adaquantfl.imports import call_factory, import_object, is_import_path
 from adaquantfl.rng import numpy_generator
 from adaquantfl.validation import check_choice, check_int, check_real
 
-__all__ = ["DATASETS", "DatasetSpec", "allowed_partitions", "load_federated"]
+__all__ = ["DATASETS", "DatasetSpec", "allowed_partitions", "load_federated", "user_split"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ def allowed_partitions(dataset: str) -> list[str]:
 
     The first one is the default (what ``partition=None`` resolves to).
     """
+    if is_import_path(dataset):  # a user's own data set: any split of its training part
+        return [name for name in PARTITIONS if name != _NATURAL]
     spec = DATASETS[check_choice("dataset", dataset, list(DATASETS))]
     if spec.naturally_federated:
         return [_NATURAL]
@@ -75,7 +79,7 @@ def _resolve_partition(dataset: str, partition: object) -> str:
     check_choice("partition", partition, list(PARTITIONS))
     if partition in allowed:
         return str(partition)
-    if DATASETS[dataset].naturally_federated:
+    if dataset in DATASETS and DATASETS[dataset].naturally_federated:
         raise ValueError(
             f"partition {partition!r} is not available for dataset {dataset!r}: it is "
             f"naturally federated (every client's samples come from that client's own "
@@ -123,7 +127,11 @@ def load_federated(
     Parameters
     ----------
     dataset : str
-        A key of :data:`DATASETS`.
+        A key of :data:`DATASETS`, or a data set of your own: an import path
+        ``"package.module:load"`` (or a ``"python:"`` name, see
+        :mod:`adaquantfl.imports`) of a factory that returns ``(train,
+        test)``, each a ``(x, y)`` pair of tensors or arrays or a torch
+        ``Dataset`` of ``(x, y)`` samples (see :func:`user_split`).
     num_clients : int
         Number of clients, between 1 and the number of training samples.
     seed : int
@@ -169,8 +177,9 @@ def load_federated(
     stratified 4,000/1,000 split, synthetic 20% of each client's samples, the
     others their own official split.
     """
-    dataset = check_choice("dataset", dataset, list(DATASETS))
-    spec = DATASETS[dataset]
+    own = is_import_path(dataset)
+    if not own:
+        check_choice("dataset", dataset, list(DATASETS))
     seed = check_int("seed", seed, -(2**63), 2**63 - 1)
     num_clients = check_int("num_clients", num_clients, 1)
     resolved = _resolve_partition(dataset, partition)
@@ -191,7 +200,7 @@ def load_federated(
         split = ArraySplit(generated.x_train, generated.y_train, generated.x_test, generated.y_test)
         options = {"client_ids": generated.client_train}
     else:
-        split = _load_split(dataset, seed, directory)
+        split = user_split(dataset, seed) if own else _load_split(dataset, seed, directory)
         by_partition: dict[str, dict[str, Any]] = {
             "iid": {},
             "dirichlet": {"alpha": dirichlet_alpha, "min_client_samples": min_client_samples},
@@ -218,10 +227,84 @@ def load_federated(
     clients = [
         ClientData.from_numpy(split.x_train[idx], split.y_train[idx], copy=False) for idx in parts
     ]
+    if own:
+        labels = max(int(split.y_train.max()), int(split.y_test.max()) if split.y_test.size else 0)
+        num_classes, input_shape = labels + 1, tuple(int(n) for n in split.x_train.shape[1:])
+    else:
+        num_classes, input_shape = DATASETS[dataset].num_classes, DATASETS[dataset].input_shape
     return FederatedData(
         name=dataset,
         clients=clients,
         test=ClientData.from_numpy(split.x_test, split.y_test),
-        num_classes=spec.num_classes,
-        input_shape=spec.input_shape,
+        num_classes=num_classes,
+        input_shape=input_shape,
     )
+
+
+def user_split(dataset: str, seed: int) -> ArraySplit:
+    """The train/test split of a user's own data set, checked, as float32 and int64 arrays.
+
+    The factory at ``dataset`` is called with ``seed`` if it takes it, and
+    returns ``(train, test)`` (or ``{"train": ..., "test": ...}``), each a
+    ``(x, y)`` pair (tensors or arrays) or a torch ``Dataset`` whose items
+    are ``(x, y)``. ``x`` holds the inputs (any shape per sample, floating
+    point), ``y`` the class labels (integers in ``[0, classes)``).
+
+    Raises
+    ------
+    ValueError
+        Naming the data set and what is wrong: the import, the factory, the
+        shape of what it returned, empty parts, lengths, dtypes or labels.
+    """
+    what = f"dataset {dataset!r}"
+    factory = import_object(dataset, what)
+    if not callable(factory):
+        raise ValueError(f"{what} must name a factory returning (train, test), got {factory!r:.80}")
+    result = call_factory(factory, what, seed=seed)
+    if isinstance(result, Mapping) and {"train", "test"} <= set(result):
+        result = (result["train"], result["test"])
+    looks_like_xy = isinstance(result, tuple | list) and any(
+        hasattr(part, "shape") for part in result
+    )
+    if not isinstance(result, tuple | list) or len(result) != 2 or looks_like_xy:
+        raise ValueError(
+            f"{what}: the factory must return (train, test), each (x, y) or a torch Dataset; "
+            f"got {type(result).__name__}"
+        )
+    x_train, y_train = _arrays(result[0], f"{what} train")
+    x_test, y_test = _arrays(result[1], f"{what} test")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"{what}: train samples have shape {x_train.shape[1:]}, test samples {x_test.shape[1:]}"
+        )
+    return ArraySplit(x_train, y_train, x_test, y_test)
+
+
+def _arrays(part: object, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of one part as float32 and int64 NumPy arrays, checked."""
+    if isinstance(part, tuple | list) and len(part) == 2:
+        x, y = part
+    elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
+        items = [part[i] for i in range(len(part))]  # a map-style torch Dataset
+        if not items or not all(isinstance(it, tuple | list) and len(it) == 2 for it in items):
+            raise ValueError(f"{what}: a Dataset's items must be (x, y) pairs")
+        x = np.stack([np.asarray(_numpy(it[0])) for it in items])
+        y = np.asarray([int(_numpy(it[1])) for it in items])
+    else:
+        raise ValueError(f"{what} must be (x, y) or a torch Dataset, got {type(part).__name__}")
+    x, y = np.asarray(_numpy(x)), np.asarray(_numpy(y))
+    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"{what}: x must be (n, ...) and y (n,) with n >= 1, got shapes {x.shape} and {y.shape}"
+        )
+    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: x must be numbers, y integer labels; got {x.dtype}, {y.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what}: x has non-finite values")
+    if y.min() < 0:
+        raise ValueError(f"{what}: labels must be >= 0, got {int(y.min())}")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _numpy(value: Any) -> Any:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else value

@@ -19,7 +19,7 @@ from adaquantfl.fl.client import LocalTraining
 from adaquantfl.fl.downlink import Downlink
 from adaquantfl.fl.server import FedServer
 from adaquantfl.models import FlatModel, make_model
-from adaquantfl.rng import torch_generator
+from adaquantfl.rng import derive_seed, torch_generator
 from adaquantfl.runner.config import Config, ConfigError
 from adaquantfl.sim.simulator import ClientFaults, Simulator
 
@@ -61,7 +61,12 @@ def load_data(config: Config) -> FederatedData:
 
 def build_model(config: Config, data: FederatedData) -> tuple[FlatModel, torch.Tensor]:
     """The model and its initial flat parameters (stream: seed, "init")."""
-    model = make_model(config.model.name, data.input_shape, data.num_classes)
+    model = make_model(
+        config.model.name,
+        data.input_shape,
+        data.num_classes,
+        seed=derive_seed(config.train.seed, purpose="init"),
+    )
     params = model.initial_parameters(
         config.model.init, generator=torch_generator(config.train.seed, purpose="init")
     )

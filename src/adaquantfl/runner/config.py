@@ -15,7 +15,6 @@ sections, and loading a file with overrides.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import tomllib
 import types
@@ -37,6 +36,7 @@ from adaquantfl.fl.client import (
     MAX_LOCAL_STEPS,
     LocalTraining,
 )
+from adaquantfl.imports import import_module, is_import_path
 from adaquantfl.models import INITS, MODELS
 from adaquantfl.policy import POLICIES, LevelPolicy, make_policy
 from adaquantfl.policy.registry import LEVELLESS
@@ -73,8 +73,9 @@ class ConfigError(ValueError):
     """A configuration key or value is not allowed; the text names it."""
 
 
-def choice(*choices: str) -> dict[str, Any]:
-    return {"choices": tuple(choices)}
+def choice(*choices: str, or_own: bool = False) -> dict[str, Any]:
+    """One of ``choices``; with ``or_own``, also a user's own ``"package.module:name"``."""
+    return {"choices": tuple(choices), "or_own": or_own}
 
 
 def positive() -> dict[str, Any]:
@@ -145,7 +146,12 @@ def validate(obj: Any, section: str) -> None:
         if value is None:
             continue
         if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{where} is not allowed; choose one of {list(meta['choices'])}")
+            if meta.get("or_own") and is_import_path(value):
+                continue
+            own = " or your own, 'package.module:name'" if meta.get("or_own") else ""
+            raise ConfigError(
+                f"{where} is not allowed; choose one of {list(meta['choices'])}{own}"
+            )
         if not is_real(value):
             continue
         high, why = meta.get("max"), meta.get("why")
@@ -272,14 +278,7 @@ class CompressionConfig:
         for name in self.plugins:
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"[compression] plugins must be module names, got {name!r}")
-            try:
-                importlib.import_module(name)
-            except (Exception, SystemExit) as exc:  # a plugin's own code may raise anything
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ConfigError(
-                    f"[compression] plugins: cannot import module {name!r}: "
-                    f"{type(exc).__name__}" + (f": {first}" if first else "")
-                ) from None
+            import_module(name, "[compression] plugins", error=ConfigError)
 
     def compressor_config(self) -> dict[str, Any]:
         """``{"compressor": name, "options": {...}}``; for qsgd with the QSGD keys merged in.
@@ -411,7 +410,7 @@ SEEDS_WHY = "each seed runs every method once more"
 class DataConfig:
     """``[data]``: which data set and how it is split over clients."""
 
-    dataset: str = field(default="digits", metadata=choice(*DATASETS))
+    dataset: str = field(default="digits", metadata=choice(*DATASETS, or_own=True))
     partition: str | None = field(default=None, metadata=choice(*PARTITIONS))
     dirichlet_alpha: float = field(default=0.5, metadata=within(*ALPHA_RANGE, ALPHA_WHY))
     shards_per_client: int = field(default=2, metadata=at_least(1))
@@ -436,7 +435,7 @@ class DataConfig:
 class ModelConfig:
     """``[model]``: architecture and initialisation."""
 
-    name: str = field(default="mlp", metadata=choice(*MODELS))
+    name: str = field(default="mlp", metadata=choice(*MODELS, or_own=True))
     init: str = field(default="default", metadata=choice(*INITS))
 
     def __post_init__(self) -> None:

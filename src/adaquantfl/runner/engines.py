@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from adaquantfl.fl.record import RoundRecord
+from adaquantfl.imports import PYTHON_PREFIX
 from adaquantfl.runner.build import EngineRun, build_simulator
 from adaquantfl.runner.config import Config, ConfigError
 
@@ -97,6 +98,13 @@ def check_engine(config: Config) -> None:
             "[train] device chooses where engine = 'sim' trains; the Flower engine's "
             "clients train on the CPU"
         )
+    for key, name in (("[model] name", config.model.name), ("[data] dataset", config.data.dataset)):
+        if name.startswith(PYTHON_PREFIX):
+            raise ConfigError(
+                f"{key} is a Python object handed to adaquantfl.run; the Flower engine's "
+                "nodes build the run in their own processes: name it by import path "
+                "('package.module:name', importable on every node) or use engine = 'sim'"
+            )
 
 
 def flower_engine(

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import tomli_w
 import torch
 
 from adaquantfl.fl.record import RoundRecord
+from adaquantfl.imports import object_name
 from adaquantfl.runner.checkpoint import CHECKPOINT_NAME, resume_state, save_checkpoint
 from adaquantfl.runner.config import Config, ConfigError, MethodSpec, load_config
 from adaquantfl.runner.engines import ENGINES
@@ -180,6 +181,16 @@ def _run_one(
     return RunResult(label, config.train.seed, rows, summary, final.params, run_dir)
 
 
+def _with_own(config: Config, model: object, data: object) -> Config:
+    """``config`` naming the model and data set from Python (:mod:`adaquantfl.imports`)."""
+    if model is not None:
+        named = replace(config.model, name=object_name(model, "model"))
+        config = replace(config, model=named)
+    if data is not None:
+        config = replace(config, data=replace(config.data, dataset=object_name(data, "data")))
+    return config
+
+
 def _remove_orphans(out: Path, jobs: Sequence[Job]) -> None:
     """Temporary files of runs killed in ``out`` earlier (called holding its lock)."""
     dirs = {out}
@@ -207,6 +218,8 @@ def run(
     on_round: RoundCallback | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    model: object = None,
+    data: object = None,
 ) -> RunResult:
     """Run the single method of ``[compression]`` and write its results directory.
 
@@ -218,8 +231,13 @@ def run(
     Nothing is written before the config, the data and ``out_dir`` pass
     :func:`.preflight.preflight`: an ``out_dir`` that holds another run's
     results is refused unless ``overwrite`` (or ``resume`` of that same run).
+
+    ``model`` and ``data`` put a model or data set of your own in place of
+    ``[model] name`` and ``[data] dataset``: a factory (or an ``nn.Module``
+    for the model), as :func:`~adaquantfl.models.make_model` and
+    :func:`~adaquantfl.data.load_federated` take them by import path.
     """
-    cfg = load_config(config, overrides)
+    cfg = _with_own(load_config(config, overrides), model, data)
     cfg = cfg.with_compression(cfg.compression) if cfg.compare.methods else cfg
     spec = MethodSpec(cfg.compression, cfg.compression.label)
     out = Path(out_dir) if out_dir is not None else None
@@ -262,14 +280,16 @@ def compare(
     plots: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    model: object = None,
+    data: object = None,
 ) -> CompareResult:
     """Run every method of ``[compare]`` (for each seed), score them and draw the report.
 
     Without ``target_loss`` the target is 1.01 x fp32's final training loss
     (averaged over seeds), which needs an fp32 method in the list.
-    ``resume`` and ``overwrite`` are as in :func:`run`.
+    ``resume``, ``overwrite``, ``model`` and ``data`` are as in :func:`run`.
     """
-    cfg = load_config(config, overrides)
+    cfg = _with_own(load_config(config, overrides), model, data)
     specs = cfg.methods()
     target = cfg.compare.target_loss
     if target is None and not any(s.compression.method == "fp32" for s in specs):

@@ -31,6 +31,7 @@ from typing import Any
 from adaquantfl.compression.codec import message_bytes
 from adaquantfl.compression.container import frame_bytes
 from adaquantfl.compression.qsgd_compressor import QSGDCompressor
+from adaquantfl.imports import is_import_path
 from adaquantfl.runner.build import build_model, load_data
 from adaquantfl.runner.checkpoint import CHECKPOINT_NAME, config_changes, config_diff, resume_state
 from adaquantfl.runner.config import Config, ConfigError
@@ -94,8 +95,14 @@ def _check_job(job: Job) -> None:
     try:
         data = load_data(config)
     except (ValueError, OSError) as exc:
-        raise ConfigError(f"[data] dataset {config.data.dataset!r}: {exc}") from None
-    model, _ = build_model(config, data)
+        own = is_import_path(config.data.dataset)  # its own messages name it
+        raise ConfigError(
+            f"[data] {exc}" if own else f"[data] dataset {config.data.dataset!r}: {exc}"
+        ) from None
+    try:
+        model, _ = build_model(config, data)
+    except ValueError as exc:
+        raise ConfigError(f"[model] {exc}") from None
     limit = config.train.max_message_bytes
     if limit is not None:
         smallest, what = _first_message_bytes(config, model.numel)
