@@ -144,8 +144,10 @@ def test_config_selects_a_compressor_with_an_options_table() -> None:
 
 
 def test_config_qsgd_keys_and_options_table_agree_or_fail() -> None:
-    cfg = load_config(CONFIG, ["compression.options.bucket_size=64"])
-    assert cfg.compression.build_compressor() == QSGDCompressor("packed", 64)
+    cfg = load_config(CONFIG, ["compression.bucket_size=64", "compression.options.bucket_size=64"])
+    assert cfg.compression.build_compressor() == QSGDCompressor("packed", 64, "l2")
+    with pytest.raises(ConfigError, match="contradicts"):  # the file says bucket_size = 0
+        load_config(CONFIG, ["compression.options.bucket_size=64"])
     with pytest.raises(ConfigError, match="contradicts"):
         load_config(CONFIG, ["compression.options.encoding=entropy"])  # the file says packed
 
@@ -185,3 +187,60 @@ def test_a_plugin_compressor_runs_through_the_simulator() -> None:
     assert rows[-1].train_loss is not None and rows[-1].train_loss < rows[0].train_loss
     # Round to nearest onto 7 levels of the max-norm: error at most half a step.
     assert all(r.distortion is not None and 0 < r.distortion < 1 for r in rows)
+
+
+# --------------------------------------------------------------------------- safe defaults
+
+
+def test_the_default_bounds_the_error_at_any_size_and_the_papers_setting_does_not() -> None:
+    # A Gaussian update of 2**20 entries at s = 2. With one l2 norm the relative
+    # error is about sqrt(2 d / pi) / s = 408 (it grows with sqrt(d)); with the
+    # default max-norm buckets of 512 it is about M^2 / (6 s^2 sigma^2) ~ 0.5 (M,
+    # a bucket's largest entry, ~3.3 sigma), under the bound sqrt(512) / s = 11.3.
+    d, s = 2**20, 2
+    x = torch.randn(d, generator=gen())
+
+    def error(c: QSGDCompressor) -> float:
+        back = c.decompress(c.compress(x, s, generator=gen(1)), numel=d, levels=s)
+        return float((back.double() - x.double()).square().sum() / x.double().square().sum())
+
+    default, paper = QSGDCompressor(), QSGDCompressor.paper()
+    assert (default.bucket_size, default.norm, paper.bucket_size, paper.norm) == (
+        512,
+        "max",
+        None,
+        "l2",
+    )
+    assert error(default) < 1.0 <= default.variance_bound(d, s)
+    assert error(paper) > 300
+    assert default.variance_bound(d, s) == pytest.approx(512**0.5 / s)
+
+
+def test_bucket_size_0_is_the_whole_update_as_in_the_wire_format() -> None:
+    assert QSGDCompressor(bucket_size=0) == QSGDCompressor(bucket_size=None)
+    with pytest.raises(ValueError, match="bucket_size"):
+        QSGDCompressor(bucket_size=-1)
+
+
+def test_a_client_says_once_when_its_updates_arrive_as_noise_and_how_to_fix_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from adaquantfl.compression import ClientCompressor
+    from adaquantfl.fl import client
+
+    x = torch.randn(2**16, generator=gen())
+    client._NOISY.clear()
+    noisy, fine = ClientCompressor(QSGDCompressor.paper()), ClientCompressor(QSGDCompressor())
+    with caplog.at_level("WARNING", logger="adaquantfl.fl.client"):
+        for cid in range(3):
+            out = client.compress_update(
+                x, levels=1, compressor=noisy, seed=0, round_idx=0, client_id=cid
+            )
+            assert out.distortion > 1
+        quiet = client.compress_update(
+            x, levels=15, compressor=fine, seed=0, round_idx=0, client_id=0
+        )
+    assert quiet.distortion < 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings  # once, for the noisy compressor only
+    assert "relative error" in warnings[0] and 'norm="max"' in warnings[0]

@@ -93,7 +93,8 @@ def test_metrics_rows_follow_the_schema(compared: tuple[Path, Any]) -> None:
     fp32 = read_rows(out / "fp32" / "metrics.jsonl")
     assert all(r["levels"] is None and r["formula_bits"] == 3 * 32 * d for r in fp32)
     s1 = read_rows(out / "qsgd-s1" / "metrics.jsonl")
-    assert all(r["levels"] == 1 and r["formula_bits"] == 3 * (2 * d + 32) for r in s1)
+    norms = -(-d // 512)  # the default: one norm per 512 entries
+    assert all(r["levels"] == 1 and r["formula_bits"] == 3 * (2 * d + 32 * norms) for r in s1)
     # The first round's loss is F(w_0) on the same initial model for every method.
     assert s1[0]["train_loss"] == fp32[0]["train_loss"]
 

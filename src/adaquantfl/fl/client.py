@@ -9,6 +9,7 @@ same inputs.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ __all__ = [
     "local_sgd",
     "train_locally",
 ]
+
+logger = logging.getLogger(__name__)
 
 _EVAL_CHUNK = 1024
 
@@ -254,7 +257,47 @@ def compress_update(
             f"({bad} non-finite entries in the update; lower lr?)"
         )
     noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)
-    return compressor.compress(update, levels, generator=noise_gen)
+    compressed = compressor.compress(update, levels, generator=noise_gen)
+    if compressed.distortion > 1.0:
+        _warn_noisy(compressor, levels, compressed.distortion, update.numel())
+    return compressed
+
+
+#: Compressors already warned about in this process.
+_NOISY: set[str] = set()
+
+
+def _warn_noisy(
+    compressor: ClientCompressor, levels: int | None, distortion: float, numel: int
+) -> None:
+    """Say once per compressor that updates arrive with more noise than signal, and the fix.
+
+    A relative error ``||C(v) - v||^2 / ||v||^2`` above 1 means the server
+    receives more noise than update; for QSGD with one norm per update it
+    grows with ``sqrt(d)`` (thousands at 10^8 parameters).
+    """
+    key = repr(compressor.compressor)
+    if key in _NOISY:
+        return
+    _NOISY.add(key)
+    options = getattr(compressor.compressor, "options", None)
+    if getattr(options, "bucket_size", 0) is None or getattr(options, "norm", "") == "l2":
+        fix = (
+            "QSGD's error grows with the bucket: use buckets with the max-norm (the default, "
+            'QSGDCompressor(bucket_size=512, norm="max"); in a config: bucket_size = 512, '
+            'norm = "max"), or more levels'
+        )
+    else:
+        fix = "use more levels (or a compressor option that sends more)"
+    logger.warning(
+        "updates of %d entries arrive with relative error %.3g (||C(v) - v||^2 / ||v||^2 > 1: "
+        "more noise than update) at levels %s with %r; %s. (Logged once per compressor.)",
+        numel,
+        distortion,
+        levels,
+        compressor.compressor,
+        fix,
+    )
 
 
 def client_update(

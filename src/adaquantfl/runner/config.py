@@ -238,7 +238,7 @@ class CompressionConfig:
     compressor: str = "qsgd"
     options: dict[str, Any] = field(default_factory=dict)
     encoding: str | None = field(default=None, metadata=choice(*MESSAGE_ENCODINGS))
-    bucket_size: int | None = field(default=None, metadata=at_least(1))
+    bucket_size: int | None = field(default=None, metadata=at_least(0))
     norm: str | None = field(default=None, metadata=choice(*NORMS))
     min_levels: int = field(default=1, metadata={"min": 1, "max": MAX_LEVELS})
     max_levels: int = field(default=2**16, metadata={"min": 1, "max": MAX_LEVELS})
