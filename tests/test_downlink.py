@@ -126,13 +126,13 @@ def test_simulator_clients_train_from_exactly_the_model_the_server_sent(
     )  # fmt: skip
     sim = build_simulator(cfg)
     trained_from: list[torch.Tensor] = []
-    real = simulator_module.client_update
+    real = simulator_module.train_locally
 
     def spy(model, params, *args, **kwargs):  # type: ignore[no-untyped-def]
         trained_from.append(params.clone())
         return real(model, params, *args, **kwargs)
 
-    monkeypatch.setattr(simulator_module, "client_update", spy)
+    monkeypatch.setattr(simulator_module, "train_locally", spy)
     rows = []
     for _ in range(6):
         trained_from.clear()

@@ -321,3 +321,52 @@ def test_all_finite() -> None:
     x = torch.ones(10)
     x[0], x[1] = float("inf"), -float("inf")
     assert not all_finite(x)
+
+
+# ---------------------------------------------------------------- the limit and the noise
+
+
+def test_the_rate_distortion_bound_per_coordinate() -> None:
+    from adaquantfl.fl.record import rd_bits_per_coordinate
+
+    assert rd_bits_per_coordinate(1.0) == pytest.approx(0.5)  # half a bit for omega = 1
+    assert rd_bits_per_coordinate(1 / 3) == pytest.approx(1.0)  # log2(4) / 2
+    assert rd_bits_per_coordinate(0.0) is None and rd_bits_per_coordinate(None) is None
+    assert rd_bits_per_coordinate(0.1) > rd_bits_per_coordinate(1.0) > rd_bits_per_coordinate(10.0)
+
+
+def _noise_runs(method: dict[str, object], every: int) -> list[Any]:
+    from adaquantfl.runner.build import build_simulator
+    from adaquantfl.runner.config import load_config
+
+    config = load_config(
+        {
+            "data": {"dataset": "digits", "num_clients": 4},
+            "model": {"name": "logreg"},
+            "train": {"rounds": 4, "local_steps": 3, "batch_size": 16, "lr": 0.1,
+                      "noise_cost_every": every},
+            "compression": method,
+        }
+    )  # fmt: skip
+    sim = build_simulator(config)
+    return [sim.run_round() for _ in range(4)]
+
+
+def test_the_noise_cost_is_the_loss_the_compression_adds_and_changes_nothing_else() -> None:
+    fp32 = _noise_runs({"method": "fp32"}, 2)
+    coarse = _noise_runs({"method": "qsgd", "levels": 1, "bucket_size": 0, "norm": "l2"}, 2)
+    plain = _noise_runs({"method": "qsgd", "levels": 1, "bucket_size": 0, "norm": "l2"}, 0)
+    # Measured every second round only.
+    assert [r.test_loss_uncompressed is not None for r in coarse] == [False, True, False, True]
+    # Full precision adds no noise: the same aggregate, to the bit.
+    assert all(r.test_loss_uncompressed == r.test_loss for r in fp32[1::2])
+    # Coarse QSGD does (the control): its aggregate differs from the uncompressed one.
+    assert all(r.test_loss_uncompressed != r.test_loss for r in coarse[1::2])
+    # Measuring it changes nothing of the run.
+    for a, b in zip(coarse, plain, strict=True):
+        assert a.as_row() | {"time_s": 0, "test_loss_uncompressed": None} == b.as_row() | {
+            "time_s": 0
+        }
+    # And the bound is reported beside the bits sent.
+    assert all(r.rd_bits_per_coordinate is not None for r in coarse)
+    assert all(r.bits_per_coordinate > r.rd_bits_per_coordinate for r in coarse)

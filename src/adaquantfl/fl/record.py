@@ -11,11 +11,12 @@ engine) hands on the same type, and :meth:`RoundRecord.as_row` is one line of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["ROW_KEYS", "RoundRecord"]
+__all__ = ["ROW_KEYS", "RoundRecord", "rd_bits_per_coordinate"]
 
 #: The columns of a metrics row, in order (``metrics.jsonl``; the runner adds running totals).
 ROW_KEYS: tuple[str, ...] = (
@@ -33,7 +34,24 @@ ROW_KEYS: tuple[str, ...] = (
     "dropped",
     "distortion",
     "bits_per_coordinate",
+    "rd_bits_per_coordinate",
+    "test_loss_uncompressed",
 )
+
+
+def rd_bits_per_coordinate(distortion: float | None) -> float | None:
+    """The fewest bits per entry any unbiased compressor with this distortion needs.
+
+    An unbiased compressor with ``E||C(v) - v||^2 = omega ||v||^2`` sends at
+    least ``d/2 log2(1 + 1/omega)`` bits for a Gaussian source (the Gaussian
+    rate-distortion function at distortion ``omega / (1 + omega)``, rescaled
+    for unbiasedness: an unbiased ``C`` is ``(1 + omega)`` times a biased
+    estimate with that relative error). None for no distortion (full
+    precision) or an unknown one.
+    """
+    if distortion is None or distortion <= 0:
+        return None
+    return 0.5 * math.log2(1.0 + 1.0 / distortion)
 
 Reasons = tuple[tuple[int, str], ...]
 
@@ -59,7 +77,15 @@ class RoundRecord:
       round's aggregation (None until the engine evaluates it);
     - ``distortion``: ``sum_i p_i ||C(v_i) - v_i||^2 / ||v_i||^2`` over the
       accepted replies that reported it; ``bits_per_coordinate``:
-      ``wire_bits / (messages received x d)``.
+      ``wire_bits / (messages received x d)``; ``rd_bits_per_coordinate``:
+      the rate-distortion bound for that distortion
+      (:func:`rd_bits_per_coordinate`), so ``bits_per_coordinate /
+      rd_bits_per_coordinate`` is how far the compressor is from the limit;
+    - ``test_loss_uncompressed``: in the rounds the simulator measures it, the
+      test loss of ``w_k + sum_i p_i Delta_i``, the same round's aggregate
+      without the compression noise; ``test_loss - test_loss_uncompressed``
+      is what the noise cost (distortion alone does not predict it). None in
+      the other rounds.
 
     The details (not in the row):
 
@@ -91,6 +117,8 @@ class RoundRecord:
     dropped: int = 0
     distortion: float | None = None
     bits_per_coordinate: float | None = None
+    rd_bits_per_coordinate: float | None = None
+    test_loss_uncompressed: float | None = None
     received: int = 0
     sent: int = 0
     client_levels: tuple[tuple[int, int | None], ...] = field(default=())

@@ -28,7 +28,7 @@ from adaquantfl.fl.guard import (
     policy_observation,
     reply_problem,
 )
-from adaquantfl.fl.record import RoundRecord
+from adaquantfl.fl.record import RoundRecord, rd_bits_per_coordinate
 from adaquantfl.policy import (
     LevelPlan,
     LevelPolicy,
@@ -232,6 +232,7 @@ class FedServer:
             train_loss=train_loss,
             distortion=distortion,
             bits_per_coordinate=wire_bits / (received * self.numel) if received else None,
+            rd_bits_per_coordinate=rd_bits_per_coordinate(distortion),
             received=received,
             sent=0 if opened is None else len(opened.clients),
             client_levels=tuple((c.reply.client_id, c.levels) for c in accepted),

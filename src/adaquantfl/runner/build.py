@@ -133,6 +133,7 @@ def build_simulator(config: Config, data: FederatedData | None = None) -> Simula
         seed=t.seed,
         vectorize=t.vectorize,
         device=device,
+        noise_cost_every=t.noise_cost_every,
         faults=ClientFaults(
             dropout=t.dropout,
             deadline_s=t.deadline_s,

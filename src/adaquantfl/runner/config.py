@@ -471,6 +471,7 @@ class TrainConfig:
     max_weight_share: float | None = field(
         default=None, metadata=within(0, 1, "a share of the round's weight", above=True)
     )
+    noise_cost_every: int = field(default=0, metadata=at_least(0))
 
     def __post_init__(self) -> None:
         validate(self, "train")

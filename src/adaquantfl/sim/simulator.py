@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,17 +36,17 @@ from adaquantfl.fl.client import (
     ClientError,
     ClientReply,
     LocalTraining,
-    client_update,
     compress_update,
     evaluate,
+    train_locally,
 )
-from adaquantfl.fl.downlink import RoundPlan
+from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import FedServer, select_clients
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
 from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
-from adaquantfl.validation import check_real
+from adaquantfl.validation import check_int, check_real
 
 __all__ = ["ClientFaults", "RoundAvailability", "Simulator"]
 
@@ -144,7 +144,7 @@ class Simulator:
     vectorize : bool
         Train all participants of a round in one batched computation
         (:mod:`adaquantfl.sim.vectorized`) when the model allows it; otherwise,
-        or when False, each client runs :func:`~adaquantfl.fl.client.client_update`.
+        or when False, each client trains alone (:func:`~adaquantfl.fl.client.train_locally`).
         The batched path matches the per-client path to float tolerance.
     faults : ClientFaults, optional
         Simulated dropout and deadline; none by default.
@@ -153,6 +153,11 @@ class Simulator:
         data are copied there once; the global model stays on the CPU with the
         server, and each update comes back to the CPU to be compressed (the
         codec's kernels are CPU code).
+    noise_cost_every : int
+        Every this many rounds, also evaluate the round's aggregate without
+        the compression noise (:attr:`RoundRecord.test_loss_uncompressed`);
+        0: never. It keeps the round's uncompressed updates until the round
+        is aggregated, and changes nothing of the run itself.
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class Simulator:
         vectorize: bool = False,
         faults: ClientFaults | None = None,
         device: str | torch.device = "cpu",
+        noise_cost_every: int = 0,
     ) -> None:
         self.model = model
         self.data = data
@@ -181,6 +187,7 @@ class Simulator:
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.faults = faults or ClientFaults()
+        self.noise_cost_every = check_int("noise_cost_every", noise_cost_every, 0)
         #: Each client's end of the compressor, which keeps what the client
         #: carries between its rounds (its error-feedback residual).
         self.client_compressors: dict[int, ClientCompressor] = {}
@@ -222,36 +229,64 @@ class Simulator:
             (c, "missed the deadline") for c in available.missed_deadline
         ]
         chosen = available.replying
+        # In the rounds that measure what the compression noise costs, each
+        # client's uncompressed update is kept until the round is aggregated.
+        raw: dict[int, torch.Tensor] | None = None
+        if self.noise_cost_every and (round_idx + 1) % self.noise_cost_every == 0:
+            raw = {}
+        if self.trainer is not None and chosen:
+            local = self.trainer.train(params, self._batch_plan(self.trainer, chosen, round_idx))
+            losses = self.trainer.initial_losses(params, [self.shards[c] for c in chosen])
+        else:
+            local, losses = None, None
         replies: list[ClientReply] = []
         failures: list[tuple[int, str]] = []
-        if self.trainer is not None and chosen:
-            replies, failures = self._batched_replies(self.trainer, chosen, plan, params)
-        for cid in chosen if self.trainer is None else ():
+        for i, cid in enumerate(chosen):
             shard = self.shards[cid]
+            if local is None or losses is None:
+                trained, loss = train_locally(
+                    self.model, params, shard.x, shard.y, training=self.training,
+                    seed=self.seed, round_idx=round_idx, client_id=cid,
+                )  # fmt: skip
+            else:
+                trained, loss = local[i], losses[i]
+            update = trained - params
             try:
-                replies.append(
-                    client_update(
-                        self.model,
-                        params,
-                        shard.x,
-                        shard.y,
-                        levels=plan.levels.levels_of(cid),
-                        compressor=self.client_compressor(cid),
-                        training=self.training,
-                        seed=self.seed,
-                        round_idx=round_idx,
-                        client_id=cid,
-                    )
+                sent = compress_update(
+                    update,
+                    levels=plan.levels.levels_of(cid),
+                    compressor=self.client_compressor(cid),
+                    seed=self.seed,
+                    round_idx=round_idx,
+                    client_id=cid,
                 )
             except ClientError as exc:
                 logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
                 failures.append((cid, str(exc)))
+                continue
+            if raw is not None:
+                raw[cid] = update.detach().to("cpu", torch.float32)
+            replies.append(
+                ClientReply(
+                    cid,
+                    sent.payload,
+                    loss,
+                    len(shard),
+                    update_norm=sent.update_norm,
+                    distortion=sent.distortion,
+                )
+            )
         delivered = [(reply.client_id, self.transmit(reply, round_idx)) for reply in replies]
+        before = self.server.params
         record = self.server.aggregate([r for _, r in delivered if r is not None])
         failures += [(cid, "the reply never arrived") for cid, r in delivered if r is None]
         test_loss, test_accuracy = evaluate(
             self.model, self.server.params.to(self.device), self.test.x, self.test.y
         )
+        if raw is not None and record.participants:
+            record = replace(
+                record, test_loss_uncompressed=self._uncompressed_loss(before, record, raw)
+            )
         return record.completed(
             test_loss=test_loss,
             test_accuracy=test_accuracy,
@@ -259,6 +294,25 @@ class Simulator:
             failures=failures,
             dropouts=dropouts,
         )
+
+    def _uncompressed_loss(
+        self, before: torch.Tensor, record: RoundRecord, raw: Mapping[int, torch.Tensor]
+    ) -> float:
+        """Test loss of ``w_k + sum_i p_i Delta_i`` over the round's accepted clients.
+
+        The same clients and weights as the server's aggregate (share cap
+        included), with each client's update as it was before compression.
+        """
+        accepted = [cid for cid, _ in record.client_levels]
+        weights = aggregation_weights(
+            [len(self.shards[cid]) for cid in accepted], self.server.max_weight_share
+        )
+        total = torch.zeros(before.numel(), dtype=torch.float64)
+        for cid, weight in zip(accepted, weights, strict=True):
+            total.add_(raw[cid].to(torch.float64), alpha=float(weight))
+        model = (before.to(torch.float64) + total / float(sum(weights))).to(torch.float32)
+        loss, _ = evaluate(self.model, model.to(self.device), self.test.x, self.test.y)
+        return loss
 
     def client_compressor(self, client_id: int) -> ClientCompressor:
         """Client ``client_id``'s end of the compressor (created on first use)."""
@@ -291,48 +345,13 @@ class Simulator:
         """
         return reply
 
-    def _batched_replies(
-        self,
-        trainer: BatchedTrainer,
-        chosen: list[int],
-        plan: RoundPlan,
-        params: torch.Tensor,
-    ) -> tuple[list[ClientReply], list[tuple[int, str]]]:
-        round_idx = plan.round_idx
-        shards = [self.shards[cid] for cid in chosen]
+    def _batch_plan(self, trainer: BatchedTrainer, chosen: list[int], round_idx: int) -> Any:
+        """The batched trainer's layout of the round's minibatches (seed, round, client streams)."""
         gens = [
             torch_generator(self.seed, purpose="batch", round_idx=round_idx, client_id=cid)
             for cid in chosen
         ]
-        local = trainer.train(params, trainer.plan(shards, gens))
-        losses = trainer.initial_losses(params, shards)
-        replies = []
-        failures: list[tuple[int, str]] = []
-        for row, cid, shard, loss in zip(local, chosen, shards, losses, strict=True):
-            try:
-                encoded = compress_update(
-                    row - params,
-                    levels=plan.levels.levels_of(cid),
-                    compressor=self.client_compressor(cid),
-                    seed=self.seed,
-                    round_idx=round_idx,
-                    client_id=cid,
-                )
-            except ClientError as exc:
-                logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
-                failures.append((cid, str(exc)))
-                continue
-            replies.append(
-                ClientReply(
-                    cid,
-                    encoded.payload,
-                    loss,
-                    len(shard),
-                    update_norm=encoded.update_norm,
-                    distortion=encoded.distortion,
-                )
-            )
-        return replies, failures
+        return trainer.plan([self.shards[cid] for cid in chosen], gens)
 
 
 def _to(shard: ClientData, device: torch.device) -> ClientData:
