@@ -1,13 +1,16 @@
-"""Tests of the compiled kernels: every code width, block and group edges, buffer bounds."""
+"""Tests of the compiled kernels: every code width, block and group edges, buffer bounds,
+and the blocked float64 sums."""
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
 import pytest
 
 from adaquantfl.compression import _kernels as kernels
-from adaquantfl.compression._kernels import BLOCK, PACK_SLACK, bitpack
+from adaquantfl.compression._kernels import BLOCK, PACK_SLACK, bitpack, measure
 from tests.reference import reference_pack, reference_quantize
 
 # Code widths w = 1 + bits(s): 2..8 (byte lanes), 9..16 (two-byte lanes), 17..25 (one by one).
@@ -191,3 +194,53 @@ def test_zero_norm_bucket_quantizes_to_zero() -> None:
     kernels.quantize_into(x, norms, 3, 4, np.uint64(7), mags, signs)
     assert mags.tolist() == [0, 0, 0, 2, 4, 0]
     assert signs.tolist() == [False, False, False, False, True, False]
+
+
+# --------------------------------------------------------------------------- blocked float64 sums
+
+
+def blocked_sum(terms: list[float]) -> float:
+    """The sum of ``_kernels.measure``'s docstring, term by term in Python floats."""
+    total = carry = 0.0
+    for start in range(0, len(terms), 4096):
+        block = terms[start : start + 4096]
+        lanes = [0.0] * 64
+        for j, t in enumerate(block):
+            lanes[j % 64] += t
+        block_sum = 0.0
+        for lane in lanes:
+            block_sum += lane
+        t = total + block_sum
+        if abs(total) >= abs(block_sum):
+            carry += (total - t) + block_sum
+        else:
+            carry += (block_sum - t) + total
+        total = t
+    return total + carry
+
+
+@pytest.mark.parametrize("d", [0, 1, 63, 64, 65, 4095, 4096, 4097, 3 * 4096 + 5, 50_000])
+def test_blocked_sums_follow_their_definition_and_stay_close_to_exact(d: int) -> None:
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal(d) * np.exp(4 * rng.standard_normal(d))).astype(np.float32)
+    y = (x + rng.standard_normal(d).astype(np.float32) * 1e-2).astype(np.float32)
+    squares = [float(v) * float(v) for v in x]
+    errors = [(float(b) - float(a)) ** 2 for a, b in zip(x, y, strict=True)]
+    assert measure.sum_squares(x) == blocked_sum(squares)
+    assert measure.squared_error(x, y) == blocked_sum(errors)
+    for ours, exact in ((measure.sum_squares(x), math.fsum(squares)),
+                        (measure.squared_error(x, y), math.fsum(errors))):  # fmt: skip
+        assert abs(ours - exact) <= 1e-14 * exact
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_entry_anywhere(dtype: type, bad: float) -> None:
+    x = np.random.default_rng(0).standard_normal(3 * 4096 + 70).astype(dtype)
+    x[5] = np.finfo(dtype).max  # large but finite
+    assert measure.all_finite(x)
+    for where in (0, 63, 64, 4095, 4096, x.size - 70, x.size - 1):
+        y = x.copy()
+        y[where] = bad
+        assert not measure.all_finite(y), where
+    assert measure.all_finite(x[:0])

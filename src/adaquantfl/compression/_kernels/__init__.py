@@ -1,7 +1,8 @@
 """Compiled (numba) kernels of the quantizer and the packed codec.
 
 :mod:`.fused` quantizes, packs, unpacks and dequantizes in blocks;
-:mod:`.bitpack` packs fixed-width codes into a byte stream. Both are compiled
+:mod:`.bitpack` packs fixed-width codes into a byte stream; :mod:`.measure`
+takes float64 sums of float32 vectors in one fixed order. All are compiled
 lazily on first use and cached on disk.
 """
 

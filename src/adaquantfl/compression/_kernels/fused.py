@@ -30,6 +30,7 @@ import numba
 import numpy as np
 
 from adaquantfl.compression._kernels.bitpack import PACK_SLACK, pack, unpack
+from adaquantfl.compression._kernels.measure import BLOCK, LANES
 
 __all__ = [
     "BLOCK",
@@ -51,10 +52,10 @@ _GOLDEN = _U(0x9E3779B97F4A7C15)
 _MIX1 = _U(0xBF58476D1CE4E5B9)
 _MIX2 = _U(0x94D049BB133111EB)
 _INV24 = _F(2.0**-24)
-#: Entries per block: the code scratch (<= 16 KiB) stays in the L1 cache.
-BLOCK = 4096
-#: Interleaved float64 partial sums of the L2 norm (see ``adaquantfl.compression.qsgd``).
-LANES = 64
+# BLOCK (entries per block: the code scratch, <= 16 KiB, stays in the L1
+# cache) and LANES (interleaved float64 partial sums of the L2 norm, see
+# ``adaquantfl.compression.qsgd``) are shared with .measure, whose blocked
+# sums follow the same blocks.
 
 _jit = numba.njit(cache=True, nogil=True)
 
