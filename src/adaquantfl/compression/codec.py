@@ -280,7 +280,10 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     except ValueError as exc:
         raise ValueError(f"cannot encode: {exc}") from None
     if encoding == "entropy":
-        return _entropy_message(q.numel, q.levels, q.bucket_size, q.norm, norms, mags, signs)
+        from adaquantfl.compression.entropy import codes_of
+
+        codes = codes_of(mags, signs, q.levels)
+        return _entropy_message(q.numel, q.levels, q.bucket_size, q.norm, norms, codes)
 
     return build_message(
         _code("packed", q.norm),
@@ -305,8 +308,10 @@ def quantize_encode(
     """``encode(quantize(x, levels, ...), encoding)`` without the intermediate arrays.
 
     For ``"packed"`` the entries are quantized and packed in one pass straight
-    into the message buffer. The bytes are identical to the two-step path
-    (the same single draw is taken from ``generator``).
+    into the message buffer; for ``"entropy"`` they are quantized into one
+    level code per entry (1, 2 or 4 bytes) and entropy-coded from there. The
+    bytes are identical to the two-step path (the same single draw is taken
+    from ``generator``).
 
     Raises
     ------
@@ -323,12 +328,11 @@ def quantize_encode(
     if d > U32_MAX:
         raise ValueError(f"v1 messages carry at most {U32_MAX} entries, got {d}")
     span = bucket_span(d, bucket_size)
-    if encoding == "entropy":
-        mags = np.empty(d, dtype=np.int32)
-        signs = np.empty(d, dtype=np.bool_)
-        kernels.quantize_into(v, norms, span, int(levels), np.uint64(key), mags, signs)
-        return _entropy_message(d, int(levels), bucket_size, norm, norms, mags, signs)
     w = code_width(levels)
+    if encoding == "entropy":
+        codes = np.empty(d, dtype=kernels.code_dtype(w))
+        kernels.quantize_codes(v, norms, span, int(levels), key, codes)
+        return _entropy_message(d, int(levels), bucket_size, norm, norms, codes)
     return build_message(
         _code("packed", norm),
         d,
@@ -346,18 +350,13 @@ def _entropy_message(
     bucket_size: int | None,
     norm: str,
     norms: np.ndarray,
-    mags: np.ndarray,
-    signs: np.ndarray,
+    codes: np.ndarray,
 ) -> bytes:
-    from adaquantfl.compression.entropy import encode_body
+    from adaquantfl.compression.entropy import body_writer
 
-    body = np.frombuffer(encode_body(mags, signs, levels), dtype=np.uint8)
-
-    def write(out: np.ndarray) -> None:
-        out[: body.size] = body
-
+    size, write = body_writer(codes, levels)
     code = _code("entropy", norm)
-    return build_message(code, numel, levels, bucket_size or 0, norms, body.size, write)
+    return build_message(code, numel, levels, bucket_size or 0, norms, size, write)
 
 
 def _code(encoding: str, norm: str) -> int:
@@ -450,8 +449,11 @@ def decode_dequantize(
     span = bucket_span(header.numel, header.bucket_size)
     steps = bucket_steps(norms, header.levels)
     if header.encoding == "entropy":
-        mags, signs = _level_indices(buf, header)
-        kernels.dequantize_into(mags, signs, steps, span, flat.detach().numpy())
+        from adaquantfl.compression.entropy import decode_codes
+
+        start = header.body_offset
+        codes = decode_codes(buf[start : start + header.body_bytes], header.numel, header.levels)
+        kernels.dequantize_codes_into(codes, steps, span, flat.detach().numpy())
         return flat
     body = _packed_body(buf, header)
     w = code_width(header.levels)

@@ -26,6 +26,8 @@ editing :mod:`adaquantfl.compression._kernels.bitpack` in a source checkout, del
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 
@@ -36,14 +38,22 @@ __all__ = [
     "BLOCK",
     "LANES",
     "PACK_SLACK",
+    "code_dtype",
+    "codes_from_levels",
     "decode_packed_into",
     "decode_packed_to_codes",
+    "dequantize_codes_into",
     "dequantize_into",
     "encode_packed",
+    "levels_from_codes",
+    "max_level",
     "norms_l2",
     "norms_max",
+    "pack_codes",
     "pack_quantized",
+    "quantize_codes",
     "quantize_into",
+    "unpack_codes",
 ]
 
 _U = np.uint64
@@ -181,7 +191,7 @@ def quantize_into(x, norms, bucket, levels, key, mags, signs):  # type: ignore[n
 
 
 def _code_scratch(w: int) -> np.ndarray:
-    return np.zeros(BLOCK, np.uint8 if w <= 8 else np.uint16 if w <= 16 else np.uint32)
+    return np.zeros(BLOCK, code_dtype(w))
 
 
 @_jit
@@ -209,6 +219,127 @@ def encode_packed(
 ) -> None:
     """Quantize ``x`` and write its packed body into ``out`` (with :data:`PACK_SLACK` spare)."""
     _encode_packed(x, norms, bucket, levels, _U(key), w, out, _code_scratch(w))
+
+
+# --------------------------------------------------------------------------- arrays of codes
+
+
+@_jit
+def _sent_block(codes, steps, bucket, start, stop, scale, ys):  # type: ignore[no-untyped-def]
+    # ys[j] = scale * (+-xi * step) for entries start + j (codes[j] their codes).
+    i = start
+    while i < stop:
+        k = i // bucket
+        end = min(stop, (k + 1) * bucket)
+        step = steps[k]
+        c = codes[i - start : end - start]
+        o = ys[i - start : end - start]
+        for j in range(c.size):
+            code = np.int32(c[j])
+            y = _F(code >> 1) * step
+            o[j] = (-y if (code & 1) else y) * scale
+        i = end
+
+
+@_jit
+def _quantize_codes(x, norms, bucket, levels, key, codes):  # type: ignore[no-untyped-def]
+    sf = _F(levels)
+    d = x.size
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        _block_codes(x, norms, bucket, sf, key, start, stop, codes[start:stop])
+
+
+def quantize_codes(
+    x: np.ndarray, norms: np.ndarray, bucket: int, levels: int, key: int, codes: np.ndarray
+) -> None:
+    """QSGD level codes ``(xi << 1) | sign`` of ``x`` into ``codes`` (one per entry)."""
+    _quantize_codes(x, norms, bucket, levels, _U(key), codes)
+
+
+def code_dtype(w: int) -> type[np.unsignedinteger[Any]]:
+    """The narrowest unsigned type that holds a code of ``w`` bits (1, 2 or 4 bytes)."""
+    return np.uint8 if w <= 8 else np.uint16 if w <= 16 else np.uint32
+
+
+@_jit
+def dequantize_codes_into(codes, steps, bucket, out):  # type: ignore[no-untyped-def]
+    """``out_i = +-(xi_i * step_k)`` from level codes (as :func:`dequantize_into`)."""
+    d = codes.size
+    one = _F(1.0)
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        _sent_block(codes[start:stop], steps, bucket, start, stop, one, out[start:stop])
+
+
+@_jit
+def codes_from_levels(mags, signs, levels, codes):  # type: ignore[no-untyped-def]
+    """``codes = (mags << 1) | signs``; True if an index is outside ``[0, levels]`` or a
+    zero index has its sign set."""
+    bad = False
+    for i in range(mags.size):
+        xi = mags[i]
+        sg = signs[i]
+        bad |= (xi < 0) | (xi > levels) | (sg & (xi == 0))
+        codes[i] = xi + xi + sg
+    return bad
+
+
+@_jit
+def levels_from_codes(codes, mags, signs):  # type: ignore[no-untyped-def]
+    """Level indices (int32) and signs (bool) of level codes."""
+    for i in range(codes.size):
+        c = codes[i]
+        mags[i] = c >> 1
+        signs[i] = (c & 1) != 0
+
+
+@_jit
+def max_level(codes):  # type: ignore[no-untyped-def]
+    """The largest level index ``codes >> 1`` (0 for no codes)."""
+    top = np.int64(0)
+    for i in range(codes.size):
+        code = np.int64(codes[i])
+        if code > top:
+            top = code
+    return top >> 1
+
+
+@_jit
+def _pack_codes(codes, w, out, scratch):  # type: ignore[no-untyped-def]
+    d = codes.size
+    pos = 0
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        m = stop - start
+        scratch[:m] = codes[start:stop]
+        scratch[m : m + 8] = 0
+        pos = pack(scratch, m, w, out, pos)
+
+
+def pack_codes(codes: np.ndarray, w: int, out: np.ndarray) -> None:
+    """Pack valid level codes as a packed body into ``out`` (with :data:`PACK_SLACK` spare)."""
+    _pack_codes(codes, w, out, _code_scratch(w))
+
+
+@_jit
+def _unpack_codes(buf, numel, levels, w, codes, scratch):  # type: ignore[no-untyped-def]
+    bad = False
+    top = levels + levels + 1
+    for start in range(0, numel, BLOCK):
+        stop = min(start + BLOCK, numel)
+        unpack(buf, start, stop - start, w, scratch)
+        c = codes[start:stop]
+        for j in range(c.size):
+            code = np.int32(scratch[j])
+            bad |= (code > top) | (code == 1)
+            c[j] = code
+    return bad
+
+
+def unpack_codes(buf: np.ndarray, numel: int, levels: int, w: int, codes: np.ndarray) -> bool:
+    """Unpack a packed body into level codes; True if a code is invalid."""
+    return bool(_unpack_codes(buf, numel, levels, w, codes, _code_scratch(w)))
 
 
 @_jit
