@@ -394,3 +394,59 @@ def test_all_finite_finds_one_bad_entry_anywhere(dtype: type, bad: float) -> Non
         y[where] = bad
         assert not measure.all_finite(y), where
     assert measure.all_finite(x[:0])
+
+
+# --------------------------------------------------------------------------- measuring encoders
+
+
+def dequantized(codes: np.ndarray, steps: np.ndarray, bucket: int) -> np.ndarray:
+    """What the decoder returns for these codes: +-(xi * step), float32."""
+    index = np.arange(codes.size) // bucket
+    y = (codes >> 1).astype(np.float32) * steps[index]
+    return np.where(codes & 1, -y, y).astype(np.float32)
+
+
+@pytest.mark.parametrize("levels", [1, 15, 255, 70_000])
+@pytest.mark.parametrize("bucket", [7, 512, 4096, 10_000])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_measuring_encoders_give_the_bytes_codes_and_sums_of_the_plain_ones(
+    levels: int, bucket: int, scale: float
+) -> None:
+    d = 3 * 4096 + 123
+    rng = np.random.default_rng(levels + bucket)
+    x = (rng.standard_normal(d) * np.exp(rng.standard_normal(d))).astype(np.float32)
+    x[:bucket] = 0  # a zero bucket
+    norms = np.empty(-(-d // bucket), np.float32)
+    kernels.norms_l2(x, bucket, norms)
+    steps = (norms / np.float32(levels)).astype(np.float32)
+    key, w = 12345, 1 + levels.bit_length()
+    size = packed_bytes(d, levels)
+    plain = np.zeros(size + PACK_SLACK, np.uint8)
+    kernels.encode_packed(x, norms, bucket, levels, key, w, plain)
+    mags, signs = np.empty(d, np.int32), np.empty(d, np.bool_)
+    kernels.quantize_into(x, norms, bucket, levels, np.uint64(key), mags, signs)
+    codes = ((mags << 1) | signs).astype(kernels.code_dtype(w))
+    sent = (dequantized(codes, steps, bucket) * np.float32(scale)).astype(np.float32)
+    expected = (measure.sum_squares(x), measure.squared_error(x, sent))
+    # Packed, with the residual in a buffer of its own and in x's place.
+    out = np.zeros(size + PACK_SLACK, np.uint8)
+    residual = np.full(d, np.nan, np.float32)
+    sums = kernels.encode_packed_measured(x, norms, steps, bucket, levels, key, w, out, scale,
+                                          residual)  # fmt: skip
+    assert out[:size].tobytes() == plain[:size].tobytes() and sums == expected
+    assert np.array_equal(residual, x - sent)
+    in_place = x.copy()
+    sums = kernels.encode_packed_measured(in_place, norms, steps, bucket, levels, key, w, out,
+                                          scale, in_place)  # fmt: skip
+    assert sums == expected and np.array_equal(in_place, residual)
+    # Codes (the entropy path), measuring or not.
+    got = np.empty(d, codes.dtype)
+    assert kernels.quantize_codes(x, norms, bucket, levels, key, got) == (0.0, 0.0)
+    assert np.array_equal(got, codes)
+    residual[:] = np.nan
+    sums = kernels.quantize_codes(x, norms, bucket, levels, key, got, steps=steps, scale=scale,
+                                  residual=residual)  # fmt: skip
+    assert sums == expected and np.array_equal(residual, x - sent)
+    decoded = np.empty(d, np.float32)
+    kernels.dequantize_codes_into(codes, steps, bucket, decoded)
+    assert np.array_equal(decoded, dequantized(codes, steps, bucket))

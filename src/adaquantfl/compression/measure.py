@@ -12,7 +12,8 @@ each, blocks added with compensated summation), which is within about
 
 :func:`compress_measured` is the path for any compressor: it compresses,
 decodes the payload into one float32 buffer (which may be the caller's
-residual) and measures against it.
+residual) and measures against it. QSGD measures while it encodes instead
+(:meth:`.qsgd_compressor.QSGDCompressor.compress_measured`), with no buffer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compiled (numba) kernels of the quantizer and the codecs.
 
-:mod:`.fused` quantizes, packs, unpacks and dequantizes in blocks;
-:mod:`.bitpack` packs
+:mod:`.fused` quantizes, packs, unpacks and dequantizes in blocks, and can
+measure what it quantizes while it encodes; :mod:`.bitpack` packs
 fixed-width codes into a byte stream; :mod:`.ans` is the entropy body's ANS
 coder; :mod:`.measure` takes float64 sums of float32 vectors in one fixed
 order. All are compiled lazily on first use and cached on disk.
@@ -18,6 +18,7 @@ from adaquantfl.compression._kernels.fused import (
     dequantize_codes_into,
     dequantize_into,
     encode_packed,
+    encode_packed_measured,
     levels_from_codes,
     max_level,
     norms_l2,
@@ -40,6 +41,7 @@ __all__ = [
     "dequantize_codes_into",
     "dequantize_into",
     "encode_packed",
+    "encode_packed_measured",
     "levels_from_codes",
     "max_level",
     "norms_l2",

@@ -32,7 +32,13 @@ import numba
 import numpy as np
 
 from adaquantfl.compression._kernels.bitpack import PACK_SLACK, pack, unpack
-from adaquantfl.compression._kernels.measure import BLOCK, LANES
+from adaquantfl.compression._kernels.measure import (
+    BLOCK,
+    LANES,
+    block_error_squares,
+    block_squares,
+    compensated_add,
+)
 
 __all__ = [
     "BLOCK",
@@ -45,6 +51,7 @@ __all__ = [
     "dequantize_codes_into",
     "dequantize_into",
     "encode_packed",
+    "encode_packed_measured",
     "levels_from_codes",
     "max_level",
     "norms_l2",
@@ -65,7 +72,7 @@ _INV24 = _F(2.0**-24)
 # BLOCK (entries per block: the code scratch, <= 16 KiB, stays in the L1
 # cache) and LANES (interleaved float64 partial sums of the L2 norm, see
 # ``adaquantfl.compression.qsgd``) are shared with .measure, whose blocked
-# sums follow the same blocks.
+# sums the measuring encoders below follow block by block.
 
 _jit = numba.njit(cache=True, nogil=True)
 
@@ -241,22 +248,6 @@ def _sent_block(codes, steps, bucket, start, stop, scale, ys):  # type: ignore[n
         i = end
 
 
-@_jit
-def _quantize_codes(x, norms, bucket, levels, key, codes):  # type: ignore[no-untyped-def]
-    sf = _F(levels)
-    d = x.size
-    for start in range(0, d, BLOCK):
-        stop = min(start + BLOCK, d)
-        _block_codes(x, norms, bucket, sf, key, start, stop, codes[start:stop])
-
-
-def quantize_codes(
-    x: np.ndarray, norms: np.ndarray, bucket: int, levels: int, key: int, codes: np.ndarray
-) -> None:
-    """QSGD level codes ``(xi << 1) | sign`` of ``x`` into ``codes`` (one per entry)."""
-    _quantize_codes(x, norms, bucket, levels, _U(key), codes)
-
-
 def code_dtype(w: int) -> type[np.unsignedinteger[Any]]:
     """The narrowest unsigned type that holds a code of ``w`` bits (1, 2 or 4 bytes)."""
     return np.uint8 if w <= 8 else np.uint16 if w <= 16 else np.uint32
@@ -340,6 +331,120 @@ def _unpack_codes(buf, numel, levels, w, codes, scratch):  # type: ignore[no-unt
 def unpack_codes(buf: np.ndarray, numel: int, levels: int, w: int, codes: np.ndarray) -> bool:
     """Unpack a packed body into level codes; True if a code is invalid."""
     return bool(_unpack_codes(buf, numel, levels, w, codes, _code_scratch(w)))
+
+
+# --------------------------------------------------------------------------- measuring encoders
+#
+# A client sends C(v) and reports ||v||^2 and ||scale C(v) - v||^2 (and, under
+# error feedback, keeps v - scale C(v)). These encoders compute, block by
+# block, what the server will decode (the dequantization of the decoders
+# below, then times `scale` in float32, as torch's `mul_` does) and measure it
+# against the input while its block is in the cache, in .measure's fixed order.
+
+
+@_jit
+def _measure_block(x, start, stop, ys, residual, keep, acc, sums):  # type: ignore[no-untyped-def]
+    # sums: (||v||^2, its carry, error^2, its carry); the residual may be x itself.
+    xs = x[start:stop]
+    got = ys[: stop - start]
+    sums[0], sums[1] = compensated_add(sums[0], sums[1], block_squares(xs, acc))
+    sums[2], sums[3] = compensated_add(sums[2], sums[3], block_error_squares(xs, got, acc))
+    if keep:
+        r = residual[start:stop]
+        for j in range(r.size):
+            r[j] = xs[j] - got[j]
+
+
+@_jit
+def _encode_packed_measured(x, norms, steps, bucket, levels, key, w, out, codes,  # type: ignore[no-untyped-def]
+                            scale, residual, keep):  # fmt: skip
+    sf = _F(levels)
+    d = x.size
+    pos = 0
+    ys = np.empty(BLOCK, np.float32)
+    acc = np.zeros(LANES, np.float64)
+    sums = np.zeros(4, np.float64)
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        _block_codes(x, norms, bucket, sf, key, start, stop, codes)
+        _sent_block(codes, steps, bucket, start, stop, scale, ys)
+        _measure_block(x, start, stop, ys, residual, keep, acc, sums)
+        m = stop - start
+        codes[m : m + 8] = 0
+        pos = pack(codes, m, w, out, pos)
+    return sums[0] + sums[1], sums[2] + sums[3]
+
+
+_NO_RESIDUAL = np.zeros(0, np.float32)
+
+
+def encode_packed_measured(
+    x: np.ndarray,
+    norms: np.ndarray,
+    steps: np.ndarray,
+    bucket: int,
+    levels: int,
+    key: int,
+    w: int,
+    out: np.ndarray,
+    scale: float,
+    residual: np.ndarray | None,
+) -> tuple[float, float]:
+    """:func:`encode_packed`, measuring: ``(sum x^2, sum (scale C(x) - x)^2)``.
+
+    ``steps`` are the buckets' ``norm / s``; ``residual`` (``x`` itself
+    allowed), if given, receives ``x - scale C(x)`` in float32.
+    """
+    keep = residual is not None
+    norm_sq, error_sq = _encode_packed_measured(
+        x, norms, steps, bucket, levels, _U(key), w, out, _code_scratch(w), _F(scale),
+        residual if keep else _NO_RESIDUAL, keep,
+    )  # fmt: skip
+    return float(norm_sq), float(error_sq)
+
+
+@_jit
+def _quantize_codes(x, norms, steps, bucket, levels, key, codes, scale, residual, keep,  # type: ignore[no-untyped-def]
+                    measure):  # fmt: skip
+    sf = _F(levels)
+    d = x.size
+    ys = np.empty(BLOCK, np.float32)
+    acc = np.zeros(LANES, np.float64)
+    sums = np.zeros(4, np.float64)
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        block = codes[start:stop]
+        _block_codes(x, norms, bucket, sf, key, start, stop, block)
+        if measure:
+            _sent_block(block, steps, bucket, start, stop, scale, ys)
+            _measure_block(x, start, stop, ys, residual, keep, acc, sums)
+    return sums[0] + sums[1], sums[2] + sums[3]
+
+
+def quantize_codes(
+    x: np.ndarray,
+    norms: np.ndarray,
+    bucket: int,
+    levels: int,
+    key: int,
+    codes: np.ndarray,
+    *,
+    steps: np.ndarray | None = None,
+    scale: float = 1.0,
+    residual: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """QSGD level codes ``(xi << 1) | sign`` of ``x`` into ``codes`` (one per entry).
+
+    With ``steps`` (the buckets' ``norm / s``), also measures as
+    :func:`encode_packed_measured` and returns its two sums; else ``(0, 0)``.
+    """
+    keep = residual is not None
+    measure = steps is not None
+    norm_sq, error_sq = _quantize_codes(
+        x, norms, steps if measure else norms, bucket, levels, _U(key), codes, _F(scale),
+        residual if keep else _NO_RESIDUAL, keep, measure,
+    )  # fmt: skip
+    return float(norm_sq), float(error_sq)
 
 
 @_jit
