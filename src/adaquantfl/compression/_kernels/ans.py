@@ -293,14 +293,16 @@ def _pop_bounded(x, bound, words, pos):  # type: ignore[no-untyped-def]
 
 @_jit
 def _lookup_table(cdf):  # type: ignore[no-untyped-def]
-    # table[t]: the symbol whose interval holds quantile t << (24 - _LOOKUP_BITS).
-    table = np.empty(1 << _LOOKUP_BITS, np.int64)
+    # One entry per 2**12 quantiles: the symbol s whose interval holds the
+    # slot's first quantile, packed with its start (24 bits) and p (25 bits),
+    # so that one load decodes a symbol whose interval covers the quantile.
+    table = np.empty(1 << _LOOKUP_BITS, np.uint64)
     s = 0
     for t in range(1 << _LOOKUP_BITS):
         q = _U(t) << _U(24 - _LOOKUP_BITS)
         while cdf[s + 1] <= q:
             s += 1
-        table[t] = s
+        table[t] = (_U(s) << _U(49)) | ((cdf[s + 1] - cdf[s]) << _U(24)) | cdf[s]
     return table
 
 
@@ -341,11 +343,17 @@ def decode(words, d, k, m, levels, codes, counts):  # type: ignore[no-untyped-de
         # several times slower). After every refill x >= 2**32 or no word is left.
         for i in range(d):
             q = x & _QMASK
-            s = table[q >> shift]
-            while cdf[s + 1] <= q:
+            entry = table[q >> shift]
+            s = np.intp(entry >> _U(49))
+            start = entry & _QMASK
+            p = (entry >> _PRECISION) & _U((1 << 25) - 1)
+            if q - start >= p:  # past the slot's first symbol: the next ones, in order
                 s += 1
-            start = cdf[s]
-            x = (x >> _PRECISION) * (cdf[s + 1] - start) + (q - start)
+                while cdf[s + 1] <= q:
+                    s += 1
+                start = cdf[s]
+                p = cdf[s + 1] - start
+            x = (x >> _PRECISION) * p + (q - start)
             if x < _REFILL and pos > 0:
                 pos -= 1
                 x = (x << _WORD) | _U(words[pos])
