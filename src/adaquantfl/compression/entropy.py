@@ -100,7 +100,11 @@ __all__ = [
 MAX_ALPHABET = 4096
 _STORED = 0xFF  # first body byte of the packed fallback
 _MAX_LOW_BITS = 23  # constriction's Uniform needs 2 <= size < 2**24
+# Word arrays the coder reads are read-only and those it writes writable, in
+# every mode, so that numba compiles each kernel once per code width.
+_NO_OUT = np.zeros(0, np.uint32)
 _NO_WORDS = np.zeros(0, np.uint32)
+_NO_WORDS.flags.writeable = False
 _NO_CDF = np.zeros(2, np.uint64)
 _CODER_ERRORS = {
     ans.MALFORMED: "entropy coded data is malformed: Invalid compressed data: ANS compressed "
@@ -323,9 +327,13 @@ def decode_codes(body: memoryview, numel: int, levels: int) -> np.ndarray:
 
 
 def _words(body: memoryview, pos: int) -> np.ndarray:
-    """The body's ANS words from byte ``pos`` on (a read-only view; copied if unaligned)."""
+    """The body's ANS words from byte ``pos`` on: a read-only view, or a read-only copy
+    where the view would be unaligned."""
     words = np.frombuffer(body, dtype="<u4", offset=pos)
-    return words if words.flags.aligned else words.copy()
+    if not words.flags.aligned:
+        words = words.copy()
+    words.flags.writeable = False
+    return words
 
 
 def _stored_codes(body: memoryview, numel: int, levels: int, dtype: Any) -> np.ndarray:
@@ -361,7 +369,7 @@ def _check_canonical(
     head = _head(k, counts.size - 1)
     packed = packed_body_bytes(codes.size, levels)
     if body[0] == _STORED:
-        count, _ = ans.encode(codes, k, counts, cdf, ans.COUNT, _NO_WORDS, _NO_WORDS)
+        count, _ = ans.encode(codes, k, counts, cdf, ans.COUNT, _NO_OUT, _NO_WORDS)
         coded = len(head) + 4 * count
         if coded <= 1 + packed:
             raise CodecError(
@@ -371,7 +379,7 @@ def _check_canonical(
         return
     same_head = bytes(body[: len(head)]) == head
     reference = _words(body, len(head)) if same_head else _NO_WORDS
-    count, same = ans.encode(codes, k, counts, cdf, ans.VERIFY, _NO_WORDS, reference)
+    count, same = ans.encode(codes, k, counts, cdf, ans.VERIFY, _NO_OUT, reference)
     coded = len(head) + 4 * count
     if coded > 1 + packed:
         raise CodecError(
