@@ -233,8 +233,8 @@ class ClientCompressor:
     def _compress_exactly(
         self, v: torch.Tensor, levels: int | None, generator: torch.Generator
     ) -> CompressedUpdate:
-        # The float64 tensor expressions of earlier versions (their float64
-        # copies are at most 8 MiB at this size): the same bits as ever.
+        # The float64 tensor expressions of earlier versions (each float64
+        # copy is at most 8 MiB at this size): the same bits as ever.
         payload = self.compressor.compress(v, levels, generator=generator)
         norm_sq = float(v.to(torch.float64).square().sum())
         if levels is None and not self.keeps_residual:
