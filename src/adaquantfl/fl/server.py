@@ -311,8 +311,17 @@ class FedServer:
                     return [], [], None, failed, [(c.reply.client_id, reason) for c in accepted]
         if not accepted:
             return [], [], None, failed, []
+        # w_{k+1} = w_k + accum / total, in place and a slice at a time: the round
+        # needs the model, the float64 accumulator and the decode buffer (which
+        # takes the new model), however many replies there are. The same bits
+        # as (w_k.double() + accum / total).float().
         total = float(sum(weights))
-        new_params = (self.params.to(torch.float64) + accum / total).to(torch.float32)
+        accum.div_(total)
+        chunk = 2**16
+        for start in range(0, self.numel, chunk):
+            accum[start : start + chunk].add_(self.params[start : start + chunk].to(torch.float64))
+        new_params = buffer.copy_(accum)
+        del accum
         if not all_finite(new_params):
             # Each update was finite, but together they overflow float32 (e.g.
             # valid raw values near 3e38): keep the old model and policy.
