@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Parameters
+from flwr.server.strategy import FedAdam as LegacyFedAdam
+from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -227,7 +230,8 @@ CONSTRUCTOR_ERRORS = [
      "fraction_train must be a finite number in [0, 1], got 2"),
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2), seed="0"), ValueError, "seed must be an integer"),
     (lambda: AdaQuant(AdaQuantLevels(2), policy=AdaQuantLevels(2), seed=0), TypeError,
-     "AdaQuant wraps a Flower strategy (e.g. FedAvg(), FedAdam()) as its first argument"),
+     "AdaQuant wraps a Flower strategy of flwr.serverapp.strategy (e.g. FedAvg(), FedAdam()) "
+     "as its first argument"),
     (lambda: AdaQuant(FedAvg(), AdaQuantLevels(2), seed=0), TypeError,
      "AdaQuant takes 1 positional argument(s) (the inner strategy) but 2 were given"),
     (lambda: AdaQuant(FedAvg(), policy=AdaQuantLevels(2), seed=0, num_clients=4,
@@ -239,6 +243,28 @@ CONSTRUCTOR_ERRORS = [
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2), seed=0, max_weight_share=2),
      ValueError, "max_weight_share must be in (0, 1] or None, got 2"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "legacy, name",
+    [
+        (lambda: LegacyFedAvg(), "FedAvg"),
+        (lambda: LegacyFedAdam(initial_parameters=Parameters([], "")), "FedAdam"),
+        (lambda: type("MyStrategy", (LegacyFedAvg,), {})(), "FedAvg"),
+    ],
+    ids=["FedAvg", "FedAdam", "a-subclass-of-FedAvg"],
+)
+def test_a_strategy_of_flowers_legacy_api_is_named_as_such(legacy: Any, name: str) -> None:
+    """Wrapping ``flwr.server.strategy.FedAvg`` names the API that AdaQuant needs.
+
+    Before, the error said only "AdaQuant wraps a Flower strategy (e.g. FedAvg(),
+    FedAdam()) ... got FedAvg FedAvg(accept_failures=True)", which the user had done.
+    """
+    with pytest.raises(TypeError) as error:
+        AdaQuant(legacy(), policy=AdaQuantLevels(2), seed=0)
+    text = str(error.value)
+    assert "legacy strategy API (flwr.server.strategy)" in text
+    assert f"from flwr.serverapp.strategy import {name}" in text
 
 
 @pytest.mark.parametrize("make, kind, message", CONSTRUCTOR_ERRORS)

@@ -50,6 +50,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp import strategy as serverapp_strategies
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from adaquantfl.compression.compressor import Compressor, default_message_limit
@@ -615,10 +616,7 @@ def _check_settings(
     if args:
         raise _positional_error(name, _USAGE, ("the inner strategy",), len(args))
     if not isinstance(strategy, Strategy):
-        raise TypeError(
-            f"{name} wraps a Flower strategy (e.g. FedAvg(), FedAdam()) as its first argument, "
-            f"got {type(strategy).__name__} {strategy!r}: {_USAGE}"
-        )
+        raise TypeError(_not_a_strategy(name, strategy))
     if values["policy"] is None:
         raise TypeError(f"{name} needs a level policy, policy=...: {_USAGE}")
     out: dict[str, Any] = {"policy": _check_policy(values["policy"])}
@@ -668,6 +666,33 @@ def _check_settings(
     if limit is not None:
         check_int("max_message_bytes (None: the model's default limit)", limit, 1)
     return out
+
+
+def _not_a_strategy(name: str, strategy: object) -> str:
+    """The error text for an inner strategy that is not one of Flower's Message API.
+
+    The commonest case is a strategy of Flower's legacy API (``flwr.server.strategy``,
+    ``fit``/``evaluate`` on ``Parameters``), whose classes have the same names as the
+    Message API's (``flwr.serverapp.strategy``): say so, and name the import to use.
+    """
+    got = f"got {type(strategy).__name__} {strategy!r}"
+    legacy = next(
+        (c for c in type(strategy).__mro__ if c.__module__.startswith("flwr.server.strategy")),
+        None,
+    )
+    if legacy is None or legacy.__name__ == "Strategy":
+        return (
+            f"{name} wraps a Flower strategy of flwr.serverapp.strategy (e.g. FedAvg(), "
+            f"FedAdam()) as its first argument, {got}: {_USAGE}"
+        )
+    twin = legacy.__name__ if hasattr(serverapp_strategies, legacy.__name__) else "FedAvg"
+    return (
+        f"{name} wraps a Flower strategy as its first argument, {got}, which is Flower's "
+        f"legacy strategy API (flwr.server.strategy). Use the Message API's: "
+        f"`from flwr.serverapp.strategy import {twin}` (its options are renamed: "
+        f"fraction_fit -> fraction_train, min_fit_clients -> min_train_nodes, "
+        f"min_available_clients -> min_available_nodes), then {_USAGE}"
+    )
 
 
 def _check_fedavg(**values: Any) -> None:
