@@ -345,7 +345,50 @@ def test_a_node_the_superlink_gives_up_on_is_dropped_once() -> None:
     assert metrics is not None
     assert (metrics["aq-participants"], metrics["aq-rejected"], metrics["aq-dropped"]) == (3, 0, 1)
     ((node, reason),) = strategy.rounds[0].dropouts
-    assert node == lost and f"({ErrorCode.NODE_UNAVAILABLE})" in reason
+    assert node == lost and reason.startswith("error reply: the node stopped sending heartbeats")
+
+
+ERROR_REPLIES = [
+    # A SuperNode's flwr-clientapp process (flwr/supernode/runtime/run_clientapp.py).
+    (ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+     "<class 'TypeError'>:<'Got unsupported ScalarType BFloat16'>",
+     "error reply: the node's ClientApp raised an exception: TypeError: Got unsupported "
+     "ScalarType BFloat16"),
+    # The simulation engine (flwr/server/superlink/fleet/vce/vce_api.py), which keeps
+    # only the exception's text.
+    (ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+     "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+     "ClientAppException occurred. Message: Got unsupported ScalarType BFloat16'>",
+     "error reply: the node's ClientApp raised an exception: Got unsupported ScalarType "
+     "BFloat16"),
+    (ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+     "An exception was raised when attempting to load `ClientApp`",
+     "error reply: the node could not load its ClientApp: An exception was raised when "
+     "attempting to load `ClientApp`"),
+    (ErrorCode.CLIENT_APP_CRASHED, "ClientApp stopped responding.",
+     "error reply: the node's ClientApp stopped responding: ClientApp stopped responding."),
+    (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "",
+     "error reply: the node's ClientApp raised an exception"),
+    (99, "new in a later Flower", "error reply: the node reported Flower error code 99: new "
+     "in a later Flower"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("code, reason, described", ERROR_REPLIES)
+def test_an_error_reply_is_described_in_words(code: int, reason: str, described: str) -> None:
+    """What a round records of an error reply: the code's meaning and the node's own text.
+
+    Before, it recorded "error reply (2): <class 'TypeError'>:<'...'>", Flower's
+    code number and wrapping as they came.
+    """
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
+    failing = grid.node_of(1)
+    grid.tamper = {failing: lambda msg, reply: Message(Error(code, reason), reply_to=msg)}
+    strategy = strategy_for(FixedLevels(3))
+
+    one_round(strategy, grid, initial_arrays())
+
+    assert strategy.rounds[0].failures == ((failing, described),)
 
 
 def test_mod_fails_clearly_without_any_loss() -> None:
