@@ -62,6 +62,7 @@ from adaquantfl.fl.server import FedServer, as_policy, select_clients
 from adaquantfl.flower.downlink import DownlinkSender, send_model
 from adaquantfl.flower.layout import BATCHNORM_BUFFERS, ArrayLayout
 from adaquantfl.flower.messages import (
+    NO_MOD_REASON,
     NUM_EXAMPLES_KEY,
     Instruction,
     TrainReply,
@@ -157,7 +158,9 @@ class AdaQuant(Strategy):
     other ``aq-*`` figures go to ``Result.evaluate_metrics_serverapp`` (:meth:`start`)
     and :attr:`rounds`; ``train_metrics_clientapp`` is the inner strategy's
     aggregate of the nodes' own metrics. A run in which no round accepted a
-    reply ends with :class:`NoAcceptedRepliesError`.
+    reply ends with :class:`NoAcceptedRepliesError`; so does a training round
+    in which every reply that arrived holds the model's own arrays (no node
+    runs ``adaquant_mod``), at once, from :meth:`aggregate_train`.
     """
 
     def __init__(
@@ -267,7 +270,15 @@ class AdaQuant(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode and check the replies with :class:`FedServer`; the inner strategy aggregates."""
+        """Decode and check the replies with :class:`FedServer`; the inner strategy aggregates.
+
+        Raises
+        ------
+        NoAcceptedRepliesError
+            If replies arrived and every one holds the model's own arrays instead
+            of a payload: no node runs ``adaquant_mod``, and Flower's run loop
+            (``Strategy.start``) stops with this error after the round.
+        """
         server = self._require_server()[0]
         replies = list(replies)
         pending = self._pending
@@ -321,6 +332,10 @@ class AdaQuant(Strategy):
             arrays, metrics = self._aggregate(server_round, accepted, record, pending, previous)
         self.rounds.append(replace(record, time_s=time.perf_counter() - pending.started))
         self._pending = None
+        if not parsed and failures and all(reason == NO_MOD_REASON for _, reason in failures):
+            # Every reply that arrived holds the model's own arrays: no node runs
+            # adaquant_mod, and every later round would fail the same way.
+            raise NoAcceptedRepliesError(why_nothing_accepted(self.rounds[-1:], stopped=True))
         return arrays, metrics
 
     def _aggregate(
@@ -408,7 +423,8 @@ class AdaQuant(Strategy):
         Raises
         ------
         NoAcceptedRepliesError
-            If training rounds ran and none accepted a reply.
+            If training rounds ran and none accepted a reply; after the first
+            round in which no node runs ``adaquant_mod`` (see :meth:`aggregate_train`).
         """
         first = len(self.rounds)
         evaluate = with_server_metrics(
