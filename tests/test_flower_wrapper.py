@@ -230,6 +230,9 @@ def test_a_run_without_the_mod_on_any_node_stops_after_its_first_round() -> None
     # Assert: one round of training messages, then the error with the fix.
     assert rounds_seen == [1] * NUM_NODES
     assert len(s.rounds) == 1 and s.rounds[0].participants == 0
+    # The model's arrays the nodes sent back crossed the network: they are wire bits.
+    carried = sum(len(a.data) for m in grid.replies for a in m.content["arrays"].values())
+    assert s.rounds[0].wire_bits == 8 * carried > 0
     text = str(error.value)
     assert "training round 1" in text and "the run stops" in text
     assert (

@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from flwr.common.serde import config_record_to_proto
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
@@ -32,7 +33,7 @@ from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import FedServer
-from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.layout import ArrayLayout, RecordError, record_bytes
 from adaquantfl.flower.messages import (
     MISSING_MOD_HINT,
     NO_MOD_REASON,
@@ -46,7 +47,9 @@ from adaquantfl.flower.mod import log_once
 __all__ = [
     "SERVER_METRICS",
     "OpenRound",
+    "SortedReplies",
     "common_metrics",
+    "content_bytes",
     "describe_error",
     "evaluate_replies",
     "fedavg_model",
@@ -170,21 +173,52 @@ class OpenRound:
 Failures = list[tuple[int, str]]
 
 
+@dataclass(frozen=True)
+class SortedReplies:
+    """A training round's replies, sorted by :func:`sort_replies`.
+
+    Attributes
+    ----------
+    parsed : list of (node, TrainReply, Message)
+        Every reply with the right layout, for :meth:`FedServer.aggregate` to judge.
+    failures : list of (node, reason)
+        Error replies and malformed ones.
+    dropouts : list of (node, reason)
+        Nodes that never replied, or that Flower reports unavailable.
+    refused_bytes : list of int
+        For each reply refused for its layout (malformed, or without a
+        payload), the bytes it carried (:func:`content_bytes`): they crossed
+        the network, so they count in ``wire_bits``.
+    """
+
+    parsed: list[tuple[int, TrainReply, Message]]
+    failures: Failures
+    dropouts: Failures
+    refused_bytes: list[int]
+
+
+def content_bytes(content: RecordDict) -> int:
+    """What a reply carried that ``wire_bits`` counts: the bytes of its Arrays' data, and of
+    its ConfigRecords as Flower encodes them (protobuf); MetricRecords are not counted,
+    as for an accepted reply."""
+    arrays = sum(record_bytes(record) for record in content.array_records.values())
+    configs = sum(config_record_to_proto(c).ByteSize() for c in content.config_records.values())
+    return int(arrays + configs)
+
+
 def sort_replies(
     replies: Sequence[Message], pending: OpenRound, layout: ArrayLayout
-) -> tuple[list[tuple[int, TrainReply, Message]], Failures, Failures]:
-    """``(parsed, failures, dropouts)`` of a training round's replies.
+) -> SortedReplies:
+    """A training round's replies, sorted into usable, failed and missing ones.
 
-    ``parsed``: (node, reply, message) of every reply with the right layout,
-    for :meth:`FedServer.aggregate` to judge. ``failures``: (node, reason) of
-    error replies and malformed ones. ``dropouts``: nodes that never replied,
-    or that Flower reports unavailable. A reply without a payload
-    (:class:`MissingModError`) is explained once per process, at ERROR; the
-    loss stand-in is warned about once.
+    Each reply is read with :func:`~adaquantfl.flower.messages.read_train_reply`.
+    A reply without a payload (:class:`MissingModError`) is explained once per
+    process, at ERROR; the loss stand-in is warned about once.
     """
     parsed: list[tuple[int, TrainReply, Message]] = []
     failures: Failures = []
     dropouts: Failures = []
+    refused_bytes: list[int] = []
     for msg in replies:
         node = pending.sender(msg)
         if msg.has_error():
@@ -200,9 +234,11 @@ def sort_replies(
         except MissingModError as exc:
             log_once("strategy-missing-mod", ERROR, "AdaQuant: %s", exc)
             failures.append((node, NO_MOD_REASON))
+            refused_bytes.append(content_bytes(msg.content))
             continue
         except RecordError as exc:
             failures.append((node, f"malformed reply: {exc}"))
+            refused_bytes.append(content_bytes(msg.content))
             continue
         if reply.loss_proxy:
             log_once(
@@ -216,7 +252,7 @@ def sort_replies(
     answered = {pending.sender(m) for m in replies}
     for node in sorted(pending.nodes - answered):
         dropouts.append((node, "no reply before the round's timeout"))
-    return parsed, failures, dropouts
+    return SortedReplies(parsed, failures, dropouts, refused_bytes)
 
 
 def common_metrics(records: Sequence[MetricRecord], weight_key: str) -> list[MetricRecord]:

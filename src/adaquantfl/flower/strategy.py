@@ -284,7 +284,8 @@ class AdaQuant(Strategy):
         pending = self._pending
         if pending is None or pending.server_round != server_round:
             pending = OpenRound(server_round, frozenset(), 0, time.perf_counter())
-        parsed, failures, dropouts = sort_replies(replies, pending, self._require_server()[1])
+        replies_of = sort_replies(replies, pending, self._require_server()[1])
+        parsed, failures, dropouts = replies_of.parsed, replies_of.failures, replies_of.dropouts
         nodes_of: dict[int, list[int]] = {}
         for node, tr, _ in parsed:
             nodes_of.setdefault(tr.reply.client_id, []).append(node)
@@ -309,13 +310,17 @@ class AdaQuant(Strategy):
         if self.downlink is not None:
             for node in pending.nodes - {n for n, _, _ in accepted}:
                 self.downlink.forget(node)
-        # The arrays that travel beside the update count as uplink bits too.
-        wire_bits = record.wire_bits + 8 * sum(tr.side_bytes for _, tr, _ in parsed)
-        per_coordinate = wire_bits / (record.received * server.numel) if record.received else None
+        # The arrays that travel beside the update count as uplink bits too, and
+        # so does every reply refused for its layout: its bytes crossed the network.
+        side_bytes = sum(tr.side_bytes for _, tr, _ in parsed)
+        wire_bits = record.wire_bits + 8 * (side_bytes + sum(replies_of.refused_bytes))
+        received = record.received + len(replies_of.refused_bytes)
+        per_coordinate = wire_bits / (received * server.numel) if received else None
         record = replace(
             record,
             round=server_round,
             wire_bits=wire_bits,
+            received=received,
             bits_per_coordinate=per_coordinate,
         ).completed(
             test_loss=None,
