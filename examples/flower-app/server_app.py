@@ -63,15 +63,14 @@ def main(grid: Grid, context: Context) -> None:
         }
         if server_round > 0:
             done = strategy.rounds[-1]
-            o = done.outcome
             row.update(
-                levels=o.levels,
-                wire_bits=o.wire_bits,
-                formula_bits=o.formula_bits,
+                levels=done.levels,
+                wire_bits=done.wire_bits,
+                formula_bits=done.formula_bits,
                 downlink_bits=done.downlink_bits,
-                train_loss=o.train_loss,
-                participants=o.participants,
-                rejected=o.rejected,
+                train_loss=done.train_loss,
+                participants=done.participants,
+                rejected=done.rejected,
                 dropped=done.dropped,
                 time_s=done.time_s,
             )
