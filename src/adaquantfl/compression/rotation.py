@@ -13,44 +13,55 @@ both papers' implementations (and of OpenFL's EDEN pipeline).
 
 Algorithm, per block ``x`` of ``n`` entries (a power of two; see Blocks):
 
-1. ``y = R x`` with ``R = H D / sqrt(n)``: ``D`` flips the sign of each entry
-   by a bit of the seed's stream, ``H`` is the n x n Walsh-Hadamard matrix.
-   ``R`` is orthonormal, so ``||y|| = ||x||``, and for any ``x`` each ``y_i`` is
-   a Rademacher sum close to ``N(0, ||x||^2 / n)``.
+1. ``y = R x`` with ``R = (H D_k / sqrt(n)) ... (H D_1 / sqrt(n))``: each ``D_l``
+   flips the sign of every entry by a bit of the seed's stream, ``H`` is the
+   n x n Walsh-Hadamard matrix, and ``k = 2`` rotations for blocks of 1024
+   or more, 3 for 256-512 and 4 for 64-128. ``R`` is orthonormal, so
+   ``||y|| = ||x||``.
 2. ``v = Q(y)``: a deterministic quantizer of the rung's rate (the ladder below).
 3. ``S = ||x||^2 / <y, v>``, sent as float32 (EDEN's scale; DRIVE's
    ``||x||^2 / ||y||_1`` at one bit).
 4. The server computes ``x_hat = R^T (S v)``.
+5. The variance is bounded by construction (below): a block whose realized
+   error is over the rung's bound gets one more rotation (mode 1), and if
+   that is over too, it is sent as float32 (mode 2).
 
-Why it is unbiased: ``<x_hat, x> = S <v, y> = ||x||^2`` for every draw, so
-the error ``x_hat - x`` is always orthogonal to ``x``; for a uniformly
-random rotation the distribution of ``x_hat`` is symmetric about the line
-through ``x``, so ``E[x_hat] = x`` exactly (EDEN, Theorem 2.1, which holds
-for any deterministic quantizer ``Q``). The randomized Hadamard transform
-is not uniform: for it unbiasedness is approximate, as in both papers'
-implementations; ``tests/test_rotation.py`` measures it on Gaussian and on
-structured vectors (one-hot, constant, a few spikes), where it holds to
-within a few standard errors over 10^4 seeds. Two Hadamard rotations
-(``R2 R1``) make any input's rotated coordinates close to Gaussian (Ben Basat
-et al., "Quantizing with randomized Hadamard transforms: efficient
-heuristic now proven", 2026), so a block whose first rotation quantizes
-badly is rotated again (step 5).
+Why it is unbiased. ``<x_hat, x> = S <v, y> = ||x||^2`` for every draw, so
+the error ``x_hat - x`` is always orthogonal to ``x``; for a uniformly random
+rotation the distribution of ``x_hat`` is symmetric about the line through
+``x``, so ``E[x_hat] = x`` exactly, for any deterministic quantizer (EDEN,
+Section 2). A randomized Hadamard transform is not uniform, and one of them,
+as in DRIVE's and EDEN's implementations, leaves a bias this module's tests
+measure: with blocks of 4096 at s = 15 three spikes in 4096 zeros come back
+with ``||E[x_hat] - x||^2 = 0.055 ||x||^2``, cubed Gaussians at s = 3 with
+0.006; with blocks of 64 Gaussians at s = 7 with 0.028. Composing rotations
+makes every input's rotated coordinates close to Gaussian ("Quantizing with
+randomized Hadamard transforms: efficient heuristic now proven",
+arXiv:2605.06014, shows two suffice up to O(n^-1/2)); measured over 400-3000
+draws, two leave no bias distinguishable from the noise at 1024 entries and
+more, smaller blocks need three (256) or four (64), hence step 1's ``k``.
+``tests/test_rotation.py`` checks every coordinate's mean within 5 standard
+errors over 3000 seeds on Gaussian, heavy-tailed, one-hot, constant,
+few-spike and sparse vectors, with DRIVE's biased scale as the control that
+fails. Unbiasedness over the rotation is measured, not proven: it is exact
+only for a uniform rotation.
 
-5. The variance is bounded by construction. The client knows its realized
-   error: ``||x_hat - x||^2 = S^2 ||v||^2 - ||x||^2`` (the rotation keeps
-   lengths). If ``omega_B = that / ||x||^2`` exceeds the rung's ``omega_max``,
-   the block is rotated a second time (``R2 R1``, mode 1); if that is over
-   too, the block is sent as float32 (mode 2, exact). So every message has
-   ``||C(x) - x||^2 <= omega_max ||x||^2``: :meth:`EdenCompressor.variance_bound`
-   is ``omega_max`` (plus ``2**-16`` for float32 rounding), a bound on each
-   message, not only on its mean. With the orthogonality above it makes
-   ``C / (1 + omega_max)`` a contraction for every draw, which is what error
-   feedback and the compressed downlink need. The choice of mode depends
-   on ``y`` alone, which keeps EDEN's argument intact. Gaussian-like blocks of
-   4096 entries essentially never leave mode 0; blocks with a few dominant
-   entries (a flat ``y``) take mode 1; mode 2 is for vectors too large to
-   scale (``S >= 2**96``), tiny ones (``S`` subnormal) and pathological
-   small tail blocks.
+Why the variance bound is proven. The client knows its realized error,
+``||x_hat - x||^2 = S^2 ||v||^2 - ||x||^2`` (``R`` keeps lengths), computed in
+float64. If ``omega_B``, that over ``||x||^2``, exceeds the rung's
+``omega_max``, the block takes one more rotation, then float32. So every
+message has ``||C(x) - x||^2 <= omega_max ||x||^2``:
+:meth:`EdenCompressor.variance_bound` is ``omega_max`` (plus ``2**-16`` for
+float32 rounding), a bound on each message, not only on its mean, whatever
+the rotation's distribution. With the orthogonality above it makes ``C / (1
++ omega_max)`` a contraction for every draw (``||v - C(v)/(1+w)||^2 <= w/(1+w)
+||v||^2``), which is what error feedback and the compressed downlink need.
+The choice of mode depends on ``y`` alone, which keeps EDEN's symmetry
+argument intact. Gaussian blocks of 4096 essentially never leave mode 0;
+mode 1 is for small blocks whose few groups happened to quantize badly
+(about 1 in 8 blocks of 64 at s = 1); mode 2 for vectors too large to
+scale (``S >= 2**96``, entries around 1e28 and up), tiny ones (``S``
+subnormal) and what still fails.
 
 The rate ladder
 ---------------
@@ -63,10 +74,11 @@ others are 0. The value sent for a group of ``g`` is ``c_g = E[max of g
 well. Rungs 15 and up are whole bits: ``b = min(8, 1 + floor(log2((s + 1) /
 16)))`` bits per coordinate, the sign at one bit, a uniform midrise
 quantizer of the coordinate divided by its block's RMS with the step
-``delta_b`` that minimises EDEN's variance for a Gaussian above. Nominal
-bits are ``(s + 1) / 16`` per entry for s <= 15 where a pattern reaches it
-exactly (s = 1, 5 and 6 fall just below) and 2^(b-1) x that ... at whole
-bits: s = 15 -> 1, 31 -> 2, 63 -> 3, 127 -> 4, ..., 2047 and up -> 8.
+``delta_b`` that minimises EDEN's variance for Gaussian coordinates. The
+nominal rate is ``(s + 1) / 16`` bits per entry for s <= 15 (s = 1, 5 and 6
+fall just below: 7/64, 23/64 and 27/64), then whole bits: s = 15 -> 1,
+31 -> 2, 63 -> 3, 127 -> 4, ..., 2047 and up -> 8 (like QSGD's packed cost,
+levels between two rungs cost the lower one's bits).
 ``omega`` (Gaussian) is EDEN's variance ``1 / cos^2 - 1`` for Gaussian
 coordinates, computed exactly; ``omega_max`` (the variance bound) is 1.5x
 it, rounded up.
@@ -109,16 +121,33 @@ each group costs ``log2 g`` bits and buys ``c_g^2`` in energy.
 
 Blocks
 ------
-The vector is cut into blocks of ``block_size`` entries (a power of two,
-4096 by default); the last ``m`` entries, if fewer, form a block padded with
-zeros to the next power of two >= max(m, 64). The alternative, padding the
-whole vector to one power of two, costs up to 2x the bits at any rate
-(d = 5,210 pads to 8,192: +57% at every rung) and a transform of the whole
-vector out of cache; blocks cost a 32-bit scale each and at most one
-padded tail. At 4096 the scales cost 0.0078 bits per entry (7% of rung 1),
-at 1024 0.031 (29%); the Hadamard transform of 4096 entries still fits the
-L1 cache. Measured framing at rung 1 (d = 5,210: 0.029 bits/entry with
-4096-blocks, 0.037 with 1024-blocks, 0.062 padding the whole vector).
+The vector is cut into blocks of ``b`` entries (a power of two); the last
+``m`` entries, if fewer, form a block padded with zeros to the next power of
+two >= max(m, 64). Padding the whole vector to one power of two instead
+(EDEN's implementation) costs up to 2x the bits at every rate (d = 5,210
+pads to 8,192) and a transform out of the cache; blocks cost a 32-bit scale
+each and at most one padded tail. Which is cheaper depends on ``d`` and the
+rate, so each message takes the ``b`` in ``[64, max_block_size]`` (4096 by
+default) that makes it smallest (:func:`block_size_for`, a function of ``d``,
+``s`` and the option, which the server recomputes). Bits per entry beyond
+the rung's nominal rate (scales, seed, header, CRC, padding), from
+:func:`message_bytes`:
+
+========  ====  ==============  ==============  ==============  ================
+d         s     blocks of 1024  blocks of 4096  chosen b        whole vector
+========  ====  ==============  ==============  ==============  ================
+5,210     1     0.075           0.067           0.067 (4096)    0.104 (8192)
+5,210     15    0.083           0.228           0.083 (1024)    0.615 (8192)
+15,010    1     0.049           0.031           0.031 (4096)    0.026 (16384)
+15,010    15    0.070           0.113           0.054 (2048)    0.107 (16384)
+10^6      1     0.034           0.009           0.009 (4096)    0.006 (2^20)
+10^6      15    0.034           0.009           0.009 (4096)    0.049 (2^20)
+========  ====  ==============  ==============  ==============  ================
+
+At 10^6 entries and more the scales are the cost (0.031 bits per entry at
+1024, 0.008 at 4096: 29% and 7% of rung 1); 4096 float32 is 16 KiB, which
+keeps the transform in the L1 cache. (The whole-vector column is what the
+bits would be; the format's blocks stop at 65536.)
 
 Message (encoding 4, "rotated"; header ``levels`` = s, ``bucket size`` =
 block size; the "norms" are the blocks' scales, one float32 each)::
@@ -126,7 +155,7 @@ block size; the "norms" are the blocks' scales, one float32 each)::
     scales  nb float32 LE: +0.0 (zero or raw block) or a normal float in [2**-126, 2**96)
     body    seed     8 bytes, uint64 LE, < 2**63 (the shared randomness)
             modes    ceil(nb / 4) bytes: 2 bits per block, block j at stream bits
-                     2j, 2j + 1 (LSB first): 0 one rotation, 1 two, 2 raw; 3 is invalid
+                     2j, 2j + 1 (LSB first): 0 the k rotations, 1 k + 1, 2 raw; 3 is invalid
             codes    the code stream of every block that is not raw, in order,
                      LSB first (bit j of a code at stream bit p + j, stream bit p
                      is bit p % 8 of byte p // 8); each block's codes in
@@ -136,13 +165,13 @@ block size; the "norms" are the blocks' scales, one float32 each)::
                      the value ``2c - (2^b - 1)``
             raw      the entries of every raw block, float32 LE, in order
 
-The sign stream: entry ``i`` of rotation ``l`` (0 or 1) is negated when bit
-``i % 64`` of SplitMix64's output for the state ``seed + (2 (i // 64) + l +
-1) * 0x9E3779B97F4A7C15`` is set (``i`` counts from the vector's start,
-through the tail's padding). Canonical: one valid form per decoded
-message: a zero block has mode 0, scale +0.0 and all-zero codes; a raw
-block has scale +0.0 and is not all zeros; padding bits are 0; the
-body length is exactly what the modes imply.
+The sign stream: entry ``i`` of rotation ``l`` (0 to 4) is negated when bit
+``i % 64`` of SplitMix64's output for the state ``seed + (8 (i // 64) + l +
+1) * 0x9E3779B97F4A7C15`` (mod 2^64) is set; ``i`` counts from the vector's
+start, through the tail's padding, so no two (entry, rotation) pairs share
+a bit. Canonical: one valid form per decoded message: a zero block has mode
+0, scale +0.0 and all-zero codes; a raw block has scale +0.0 and is not all
+zeros; padding bits are 0; the body length is exactly what the modes imply.
 
 Notes
 -----
@@ -155,6 +184,7 @@ except for raw blocks.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,6 +211,7 @@ __all__ = [
     "EdenOptions",
     "RotatedMessage",
     "Rung",
+    "block_size_for",
     "decode_rotated",
     "eden_encode",
     "encode_rotated",
@@ -198,7 +229,6 @@ MAX_BLOCK = 65536
 MAX_SCALE = 2.0**96
 _MIN_NORMAL = 2.0**-126
 SEED_BYTES = 8
-MODE_NAMES = ("one rotation", "two rotations", "raw")
 #: Added to ``omega_max`` in :meth:`EdenCompressor.variance_bound`: the client's
 #: check is computed in float64 from float32 coordinates (relative error ~1e-6).
 FLOAT_SLACK = 2.0**-16
@@ -322,16 +352,19 @@ class EdenOptions:
 
     Parameters
     ----------
-    block_size : int
-        Entries per rotation block, a power of two in ``[64, 65536]`` (default 4096).
+    max_block_size : int
+        The largest rotation block, a power of two in ``[64, 65536]`` (default
+        4096). Each message uses the power of two in ``[64, max_block_size]``
+        that makes it smallest (:func:`block_size_for`): the largest, unless
+        the vector's tail would be padded a lot.
     """
 
-    block_size: int = DEFAULT_BLOCK_SIZE
+    max_block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        b = check_int("block_size", self.block_size, MIN_BLOCK, MAX_BLOCK)
+        b = check_int("max_block_size", self.max_block_size, MIN_BLOCK, MAX_BLOCK)
         if b & (b - 1):
-            raise ValueError(f"block_size must be a power of two in [64, 65536], got {b}")
+            raise ValueError(f"max_block_size must be a power of two in [64, 65536], got {b}")
 
 
 # --------------------------------------------------------------------------- sizes
@@ -370,6 +403,14 @@ def message_bytes(numel: int, levels: int, block_size: int = DEFAULT_BLOCK_SIZE)
     return frame_bytes((numel, levels, block_size, _body_bytes(numel, levels, block_size)), nb)
 
 
+@functools.lru_cache(maxsize=1024)
+def block_size_for(numel: int, levels: int, max_block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """The block size of a message: the power of two in ``[64, max_block_size]`` whose
+    message (without raw blocks) is smallest, the larger on ties."""
+    sizes = [1 << k for k in range(6, max_block_size.bit_length())]
+    return min(sizes, key=lambda b: (message_bytes(numel, levels, b), -b))
+
+
 def _max_body_bytes(numel: int, levels: int, block_size: int) -> int:
     # Raw blocks send 4 bytes per entry instead of their codes; a padded tail
     # block's codes can outweigh its raw entries, so bound both at once.
@@ -389,7 +430,7 @@ class RotatedMessage:
     scales : np.ndarray
         float32, one per block.
     modes : np.ndarray
-        uint8, one per block (0 one rotation, 1 two, 2 raw).
+        uint8, one per block (0 the base rotations, 1 one more, 2 raw).
     codes : np.ndarray
         uint8, the code stream (padding bits 0).
     raw : np.ndarray
@@ -471,7 +512,7 @@ def eden_encode(
         If ``x`` is not a floating tensor, holds NaN or inf, or has more than
         2**32 - 1 entries, or ``levels`` is out of range.
     """
-    EdenOptions(block_size)
+    EdenOptions(block_size)  # a power of two in [64, 65536]
     r = rung(levels)
     v = _flat_float32(x)
     d = v.size
@@ -656,17 +697,19 @@ def _flat_float32(x: torch.Tensor) -> np.ndarray:
 
 @register_compressor
 class EdenCompressor(BaseCompressor):
-    """EDEN: a randomized Hadamard rotation, a deterministic quantizer, an unbiasing scale.
+    """EDEN: randomized Hadamard rotations, a deterministic quantizer, an unbiasing scale.
 
-    ``EdenCompressor()`` (blocks of 4096) or ``EdenCompressor(block_size=1024)``.
-    ``levels`` picks a rung of the ladder in the module docstring: s = 1 sends
-    0.11 bits per entry, 7 half a bit, 15 one bit, 31 two, up to 8 bits.
+    ``EdenCompressor()`` (blocks of up to 4096) or
+    ``EdenCompressor(max_block_size=1024)``. ``levels`` picks a rung of the
+    ladder in the module docstring: s = 1 sends 0.11 bits per entry, 7 half a
+    bit, 15 one bit, 31 two, up to 8 bits.
 
     Notes
     -----
-    ``decompress`` checks the encoding, levels and block size from the header
-    alone, then numel and the CRC, before it reads the body; every field is
-    checked before the output is written.
+    ``decompress`` checks the encoding, levels and block size (the one
+    :func:`block_size_for` gives for the model's size and the levels) from
+    the header alone, then numel and the CRC, before it reads the body; every
+    field is checked before the output is written.
     """
 
     name = "eden"
@@ -674,16 +717,21 @@ class EdenCompressor(BaseCompressor):
     takes_levels = True
 
     def __init__(
-        self, block_size: int = DEFAULT_BLOCK_SIZE, *, options: EdenOptions | None = None
+        self, max_block_size: int = DEFAULT_BLOCK_SIZE, *, options: EdenOptions | None = None
     ) -> None:
-        super().__init__(options or EdenOptions(block_size))
+        super().__init__(options or EdenOptions(max_block_size))
 
     @property
-    def block_size(self) -> int:
-        return int(self.options.block_size)
+    def max_block_size(self) -> int:
+        return int(self.options.max_block_size)
+
+    def block_size(self, numel: int, levels: int) -> int:
+        """The block size of this compressor's messages of ``numel`` entries at ``levels``."""
+        return block_size_for(numel, levels, self.max_block_size)
 
     def _compress(self, update: torch.Tensor, levels: int, *, generator: torch.Generator) -> bytes:
-        return eden_encode(update, levels, generator=generator, block_size=self.block_size)
+        block = self.block_size(update.numel(), levels)
+        return eden_encode(update, levels, generator=generator, block_size=block)
 
     def _decompress(
         self, payload: bytes, *, numel: int, levels: int, out: torch.Tensor | None
@@ -692,19 +740,25 @@ class EdenCompressor(BaseCompressor):
             payload,
             expected_numel=numel,
             expected_levels=levels,
-            expected_block_size=self.block_size,
+            expected_block_size=self.block_size(numel, levels),
         )
         return reconstruct(message, out)
 
     def _max_compressed_bytes(self, numel: int) -> int:
-        nb = num_buckets(numel, self.block_size)
-        body = _max_body_bytes(numel, MAX_LEVELS, self.block_size)
-        return frame_bytes((numel, MAX_LEVELS, self.block_size, body), nb)
+        """Every block raw, at the smallest blocks (the most scales) and the widest codes."""
+        sizes = [1 << k for k in range(6, self.max_block_size.bit_length())]
+        return max(
+            frame_bytes(
+                (numel, MAX_LEVELS, b, _max_body_bytes(numel, MAX_LEVELS, b)),
+                num_buckets(numel, b),
+            )
+            for b in sizes
+        )
 
     def _compressed_formula_bits(self, numel: int, levels: int) -> int:
         """Code bits, a 32-bit scale per block and the 64-bit seed."""
-        nb = num_buckets(numel, self.block_size)
-        return code_bits(numel, levels, self.block_size) + 32 * nb + 8 * SEED_BYTES
+        block = self.block_size(numel, levels)
+        return code_bits(numel, levels, block) + 32 * num_buckets(numel, block) + 8 * SEED_BYTES
 
     def variance_bound(self, numel: int, levels: int | None) -> float | None:
         """The rung's ``omega_max`` (+ ``2**-16``): every message's realized

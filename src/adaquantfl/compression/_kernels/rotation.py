@@ -28,9 +28,9 @@ import numba
 import numpy as np
 
 __all__ = [
-    "MODE_ONE",
+    "MODE_BASE",
+    "MODE_EXTRA",
     "MODE_RAW",
-    "MODE_TWO",
     "check_blocks",
     "decode_blocks",
     "encode_blocks",
@@ -47,8 +47,8 @@ _MIX2 = _U(0x94D049BB133111EB)
 #: entries j, j + LANES, ...; the lanes are added in order).
 _LANES = 32
 #: Per-block modes (2 bits each in the message).
-MODE_ONE = 0  # one rotation
-MODE_TWO = 1  # two rotations
+MODE_BASE = 0  # the base number of rotations
+MODE_EXTRA = 1  # one rotation more
 MODE_RAW = 2  # the block's entries as float32
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -68,14 +68,14 @@ def _mix(z):  # type: ignore[no-untyped-def]
 def flip_signs(blk, n, seed, layer, base):  # type: ignore[no-untyped-def]
     """Multiply ``blk[:n]`` by the signs ``D_layer[base .. base + n - 1]`` (in place).
 
-    Word ``w`` of layer ``l`` is SplitMix64's output for the state
-    ``seed + (2 w + l + 1) * golden``; entry ``i`` is negated when bit ``i % 64``
+    Word ``w`` of layer ``l`` (< 8) is SplitMix64's output for the state
+    ``seed + (8 w + l + 1) * golden``; entry ``i`` is negated when bit ``i % 64``
     of word ``i // 64`` is set. ``base`` and ``n`` are multiples of 64.
     """
     u = blk[:n].view(np.uint32)
     first = base >> 6
     for w in range(n >> 6):
-        h = _mix(seed + _U(2 * (first + w) + layer + 1) * _GOLDEN)
+        h = _mix(seed + _U(8 * (first + w) + layer + 1) * _GOLDEN)
         row = u[w * 64 : w * 64 + 64]
         for j in range(64):
             row[j] ^= np.uint32((h >> _U(j)) & _U(1)) << np.uint32(31)
@@ -375,6 +375,21 @@ def _padded_size(m, block):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def rotations(n):  # type: ignore[no-untyped-def]
+    """Randomized Hadamard transforms of a block of ``n`` (padded) entries.
+
+    Two make any block of 1024 or more close enough to Gaussian that EDEN's
+    scale leaves no measurable bias; smaller blocks need three (256-512) or
+    four (64-128); see :mod:`adaquantfl.compression.rotation`.
+    """
+    if n >= 1024:
+        return 2
+    if n >= 256:
+        return 3
+    return 4
+
+
+@_jit
 def _block_bits(n, bits, pattern_bits):  # type: ignore[no-untyped-def]
     if bits > 0:
         return n * bits
@@ -385,11 +400,19 @@ def _block_bits(n, bits, pattern_bits):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _norm(n, layers):  # type: ignore[no-untyped-def]
+    # ||H D ... H D x|| = n^(layers / 2) ||x|| for `layers` unnormalised transforms.
+    norm = np.float64(n) ** (layers // 2)
+    if layers % 2:
+        norm *= np.sqrt(np.float64(n))
+    return norm
+
+
+@_jit
 def _try_rotation(y, n, layers, nx, bits, delta, glog, gval, omega_max, max_scale, codes):  # type: ignore[no-untyped-def]
-    # Quantize the rotated block y (unnormalised: y = H D x for one rotation,
-    # H D' H D x for two); return (ok, scale, realized omega).
-    # ||y|| = sqrt(n) ||x|| after one unnormalised transform, n ||x|| after two.
-    norm = np.sqrt(np.float64(n)) if layers == 1 else np.float64(n)
+    # Quantize the rotated block y (unnormalised: y = H D_l ... H D_1 x for
+    # `layers` rotations); return (ok, scale, realized omega).
+    norm = _norm(n, layers)
     inv = _F(0.0)
     if bits > 1:
         # 1 / (step * the entries' RMS); the RMS of y is norm * ||x|| / sqrt(n).
@@ -437,7 +460,6 @@ def encode_blocks(  # type: ignore[no-untyped-def]
     d = x.size
     nb = scales.size
     scratch = np.empty(block, np.float32)
-    keep = np.empty(block, np.float32)
     codes = np.empty(block, np.uint32)
     state = (_U(0), 0, 0)
     raw = 0
@@ -452,7 +474,7 @@ def encode_blocks(  # type: ignore[no-untyped-def]
             return 0, 0, worst, False
         if nx == 0.0:
             scales[b] = 0.0
-            modes[b] = MODE_ONE
+            modes[b] = MODE_BASE
             for _ in range(_block_bits(n, bits, pattern_bits) >> 5):
                 state = _put(codes_out, state, 0, 32)
             rest = _block_bits(n, bits, pattern_bits) & 31
@@ -461,20 +483,22 @@ def encode_blocks(  # type: ignore[no-untyped-def]
             continue
         scratch[:m] = xs
         scratch[m:n] = 0.0
-        flip_signs(scratch, n, seed, 0, lo)
-        fwht(scratch, n)
+        base = rotations(n)
+        for layer in range(base):
+            flip_signs(scratch, n, seed, layer, lo)
+            fwht(scratch, n)
         ok, scale, omega = _try_rotation(
-            scratch, n, 1, nx, bits, delta, glog, gval, omega_max, max_scale, codes
+            scratch, n, base, nx, bits, delta, glog, gval, omega_max, max_scale, codes
         )
-        mode = MODE_ONE
+        mode = MODE_BASE
         if not ok:
-            keep[:n] = scratch[:n]
-            flip_signs(keep, n, seed, 1, lo)
-            fwht(keep, n)
+            # One more rotation of the same coordinates (the codes are overwritten).
+            flip_signs(scratch, n, seed, base, lo)
+            fwht(scratch, n)
             ok, scale, omega = _try_rotation(
-                keep, n, 2, nx, bits, delta, glog, gval, omega_max, max_scale, codes
+                scratch, n, base + 1, nx, bits, delta, glog, gval, omega_max, max_scale, codes
             )
-            mode = MODE_TWO
+            mode = MODE_EXTRA
         if ok:
             scales[b] = scale
             modes[b] = mode
@@ -512,7 +536,7 @@ def check_blocks(words, total, d, block, bits, pattern_bits, scales, modes):  # 
         n = _padded_size(min(block, d - lo), block)
         nbits = _block_bits(n, bits, pattern_bits)
         if scales[b] == 0:
-            if modes[b] != MODE_ONE:
+            if modes[b] != MODE_BASE:
                 return 2, b
             if not _zero_bits(words, position, nbits):
                 return 1, b
@@ -529,8 +553,9 @@ def decode_blocks(  # type: ignore[no-untyped-def]
     """Decode every block into ``out`` (after :func:`check_blocks` passed).
 
     Block ``b`` with scale ``s`` and codes ``v`` becomes the first ``m`` entries
-    of ``D1 H (s v) / sqrt(n)`` (mode 0) or ``D1 H D2 H (s v) / n`` (mode 1);
-    raw blocks are copied from ``raw`` and zero-scale blocks are zeros.
+    of ``D_1 H ... D_k H (s v) / n^(k/2)`` with ``k`` = :func:`rotations` (mode 0)
+    or one more (mode 1); raw blocks are copied from ``raw`` and zero-scale
+    blocks are zeros.
     """
     d = out.size
     nb = scales.size
@@ -553,10 +578,8 @@ def decode_blocks(  # type: ignore[no-untyped-def]
         if scales[b] == 0:
             out[lo : lo + m] = 0.0
             continue
-        if mode == MODE_ONE:
-            a = scales[b] * _F(1.0 / np.sqrt(np.float64(n)))
-        else:
-            a = scales[b] * _F(1.0 / np.float64(n))
+        layers = rotations(n) + (0 if mode == MODE_BASE else 1)
+        a = scales[b] * _F(1.0 / _norm(n, layers))
         acc, nacc, w = _seek(words, start)
         if bits == 0:
             scratch[:n] = 0.0
@@ -599,9 +622,7 @@ def decode_blocks(  # type: ignore[no-untyped-def]
                 for j in range(4):
                     c = np.int64((word >> _U(bits * j)) & mask)
                     scratch[i + j] = a * _F(2 * c - top)
-        fwht(scratch, n)
-        if mode == MODE_TWO:
-            flip_signs(scratch, n, seed, 1, lo)
+        for layer in range(layers - 1, -1, -1):
             fwht(scratch, n)
-        flip_signs(scratch, n, seed, 0, lo)
+            flip_signs(scratch, n, seed, layer, lo)
         out[lo : lo + m] = scratch[:m]
