@@ -624,6 +624,24 @@ def test_canonical_form_is_enforced() -> None:
         )
 
 
+def test_a_vector_of_more_raw_entries_than_the_first_buffer_holds() -> None:
+    # 2^20 + 4096 entries too large to scale: every block raw, past the first
+    # pass's room for 2^20 raw entries.
+    x = torch.full((2**20 + 4096,), 3e30)
+    data = EdenCompressor().compress(x, 7, generator=gen())
+    message = decode_rotated(data, expected_numel=x.numel())
+    assert (message.modes == 2).all()
+    assert torch.equal(reconstruct(message), x)
+
+
+def test_an_empty_vector_has_one_zero_block() -> None:
+    data = _message(d=0, x=torch.zeros(0))
+    message = decode_rotated(data, expected_numel=0)
+    assert message.scales.tolist() == [0.0] and message.modes.tolist() == [0]
+    with pytest.raises(CodecError, match="empty vector's block has scale"):
+        decode_rotated(_scale_bytes(data, 0, struct.pack("<f", 1.0)), expected_numel=0)
+
+
 def test_raw_blocks_are_checked() -> None:
     x = torch.cat([torch.full((128,), 1e30), torch.randn(172, generator=gen())])
     data = _message(x=x)

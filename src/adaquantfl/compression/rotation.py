@@ -523,25 +523,31 @@ def eden_encode(
     scales = np.zeros(nb, dtype=np.float32)
     modes = np.zeros(nb, dtype=np.uint8)
     codes = np.zeros(-(-code_bits(d, levels, block_size) // 32) + 1, dtype=np.uint32)
-    # Raw blocks are rare; np.empty only maps pages that are written.
-    raw = np.empty(d, dtype=np.float32)
-    total, nraw, _, finite = kernels.encode_blocks(
-        v,
-        block_size,
-        np.uint64(seed),
-        r.bits,
-        UNIFORM_STEP.get(r.bits, 1.0),
-        np.array(r.groups or (0,), dtype=np.int64),
-        _group_values(r),
-        r.pattern_bits,
-        r.omega_max,
-        MAX_SCALE,
-        scales,
-        modes,
-        codes,
-        raw,
-    )
-    if not finite:
+    # Raw blocks are rare: room for 2^20 raw entries, and a second pass with
+    # room for all of them if that is not enough.
+    raw = np.empty(min(d, 1 << 20), dtype=np.float32)
+    while True:
+        total, nraw, _, status = kernels.encode_blocks(
+            v,
+            block_size,
+            np.uint64(seed),
+            r.bits,
+            UNIFORM_STEP.get(r.bits, 1.0),
+            np.array(r.groups or (0,), dtype=np.int64),
+            _group_values(r),
+            r.pattern_bits,
+            r.omega_max,
+            MAX_SCALE,
+            scales,
+            modes,
+            codes,
+            raw,
+        )
+        if status != 2:
+            break
+        raw = np.empty(d, dtype=np.float32)
+        codes[:] = 0
+    if status == 1:
         bad = int(d - np.count_nonzero(np.isfinite(v)))
         raise ValueError(f"cannot encode a vector with {bad} non-finite entries (NaN or inf)")
     stream = codes.view(np.uint8)[: -(-total // 8)]
@@ -584,6 +590,8 @@ def decode_rotated(
         np.float32
     )
     _check_scales(scales)
+    if last == 0 and scales[-1] != 0:  # an empty vector's one block is a zero block
+        raise CodecError(f"an empty vector's block has scale {float(scales[-1])!r}, not 0")
     body = np.frombuffer(buf, dtype=np.uint8, count=header.body_bytes, offset=header.body_offset)
     seed = int(body[:SEED_BYTES].view("<u8")[0])
     if seed >= 2**63:

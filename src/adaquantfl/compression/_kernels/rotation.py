@@ -454,8 +454,9 @@ def encode_blocks(  # type: ignore[no-untyped-def]
     entries of raw blocks into ``raw_out``. ``bits`` is 0 for the grouped
     sub-bit quantizer (``glog``, ``gval``, ``pattern_bits`` per 64 entries),
     1 for signs, 2..8 for the uniform quantizer of step ``delta``.
-    Returns ``(code bits, raw entries, worst realized omega, finite)``; ``finite``
-    is False (and the outputs are incomplete) if ``x`` holds NaN or inf.
+    Returns ``(code bits, raw entries, worst realized omega, status)``: status 0,
+    or (with the outputs incomplete) 1 if ``x`` holds NaN or inf, 2 if the
+    raw entries do not fit ``raw_out``.
     """
     d = x.size
     nb = scales.size
@@ -471,7 +472,7 @@ def encode_blocks(  # type: ignore[no-untyped-def]
         xs = x[lo : lo + m]
         nx = _sum_squares(xs)
         if not np.isfinite(nx):
-            return 0, 0, worst, False
+            return 0, 0, worst, 1
         if nx == 0.0:
             scales[b] = 0.0
             modes[b] = MODE_BASE
@@ -505,6 +506,8 @@ def encode_blocks(  # type: ignore[no-untyped-def]
             state = _put_block(codes_out, state, codes, n, bits, glog)
             worst = max(worst, omega)
         else:
+            if raw + m > raw_out.size:
+                return 0, 0, worst, 2
             scales[b] = 0.0
             modes[b] = MODE_RAW
             raw_out[raw : raw + m] = xs
@@ -512,7 +515,7 @@ def encode_blocks(  # type: ignore[no-untyped-def]
     acc, nacc, w = state
     if nacc > 0:
         codes_out[w] = np.uint32(acc & _U(0xFFFFFFFF))
-    return w * 32 + nacc, raw, worst, True
+    return w * 32 + nacc, raw, worst, 0
 
 
 # --------------------------------------------------------------------------- decode
