@@ -107,7 +107,18 @@ def lane_sum(values: np.ndarray) -> float:
     return total
 
 
-def ref_quantize(y: np.ndarray, levels: int, nx: float, norm: float) -> tuple[list, float, float]:
+def ref_scale(dot_un: float, sv2: float, norm: float, nx: float) -> tuple[float, float]:
+    """EDEN's float32 scale and the realized omega (inf for a scale out of range)."""
+    dot = dot_un / norm
+    if not dot > 0:
+        return 0.0, math.inf
+    s = float(np.float32(nx / dot))
+    if not 2.0**-126 <= s < MAX_SCALE:
+        return s, math.inf
+    return s, (s * s * sv2 - 2 * s * dot + nx) / nx
+
+
+def ref_quantize(y: np.ndarray, levels: int, inv: np.float32) -> tuple[list, float, float]:
     """Codes as (value, width) pairs, <y, v> and ||v||^2 of a rotated block."""
     r = rung(levels)
     n = y.size
@@ -129,7 +140,6 @@ def ref_quantize(y: np.ndarray, levels: int, nx: float, norm: float) -> tuple[li
         codes = [(int(v >= 0), 1) for v in y]
         return codes, lane_sum(np.abs(y.astype(np.float64))), float(n)
     top = (1 << r.bits) - 1
-    inv = np.float32(math.sqrt(n) / (math.sqrt(nx) * norm * UNIFORM_STEP[r.bits]))
     t = np.floor(y * inv) + np.float32(1 << (r.bits - 1))
     c = np.clip(t, np.float32(0), np.float32(top)).astype(np.int64)
     v = 2 * c - top
@@ -173,13 +183,15 @@ def reference_message(x: np.ndarray, levels: int, seed: int, block: int) -> byte
             if mode == 1:
                 y = ref_fwht(ref_flip(y, ref_signs(seed, base, b * block, n)))
             norm = _norm(n, base + mode)
-            codes, dot_un, sv2 = ref_quantize(y, levels, nx, norm)
-            dot = dot_un / norm
-            if not dot > 0:
-                continue
-            s = float(np.float32(nx / dot))
-            omega = (s * s * sv2 - 2 * s * dot + nx) / nx
-            if 2.0**-126 <= s < MAX_SCALE and omega <= r.omega_max:
+            inv = np.float32(math.sqrt(n) / (math.sqrt(nx) * norm * UNIFORM_STEP.get(r.bits, 1)))
+            codes, dot_un, sv2 = ref_quantize(y, levels, inv)
+            s, omega = ref_scale(dot_un, sv2, norm, nx)
+            if omega > r.omega_max and r.bits > 1 and np.abs(y).max() > 0:
+                # Over the bound: the step that clips nothing (largest |y| in the top bin).
+                inv = np.float32((1 << (r.bits - 1)) / float(np.abs(y).max()))
+                codes, dot_un, sv2 = ref_quantize(y, levels, inv)
+                s, omega = ref_scale(dot_un, sv2, norm, nx)
+            if omega <= r.omega_max:
                 chosen = (mode, s, codes)
                 break
         if chosen is None:

@@ -57,11 +57,11 @@ the rotation's distribution. With the orthogonality above it makes ``C / (1
 + omega_max)`` a contraction for every draw (``||v - C(v)/(1+w)||^2 <= w/(1+w)
 ||v||^2``), which is what error feedback and the compressed downlink need.
 The choice of mode depends on ``y`` alone, which keeps EDEN's symmetry
-argument intact. Gaussian blocks of 4096 essentially never leave mode 0;
-mode 1 is for small blocks whose few groups happened to quantize badly
-(about 1 in 8 blocks of 64 at s = 1); mode 2 for vectors too large to
-scale (``S >= 2**96``, entries around 1e28 and up), tiny ones (``S``
-subnormal) and what still fails.
+argument intact. Measured on Gaussian blocks: of 4096 entries none left
+mode 0 below 5 bits, 0.02-0.9% took mode 1 at 5-8 bits, none went raw; of 64
+entries (a short tail) 0.6-5% took mode 1 and at most 0.3% went raw (s = 1).
+Mode 2 is otherwise for vectors too large to scale (``S >= 2**96``, entries
+around 1e28 and up) and tiny ones (``S`` subnormal).
 
 The rate ladder
 ---------------
@@ -74,7 +74,10 @@ others are 0. The value sent for a group of ``g`` is ``c_g = E[max of g
 well. Rungs 15 and up are whole bits: ``b = min(8, 1 + floor(log2((s + 1) /
 16)))`` bits per coordinate, the sign at one bit, a uniform midrise
 quantizer of the coordinate divided by its block's RMS with the step
-``delta_b`` that minimises EDEN's variance for Gaussian coordinates. The
+``delta_b`` that minimises EDEN's variance for Gaussian coordinates (at 6-8
+bits that step clips the largest coordinates, and a block with an outlier
+can exceed its bound: such a block is quantized again with the step that
+puts its largest ``|y_i|`` in the top bin, before any extra rotation). The
 nominal rate is ``(s + 1) / 16`` bits per entry for s <= 15 (s = 1, 5 and 6
 fall just below: 7/64, 23/64 and 27/64), then whole bits: s = 15 -> 1,
 31 -> 2, 63 -> 3, 127 -> 4, ..., 2047 and up -> 8 (like QSGD's packed cost,

@@ -409,6 +409,29 @@ def _norm(n, layers):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _scale_and_omega(dot_un, sv2, norm, nx, max_scale):  # type: ignore[no-untyped-def]
+    # EDEN's scale (float32) and the realized omega it gives, or inf if the
+    # scale is not a normal float below max_scale.
+    dot = dot_un / norm  # <R x, v> for the orthonormal rotation R
+    if not dot > 0.0:
+        return _F(0.0), np.inf
+    scale = _F(nx / dot)
+    s = np.float64(scale)
+    if not (s >= 2.0**-126 and s < max_scale):
+        return scale, np.inf
+    # ||R^T (s v) - x||^2 = s^2 ||v||^2 - 2 s <v, R x> + ||x||^2
+    return scale, (s * s * sv2 - 2.0 * s * dot + nx) / nx
+
+
+@_jit
+def _max_abs(y, n):  # type: ignore[no-untyped-def]
+    top = _F(0.0)
+    for i in range(n):
+        top = max(top, abs(y[i]))
+    return top
+
+
+@_jit
 def _try_rotation(y, n, layers, nx, bits, delta, glog, gval, omega_max, max_scale, codes):  # type: ignore[no-untyped-def]
     # Quantize the rotated block y (unnormalised: y = H D_l ... H D_1 x for
     # `layers` rotations); return (ok, scale, realized omega).
@@ -418,15 +441,15 @@ def _try_rotation(y, n, layers, nx, bits, delta, glog, gval, omega_max, max_scal
         # 1 / (step * the entries' RMS); the RMS of y is norm * ||x|| / sqrt(n).
         inv = _F(np.sqrt(np.float64(n)) / (np.sqrt(nx) * norm * delta))
     dot_un, sv2 = _quantize(y, n, bits, inv, glog, gval, codes)
-    dot = dot_un / norm  # <R x, v> for the orthonormal rotation R
-    if not dot > 0.0:
-        return False, _F(0.0), np.inf
-    scale = _F(nx / dot)
-    s = np.float64(scale)
-    if not (s >= 2.0**-126 and s < max_scale):
-        return False, scale, np.inf
-    # ||R^T (s v) - x||^2 = s^2 ||v||^2 - 2 s <v, R x> + ||x||^2
-    omega = (s * s * sv2 - 2.0 * s * dot + nx) / nx
+    scale, omega = _scale_and_omega(dot_un, sv2, norm, nx, max_scale)
+    if omega > omega_max and bits > 1:
+        # The Gaussian-optimal step clips the largest entries; a block with an
+        # outlier errs less with the step that clips nothing.
+        top = _max_abs(y, n)
+        if top > 0:
+            inv = _F((1 << (bits - 1)) / top)
+            dot_un, sv2 = _quantize_uniform(y, n, bits, inv, codes)
+            scale, omega = _scale_and_omega(dot_un, sv2, norm, nx, max_scale)
     return omega <= omega_max, scale, omega
 
 
