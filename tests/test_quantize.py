@@ -114,7 +114,7 @@ def test_lane_order_is_what_the_norm_test_checks() -> None:
     from adaquantfl.compression._kernels import fused
 
     x = (torch.randn(1000, generator=gen(1000)) * torch.logspace(-6, 6, 1000)).numpy()
-    lanes = float(fused._sum_squares(x, np.zeros(64)))
+    lanes = float(fused.block_squares(x, np.zeros(64)))
     plain = 0.0
     for v in x.astype(np.float64):
         plain += v * v

@@ -81,29 +81,6 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 @_jit
-def _sum_squares(xs, acc):  # type: ignore[no-untyped-def]
-    # Lane j sums the squares of entries j, j + LANES, ... in order; the lanes
-    # are then added in order 0..LANES-1. Squares of float32 are exact in
-    # float64, so the result depends on nothing but this order.
-    m = xs.size
-    acc[:] = 0.0
-    full = m - m % LANES
-    for i in range(0, full, LANES):
-        row = xs[i : i + LANES]
-        for j in range(LANES):
-            v = np.float64(row[j])
-            acc[j] += v * v
-    row = xs[full:]
-    for j in range(row.size):
-        v = np.float64(row[j])
-        acc[j] += v * v
-    total = 0.0
-    for j in range(LANES):
-        total += acc[j]
-    return total
-
-
-@_jit
 def norms_l2(x, bucket, out):  # type: ignore[no-untyped-def]
     """L2 norm of each bucket of ``x`` into ``out`` (float32; inf/NaN flag bad input)."""
     acc = np.zeros(LANES, np.float64)
@@ -111,7 +88,7 @@ def norms_l2(x, bucket, out):  # type: ignore[no-untyped-def]
     for k in range(out.size):
         lo = min(k * bucket, d)
         hi = min(lo + bucket, d)
-        out[k] = np.float32(np.sqrt(_sum_squares(x[lo:hi], acc)))
+        out[k] = np.float32(np.sqrt(block_squares(x[lo:hi], acc)))
 
 
 @_jit
