@@ -182,7 +182,6 @@ def receive_model(
         layout = held.layout
         changes = read_downlink_arrays(record, layout.side)
         params = held.flat()
-        del held  # the caller's reference keeps it until the new replica replaces it
         for change in changes:
             params = apply_change(params, change, plan.compressor, plan.levels, in_place=True)
     if not params.numel():
