@@ -61,6 +61,18 @@ def test_raw_downlink_costs_the_real_messages_bytes_in_closed_form() -> None:
     assert sent.bits == 3 * 8 * len(encode_dense(params))
 
 
+@pytest.mark.parametrize("levels", [3, None], ids=["qsgd", "raw"])
+def test_a_change_applied_in_place_is_the_same_model(levels: int | None) -> None:
+    compressor = QSGDCompressor()
+    replica = torch.randn(D, generator=gen(1))
+    change = torch.randn(D, generator=gen(2)) * 0.1
+    message = compressor.compress(change, levels, generator=gen(3))
+    expected = apply_change(replica, message, compressor, levels)
+    held = replica.clone()
+    got = apply_change(held, message, compressor, levels, in_place=True)
+    assert got is held and torch.equal(got, expected) and not torch.equal(expected, replica)
+
+
 ROUNDS = [[0, 1, 2], [0, 1], [0, 2], [1], [0, 1, 2]]
 #: (round, client) -> the rounds whose messages that client needs to catch up.
 CATCH_UP = {(2, 2): [1, 2], (3, 1): [2, 3], (4, 2): [3, 4]}

@@ -206,6 +206,37 @@ def test_at_scale_the_bytes_and_residual_are_unchanged_and_the_sums_within_1e_12
         assert out.distortion == pytest.approx(error_sq / norm_sq, rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("numel", [1000, LARGE], ids=["small", "large"])
+@pytest.mark.parametrize(
+    "compressor", [QSGDCompressor("packed", 512), ErrorFeedback(QSGDCompressor())], ids=repr
+)
+def test_a_consumed_update_gives_the_same_bytes_and_becomes_the_residual(
+    compressor: object, numel: int
+) -> None:
+    # Prepare: two clients, one of which hands its updates over (the Flower mod does).
+    kept, handed = ClientCompressor(compressor), ClientCompressor(compressor)  # type: ignore[arg-type]
+    for round_idx in range(2):
+        update = torch.randn(numel, generator=gen(round_idx)) * 1e-3
+        mine = update.clone()
+
+        # Execute
+        a = compress_update(update, levels=7, compressor=kept, seed=0, round_idx=round_idx,
+                            client_id=4)  # fmt: skip
+        b = compress_update(mine, levels=7, compressor=handed, seed=0, round_idx=round_idx,
+                            client_id=4, consume=True)  # fmt: skip
+
+        # Assert: the same message and reports; under error feedback at scale the
+        # handed-over vector holds the new residual (no vector of its size is made).
+        assert (a.payload, a.update_norm, a.distortion) == (b.payload, b.update_norm, b.distortion)
+        if kept.keeps_residual:
+            assert kept.residual is not None and handed.residual is not None
+            assert torch.equal(kept.residual, handed.residual)
+            if numel == LARGE:
+                assert handed.residual.data_ptr() == mine.data_ptr()
+        else:
+            assert handed.residual is None
+
+
 def test_up_to_the_exact_sums_size_the_reports_are_the_float64_tensor_sums() -> None:
     # Small runs (every test, the demo) report the bits they always did.
     client = ClientCompressor(ErrorFeedback(QSGDCompressor("entropy", 100)))

@@ -379,7 +379,7 @@ def test_a_compressed_downlink_reaches_every_node_bit_for_bit() -> None:
     for node, ctx in grid.contexts.items():
         held = load_replica(ctx)
         if held is not None and held.round_idx == downlink.synced.get(node) == 7:
-            assert torch.equal(held.params, downlink.replica)
+            assert torch.equal(held.flat(), downlink.replica)
     assert any(load_replica(c) is not None and load_replica(c).round_idx == 7  # type: ignore[union-attr]
                for c in grid.contexts.values())  # fmt: skip
     # downlink_bits: 8 x the bytes of the Arrays the strategy sent, round by round.

@@ -176,7 +176,12 @@ class ClientCompressor:
         return isinstance(self.compressor, ErrorFeedback)
 
     def compress(
-        self, update: torch.Tensor, levels: int | None, *, generator: torch.Generator
+        self,
+        update: torch.Tensor,
+        levels: int | None,
+        *,
+        generator: torch.Generator,
+        consume: bool = False,
     ) -> CompressedUpdate:
         """Compress ``update`` at ``levels`` and measure what was lost.
 
@@ -192,18 +197,25 @@ class ClientCompressor:
         passes (:mod:`.measure`); QSGD measures while it encodes, other
         compressors decode into one float32 buffer; the new residual takes
         the place of ``v`` when ``v`` is this object's own (the sum with the
-        old residual), else one float32 vector. Up to that size the sums are
-        the float64 tensor expressions they always were, so small runs
-        report the same bits as before.
+        old residual, or ``update`` handed over with ``consume``), else one
+        float32 vector. Up to that size the sums are the float64 tensor
+        expressions they always were, so small runs report the same bits as
+        before.
+
+        ``consume=True`` hands ``update`` over: it may be overwritten (by
+        ``v``, then by the new residual), which saves a vector of the
+        update's size under error feedback; the caller must not use it
+        afterwards. The old residual is only ever read.
         """
         v = update.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
-        owned = False
+        owned = consume
         if self.keeps_residual and self.residual is not None:
             if self.residual.shape != v.shape:
                 raise ValueError(
                     f"the residual has {self.residual.numel()} entries; the update has {v.numel()}"
                 )
-            v = v + self.residual  # a new vector, which becomes the next residual
+            # v + e_i (the same bits in place); this vector becomes the next residual.
+            v = v.add_(self.residual) if consume and v.is_contiguous() else v + self.residual
             owned = True
         if v.numel() <= EXACT_SUMS_NUMEL:
             return self._compress_exactly(v.contiguous(), levels, generator)

@@ -237,6 +237,7 @@ def compress_update(
     seed: int,
     round_idx: int,
     client_id: int,
+    consume: bool = False,
 ) -> CompressedUpdate:
     """Check and compress one client's update: step 3 of :func:`client_update`.
 
@@ -244,7 +245,8 @@ def compress_update(
     stream, so every engine that calls this produces the same bytes for the
     same update. ``compressor`` is the client's own end of the run's
     compressor, which keeps what the client carries between rounds (its
-    error-feedback residual).
+    error-feedback residual). ``consume=True`` hands ``update`` over to it:
+    it may be overwritten (see :meth:`ClientCompressor.compress`).
 
     Raises
     ------
@@ -258,7 +260,7 @@ def compress_update(
             f"({bad} non-finite entries in the update; lower lr?)"
         )
     noise_gen = torch_generator(seed, purpose="quantize", round_idx=round_idx, client_id=client_id)
-    compressed = compressor.compress(update, levels, generator=noise_gen)
+    compressed = compressor.compress(update, levels, generator=noise_gen, consume=consume)
     if compressed.distortion > 1.0:
         _warn_noisy(compressor, levels, compressed.distortion, update.numel())
     return compressed

@@ -47,17 +47,25 @@ __all__ = ["Downlink", "RoundPlan", "apply_change"]
 
 
 def apply_change(
-    replica: torch.Tensor, payload: bytes, compressor: Compressor, levels: int | None
+    replica: torch.Tensor,
+    payload: bytes,
+    compressor: Compressor,
+    levels: int | None,
+    *,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``x_k = x_{k-1} + a C(change)``: what server and clients both compute from ``m_k``.
 
     ``a`` is :func:`~adaquantfl.compression.feedback.feedback_scale`: 1 for a
     contracting compressor, ``1 / (1 + omega)`` for an unbiased one, so that
     the replica's error does not grow (see the module docstring).
+    ``in_place``: ``x_k`` is written over ``replica`` (the same bits; at
+    model scale this saves a vector of the model's size).
     """
     change = compressor.decompress(payload, numel=replica.numel(), levels=levels)
     scale = feedback_scale(compressor, replica.numel(), levels)
-    return replica + (change if scale == 1.0 else change.mul_(scale))
+    change = change if scale == 1.0 else change.mul_(scale)
+    return replica.add_(change) if in_place else replica + change
 
 
 @dataclass(frozen=True)

@@ -57,11 +57,20 @@ class NodeDownlink:
 
 @dataclass(frozen=True)
 class Replica:
-    """The downlink model ``x_k`` a node holds, the round it is of, and the model's layout."""
+    """The downlink model ``x_k`` a node holds, the round it is of, and the model's layout.
 
-    params: torch.Tensor
+    ``arrays`` holds ``x_k`` as float32 ``.npy`` Arrays, one per compressed
+    array of the layout (what the node keeps in its ``Context.state``). Where
+    the model's array is float32 the train function is handed the same bytes.
+    """
+
+    arrays: ArrayRecord
     round_idx: int
     layout: ArrayLayout
+
+    def flat(self) -> torch.Tensor:
+        """``x_k`` as a new flat float32 vector."""
+        return self.layout.flatten(self.arrays)
 
 
 class DownlinkSender:
@@ -145,7 +154,11 @@ def receive_model(
     """The node's side: ``x_k`` from the message and the replica the node ``held``.
 
     Returns the model in its own arrays (for the train function) and the new
-    replica (``x_k`` as the flat float32 vector the update is taken against).
+    replica (``x_k`` in float32, the model the update is taken against).
+    Rebuilding ``x_k`` needs one flat float32 vector, the decoded change
+    while it is added (:func:`~adaquantfl.fl.downlink.apply_change` in place),
+    and the new replica's bytes, which the train function's float32 arrays
+    share: at most twice the model's float32 bytes beside what the node held.
 
     Raises
     ------
@@ -166,10 +179,14 @@ def receive_model(
                 f"adaquant_mod: the node holds {have}, but the downlink's changes start from "
                 f"round {plan.base} (a lost node state?); the server sends the full model next time"
             )
-        layout, params = held.layout, held.params
-        for change in read_downlink_arrays(record, layout.side):
-            params = apply_change(params, change, plan.compressor, plan.levels)
+        layout = held.layout
+        changes = read_downlink_arrays(record, layout.side)
+        params = held.flat()
+        for change in changes:
+            params = apply_change(params, change, plan.compressor, plan.levels, in_place=True)
     if not params.numel():
         raise RecordError("the downlink's model is empty")
-    side = {name: record[name] for name in layout.side}
-    return layout.to_record(params, side), Replica(params, round_idx, layout)
+    replica = layout.float32_record(params)
+    del params
+    model = layout.with_dtypes(replica, {name: record[name] for name in layout.side})
+    return model, Replica(replica, round_idx, layout)

@@ -146,8 +146,90 @@ def record_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecor
     arrays = {}
     for name, tensor in state_dict.items():
         t = tensor.detach().cpu()
-        arrays[name] = Array(t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy())
+        arrays[name] = npy_array(t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy())
     return ArrayRecord(arrays)
+
+
+def npy_array(values: np.ndarray) -> Array:
+    """``Array(values)``, byte for byte, with one copy of the data and nothing else.
+
+    Flower's ``Array(ndarray)`` writes the ``.npy`` file into a growing
+    ``BytesIO`` and copies it out; this joins the header and the array's own
+    buffer into the one ``bytes`` object an Array holds.
+    """
+    if not (values.flags.c_contiguous or values.flags.f_contiguous):
+        values = np.ascontiguousarray(values)
+    header_data = np.lib.format.header_data_from_array_1_0(values)
+    header = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(header, header_data)
+    except ValueError:  # a header of over 64 KiB (never a model's): numpy's own writer
+        return Array(values)
+    flat = (values.T if header_data["fortran_order"] else values).reshape(-1)
+    data = flat.data.cast("B") if flat.size else b""
+    return Array(
+        dtype=str(values.dtype),
+        shape=tuple(int(d) for d in values.shape),
+        stype=_NUMPY_STYPE,
+        data=b"".join((header.getvalue(), data)),
+    )
+
+
+def npy_values(array: Array, name: str, shape: tuple[int, ...], dtype: str | None) -> np.ndarray:
+    """The values of a ``.npy`` Array, read in place: a read-only view of its bytes.
+
+    ``Array.numpy()`` copies the data (``np.load`` of a ``BytesIO``, in 256 KiB
+    reads); this parses the header and looks at the data where it is. The
+    Array must be ``dtype`` (None: any float dtype) of ``shape``, by its own
+    fields and by its header, which is read before anything is allocated.
+
+    Raises
+    ------
+    RecordError
+        If it is another dtype or shape, its header says otherwise or is not
+        a ``.npy`` header, or its data is shorter than the header claims.
+    """
+    dtype_ok = array.dtype in _FLOAT_DTYPES if dtype is None else array.dtype == dtype
+    if array.stype != _NUMPY_STYPE or not dtype_ok or tuple(array.shape) != shape:
+        raise RecordError(
+            f"array {name!r} is {array.stype} {array.dtype} {tuple(array.shape)}, "
+            f"expected {dtype or 'float'} {shape}"
+        )
+    data = array.data
+    try:
+        head = io.BytesIO(memoryview(data)[:_NPY_HEADER_LIMIT])
+        version = np.lib.format.read_magic(head)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        header_shape, fortran, header_dtype = read_header(head)
+    except (ValueError, OSError, TypeError) as exc:
+        raise RecordError(f"array {name!r} is not a .npy array: {exc}") from None
+    if tuple(header_shape) != shape or str(header_dtype) != array.dtype:
+        raise RecordError(
+            f"array {name!r}'s .npy header says {header_dtype} {tuple(header_shape)}, "
+            f"not {array.dtype} {shape}"
+        )
+    count = math.prod(shape)
+    offset = head.tell()
+    nbytes = count * header_dtype.itemsize
+    if len(data) < offset + nbytes or len(data) > offset + nbytes + _NPY_HEADER_LIMIT:
+        raise RecordError(f"array {name!r} carries {len(data) - offset} bytes of data for {nbytes}")
+    values = np.frombuffer(data, dtype=header_dtype, count=count, offset=offset)
+    return values.reshape(shape[::-1]).T if fortran else values.reshape(shape)
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every entry of a numeric array is finite, a slice at a time (no big temporary)."""
+    if values.dtype.kind not in "fc":
+        return True
+    flat = values.reshape(-1) if values.flags.c_contiguous else values.T.reshape(-1)
+    if not (flat.flags.c_contiguous or flat.size == 0):  # pragma: no cover - npy_values' views
+        flat = np.ascontiguousarray(values).reshape(-1)
+    chunk = 2**18
+    return all(bool(np.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.size, chunk))
 
 
 @dataclass(frozen=True)
@@ -250,15 +332,65 @@ class ArrayLayout:
             )
 
     def flatten(self, record: ArrayRecord) -> torch.Tensor:
-        """The compressed arrays of ``record`` as one flat float32 tensor, in layout order."""
-        self.check_names(record)
-        parts = []
-        for name, shape, _ in self._compressed():
+        """The compressed arrays of ``record`` as one flat float32 tensor, in layout order.
+
+        One new vector of ``d`` float32 entries; each array is read in place
+        (:func:`npy_values`) and cast into it. ``record`` holds the model's
+        arrays, or only its compressed ones (a :meth:`float32_record`).
+        """
+        if set(record.keys()) != {n for n, _ in self._float_arrays()}:
+            self.check_names(record)
+        out = torch.empty(self.numel, dtype=torch.float32)
+        for (name, shape), target in zip(self._float_arrays(), self._slices(out), strict=True):
             # Any float dtype: a train function may hand back float64 or float32
             # arrays of a float16 model; the values are what counts.
-            values = _loaded(record[name], name, shape, None)
-            parts.append(torch.from_numpy(values.astype(np.float32).reshape(-1)))
-        return torch.cat(parts)
+            np.copyto(target, npy_values(record[name], name, shape, None), casting="same_kind")
+        return out
+
+    def difference(
+        self, record: ArrayRecord, base: Mapping[str, Array], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``flatten(record) - flatten(base)``, the same float32 bits, in one new vector.
+
+        Each array of both is read in place and subtracted into ``out`` (a new
+        vector of ``d`` float32 entries when None): a node's update costs the
+        update and nothing else. ``base`` holds the compressed arrays (any
+        float dtype; the model's side arrays need not be there).
+        """
+        self.check_names(record)
+        if out is None:
+            out = torch.empty(self.numel, dtype=torch.float32)
+        for (name, shape), target in zip(self._float_arrays(), self._slices(out), strict=True):
+            if name not in base:
+                raise RecordError(f"the model to subtract lacks the array {name!r}")
+            # dtype=float32: each operand is cast to float32 first (numpy would
+            # subtract float64 arrays in float64), as flatten(...) - flatten(...) does.
+            np.subtract(
+                npy_values(record[name], name, shape, None),
+                npy_values(base[name], name, shape, None),
+                out=target,
+                dtype=np.float32,
+                casting="same_kind",
+            )
+        return out
+
+    def _float_arrays(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, s) for n, s, _ in self._compressed()]
+
+    def _slices(self, flat: torch.Tensor) -> list[np.ndarray]:
+        """Numpy views of ``flat`` (float32, ``d`` entries), one per compressed array, shaped."""
+        if flat.dtype != torch.float32 or flat.numel() != self.numel or not flat.is_contiguous():
+            raise ValueError(
+                f"expected a contiguous float32 tensor of {self.numel} entries, "
+                f"got {flat.dtype} with {flat.numel()}"
+            )
+        values = flat.detach().reshape(-1).numpy()
+        views, offset = [], 0
+        for _, shape, _ in self._compressed():
+            size = math.prod(shape)
+            views.append(values[offset : offset + size].reshape(shape))
+            offset += size
+        return views
 
     def to_record(self, flat: torch.Tensor, side: Mapping[str, Array] | None = None) -> ArrayRecord:
         """``flat`` in the model's arrays and dtypes, plus the ``side`` arrays, in layout order."""
@@ -270,17 +402,42 @@ class ArrayLayout:
         side = side or {}
         if set(side) != set(self.side):
             raise ValueError(f"expected the side arrays {list(self.side)}, got {sorted(side)}")
-        values = flat.detach().cpu().numpy()
+        views = dict(zip((n for n, _ in self._float_arrays()), self._slices(flat), strict=True))
         arrays: dict[str, Array] = {}
-        offset = 0
-        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
-            if name in side:
-                arrays[name] = side[name]
-                continue
-            size = math.prod(shape)
-            arrays[name] = Array(np.asarray(values[offset : offset + size].reshape(shape), dtype))
-            offset += size
+        for name, dtype in zip(self.names, self.dtypes, strict=True):
+            arrays[name] = (
+                side[name] if name in side else npy_array(views[name].astype(dtype, copy=False))
+            )
         return ArrayRecord(arrays)
+
+    def float32_record(self, flat: torch.Tensor) -> ArrayRecord:
+        """The compressed arrays of ``flat``, each as a float32 ``.npy`` Array of its shape.
+
+        What a node keeps of the downlink's model: the values exactly, in one
+        copy of ``flat``'s bytes.
+        """
+        names = [n for n, _ in self._float_arrays()]
+        return ArrayRecord(
+            {n: npy_array(v) for n, v in zip(names, self._slices(flat), strict=True)}
+        )
+
+    def with_dtypes(self, arrays: Mapping[str, Array], side: Mapping[str, Array]) -> ArrayRecord:
+        """The model's record from a :meth:`float32_record` and the ``side`` arrays.
+
+        A float32 array of the model is the same bytes (a new Array object, so
+        that the two records stay independent); another float dtype is cast.
+        """
+        out: dict[str, Array] = {}
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
+            if name in self.side:
+                out[name] = side[name]
+            elif dtype == "float32":
+                a = arrays[name]
+                out[name] = Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
+            else:
+                values = npy_values(arrays[name], name, shape, "float32")
+                out[name] = npy_array(values.astype(dtype))
+        return ArrayRecord(out)
 
     def side_arrays(self, record: Mapping[str, Array], *, trusted: bool = True) -> dict[str, Array]:
         """The side arrays of ``record``, checked against the layout.
@@ -301,10 +458,8 @@ class ArrayLayout:
                         f"array {name!r} is {array.dtype} {tuple(array.shape)}, "
                         f"expected {dtype} {shape}"
                     )
-            else:
-                values = _loaded(array, name, shape, dtype, untrusted=True)
-                if values.dtype.kind == "f" and not bool(np.isfinite(values).all()):
-                    raise RecordError(f"array {name!r} has non-finite values")
+            elif not all_finite(npy_values(array, name, shape, dtype)):
+                raise RecordError(f"array {name!r} has non-finite values")
             out[name] = array
         return out
 
@@ -322,8 +477,8 @@ class ArrayLayout:
             shape, dtype = self._spec(name)
             acc = np.zeros(shape, dtype=np.float64)
             for arrays, n in zip(sides, weights, strict=True):
-                acc += arrays[name].numpy().astype(np.float64) * (n / total)
-            out[name] = Array(_cast_values(acc, dtype))
+                acc += npy_values(arrays[name], name, shape, dtype).astype(np.float64) * (n / total)
+            out[name] = npy_array(_cast_values(acc, dtype))
         return out
 
     def adopt(self, record: ArrayRecord) -> ArrayRecord:
@@ -337,15 +492,17 @@ class ArrayLayout:
         self.check_names(record, "the inner strategy's aggregate")
         arrays: dict[str, Array] = {}
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
-            values = record[name].numpy()
-            if tuple(values.shape) != shape:
+            array = record[name]
+            if tuple(array.shape) != shape:
                 raise RecordError(
-                    f"the inner strategy's array {name!r} has shape {values.shape}, not {shape}"
+                    f"the inner strategy's array {name!r} has shape {tuple(array.shape)}, "
+                    f"not {shape}"
                 )
-            if values.dtype.kind in "fc" and not bool(np.isfinite(values).all()):
+            values = npy_values(array, name, shape, array.dtype)
+            if not all_finite(values):
                 raise RecordError(f"the inner strategy's array {name!r} has non-finite values")
             same = str(values.dtype) == dtype
-            arrays[name] = record[name] if same else Array(_cast_values(values, dtype))
+            arrays[name] = array if same else npy_array(_cast_values(values, dtype))
         return ArrayRecord(arrays)
 
     # ------------------------------------------------------------------ to a node
@@ -389,46 +546,3 @@ def _known_dtype(name: str) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _loaded(
-    array: Array, name: str, shape: tuple[int, ...], dtype: str | None, *, untrusted: bool = False
-) -> np.ndarray:
-    """``array`` as numpy, checked to be ``dtype`` (None: any float dtype) of ``shape``.
-
-    ``untrusted``: the .npy header is read and checked before numpy allocates
-    anything for the data (``np.load`` on a byte buffer allocates what the
-    header claims before it reads).
-    """
-    dtype_ok = array.dtype in _FLOAT_DTYPES if dtype is None else array.dtype == dtype
-    if array.stype != _NUMPY_STYPE or not dtype_ok or tuple(array.shape) != shape:
-        raise RecordError(
-            f"array {name!r} is {array.stype} {array.dtype} {tuple(array.shape)}, "
-            f"expected {dtype or 'float'} {shape}"
-        )
-    if untrusted and dtype is not None:
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        if len(array.data) > nbytes + _NPY_HEADER_LIMIT:
-            raise RecordError(f"array {name!r} carries {len(array.data)} bytes for {nbytes}")
-        try:
-            buffer = io.BytesIO(array.data)
-            version = np.lib.format.read_magic(buffer)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            header = read_header(buffer)
-        except (ValueError, OSError) as exc:
-            raise RecordError(f"array {name!r} is not a .npy array: {exc}") from None
-        if header != (shape, False, np.dtype(dtype)):
-            raise RecordError(f"array {name!r}'s .npy header {header} is not {dtype} {shape}")
-    try:
-        values = array.numpy()
-    except (ValueError, OSError, TypeError) as exc:
-        raise RecordError(f"array {name!r} could not be read: {exc}") from None
-    if tuple(values.shape) != shape or str(values.dtype) != array.dtype:
-        raise RecordError(
-            f"array {name!r} holds {values.dtype} {values.shape}, expected {array.dtype} {shape}"
-        )
-    return values

@@ -56,7 +56,7 @@ Train reply (node -> server), built by ``adaquant_mod``::
 A probe's reply is one MetricRecord ``"metrics"`` with ``aq-client-id``.
 
 What a node keeps between messages, in its ``Context.state`` (the records
-``aq-client-state`` and ``aq-node-state``), is :mod:`adaquantfl.flower.mod`'s.
+``aq-client-state``, ``aq-replica`` and ``aq-node-state``), is :mod:`adaquantfl.flower.mod`'s.
 
 The node rebuilds a compressor from the registry by name, so a compressor
 of the user's own must be registered (its module imported) in the ClientApp too.
@@ -146,6 +146,7 @@ FLOWER_TRAIN_LOSS_KEY = "train_loss"
 NUM_EXAMPLES_KEY = "num-examples"
 # The records of the node's Context.state (kept by adaquantfl.flower.mod).
 CLIENT_STATE_RECORD = "aq-client-state"
+REPLICA_RECORD = "aq-replica"
 NODE_STATE_RECORD = "aq-node-state"
 
 _INT64_MAX = 2**63 - 1

@@ -57,7 +57,9 @@ a new ``flwr-clientapp`` process), so it survives the rounds the node sits
 out. This module alone reads and writes it:
 
 - ``aq-client-state`` (ArrayRecord): ``residual``, the error-feedback residual
-  ``e_i``; ``replica``, the downlink model ``x_k`` the node holds;
+  ``e_i``;
+- ``aq-replica`` (ArrayRecord): the downlink model ``x_k`` the node holds, one
+  float32 array per compressed array of the model;
 - ``aq-node-state`` (ConfigRecord): ``replica-round`` and ``layout`` of that
   replica, and ``warned-<key>`` for each warning the node has logged.
 """
@@ -65,18 +67,18 @@ out. This module alone reads and writes it:
 from __future__ import annotations
 
 import math
+import warnings
 from logging import WARNING
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 
 from adaquantfl.compression.feedback import ClientCompressor
 from adaquantfl.fl.client import compress_update
 from adaquantfl.flower.downlink import Replica, receive_model
-from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.layout import ArrayLayout, RecordError, npy_array, npy_values
 from adaquantfl.flower.messages import (
     CLIENT_STATE_RECORD,
     FLOWER_TRAIN_LOSS_KEY,
@@ -84,6 +86,7 @@ from adaquantfl.flower.messages import (
     NUM_EXAMPLES_KEY,
     PRE_TRAIN_LOSS_KEY,
     PREFIX,
+    REPLICA_RECORD,
     Instruction,
     client_id_of,
     probe_reply_content,
@@ -148,41 +151,51 @@ def make_adaquant_mod(
             # The strategy only wants to know which client this node is.
             return Message(probe_reply_content(client_id), reply_to=msg)
         name, received = single_array_record(msg.content, "the train instruction")
+        base: ArrayRecord  # w_k (x_k with a compressed downlink): the update is taken against it
         if plan.downlink is not None:
             model, replica = receive_model(
                 received, plan.downlink, plan.round_idx, load_replica(context)
             )
             store_replica(context, replica)
-            params, layout = replica.params, replica.layout
-            # The train function gets x_k in the model's arrays (a copy: the
-            # instruction itself stays as the server sent it).
+            base, layout = replica.arrays, replica.layout
+            del replica
+            # The train function gets x_k in the model's arrays (a new RecordDict:
+            # the instruction itself stays as the server sent it).
             train_msg = with_content(msg, RecordDict({**dict(msg.content.items()), name: model}))
+            del model
         else:
             layout = ArrayLayout.of(received, plan.uncompressed)
-            params = layout.flatten(received)
+            base = received
             train_msg = msg
 
         reply = call_next(train_msg, context)
+        del train_msg
         if reply.has_error():
             return reply
         _, local_record = single_array_record(reply.content, "the train function's reply")
         metrics_name, metrics = single_metric_record(reply.content, "the train function's reply")
-        local = layout.flatten(local_record)
         side = layout.side_arrays(local_record)
         loss, proxy = read_loss(metrics, context)
         _num_examples(metrics)  # the server's weight n_i: fail here, with the reason
 
+        # Delta_i = w_i - w_k: both read where they lie, in Flower's bytes; the
+        # update is the one vector of the model's size this needs.
+        update = layout.difference(local_record, base)
+        del base, local_record
         client = ClientCompressor(plan.compressor)
         load_client_state(context, client)
         encoded = compress_update(
-            local - params,
+            update,
             levels=plan.levels,
             compressor=client,
             seed=plan.seed,
             round_idx=plan.round_idx,
             client_id=client_id,
+            consume=True,  # under error feedback the update becomes the new residual
         )
+        del update
         store_client_state(context, client)
+        del client
         content = train_reply_content(
             (name, metrics_name),
             encoded.payload,
@@ -237,46 +250,63 @@ def _num_examples(metrics: MetricRecord) -> int:
 
 # The entries of the aq-client-state (arrays) and aq-node-state (config) records.
 _RESIDUAL = "residual"
-_REPLICA = "replica"
 _REPLICA_ROUND = "replica-round"
 _REPLICA_LAYOUT = "layout"
 
 
 def load_client_state(context: Context, client: ClientCompressor) -> None:
-    """Restore what the node's end of the compressor kept (its error-feedback residual)."""
+    """Restore what the node's end of the compressor kept (its error-feedback residual).
+
+    The residual is read where it lies, in the state's bytes: ``ClientCompressor``
+    only ever reads its old residual (``v = Delta_i + e_i``), and the new one
+    replaces it.
+    """
     record = _state_arrays(context)
-    residual = _tensor(record[_RESIDUAL]) if _RESIDUAL in record else None
-    client.load_state_dict({"residual": residual})
+    if _RESIDUAL not in record:
+        client.residual = None
+        return
+    array = record[_RESIDUAL]
+    if len(array.shape) != 1:
+        raise RecordError(f"the node's stored residual has shape {tuple(array.shape)}, not (d,)")
+    values = npy_values(array, "the stored residual", tuple(array.shape), "float32")
+    with warnings.catch_warnings():
+        # Read-only memory: torch warns that it cannot mark its tensor read-only.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        client.residual = torch.from_numpy(values)
 
 
 def store_client_state(context: Context, client: ClientCompressor) -> None:
-    """Keep what the node's end of the compressor must carry into its next round."""
-    residual = client.state_dict()["residual"]
+    """Keep what the node's end of the compressor must carry into its next round.
+
+    The old residual is dropped before the new one's bytes are made, so
+    that the two are never held at once.
+    """
+    residual = client.residual
     if residual is None:
         return
     record = _state_arrays(context)
-    record[_RESIDUAL] = Array(residual.detach().cpu().numpy())
+    if _RESIDUAL in record:
+        del record[_RESIDUAL]
+    record[_RESIDUAL] = npy_array(residual.detach().cpu().numpy())
     context.state[CLIENT_STATE_RECORD] = record
 
 
 def load_replica(context: Context) -> Replica | None:
     """The downlink model the node holds, if any."""
-    record = _state_arrays(context)
+    arrays = context.state.array_records.get(REPLICA_RECORD)
     node = _state_config(context)
-    if _REPLICA not in record or _REPLICA_ROUND not in node or _REPLICA_LAYOUT not in node:
+    if arrays is None or _REPLICA_ROUND not in node or _REPLICA_LAYOUT not in node:
         return None
     return Replica(
-        _tensor(record[_REPLICA]),
+        arrays,
         int(node[_REPLICA_ROUND]),  # type: ignore[arg-type]
         ArrayLayout.from_json(str(node[_REPLICA_LAYOUT]), "the node's stored downlink layout"),
     )
 
 
 def store_replica(context: Context, replica: Replica) -> None:
-    """Keep ``replica`` as the node's downlink model."""
-    record = _state_arrays(context)
-    record[_REPLICA] = Array(replica.params.detach().cpu().numpy())
-    context.state[CLIENT_STATE_RECORD] = record
+    """Keep ``replica`` as the node's downlink model (the one it held is dropped)."""
+    context.state[REPLICA_RECORD] = replica.arrays
     node = _state_config(context)
     node[_REPLICA_ROUND] = replica.round_idx
     node[_REPLICA_LAYOUT] = replica.layout.to_json()
@@ -315,7 +345,3 @@ def _state_config(context: Context) -> ConfigRecord:
 
 def _state_arrays(context: Context) -> ArrayRecord:
     return context.state.array_records.get(CLIENT_STATE_RECORD, ArrayRecord())
-
-
-def _tensor(array: Array) -> torch.Tensor:
-    return torch.from_numpy(array.numpy().astype(np.float32, copy=True)).reshape(-1)

@@ -360,15 +360,20 @@ def inner_model(
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """The inner strategy's aggregate of the models ``w_k + C(Delta_i)``, in the model's dtypes.
 
+    Each payload is decoded into one reused buffer and ``w_k`` added in place
+    (``C(Delta_i) + w_k``, the same bits as ``w_k + C(Delta_i)``): beside the
+    models the inner strategy is handed, this needs one vector of the model's size.
+
     Returns None for the model if the strategy aggregated nothing or
     returned arrays that do not fit the model (logged).
     """
     models = []
+    buffer = torch.empty(layout.numel, dtype=torch.float32)
     for (_, tr, msg), m in zip(accepted, metrics, strict=True):
         update = compressor.decompress(
-            tr.reply.payload, numel=layout.numel, levels=levels[tr.reply.client_id]
+            tr.reply.payload, numel=layout.numel, levels=levels[tr.reply.client_id], out=buffer
         )
-        record = layout.to_record(w_k + update, tr.side)
+        record = layout.to_record(update.add_(w_k), tr.side)
         content = RecordDict({tr.arrays_name: record, tr.metrics_name: m})
         # A copy of the reply's metadata: the strategy sees each node as it replied.
         models.append(with_content(msg, content))
