@@ -38,6 +38,7 @@ from adaquantfl.fl.client import (
     LocalTraining,
     compress_update,
     evaluate,
+    probe_noise,
     train_locally,
 )
 from adaquantfl.fl.guard import aggregation_weights
@@ -266,6 +267,14 @@ class Simulator:
                 continue
             if raw is not None:
                 raw[cid] = update.detach().to("cpu", torch.float32)
+            probe: tuple[tuple[int, float, float], ...] = ()
+            if plan.levels.probe:
+                probe = probe_noise(
+                    self.model, params, update, shard.x, shard.y,
+                    levels=plan.levels.probe, compressor=self.compressor,
+                    scale=plan.levels.probe_scale, seed=self.seed, round_idx=round_idx,
+                    client_id=cid,
+                )  # fmt: skip
             replies.append(
                 ClientReply(
                     cid,
@@ -274,6 +283,7 @@ class Simulator:
                     len(shard),
                     update_norm=sent.update_norm,
                     distortion=sent.distortion,
+                    probe=probe,
                 )
             )
         delivered = [(reply.client_id, self.transmit(reply, round_idx)) for reply in replies]
