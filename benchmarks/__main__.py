@@ -15,6 +15,7 @@ import importlib
 #: (module, arguments for a quick run)
 BENCHMARKS = [
     ("codec", ["--quick"]),
+    ("codec_scale", ["--quick"]),
     ("entropy_check", ["--quick"]),
     ("bits", ["--quick"]),
     ("sim", ["--quick"]),

@@ -3,9 +3,9 @@
     python -m benchmarks.entropy_check            # d in {1e5, 1e6}, s in {1, 15, 255}
     python -m benchmarks.entropy_check --quick    # smoke run: d = 1e5, few repeats
 
-The entropy decoder rebuilds the encoder's body from the decoded symbols and
-compares bytes (``adaquantfl.compression.entropy._check_canonical``), so that
-each vector has one valid body. This times ``decode_dequantize`` of a QSGD
+The entropy decoder runs the encoder on the decoded symbols and compares its
+words with the body's (``adaquantfl.compression.entropy._check_canonical``), so
+that each vector has one valid body. This times ``decode_dequantize`` of a QSGD
 message (Gaussian update, one bucket, L2 norm) into a preallocated buffer,
 best of N, once as it is and once with the check replaced by a no-op (the
 decoder as it was before the check), in the same process, one thread.

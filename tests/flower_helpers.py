@@ -16,6 +16,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import ClientAppException
 from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -111,11 +112,8 @@ class InProcessGrid(Grid):
                 continue
             try:
                 reply = self.app(msg, self.contexts[node])
-            except Exception as exc:  # what a SuperNode reports for a raising ClientApp
-                reply = Message(
-                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
-                    reply_to=msg,
-                )
+            except Exception as exc:
+                reply = Message(raised_error(exc), reply_to=msg)
             if node in self.tamper:
                 tampered = self.tamper[node](msg, reply)
                 if tampered is None:
@@ -124,6 +122,18 @@ class InProcessGrid(Grid):
             replies.append(reply)
         self.replies.extend(replies)
         return replies
+
+
+def raised_error(exc: Exception) -> Error:
+    """The Error with which Flower's simulation engine answers for a ClientApp that raised.
+
+    Word for word as flwr 1.42 builds it (``ray_actor.py`` wraps the exception in a
+    ``ClientAppException``, ``vce_api.py`` formats the reason), so that the server
+    sees the text a user of ``flwr run`` sees.
+    """
+    wrapped = ClientAppException(str(exc))
+    reason = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"
+    return Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
 
 
 def forget_warnings() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from benchmarks import _common, bits, cnn, codec, entropy_check
+from benchmarks import _common, bits, cnn, codec, codec_scale, entropy_check
 
 pytestmark = pytest.mark.slow  # benchmarks are not part of the edit loop's tier
 
@@ -27,6 +27,21 @@ def test_codec_benchmark_measures_every_pair_and_its_naive_baseline_round_trips(
     y = codec.naive_decode(data, 999, 3, out)
     step = float(torch.linalg.vector_norm(x)) / 3
     assert float((y - x).abs().max()) <= step * (1 + 1e-5)
+
+
+def test_codec_scale_benchmark_times_every_path_and_measures_memory() -> None:
+    rows = codec_scale.measure_speed([3000], levels=[1, 255], buckets=[None], quick=True)
+    assert [(r["encoding"], r["levels"]) for r in rows] == [
+        ("packed", 1), ("packed", 255), ("entropy", 1), ("entropy", 255)
+    ]  # fmt: skip
+    for row in rows:
+        assert all(row[f"{key}_gbps"] > 0 for key in ("copy", "codec", "client", "decompress"))
+        assert len(codec_scale._speed_cells(row)) == len(codec_scale.SPEED_HEADER)
+    spec = dict(what="server", label="server", numel=3000, encoding="packed", levels=15,
+                bucket_size=512, error_feedback=False)  # fmt: skip
+    row = codec_scale.run_probe(spec)
+    assert row["extra_bytes"] >= 0 and "aggregate_extra_x" in row
+    assert len(codec_scale._memory_cells(row)) == len(codec_scale.MEMORY_HEADER)
 
 
 def test_entropy_check_benchmark_times_both_decoders_and_restores_the_check() -> None:

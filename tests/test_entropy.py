@@ -19,9 +19,10 @@ from adaquantfl.compression.codec import (
     message_bytes,
     packed_body_bytes,
     peek_header,
+    quantize_encode,
 )
 from adaquantfl.compression.entropy import MAX_ALPHABET, empirical_entropy_bits
-from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, quantize
+from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, dequantize, quantize
 from tests.reference import reference_message, reference_pack
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -102,6 +103,30 @@ def test_seeded_golden_vector_freezes_the_entropy_coder() -> None:
     data = (GOLDEN / "entropy_s2_linspace410_seed2026.bin").read_bytes()
     assert encode(q, "entropy") == data
     assert decode(data, expected_numel=410) == q
+
+
+@pytest.mark.parametrize(("levels", "bucket_size"), [(1, 512), (15, None), (255, 512), (65535, 16)])
+def test_bodies_at_a_million_entries_are_constrictions_step_by_step_encoding(
+    levels: int, bucket_size: int | None
+) -> None:
+    # The coder is numba code doing constriction's arithmetic; constriction
+    # itself, driven by the layout, must produce the same bytes at scale.
+    x = torch.randn(10**6, generator=gen(levels)) * torch.rand(10**6, generator=gen(1))
+    q = quantize(x, levels, generator=gen(2), bucket_size=bucket_size)
+    data = encode(q, "entropy")
+    k = body_of(data)[0]
+    assert k != 0xFF and m_of(data) < 128
+    assert body_of(data) == by_hand(q, k)
+    assert quantize_encode(x, levels, generator=gen(2), encoding="entropy",
+                           bucket_size=bucket_size) == data  # fmt: skip
+    assert decode(data, expected_numel=10**6, expected_levels=levels) == q
+    out = torch.full((10**6,), float("nan"))
+    decode_dequantize(data, expected_numel=10**6, out=out)
+    assert torch.equal(out, dequantize(q))
+
+
+def m_of(data: bytes) -> int:
+    return body_of(data)[1]
 
 
 # --------------------------------------------------------------------------- round trips

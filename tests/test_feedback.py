@@ -1,4 +1,5 @@
-"""Error feedback: the residual identity, its life with the client, and what it buys."""
+"""Error feedback: the residual identity, its life with the client, and what it buys;
+a client's compression at model scale."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch
 
 import adaquantfl
 from adaquantfl.compression import ErrorFeedback, QSGDCompressor, TopKCompressor
-from adaquantfl.compression.feedback import ClientCompressor
+from adaquantfl.compression.codec import encode
+from adaquantfl.compression.feedback import EXACT_SUMS_NUMEL, ClientCompressor
+from adaquantfl.compression.qsgd import quantize
 from adaquantfl.fl.client import compress_update
 from adaquantfl.fl.server import select_clients
+from adaquantfl.rng import torch_generator
 from adaquantfl.runner.build import build_simulator
 from adaquantfl.runner.checkpoint import load_checkpoint
 from adaquantfl.runner.config import load_config
@@ -156,3 +160,73 @@ def test_residuals_are_checkpointed_and_a_resumed_run_is_bit_identical(tmp_path:
     assert torch.equal(resumed.params, reference.params)
     strip = [{k: v for k, v in r.items() if k != "time_s"} for r in resumed.metrics]
     assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in reference.metrics]
+
+
+# --------------------------------------------------------------------------- at model scale
+
+LARGE = EXACT_SUMS_NUMEL + 4097  # above the size where the float64 tensor sums are kept
+
+
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        QSGDCompressor("packed", 512),
+        QSGDCompressor("entropy", None, "max"),
+        ErrorFeedback(QSGDCompressor("packed")),
+        ErrorFeedback(QSGDCompressor("entropy", 512)),
+        ErrorFeedback(TopKCompressor(0.01)),
+    ],
+    ids=repr,
+)
+def test_at_scale_the_bytes_and_residual_are_unchanged_and_the_sums_within_1e_12(
+    compressor: object,
+) -> None:
+    client = ClientCompressor(compressor)  # type: ignore[arg-type]
+    inner = compressor.inner if isinstance(compressor, ErrorFeedback) else compressor
+    for round_idx in range(2):
+        update = torch.randn(LARGE, generator=gen(round_idx)) * 1e-3
+        kept = update.clone()
+        before = None if client.residual is None else client.residual.clone()
+        out = compress_update(update, levels=7, compressor=client, seed=0, round_idx=round_idx,
+                              client_id=4)  # fmt: skip
+        assert torch.equal(update, kept)  # the caller's update is never written
+        v = update if before is None else update + before
+        noise = torch_generator(0, purpose="quantize", round_idx=round_idx, client_id=4)
+        if isinstance(inner, QSGDCompressor):  # the two-step path's bytes
+            q = quantize(v, 7, generator=noise, bucket_size=inner.bucket_size, norm=inner.norm)  # type: ignore[arg-type]
+            assert out.payload == encode(q, inner.encoding)
+        else:
+            assert out.payload == inner.compress(v, 7, generator=noise)  # type: ignore[attr-defined]
+        sent = compressor.decompress(out.payload, numel=LARGE, levels=7)  # type: ignore[attr-defined]
+        if client.keeps_residual:
+            assert torch.equal(client.residual, v - sent)
+        norm_sq = math.fsum((v.double() ** 2).tolist())
+        error_sq = math.fsum(((sent.double() - v.double()) ** 2).tolist())
+        assert out.update_norm == pytest.approx(math.sqrt(norm_sq), rel=1e-12, abs=0)
+        assert out.distortion == pytest.approx(error_sq / norm_sq, rel=1e-12, abs=0)
+
+
+def test_up_to_the_exact_sums_size_the_reports_are_the_float64_tensor_sums() -> None:
+    # Small runs (every test, the demo) report the bits they always did.
+    client = ClientCompressor(ErrorFeedback(QSGDCompressor("entropy", 100)))
+    for round_idx, numel in enumerate([1000, EXACT_SUMS_NUMEL]):
+        client.residual = None
+        update = torch.randn(numel, generator=gen(round_idx)) ** 3
+        out = client.compress(update, 3, generator=gen())
+        sent = client.compressor.decompress(out.payload, numel=numel, levels=3)
+        norm_sq = float(update.to(torch.float64).square().sum())
+        error_sq = float((sent.to(torch.float64) - update.to(torch.float64)).square().sum())
+        assert out.update_norm == math.sqrt(norm_sq)
+        assert out.distortion == error_sq / norm_sq
+
+
+def test_a_compression_that_fails_leaves_the_residual_as_it_was() -> None:
+    client = ClientCompressor(ErrorFeedback(QSGDCompressor("packed")))
+    compress_update(torch.randn(LARGE, generator=gen()), levels=3, compressor=client, seed=0,
+                    round_idx=0, client_id=0)  # fmt: skip
+    assert client.residual is not None
+    residual = client.residual.clone()
+    huge = torch.full((LARGE,), 3e38)  # finite, but its norm overflows float32
+    with pytest.raises(ValueError, match="norm"):
+        client.compress(huge, 3, generator=gen())
+    assert torch.equal(client.residual, residual)

@@ -60,6 +60,7 @@ from adaquantfl.flower.messages import (
     PROBE_KEY,
     ROUND_KEY,
     SEED_KEY,
+    DownlinkInstruction,
     Instruction,
     payload_array,
     read_train_reply,
@@ -344,7 +345,50 @@ def test_a_node_the_superlink_gives_up_on_is_dropped_once() -> None:
     assert metrics is not None
     assert (metrics["aq-participants"], metrics["aq-rejected"], metrics["aq-dropped"]) == (3, 0, 1)
     ((node, reason),) = strategy.rounds[0].dropouts
-    assert node == lost and f"({ErrorCode.NODE_UNAVAILABLE})" in reason
+    assert node == lost and reason.startswith("error reply: the node stopped sending heartbeats")
+
+
+ERROR_REPLIES = [
+    # A SuperNode's flwr-clientapp process (flwr/supernode/runtime/run_clientapp.py).
+    (ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+     "<class 'TypeError'>:<'Got unsupported ScalarType BFloat16'>",
+     "error reply: the node's ClientApp raised an exception: TypeError: Got unsupported "
+     "ScalarType BFloat16"),
+    # The simulation engine (flwr/server/superlink/fleet/vce/vce_api.py), which keeps
+    # only the exception's text.
+    (ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+     "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+     "ClientAppException occurred. Message: Got unsupported ScalarType BFloat16'>",
+     "error reply: the node's ClientApp raised an exception: Got unsupported ScalarType "
+     "BFloat16"),
+    (ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+     "An exception was raised when attempting to load `ClientApp`",
+     "error reply: the node could not load its ClientApp: An exception was raised when "
+     "attempting to load `ClientApp`"),
+    (ErrorCode.CLIENT_APP_CRASHED, "ClientApp stopped responding.",
+     "error reply: the node's ClientApp stopped responding: ClientApp stopped responding."),
+    (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "",
+     "error reply: the node's ClientApp raised an exception"),
+    (99, "new in a later Flower", "error reply: the node reported Flower error code 99: new "
+     "in a later Flower"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("code, reason, described", ERROR_REPLIES)
+def test_an_error_reply_is_described_in_words(code: int, reason: str, described: str) -> None:
+    """What a round records of an error reply: the code's meaning and the node's own text.
+
+    Before, it recorded "error reply (2): <class 'TypeError'>:<'...'>", Flower's
+    code number and wrapping as they came.
+    """
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
+    failing = grid.node_of(1)
+    grid.tamper = {failing: lambda msg, reply: Message(Error(code, reason), reply_to=msg)}
+    strategy = strategy_for(FixedLevels(3))
+
+    one_round(strategy, grid, initial_arrays())
+
+    assert strategy.rounds[0].failures == ((failing, described),)
 
 
 def test_mod_fails_clearly_without_any_loss() -> None:
@@ -553,7 +597,7 @@ def test_round_plan_round_trips_and_rejects_bad_values() -> None:
         (LEVELS_KEY, 1.5, LEVELS_KEY),
         (ROUND_KEY, -3, ROUND_KEY),
         ("aq-compressor-options", '{"norm": "l3"}', "norm"),
-        ("aq-compressor-options", "{not json", "compressor settings"),
+        ("aq-compressor-options", "{not json", "'aq-compressor-options' is not valid JSON"),
         ("aq-compressor-options", '{"bucket": 3}', "unknown compressor 'qsgd' option"),
         ("aq-compressor", "zip", "unknown compressor 'zip'"),
         ("aq-error-feedback", 2, "aq-error-feedback"),
@@ -561,6 +605,115 @@ def test_round_plan_round_trips_and_rejects_bad_values() -> None:
     for key, value, message in bad:
         with pytest.raises(RecordError, match=message):
             Instruction.from_config({**plan.to_config(), key: value})
+
+
+# --------------------------------------------------------------------------- JSON in a message
+
+#: Deep enough that json.loads, left to itself, raises RecursionError.
+DEEP = 100_000
+#: The deepest JSON a message may carry, and the longest, per key (docs/flower.md).
+MAX_DEPTH = 32
+MAX_CHARS = {
+    "aq-compressor-options": 2**16,
+    "aq-downlink-options": 2**16,
+    "aq-uncompressed": 2**24,
+    "aq-layout": 2**24,
+}
+
+
+def downlink_plan() -> Instruction:
+    """A plan with every JSON key: options of both compressors, side arrays and a layout."""
+    layout = ArrayLayout.of(initial_arrays(), uncompressed=("bias",))
+    down = DownlinkInstruction(QSGDCompressor(), levels=15, base=None, layout=layout)
+    return Instruction(7, 11, 4, QSGDCompressor(), uncompressed=layout.side, downlink=down)
+
+
+@pytest.mark.parametrize("key", list(MAX_CHARS))
+def test_json_nested_too_deep_in_a_train_instruction_is_refused_naming_the_key(key: str) -> None:
+    """JSON nested 100,000 deep in an instruction: the mod's own refusal, no RecursionError.
+
+    Before, json.loads recursed into it and raised RecursionError, which is no
+    RecordError and names no key.
+    """
+    # Prepare: arrays, objects, and brackets that never close, as deep as the key's
+    # length limit allows (100,000; 10,922 for a compressor's options).
+    config = downlink_plan().to_config()
+    depth = min(DEEP, MAX_CHARS[key] // 6)
+    deep = {
+        "arrays": "[" * depth + "]" * depth,
+        "objects": '{"a":' * depth + "1" + "}" * depth,
+        "unclosed": "[" * depth,
+    }
+
+    # Execute / Assert
+    for value in deep.values():
+        with pytest.raises(
+            RecordError,
+            match=f"train config '{key}' nests JSON {depth} levels "
+            f"deep, deeper than the {MAX_DEPTH} allowed",
+        ):
+            Instruction.from_config({**config, key: value})
+    # 100,000 deep is refused too, naming the key, whichever limit it meets first.
+    with pytest.raises(RecordError, match=f"train config '{key}' (nests|is 200,000 char)"):
+        Instruction.from_config({**config, key: "[" * DEEP + "]" * DEEP})
+
+
+@pytest.mark.parametrize("key", list(MAX_CHARS))
+def test_oversized_json_in_a_train_instruction_is_refused_before_it_is_parsed(key: str) -> None:
+    """A JSON value longer than its key's limit is refused by length, before parsing.
+
+    Before, any length was parsed.
+    """
+    config = downlink_plan().to_config()
+    limit = MAX_CHARS[key]
+    value = '["' + "x" * (limit - 3) + '"]'  # limit + 1 characters
+    with pytest.raises(RecordError) as error:
+        Instruction.from_config({**config, key: value})
+    assert str(error.value)[:200] == (
+        f"train config '{key}' is {limit + 1:,} characters of JSON, more than the {limit:,} allowed"
+    )
+
+
+def test_legitimately_nested_json_in_a_train_instruction_still_parses() -> None:
+    # Control for the two tests above: the plan with every JSON key round-trips, and
+    # brackets inside JSON strings (array names may hold them) do not count as nesting.
+    plan = downlink_plan()
+    assert Instruction.from_config(plan.to_config()) == plan
+    names = ("blocks[0].bn.running_var", 'odd"[[[[' * 40, "back\\slash[" * 40)
+    with_brackets = replace(plan, uncompressed=names)
+    assert Instruction.from_config(with_brackets.to_config()).uncompressed == names
+    # Nesting up to the limit reaches the compressor's own check of its options.
+    nested = '{"bucket_size": ' + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "}"
+    with pytest.raises(RecordError, match="bucket_size") as error:
+        Instruction.from_config({**plan.to_config(), "aq-compressor-options": nested})
+    assert "nests JSON" not in str(error.value)
+    # One level more is refused by depth.
+    deeper = '{"bucket_size": ' + "[" * MAX_DEPTH + "]" * MAX_DEPTH + "}"
+    with pytest.raises(RecordError, match="nests JSON 33 levels deep"):
+        Instruction.from_config({**plan.to_config(), "aq-compressor-options": deeper})
+
+
+def test_the_mod_refuses_over_deep_json_with_an_error_reply_naming_the_key() -> None:
+    """A train message whose compressor options nest 10,000 deep, through adaquant_mod.
+
+    Before, the ClientApp failed with RecursionError ("maximum recursion depth exceeded").
+    """
+    # Prepare
+    grid = InProcessGrid(user_client_app(tiny_shards(1)), 1)
+    config = ConfigRecord(
+        {**Instruction(3, 0, 0, QSGDCompressor()).to_config(),
+         "aq-compressor-options": "[" * 10_000 + "]" * 10_000}
+    )  # fmt: skip
+    msg = Message(RecordDict({"arrays": initial_arrays(), "config": config}),
+                  next(iter(grid.contexts)), MessageType.TRAIN)  # fmt: skip
+
+    # Execute
+    (reply,) = grid.send_and_receive([msg])
+
+    # Assert
+    assert reply.has_error()
+    assert "'aq-compressor-options' nests JSON 10000 levels deep" in reply.error.reason
+    assert "recursion" not in reply.error.reason
 
 
 def test_read_train_reply_rejects_npy_payloads() -> None:

@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 from adaquantfl.compression.codec import message_bytes
+from adaquantfl.compression.qsgd_compressor import DEFAULT_BUCKET_SIZE
 from adaquantfl.policy import adaquant_levels
 
 pytestmark = [
@@ -410,12 +411,17 @@ def check_run(summary: dict[str, Any], rows: list[dict[str, Any]], results: Path
     for prev, row in itertools.pairwise(rows):
         assert row["levels"] == adaquant_levels(f0, prev["train_loss"], 2, 1, 2**16)
     assert max(r["levels"] for r in rows) > 2
-    # Bits: each accepted reply is exactly one packed codec message of the MLP.
+    # Bits: each accepted reply is exactly one packed codec message of the MLP,
+    # in the default compressor's max-norm buckets of 512.
+    norms = -(-NUMEL // DEFAULT_BUCKET_SIZE)
     for r in rows:
         s = r["levels"]
         assert r["participants"] > 0 and r["rejected"] == 0
-        assert r["wire_bits"] == r["participants"] * 8 * message_bytes(NUMEL, s)
-        assert r["formula_bits"] == r["participants"] * (NUMEL * s.bit_length() + NUMEL + 32)
+        size = message_bytes(NUMEL, s, bucket_size=DEFAULT_BUCKET_SIZE)
+        assert r["wire_bits"] == r["participants"] * 8 * size
+        assert r["formula_bits"] == r["participants"] * (
+            NUMEL * s.bit_length() + NUMEL + 32 * norms
+        )
 
 
 # --------------------------------------------------------------------------- the tests

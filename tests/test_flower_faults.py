@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.serde import config_record_to_proto
 from flwr.serverapp.strategy import Result
 
 from adaquantfl.compression import QSGDCompressor, default_message_limit
@@ -163,9 +164,6 @@ class Fault:
     schedule: Callable[[], LevelSchedule] = lambda: AdaQuantLevels(2)
     inside: bool = False  # a mod between adaquant_mod and the train function
     lost: tuple[int, ...] = (BAD_CLIENT,)  # the clients the reference run loses
-    # The server reads the payload (and counts its bytes in aq-wire-bits) unless the
-    # reply is refused first: a record layout other than the mod's, or no payload at all.
-    payload_read: bool = True
 
 
 FAULTS: dict[str, Fault] = {
@@ -178,13 +176,11 @@ FAULTS: dict[str, Fault] = {
     "inf_norm": Fault(inf_norm, "not finite"),
     "nan_loss": Fault(_with_metric("aq-loss", math.nan), "loss must be finite"),
     "negative_loss": Fault(_with_metric("aq-loss", -0.5), "loss must be finite"),
-    "nan_loss_from_train_fn": Fault(
-        nan_pre_train_loss, "'pre-train-loss' must be", inside=True, payload_read=False
-    ),
+    "nan_loss_from_train_fn": Fault(nan_pre_train_loss, "'pre-train-loss' must be", inside=True),
     "zero_examples": Fault(_with_metric("num-examples", 0), "num_examples must be"),
     "oversized": Fault(oversized, "exceeds the limit"),
-    "extra_array": Fault(extra_array, "must hold only ['aq-payload']", payload_read=False),
-    "extra_config": Fault(extra_config, "must not carry ConfigRecords", payload_read=False),
+    "extra_array": Fault(extra_array, "must hold only ['aq-payload']"),
+    "extra_config": Fault(extra_config, "must not carry ConfigRecords"),
     "duplicate_id": Fault(
         _with_metric("aq-client-id", VICTIM_CLIENT),
         "2 replies claim this client id",
@@ -277,6 +273,20 @@ def run(
     return Run(strategy, result, grid, models, node_clients)
 
 
+def carried_bits(grid: InProcessGrid, client: int, round_idx: int) -> int:
+    """8 x the bytes of a client's reply in a round (0-based) that count as wire bits:
+    its Arrays' data and its ConfigRecords as Flower encodes them; 0 for an error reply."""
+    node = grid.node_of(client)
+    reply = [r for r in grid.replies if r.metadata.src_node_id == node][round_idx]
+    if reply.has_error():
+        return 0
+    arrays = sum(len(a.data) for rec in reply.content.array_records.values() for a in rec.values())
+    configs = sum(
+        config_record_to_proto(c).ByteSize() for c in reply.content.config_records.values()
+    )
+    return 8 * (arrays + configs)
+
+
 def faulty_run(kind: str) -> Run:
     fault = FAULTS[kind]
     bad = hostile_mod(fault.rewrite, {BAD_CLIENT})
@@ -335,9 +345,14 @@ def test_a_bad_node_is_excluded_as_if_it_had_not_replied(
         clients = faulty.result.train_metrics_clientapp[r]
         assert clients == reference.result.train_metrics_clientapp[r], f"round {r}"
         assert "train-steps" in clients and not any(k.startswith("aq-") for k in clients)
+    # aq-wire-bits counts every reply that arrived, accepted or not, refused for its
+    # layout included (before, an extra array's or ConfigRecord's reply counted 0 bits):
+    # its bytes crossed the network. An error reply carries none.
     faulty_bits = faulty.metrics(bad_round)["aq-wire-bits"]
     reference_bits = reference.metrics(bad_round)["aq-wire-bits"]
-    assert faulty_bits > reference_bits if fault.payload_read else faulty_bits == reference_bits
+    carried = sum(carried_bits(faulty.grid, client, BAD_ROUND) for client in fault.lost)
+    assert faulty_bits - reference_bits == carried
+    assert (carried == 0) == (kind == "nan_loss_from_train_fn")
     assert faulty.strategy.policy.state_dict() == reference.strategy.policy.state_dict()
     # A rejected reply teaches the strategy nothing: the bad node keeps its client id.
     node = faulty.grid.node_of(BAD_CLIENT)

@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("flwr", reason="the Flower extra is not installed")
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.flower import (
     AdaQuant,
     AdaQuantFedAvg,
+    NoAcceptedRepliesError,
     RecordError,
     adaquant_mod,
     record_from_state_dict,
@@ -78,9 +80,16 @@ def image_shards(num_clients: int) -> list[ClientData]:
 
 
 def torch_app(
-    make: Any, shards: list[ClientData], *, dtype: torch.dtype = torch.float32
+    make: Any,
+    shards: list[ClientData],
+    *,
+    dtype: torch.dtype = torch.float32,
+    to_record: Callable[[dict[str, torch.Tensor]], ArrayRecord] = record_from_state_dict,
 ) -> ClientApp:
-    """A plain PyTorch train function (SGD, ``model.train()``), wrapped in ``adaquant_mod``."""
+    """A plain PyTorch train function (SGD, ``model.train()``), wrapped in ``adaquant_mod``.
+
+    ``to_record`` turns the trained model's state_dict into the reply's ArrayRecord.
+    """
     app = ClientApp(mods=[adaquant_mod])
 
     @app.train()
@@ -99,7 +108,7 @@ def torch_app(
             F.cross_entropy(model(x).float(), shard.y).backward()
             opt.step()
         metrics = MetricRecord({"pre-train-loss": pre_train_loss, "num-examples": len(shard)})
-        arrays = record_from_state_dict(model.state_dict())
+        arrays = to_record(model.state_dict())
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
     return app
@@ -255,6 +264,43 @@ def test_bfloat16_cannot_enter_an_arrayrecord_directly() -> None:
         ArrayRecord(TinyNet().to(torch.bfloat16).state_dict())
     record = record_from_state_dict(TinyNet().to(torch.bfloat16).state_dict())
     assert {a.dtype for a in record.values()} == {"float32"}
+
+
+def test_a_bfloat16_model_converted_on_the_server_only_fails_naming_the_fix() -> None:
+    """A user's bfloat16 app whose train function replies with ``ArrayRecord(state_dict)``.
+
+    The server's initial arrays go through ``record_from_state_dict``; the nodes'
+    replies do not, so every train function raises ``TypeError: Got unsupported
+    ScalarType BFloat16`` and every reply is an error. Before, the run ended with
+    "Why: error reply (2): Exception ClientAppException occurred. Message: Got
+    unsupported ScalarType BFloat16'> (12x)", which names neither the fix nor what
+    error code 2 is.
+    """
+    # Prepare: Flower's own conversion in the nodes' train function.
+    grid = InProcessGrid(
+        torch_app(TinyNet, tiny_shards(NUM_NODES), dtype=torch.bfloat16, to_record=ArrayRecord),
+        NUM_NODES,
+    )
+    s = strategy()
+
+    # Execute
+    with pytest.raises(NoAcceptedRepliesError) as error:
+        run(s, grid, initial(TinyNet, torch.bfloat16))
+
+    # Assert: the error says what happened on the nodes and what to change, in words.
+    text = str(error.value)
+    assert (
+        "the node's ClientApp raised an exception: Got unsupported ScalarType BFloat16 "
+        f"({NUM_NODES * ROUNDS}x)" in text
+    )
+    assert "record_from_state_dict(model.state_dict())" in text and "train function" in text
+    assert "'>" not in text and "(2)" not in text and "ClientAppException" not in text
+    # Control: the same app with record_from_state_dict on the nodes too trains.
+    fixed = InProcessGrid(torch_app(TinyNet, tiny_shards(NUM_NODES), dtype=torch.bfloat16),
+                          NUM_NODES)  # fmt: skip
+    ok = strategy()
+    run(ok, fixed, initial(TinyNet, torch.bfloat16))
+    assert all(r.participants == NUM_NODES for r in ok.rounds)
 
 
 def test_layout_sorts_arrays_into_compressed_and_side() -> None:

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Parameters
+from flwr.server.strategy import FedAdam as LegacyFedAdam
+from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -195,12 +198,64 @@ def test_a_clientapp_without_the_mod_fails_the_run_with_one_clear_error(
         start(s, grid, rounds=3)
 
     # Assert: the run fails naming adaquant_mod; the explanation is logged once, not
-    # once per node and round; the model never changed.
+    # once per node; the model never changed, and no round ran after the first.
     assert "ClientApp(mods=[adaquant_mod])" in str(error.value)
     assert "no adaquant_mod on the node" in str(error.value)
     explained = [r for r in caplog.records if "does not run adaquant_mod" in r.getMessage()]
     assert len(explained) == 1 and explained[0].levelno == logging.ERROR
-    assert all(r.participants == 0 for r in s.rounds) and len(s.rounds) == 3
+    assert [r.participants for r in s.rounds] == [0]
+
+
+def test_a_run_without_the_mod_on_any_node_stops_after_its_first_round() -> None:
+    """No node runs adaquant_mod: the run stops after round 1, not after all its rounds.
+
+    Before, the missing mod was explained in round 1, but the run went on through every
+    round (each node trained ten times for nothing) before it failed at the end.
+    """
+    # Prepare: the ClientApp counts the rounds its train function is asked to run.
+    rounds_seen: list[int] = []
+
+    def count(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type.startswith("train"):
+            rounds_seen.append(int(msg.content["config"]["server-round"]))
+        return call_next(msg, context)
+
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES), mods=[count]), NUM_NODES)
+    s = AdaQuant(FedAdam(**SAMPLING, eta=0.01), policy=AdaQuantLevels(2), seed=0)
+
+    # Execute
+    with pytest.raises(NoAcceptedRepliesError) as error:
+        start(s, grid, rounds=10)
+
+    # Assert: one round of training messages, then the error with the fix.
+    assert rounds_seen == [1] * NUM_NODES
+    assert len(s.rounds) == 1 and s.rounds[0].participants == 0
+    # The model's arrays the nodes sent back crossed the network: they are wire bits.
+    carried = sum(len(a.data) for m in grid.replies for a in m.content["arrays"].values())
+    assert s.rounds[0].wire_bits == 8 * carried > 0
+    text = str(error.value)
+    assert "training round 1" in text and "the run stops" in text
+    assert (
+        f"no adaquant_mod on the node (its reply holds the model's own arrays) "
+        f"({NUM_NODES}x)" in text
+    )
+    assert "ClientApp(mods=[adaquant_mod])" in text
+
+
+def test_a_node_without_the_mod_among_nodes_with_it_does_not_stop_the_run() -> None:
+    # Prepare: only one of four nodes lacks the mod; another's reply is lost.
+    grid = InProcessGrid(user_client_app(tiny_shards(NUM_NODES)), NUM_NODES)
+    plain = grid.node_of(1)
+    no_mod = user_client_app(tiny_shards(NUM_NODES), mods=[])
+    grid.tamper = {plain: lambda msg, reply: no_mod(msg, grid.contexts[plain])}
+    grid.drop = {grid.node_of(2)}
+    s = AdaQuant(FedAvg(**SAMPLING), policy=FixedLevels(LEVELS), seed=0)
+
+    # Execute
+    start(s, grid, rounds=3)
+
+    # Assert: every round ran with the two nodes that reply with a payload.
+    assert [(r.participants, r.rejected, r.dropped) for r in s.rounds] == [(2, 1, 1)] * 3
 
 
 def test_without_the_mod_and_selection_by_client_id_the_run_fails_too() -> None:
@@ -227,7 +282,8 @@ CONSTRUCTOR_ERRORS = [
      "fraction_train must be a finite number in [0, 1], got 2"),
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2), seed="0"), ValueError, "seed must be an integer"),
     (lambda: AdaQuant(AdaQuantLevels(2), policy=AdaQuantLevels(2), seed=0), TypeError,
-     "AdaQuant wraps a Flower strategy (e.g. FedAvg(), FedAdam()) as its first argument"),
+     "AdaQuant wraps a Flower strategy of flwr.serverapp.strategy (e.g. FedAvg(), FedAdam()) "
+     "as its first argument"),
     (lambda: AdaQuant(FedAvg(), AdaQuantLevels(2), seed=0), TypeError,
      "AdaQuant takes 1 positional argument(s) (the inner strategy) but 2 were given"),
     (lambda: AdaQuant(FedAvg(), policy=AdaQuantLevels(2), seed=0, num_clients=4,
@@ -239,6 +295,28 @@ CONSTRUCTOR_ERRORS = [
     (lambda: AdaQuantFedAvg(AdaQuantLevels(2), seed=0, max_weight_share=2),
      ValueError, "max_weight_share must be in (0, 1] or None, got 2"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "legacy, name",
+    [
+        (lambda: LegacyFedAvg(), "FedAvg"),
+        (lambda: LegacyFedAdam(initial_parameters=Parameters([], "")), "FedAdam"),
+        (lambda: type("MyStrategy", (LegacyFedAvg,), {})(), "FedAvg"),
+    ],
+    ids=["FedAvg", "FedAdam", "a-subclass-of-FedAvg"],
+)
+def test_a_strategy_of_flowers_legacy_api_is_named_as_such(legacy: Any, name: str) -> None:
+    """Wrapping ``flwr.server.strategy.FedAvg`` names the API that AdaQuant needs.
+
+    Before, the error said only "AdaQuant wraps a Flower strategy (e.g. FedAvg(),
+    FedAdam()) ... got FedAvg FedAvg(accept_failures=True)", which the user had done.
+    """
+    with pytest.raises(TypeError) as error:
+        AdaQuant(legacy(), policy=AdaQuantLevels(2), seed=0)
+    text = str(error.value)
+    assert "legacy strategy API (flwr.server.strategy)" in text
+    assert f"from flwr.serverapp.strategy import {name}" in text
 
 
 @pytest.mark.parametrize("make, kind, message", CONSTRUCTOR_ERRORS)

@@ -34,6 +34,8 @@ packs in one pass straight into the message buffer, and the server side has
 buffer. Both give exactly what ``encode(quantize(...))`` and
 ``dequantize(decode(...))`` give: they are the two layers' verbs in one pass,
 which the QSGD compressor's ``compress`` and ``decompress`` use.
+:func:`quantize_encode_measured` is :func:`quantize_encode` that also
+measures, in the same pass, what the client reports of the message.
 
 Notes
 -----
@@ -108,6 +110,7 @@ __all__ = [
     "packed_levels",
     "peek_header",
     "quantize_encode",
+    "quantize_encode_measured",
     "varint_bytes",
 ]
 
@@ -280,7 +283,10 @@ def encode(q: Quantized, encoding: str = "packed") -> bytes:
     except ValueError as exc:
         raise ValueError(f"cannot encode: {exc}") from None
     if encoding == "entropy":
-        return _entropy_message(q.numel, q.levels, q.bucket_size, q.norm, norms, mags, signs)
+        from adaquantfl.compression.entropy import codes_of
+
+        codes = codes_of(mags, signs, q.levels)
+        return _entropy_message(q.numel, q.levels, q.bucket_size, q.norm, norms, codes)
 
     return build_message(
         _code("packed", q.norm),
@@ -305,14 +311,66 @@ def quantize_encode(
     """``encode(quantize(x, levels, ...), encoding)`` without the intermediate arrays.
 
     For ``"packed"`` the entries are quantized and packed in one pass straight
-    into the message buffer. The bytes are identical to the two-step path
-    (the same single draw is taken from ``generator``).
+    into the message buffer; for ``"entropy"`` they are quantized into one
+    level code per entry (1, 2 or 4 bytes) and entropy-coded from there. The
+    bytes are identical to the two-step path (the same single draw is taken
+    from ``generator``).
 
     Raises
     ------
     ValueError
         As :func:`adaquantfl.compression.qsgd.quantize` and :func:`encode`.
     """
+    payload, _, _ = _quantize_encode(
+        x, levels, generator, encoding, bucket_size, norm, measure=False, scale=1.0, residual=None
+    )
+    return payload
+
+
+def quantize_encode_measured(
+    x: torch.Tensor,
+    levels: int,
+    *,
+    generator: torch.Generator,
+    encoding: str = "packed",
+    bucket_size: int | None = None,
+    norm: NormName = "l2",
+    scale: float = 1.0,
+    residual: torch.Tensor | None = None,
+) -> tuple[bytes, float, float]:
+    """:func:`quantize_encode`, measuring in the same pass: ``(payload, ||x||^2, error^2)``.
+
+    ``error^2 = ||scale * y - x||^2`` where ``y`` is what
+    :func:`decode_dequantize` returns for the payload and ``scale * y`` is
+    taken in float32 (as ``y.mul_(scale)``); both sums are float64, in the
+    fixed order of :mod:`._kernels.measure`. ``residual``, if given (a flat
+    contiguous float32 CPU tensor of ``x``'s size; ``x`` itself allowed),
+    receives ``x - scale * y`` in float32. Nothing of ``x``'s size is
+    allocated for the measurements.
+
+    Raises
+    ------
+    ValueError
+        As :func:`quantize_encode`, and for a ``residual`` of the wrong kind.
+    """
+    return _quantize_encode(
+        x, levels, generator, encoding, bucket_size, norm, measure=True, scale=scale,
+        residual=residual,
+    )  # fmt: skip
+
+
+def _quantize_encode(
+    x: torch.Tensor,
+    levels: int,
+    generator: torch.Generator,
+    encoding: str,
+    bucket_size: int | None,
+    norm: NormName,
+    *,
+    measure: bool,
+    scale: float,
+    residual: torch.Tensor | None,
+) -> tuple[bytes, float, float]:
     from adaquantfl.compression import _kernels as kernels
 
     _check_encoding(encoding)
@@ -322,22 +380,37 @@ def quantize_encode(
     d = v.size
     if d > U32_MAX:
         raise ValueError(f"v1 messages carry at most {U32_MAX} entries, got {d}")
+    kept = None if residual is None else output_buffer(residual, d).detach().numpy()
+    steps = bucket_steps(norms, levels) if measure else None
     span = bucket_span(d, bucket_size)
-    if encoding == "entropy":
-        mags = np.empty(d, dtype=np.int32)
-        signs = np.empty(d, dtype=np.bool_)
-        kernels.quantize_into(v, norms, span, int(levels), np.uint64(key), mags, signs)
-        return _entropy_message(d, int(levels), bucket_size, norm, norms, mags, signs)
     w = code_width(levels)
-    return build_message(
+    if encoding == "entropy":
+        codes = np.empty(d, dtype=kernels.code_dtype(w))
+        norm_sq, error_sq = kernels.quantize_codes(
+            v, norms, span, int(levels), key, codes, steps=steps, scale=scale, residual=kept
+        )
+        message = _entropy_message(d, int(levels), bucket_size, norm, norms, codes)
+        return message, norm_sq, error_sq
+    sums: list[float] = [0.0, 0.0]
+
+    def write(out: np.ndarray) -> None:
+        if steps is None:
+            kernels.encode_packed(v, norms, span, int(levels), key, w, out)
+        else:
+            sums[:] = kernels.encode_packed_measured(
+                v, norms, steps, span, int(levels), key, w, out, scale, kept
+            )
+
+    message = build_message(
         _code("packed", norm),
         d,
         int(levels),
         bucket_size or 0,
         norms,
         packed_body_bytes(d, levels),
-        lambda out: kernels.encode_packed(v, norms, span, int(levels), key, w, out),
+        write,
     )
+    return message, sums[0], sums[1]
 
 
 def _entropy_message(
@@ -346,18 +419,13 @@ def _entropy_message(
     bucket_size: int | None,
     norm: str,
     norms: np.ndarray,
-    mags: np.ndarray,
-    signs: np.ndarray,
+    codes: np.ndarray,
 ) -> bytes:
-    from adaquantfl.compression.entropy import encode_body
+    from adaquantfl.compression.entropy import body_writer
 
-    body = np.frombuffer(encode_body(mags, signs, levels), dtype=np.uint8)
-
-    def write(out: np.ndarray) -> None:
-        out[: body.size] = body
-
+    size, write = body_writer(codes, levels)
     code = _code("entropy", norm)
-    return build_message(code, numel, levels, bucket_size or 0, norms, body.size, write)
+    return build_message(code, numel, levels, bucket_size or 0, norms, size, write)
 
 
 def _code(encoding: str, norm: str) -> int:
@@ -450,8 +518,11 @@ def decode_dequantize(
     span = bucket_span(header.numel, header.bucket_size)
     steps = bucket_steps(norms, header.levels)
     if header.encoding == "entropy":
-        mags, signs = _level_indices(buf, header)
-        kernels.dequantize_into(mags, signs, steps, span, flat.detach().numpy())
+        from adaquantfl.compression.entropy import decode_codes
+
+        start = header.body_offset
+        codes = decode_codes(buf[start : start + header.body_bytes], header.numel, header.levels)
+        kernels.dequantize_codes_into(codes, steps, span, flat.detach().numpy())
         return flat
     body = _packed_body(buf, header)
     w = code_width(header.levels)

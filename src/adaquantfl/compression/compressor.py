@@ -27,6 +27,11 @@ Adding a compressor is one module::
 
 The public verbs are ``compress`` and ``decompress``; the base class handles
 full precision (``levels=None``) and calls the ``_``-prefixed hooks for the rest.
+A client's end (:class:`.feedback.ClientCompressor`) calls
+``compress_measured``, which also returns what the client reports of the
+message; by default it decodes the payload once to measure it
+(:func:`.measure.compress_measured`), and a compressor that can measure while
+it encodes overrides it.
 
 Notes
 -----
@@ -47,6 +52,7 @@ import torch
 from adaquantfl.compression.codec import decode_dense, encode_dense, message_bytes, peek_header
 from adaquantfl.compression.codec import formula_bits as _formula_bits
 from adaquantfl.compression.container import CodecError
+from adaquantfl.compression.measure import compress_measured
 
 __all__ = [
     "COMPRESSORS",
@@ -208,6 +214,28 @@ class BaseCompressor:
                 return out
             return dense
         return self._decompress(payload, numel=numel, levels=levels, out=out)
+
+    def compress_measured(
+        self,
+        update: torch.Tensor,
+        levels: int | None,
+        *,
+        generator: torch.Generator,
+        scale: float = 1.0,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[bytes, float, float]:
+        """``compress``, and what the client reports: ``(payload, ||v||^2, ||scale C(v) - v||^2)``.
+
+        ``update`` is a flat contiguous float32 CPU vector ``v``; ``scale``
+        multiplies the decoded message as error feedback does (float32);
+        ``residual``, if given (``update`` itself allowed), receives
+        ``v - scale C(v)``. The payload is :meth:`compress`'s. This default
+        decodes the payload into one float32 buffer to measure it
+        (:func:`.measure.compress_measured`).
+        """
+        return compress_measured(
+            self, update, levels, generator=generator, scale=scale, residual=residual
+        )
 
     def formula_bits(self, numel: int, levels: int | None) -> int:
         """Paper-style bits of one message; ``32 d`` for full precision."""

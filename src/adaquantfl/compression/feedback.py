@@ -35,10 +35,23 @@ from typing import Any
 
 import torch
 
-from adaquantfl.compression.compressor import Compressor
+from adaquantfl.compression.compressor import BaseCompressor, Compressor
+from adaquantfl.compression.measure import compress_measured, sum_squares
 from adaquantfl.validation import check_keys
 
-__all__ = ["ClientCompressor", "CompressedUpdate", "ErrorFeedback", "feedback_scale"]
+__all__ = [
+    "EXACT_SUMS_NUMEL",
+    "ClientCompressor",
+    "CompressedUpdate",
+    "ErrorFeedback",
+    "feedback_scale",
+]
+
+#: Up to this many entries (2**20, 4 MiB of float32) a client's ``||v||^2`` and
+#: ``||C(v) - v||^2`` are the float64 tensor sums of earlier versions, bit for
+#: bit; above it, the fixed-order sums of :mod:`.measure`, which differ from
+#: them in the last bits (the order of summation) and need no float64 copy.
+EXACT_SUMS_NUMEL = 2**20
 
 
 def feedback_scale(compressor: Compressor, numel: int, levels: int | None) -> float:
@@ -170,16 +183,58 @@ class ClientCompressor:
         1. ``v = Delta_i`` (flattened, float32, on the CPU: the compressors'
            kernels are CPU code), plus ``e_i`` under error feedback;
         2. the payload ``C(v)``, with the quantizer's noise from ``generator``;
-        3. ``||v||`` and ``||C(v) - v||^2 / ||v||^2``, from the decoded payload
-           (what the server will see); under error feedback ``e_i <- v - C(v)``.
+        3. ``||v||`` and ``||C(v) - v||^2 / ||v||^2``, of what the server will
+           decode; under error feedback ``e_i <- v - C(v)``.
+
+        Above :data:`EXACT_SUMS_NUMEL` entries this needs little memory
+        beyond the payload: ``v`` is ``update`` itself when that is a flat
+        float32 CPU tensor (else one float32 copy); the sums are single float64
+        passes (:mod:`.measure`); QSGD measures while it encodes, other
+        compressors decode into one float32 buffer; the new residual takes
+        the place of ``v`` when ``v`` is this object's own (the sum with the
+        old residual), else one float32 vector. Up to that size the sums are
+        the float64 tensor expressions they always were, so small runs
+        report the same bits as before.
         """
         v = update.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+        owned = False
         if self.keeps_residual and self.residual is not None:
             if self.residual.shape != v.shape:
                 raise ValueError(
                     f"the residual has {self.residual.numel()} entries; the update has {v.numel()}"
                 )
-            v = v + self.residual
+            v = v + self.residual  # a new vector, which becomes the next residual
+            owned = True
+        if v.numel() <= EXACT_SUMS_NUMEL:
+            return self._compress_exactly(v.contiguous(), levels, generator)
+        v = v.contiguous()
+        owned = owned or v.untyped_storage().data_ptr() != update.untyped_storage().data_ptr()
+        if levels is None and not self.keeps_residual:
+            payload = self.compressor.compress(v, None, generator=generator)
+            return CompressedUpdate(payload, math.sqrt(sum_squares(v)), 0.0)  # raw is exact
+        inner, scale, residual = self.compressor, 1.0, None
+        if isinstance(inner, ErrorFeedback):
+            inner = inner.inner
+            scale = feedback_scale(inner, v.numel(), levels)
+            residual = v if owned else torch.empty_like(v)
+        if isinstance(inner, BaseCompressor):
+            payload, norm_sq, error_sq = inner.compress_measured(
+                v, levels, generator=generator, scale=scale, residual=residual
+            )
+        else:
+            payload, norm_sq, error_sq = compress_measured(
+                inner, v, levels, generator=generator, scale=scale, residual=residual
+            )
+        if residual is not None:
+            self.residual = residual
+        distortion = error_sq / norm_sq if norm_sq > 0 else 0.0
+        return CompressedUpdate(payload, math.sqrt(norm_sq), distortion)
+
+    def _compress_exactly(
+        self, v: torch.Tensor, levels: int | None, generator: torch.Generator
+    ) -> CompressedUpdate:
+        # The float64 tensor expressions of earlier versions (each float64
+        # copy is at most 8 MiB at this size): the same bits as ever.
         payload = self.compressor.compress(v, levels, generator=generator)
         norm_sq = float(v.to(torch.float64).square().sum())
         if levels is None and not self.keeps_residual:

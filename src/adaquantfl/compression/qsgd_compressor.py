@@ -14,6 +14,7 @@ from adaquantfl.compression.codec import (
     message_bytes,
     peek_header,
     quantize_encode,
+    quantize_encode_measured,
 )
 from adaquantfl.compression.compressor import BaseCompressor, register_compressor
 from adaquantfl.compression.qsgd import MAX_LEVELS, NORMS, num_buckets
@@ -135,6 +136,32 @@ class QSGDCompressor(BaseCompressor):
             encoding=self.encoding,
             bucket_size=self.bucket_size,
             norm=self.norm,  # type: ignore[arg-type]
+        )
+
+    def compress_measured(
+        self,
+        update: torch.Tensor,
+        levels: int | None,
+        *,
+        generator: torch.Generator,
+        scale: float = 1.0,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[bytes, float, float]:
+        """Measure while encoding (:func:`.codec.quantize_encode_measured`): no decoding, no
+        buffer of the update's size. Full precision goes the default way."""
+        if levels is None:
+            return super().compress_measured(
+                update, None, generator=generator, scale=scale, residual=residual
+            )
+        return quantize_encode_measured(
+            update,
+            levels,
+            generator=generator,
+            encoding=self.encoding,
+            bucket_size=self.bucket_size,
+            norm=self.norm,  # type: ignore[arg-type]
+            scale=scale,
+            residual=residual,
         )
 
     def _decompress(

@@ -10,13 +10,13 @@ same inputs.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from adaquantfl.compression import measure
 from adaquantfl.compression.compressor import Compressor
 from adaquantfl.compression.feedback import ClientCompressor, CompressedUpdate
 from adaquantfl.models import FlatModel
@@ -61,10 +61,11 @@ LOCAL_STEPS_LIMIT = "a round draws all its minibatch indices at once; 2**20 step
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of a float tensor is finite, in one pass with no temporary.
 
-    The float64 sum of float32 values cannot overflow, and it is NaN or
-    infinite exactly when some entry is.
+    (:func:`adaquantfl.compression.measure.all_finite`: a float32 or float64
+    CPU tensor is read in place; ``t.sum(dtype=torch.float64)`` makes a
+    float64 copy of a float32 tensor first.)
     """
-    return math.isfinite(float(t.sum(dtype=torch.float64)))
+    return measure.all_finite(t)
 
 
 class ClientError(ValueError):

@@ -31,8 +31,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +43,10 @@ from flwr.app import Array, ArrayRecord
 
 __all__ = [
     "BATCHNORM_BUFFERS",
+    "MAX_JSON_DEPTH",
     "ArrayLayout",
     "RecordError",
+    "read_json",
     "record_bytes",
     "record_from_state_dict",
 ]
@@ -57,6 +62,61 @@ class RecordError(ValueError):
     Raised for the model's arrays here and for every ``aq-*`` record in
     :mod:`adaquantfl.flower.messages`.
     """
+
+
+#: The deepest JSON that :func:`read_json` parses. adaquantfl's own JSON is at most
+#: 3 deep (a layout's shapes); Python's parser recurses once per level and raises
+#: RecursionError near 1,000.
+MAX_JSON_DEPTH = 32
+#: The longest layout :meth:`ArrayLayout.from_json` reads (characters): about 100,000
+#: arrays with long names.
+MAX_LAYOUT_CHARS = 2**24
+
+# A JSON string, escapes included; an unterminated one runs to the end of the text,
+# as for json.loads. Possessive: no backtracking, so the scan is linear in the length.
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """How deep ``text`` nests arrays and objects, without parsing it (linear time, no recursion).
+
+    Brackets inside strings do not count. For valid JSON this is the depth at
+    which ``json.loads`` recurses; for invalid JSON it is at least the depth that
+    ``json.loads`` reaches before it finds the error.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_NESTING.__getitem__, brackets)), default=0)
+
+
+def read_json(text: str, what: str, *, max_chars: int) -> Any:
+    """``json.loads(text)`` for JSON from a message, refused first when it is too long or deep.
+
+    ``json.loads`` recurses once per level of nesting: JSON nested 100,000 deep
+    raises RecursionError, which says nothing of where it came from. The length
+    is checked first, then the depth (:func:`json_depth`), then the text is parsed.
+
+    Raises
+    ------
+    RecordError
+        Naming ``what`` (e.g. ``"train config 'aq-layout'"``), when ``text`` is
+        longer than ``max_chars``, nests deeper than :data:`MAX_JSON_DEPTH`, or
+        is not JSON.
+    """
+    if len(text) > max_chars:
+        raise RecordError(
+            f"{what} is {len(text):,} characters of JSON, more than the {max_chars:,} allowed"
+        )
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise RecordError(
+            f"{what} nests JSON {depth} levels deep, deeper than the {MAX_JSON_DEPTH} allowed"
+        )
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError, or an integer of over 4,300 digits
+        raise RecordError(f"{what} is not valid JSON: {exc}") from None
 
 
 _FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
@@ -296,9 +356,10 @@ class ArrayLayout:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> ArrayLayout:
+    def from_json(cls, text: str, what: str = "the model layout") -> ArrayLayout:
+        """The layout :meth:`to_json` wrote; raises :class:`RecordError` naming ``what``."""
+        spec = read_json(text, what, max_chars=MAX_LAYOUT_CHARS)
         try:
-            spec = json.loads(text)
             return cls(
                 tuple(str(n) for n in spec["names"]),
                 tuple(tuple(int(d) for d in s) for s in spec["shapes"]),
@@ -306,7 +367,7 @@ class ArrayLayout:
                 tuple(str(n) for n in spec["side"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise RecordError(f"bad model layout in the train config: {exc}") from None
+            raise RecordError(f"{what} is not a model layout: {exc}") from None
 
 
 def _cast_values(values: np.ndarray, dtype: str) -> np.ndarray:

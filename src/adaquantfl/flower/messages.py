@@ -31,6 +31,13 @@ and the instruction's ArrayRecord holds, instead of the model's float arrays,
 ``aq-change-0``, ``aq-change-1``, ... (the change messages, oldest first),
 plus the side arrays as always.
 
+The JSON values (``aq-compressor-options``, ``aq-downlink-options``,
+``aq-uncompressed``, ``aq-layout``) are read with
+:func:`~adaquantfl.flower.layout.read_json`, which refuses, with a
+:class:`RecordError` naming the key, JSON nested deeper than 32 levels or
+longer than the key's limit (64 KiB of options, 16 MiB of names or layout)
+before ``json.loads`` sees it.
+
 Train reply (node -> server), built by ``adaquant_mod``::
 
     <the instruction's ArrayRecord name>: ArrayRecord
@@ -78,7 +85,7 @@ from adaquantfl.compression.compressor import Compressor, compressor_from_config
 from adaquantfl.compression.feedback import ErrorFeedback
 from adaquantfl.compression.qsgd import MAX_LEVELS
 from adaquantfl.fl.client import ClientReply
-from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.layout import MAX_LAYOUT_CHARS, ArrayLayout, RecordError, read_json
 from adaquantfl.validation import as_int, check_int, is_real
 
 __all__ = [
@@ -142,6 +149,8 @@ CLIENT_STATE_RECORD = "aq-client-state"
 NODE_STATE_RECORD = "aq-node-state"
 
 _INT64_MAX = 2**63 - 1
+#: The longest JSON a compressor's options may be in a train config (characters).
+MAX_OPTIONS_CHARS = 2**16
 
 # --------------------------------------------------------------------------- errors
 
@@ -257,20 +266,21 @@ class Instruction:
             base = _int(config, DOWNLINK_BASE_KEY, -1, _INT64_MAX)
             layout = _str(config, LAYOUT_KEY) if LAYOUT_KEY in config else None
             downlink = DownlinkInstruction(
-                compressor=_compressor(
-                    _str(config, DOWNLINK_KEY), _str(config, DOWNLINK_OPTIONS_KEY), 0
-                ),
+                compressor=_compressor(config, DOWNLINK_KEY, DOWNLINK_OPTIONS_KEY, 0),
                 levels=_int(config, DOWNLINK_LEVELS_KEY, 0, MAX_LEVELS) or None,
                 base=None if base < 0 else base,
-                layout=None if layout is None else ArrayLayout.from_json(layout),
+                layout=None
+                if layout is None
+                else ArrayLayout.from_json(layout, f"train config {LAYOUT_KEY!r}"),
             )
         return cls(
             levels=levels or None,
             seed=_int(config, SEED_KEY, -_INT64_MAX - 1, _INT64_MAX),
             round_idx=_int(config, ROUND_KEY, 0, _INT64_MAX),
             compressor=_compressor(
-                _str(config, COMPRESSOR_KEY),
-                _str(config, COMPRESSOR_OPTIONS_KEY),
+                config,
+                COMPRESSOR_KEY,
+                COMPRESSOR_OPTIONS_KEY,
                 _int(config, ERROR_FEEDBACK_KEY, 0, 1),
             ),
             probe=bool(config.get(PROBE_KEY, 0)),
@@ -376,16 +386,19 @@ def describe_compressor(compressor: Compressor) -> dict[str, Any]:
 _COMPRESSOR_CACHE: dict[tuple[str, str, int], Compressor] = {}
 
 
-def _compressor(name: str, options_json: str, error_feedback: int) -> Compressor:
+def _compressor(
+    config: Mapping[str, object], name_key: str, options_key: str, error_feedback: int
+) -> Compressor:
     """The compressor a plan names, rebuilt from the registry (cached per process)."""
+    name, options_json = _str(config, name_key), _str(config, options_key)
     key = (name, options_json, error_feedback)
     cached = _COMPRESSOR_CACHE.get(key)
     if cached is not None:
         return cached
+    options = read_json(options_json, f"train config {options_key!r}", max_chars=MAX_OPTIONS_CHARS)
     try:
-        options = json.loads(options_json)
         compressor: Compressor = compressor_from_config({"compressor": name, "options": options})
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+    except ValueError as exc:
         raise RecordError(f"bad compressor settings in the train config: {exc}") from None
     if error_feedback:
         compressor = ErrorFeedback(compressor)
@@ -415,10 +428,8 @@ def _str(config: Mapping[str, object], key: str) -> str:
 
 
 def _names(value: object) -> tuple[str, ...]:
-    try:
-        names = json.loads(value) if isinstance(value, str) else None
-    except ValueError:
-        names = None
+    what = f"train config {UNCOMPRESSED_KEY!r}"
+    names = read_json(value, what, max_chars=MAX_LAYOUT_CHARS) if isinstance(value, str) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise RecordError(f"train config {UNCOMPRESSED_KEY!r} must be a JSON list of names")
     return tuple(names)

@@ -268,7 +268,7 @@ def load_replica(context: Context) -> Replica | None:
     return Replica(
         _tensor(record[_REPLICA]),
         int(node[_REPLICA_ROUND]),  # type: ignore[arg-type]
-        ArrayLayout.from_json(str(node[_REPLICA_LAYOUT])),
+        ArrayLayout.from_json(str(node[_REPLICA_LAYOUT]), "the node's stored downlink layout"),
     )
 
 

@@ -13,16 +13,18 @@ model, FedAvg's mean from :class:`~adaquantfl.fl.server.FedServer`
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from flwr.common.serde import config_record_to_proto
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
@@ -31,7 +33,7 @@ from adaquantfl.compression.compressor import Compressor
 from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import FedServer
-from adaquantfl.flower.layout import ArrayLayout, RecordError
+from adaquantfl.flower.layout import ArrayLayout, RecordError, record_bytes
 from adaquantfl.flower.messages import (
     MISSING_MOD_HINT,
     NO_MOD_REASON,
@@ -45,7 +47,10 @@ from adaquantfl.flower.mod import log_once
 __all__ = [
     "SERVER_METRICS",
     "OpenRound",
+    "SortedReplies",
     "common_metrics",
+    "content_bytes",
+    "describe_error",
     "evaluate_replies",
     "fedavg_model",
     "inner_model",
@@ -66,6 +71,66 @@ UNAVAILABLE = frozenset(
         ErrorCode.NODE_UNAVAILABLE,
     }
 )
+
+
+#: What each of Flower's error codes says about a node, in a round's failures.
+ERROR_MEANINGS = {
+    ErrorCode.UNKNOWN: "the node reported an error",
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "the node could not load its ClientApp",
+    ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "the node's ClientApp raised an exception",
+    ErrorCode.MESSAGE_UNAVAILABLE: "the instruction never reached the node",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "the node's reply expired",
+    ErrorCode.NODE_UNAVAILABLE: "the node stopped sending heartbeats",
+    ErrorCode.MOD_FAILED_PRECONDITION: "a mod of the node's ClientApp refused the message",
+    ErrorCode.INVALID_FAB: "the node could not verify the app (FAB)",
+    ErrorCode.CLIENT_APP_CRASHED: "the node's ClientApp stopped responding",
+}
+
+#: Flower's wrapping of an exception's text in an error reply:
+#: "<class 'TypeError'>:<'message'>" (flwr 1.42, run_clientapp.py and vce_api.py).
+_WRAPPED = re.compile(r"<class '(?P<type>[\w.]+)'>:<'(?P<text>.*)'>", re.DOTALL)
+#: The simulation engine's wrapper exception adds this before the original text.
+_SIMULATION_PREFIX = re.compile(r"\s*Exception ClientAppException occurred\. Message: ")
+
+BFLOAT16_HINT = (
+    "the nodes' train function puts a bfloat16 model into an ArrayRecord, which cannot hold "
+    "bfloat16 (numpy has no such dtype): build its reply with "
+    "`record_from_state_dict(model.state_dict())` (`from adaquantfl.flower import "
+    "record_from_state_dict`), as for the server's initial arrays"
+)
+#: Failures that a user's app commonly causes: (text in the failure's reason, the fix).
+KNOWN_FIXES = (
+    (NO_MOD_REASON, MISSING_MOD_HINT),
+    ("unsupported ScalarType BFloat16", BFLOAT16_HINT),
+)
+
+
+def describe_error(error: Error) -> str:
+    """An error reply in words: what its code means, then the node's own text.
+
+    Flower's reason ``"<class 'TypeError'>:<'Got unsupported ScalarType BFloat16'>"``
+    (a SuperNode) or ``"<class '...ClientAppException'>:<'\\nException ClientAppException
+    occurred. Message: Got ...'>"`` (the simulation engine, which keeps only the text)
+    becomes ``"the node's ClientApp raised an exception: TypeError: Got ..."`` or
+    ``"...: Got ..."``.
+    """
+    meaning = ERROR_MEANINGS.get(error.code, f"the node reported Flower error code {error.code}")
+    detail = (error.reason or "").strip()
+    wrapped = _WRAPPED.fullmatch(detail)
+    if wrapped is not None:
+        kind = wrapped["type"].rsplit(".", 1)[-1]
+        text = wrapped["text"]
+        if kind == "ClientAppException":
+            detail = _SIMULATION_PREFIX.sub("", text, count=1).strip()
+        else:
+            detail = f"{kind}: {text.strip()}"
+    return f"error reply: {meaning}: {detail}" if detail else f"error reply: {meaning}"
+
+
+def fixes_for(reasons: Iterable[str]) -> list[str]:
+    """The fixes of :data:`KNOWN_FIXES` whose failure is among ``reasons``."""
+    reasons = list(reasons)
+    return [fix for sign, fix in KNOWN_FIXES if any(sign in reason for reason in reasons)]
 
 
 @dataclass
@@ -108,35 +173,72 @@ class OpenRound:
 Failures = list[tuple[int, str]]
 
 
+@dataclass(frozen=True)
+class SortedReplies:
+    """A training round's replies, sorted by :func:`sort_replies`.
+
+    Attributes
+    ----------
+    parsed : list of (node, TrainReply, Message)
+        Every reply with the right layout, for :meth:`FedServer.aggregate` to judge.
+    failures : list of (node, reason)
+        Error replies and malformed ones.
+    dropouts : list of (node, reason)
+        Nodes that never replied, or that Flower reports unavailable.
+    refused_bytes : list of int
+        For each reply refused for its layout (malformed, or without a
+        payload), the bytes it carried (:func:`content_bytes`): they crossed
+        the network, so they count in ``wire_bits``.
+    """
+
+    parsed: list[tuple[int, TrainReply, Message]]
+    failures: Failures
+    dropouts: Failures
+    refused_bytes: list[int]
+
+
+def content_bytes(content: RecordDict) -> int:
+    """What a reply carried that ``wire_bits`` counts: the bytes of its Arrays' data, and of
+    its ConfigRecords as Flower encodes them (protobuf); MetricRecords are not counted,
+    as for an accepted reply."""
+    arrays = sum(record_bytes(record) for record in content.array_records.values())
+    configs = sum(config_record_to_proto(c).ByteSize() for c in content.config_records.values())
+    return int(arrays + configs)
+
+
 def sort_replies(
     replies: Sequence[Message], pending: OpenRound, layout: ArrayLayout
-) -> tuple[list[tuple[int, TrainReply, Message]], Failures, Failures]:
-    """``(parsed, failures, dropouts)`` of a training round's replies.
+) -> SortedReplies:
+    """A training round's replies, sorted into usable, failed and missing ones.
 
-    ``parsed``: (node, reply, message) of every reply with the right layout,
-    for :meth:`FedServer.aggregate` to judge. ``failures``: (node, reason) of
-    error replies and malformed ones. ``dropouts``: nodes that never replied,
-    or that Flower reports unavailable. A reply without a payload
-    (:class:`MissingModError`) is explained once per process, at ERROR; the
-    loss stand-in is warned about once.
+    Each reply is read with :func:`~adaquantfl.flower.messages.read_train_reply`.
+    A reply without a payload (:class:`MissingModError`) is explained once per
+    process, at ERROR; the loss stand-in is warned about once.
     """
     parsed: list[tuple[int, TrainReply, Message]] = []
     failures: Failures = []
     dropouts: Failures = []
+    refused_bytes: list[int] = []
     for msg in replies:
         node = pending.sender(msg)
         if msg.has_error():
-            entry = (node, f"error reply ({msg.error.code}): {msg.error.reason}")
+            entry = (node, describe_error(msg.error))
             (dropouts if msg.error.code in UNAVAILABLE else failures).append(entry)
+            for sign, fix in KNOWN_FIXES:
+                if sign in entry[1]:  # explained once, at ERROR, when it is first seen
+                    log_once(f"strategy-fix-{sign}", ERROR, "AdaQuant: node %d: %s. Fix: %s",
+                             node, entry[1], fix)  # fmt: skip
             continue
         try:
             reply = read_train_reply(msg.content, layout)
         except MissingModError as exc:
             log_once("strategy-missing-mod", ERROR, "AdaQuant: %s", exc)
             failures.append((node, NO_MOD_REASON))
+            refused_bytes.append(content_bytes(msg.content))
             continue
         except RecordError as exc:
             failures.append((node, f"malformed reply: {exc}"))
+            refused_bytes.append(content_bytes(msg.content))
             continue
         if reply.loss_proxy:
             log_once(
@@ -150,7 +252,7 @@ def sort_replies(
     answered = {pending.sender(m) for m in replies}
     for node in sorted(pending.nodes - answered):
         dropouts.append((node, "no reply before the round's timeout"))
-    return parsed, failures, dropouts
+    return SortedReplies(parsed, failures, dropouts, refused_bytes)
 
 
 def common_metrics(records: Sequence[MetricRecord], weight_key: str) -> list[MetricRecord]:
@@ -187,8 +289,8 @@ def evaluate_replies(replies: Sequence[Message], weight_key: str) -> list[Messag
     good: list[Message] = []
     for msg in replies:
         if msg.has_error():
-            log(WARNING, "aggregate_evaluate: node %d: error reply: %s",
-                msg.metadata.src_node_id, msg.error.reason)  # fmt: skip
+            log(WARNING, "aggregate_evaluate: node %d: %s",
+                msg.metadata.src_node_id, describe_error(msg.error))  # fmt: skip
             continue
         try:
             validate_message_reply_consistency(
@@ -397,15 +499,24 @@ def log_exclusions(record: RoundRecord, nodes_of: dict[int, list[int]]) -> None:
         )
 
 
-def why_nothing_accepted(rounds: Sequence[RoundRecord]) -> str:
-    """The error text of a run in which no round accepted a reply: the commonest reasons."""
+def _summary(reason: str) -> str:
+    """One line of a failure's reason: an error reply's text can be a whole traceback,
+    whose first line says where and last line what."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0][:300] if lines else reason
+    return f"{lines[0][:200]} ... {lines[-1][:200]}"
+
+
+def why_nothing_accepted(rounds: Sequence[RoundRecord], *, stopped: bool = False) -> str:
+    """The error text of a run in which no round accepted a reply: the commonest reasons.
+
+    With ``stopped``, ``rounds`` is the one round after which the run stops
+    because no node runs ``adaquant_mod``.
+    """
     reasons: Counter[str] = Counter()
     for r in rounds:
-        for _, reason in r.failures:
-            # An error reply's reason can be a whole traceback: its last line says it.
-            head, _, detail = reason.partition(": ")
-            last = detail.strip().splitlines()[-1][:200] if detail.strip() else ""
-            reasons[f"{head}: {last}" if last else head] += 1
+        reasons.update(_summary(reason) for _, reason in r.failures)
         reasons.update(reason for _, reason in r.rejections)
         reasons.update("no reply" for _ in r.dropouts)
     top = "; ".join(f"{reason} ({count}x)" for reason, count in reasons.most_common(3))
@@ -414,8 +525,19 @@ def why_nothing_accepted(rounds: Sequence[RoundRecord]) -> str:
             "no node was sent a training message (none connected, or, with num_clients, none "
             "answered the probe for its client id: see the 'probe:' warnings)"
         )
-    hint = f" Fix: {MISSING_MOD_HINT}." if NO_MOD_REASON in reasons else ""
-    return (
-        f"no reply was accepted in any of the {len(rounds)} training rounds, so the model never "
-        f"changed. Why: {top or 'no node replied'}.{hint}"
-    )
+    hints = "".join(f" Fix: {fix}." for fix in fixes_for(reasons))
+    if stopped:
+        (last,) = rounds
+        head = (
+            f"no reply was accepted in training round {last.round}: none of its "
+            f"{len(last.failures)} replies carries an adaquantfl payload, so the run stops "
+            "here rather than train the remaining rounds for nothing"
+        )
+    elif len(rounds) == 1:
+        head = "no reply was accepted in the one training round, so the model never changed"
+    else:
+        head = (
+            f"no reply was accepted in any of the {len(rounds)} training rounds, so the model "
+            "never changed"
+        )
+    return f"{head}. Why: {top or 'no node replied'}.{hints}"

@@ -50,6 +50,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp import strategy as serverapp_strategies
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from adaquantfl.compression.compressor import Compressor, default_message_limit
@@ -61,6 +62,7 @@ from adaquantfl.fl.server import FedServer, as_policy, select_clients
 from adaquantfl.flower.downlink import DownlinkSender, send_model
 from adaquantfl.flower.layout import BATCHNORM_BUFFERS, ArrayLayout
 from adaquantfl.flower.messages import (
+    NO_MOD_REASON,
     NUM_EXAMPLES_KEY,
     Instruction,
     TrainReply,
@@ -156,7 +158,9 @@ class AdaQuant(Strategy):
     other ``aq-*`` figures go to ``Result.evaluate_metrics_serverapp`` (:meth:`start`)
     and :attr:`rounds`; ``train_metrics_clientapp`` is the inner strategy's
     aggregate of the nodes' own metrics. A run in which no round accepted a
-    reply ends with :class:`NoAcceptedRepliesError`.
+    reply ends with :class:`NoAcceptedRepliesError`; so does a training round
+    in which every reply that arrived holds the model's own arrays (no node
+    runs ``adaquant_mod``), at once, from :meth:`aggregate_train`.
     """
 
     def __init__(
@@ -266,13 +270,22 @@ class AdaQuant(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode and check the replies with :class:`FedServer`; the inner strategy aggregates."""
+        """Decode and check the replies with :class:`FedServer`; the inner strategy aggregates.
+
+        Raises
+        ------
+        NoAcceptedRepliesError
+            If replies arrived and every one holds the model's own arrays instead
+            of a payload: no node runs ``adaquant_mod``, and Flower's run loop
+            (``Strategy.start``) stops with this error after the round.
+        """
         server = self._require_server()[0]
         replies = list(replies)
         pending = self._pending
         if pending is None or pending.server_round != server_round:
             pending = OpenRound(server_round, frozenset(), 0, time.perf_counter())
-        parsed, failures, dropouts = sort_replies(replies, pending, self._require_server()[1])
+        replies_of = sort_replies(replies, pending, self._require_server()[1])
+        parsed, failures, dropouts = replies_of.parsed, replies_of.failures, replies_of.dropouts
         nodes_of: dict[int, list[int]] = {}
         for node, tr, _ in parsed:
             nodes_of.setdefault(tr.reply.client_id, []).append(node)
@@ -297,13 +310,17 @@ class AdaQuant(Strategy):
         if self.downlink is not None:
             for node in pending.nodes - {n for n, _, _ in accepted}:
                 self.downlink.forget(node)
-        # The arrays that travel beside the update count as uplink bits too.
-        wire_bits = record.wire_bits + 8 * sum(tr.side_bytes for _, tr, _ in parsed)
-        per_coordinate = wire_bits / (record.received * server.numel) if record.received else None
+        # The arrays that travel beside the update count as uplink bits too, and
+        # so does every reply refused for its layout: its bytes crossed the network.
+        side_bytes = sum(tr.side_bytes for _, tr, _ in parsed)
+        wire_bits = record.wire_bits + 8 * (side_bytes + sum(replies_of.refused_bytes))
+        received = record.received + len(replies_of.refused_bytes)
+        per_coordinate = wire_bits / (received * server.numel) if received else None
         record = replace(
             record,
             round=server_round,
             wire_bits=wire_bits,
+            received=received,
             bits_per_coordinate=per_coordinate,
         ).completed(
             test_loss=None,
@@ -320,6 +337,10 @@ class AdaQuant(Strategy):
             arrays, metrics = self._aggregate(server_round, accepted, record, pending, previous)
         self.rounds.append(replace(record, time_s=time.perf_counter() - pending.started))
         self._pending = None
+        if not parsed and failures and all(reason == NO_MOD_REASON for _, reason in failures):
+            # Every reply that arrived holds the model's own arrays: no node runs
+            # adaquant_mod, and every later round would fail the same way.
+            raise NoAcceptedRepliesError(why_nothing_accepted(self.rounds[-1:], stopped=True))
         return arrays, metrics
 
     def _aggregate(
@@ -407,7 +428,8 @@ class AdaQuant(Strategy):
         Raises
         ------
         NoAcceptedRepliesError
-            If training rounds ran and none accepted a reply.
+            If training rounds ran and none accepted a reply; after the first
+            round in which no node runs ``adaquant_mod`` (see :meth:`aggregate_train`).
         """
         first = len(self.rounds)
         evaluate = with_server_metrics(
@@ -615,10 +637,7 @@ def _check_settings(
     if args:
         raise _positional_error(name, _USAGE, ("the inner strategy",), len(args))
     if not isinstance(strategy, Strategy):
-        raise TypeError(
-            f"{name} wraps a Flower strategy (e.g. FedAvg(), FedAdam()) as its first argument, "
-            f"got {type(strategy).__name__} {strategy!r}: {_USAGE}"
-        )
+        raise TypeError(_not_a_strategy(name, strategy))
     if values["policy"] is None:
         raise TypeError(f"{name} needs a level policy, policy=...: {_USAGE}")
     out: dict[str, Any] = {"policy": _check_policy(values["policy"])}
@@ -668,6 +687,33 @@ def _check_settings(
     if limit is not None:
         check_int("max_message_bytes (None: the model's default limit)", limit, 1)
     return out
+
+
+def _not_a_strategy(name: str, strategy: object) -> str:
+    """The error text for an inner strategy that is not one of Flower's Message API.
+
+    The commonest case is a strategy of Flower's legacy API (``flwr.server.strategy``,
+    ``fit``/``evaluate`` on ``Parameters``), whose classes have the same names as the
+    Message API's (``flwr.serverapp.strategy``): say so, and name the import to use.
+    """
+    got = f"got {type(strategy).__name__} {strategy!r}"
+    legacy = next(
+        (c for c in type(strategy).__mro__ if c.__module__.startswith("flwr.server.strategy")),
+        None,
+    )
+    if legacy is None or legacy.__name__ == "Strategy":
+        return (
+            f"{name} wraps a Flower strategy of flwr.serverapp.strategy (e.g. FedAvg(), "
+            f"FedAdam()) as its first argument, {got}: {_USAGE}"
+        )
+    twin = legacy.__name__ if hasattr(serverapp_strategies, legacy.__name__) else "FedAvg"
+    return (
+        f"{name} wraps a Flower strategy as its first argument, {got}, which is Flower's "
+        f"legacy strategy API (flwr.server.strategy). Use the Message API's: "
+        f"`from flwr.serverapp.strategy import {twin}` (its options are renamed: "
+        f"fraction_fit -> fraction_train, min_fit_clients -> min_train_nodes, "
+        f"min_available_clients -> min_available_nodes), then {_USAGE}"
+    )
 
 
 def _check_fedavg(**values: Any) -> None:

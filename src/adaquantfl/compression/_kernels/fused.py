@@ -26,23 +26,41 @@ editing :mod:`adaquantfl.compression._kernels.bitpack` in a source checkout, del
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 
 from adaquantfl.compression._kernels.bitpack import PACK_SLACK, pack, unpack
+from adaquantfl.compression._kernels.measure import (
+    BLOCK,
+    LANES,
+    block_error_squares,
+    block_squares,
+    compensated_add,
+)
 
 __all__ = [
     "BLOCK",
     "LANES",
     "PACK_SLACK",
+    "code_dtype",
+    "codes_from_levels",
     "decode_packed_into",
     "decode_packed_to_codes",
+    "dequantize_codes_into",
     "dequantize_into",
     "encode_packed",
+    "encode_packed_measured",
+    "levels_from_codes",
+    "max_level",
     "norms_l2",
     "norms_max",
+    "pack_codes",
     "pack_quantized",
+    "quantize_codes",
     "quantize_into",
+    "unpack_codes",
 ]
 
 _U = np.uint64
@@ -51,10 +69,10 @@ _GOLDEN = _U(0x9E3779B97F4A7C15)
 _MIX1 = _U(0xBF58476D1CE4E5B9)
 _MIX2 = _U(0x94D049BB133111EB)
 _INV24 = _F(2.0**-24)
-#: Entries per block: the code scratch (<= 16 KiB) stays in the L1 cache.
-BLOCK = 4096
-#: Interleaved float64 partial sums of the L2 norm (see ``adaquantfl.compression.qsgd``).
-LANES = 64
+# BLOCK (entries per block: the code scratch, <= 16 KiB, stays in the L1
+# cache) and LANES (interleaved float64 partial sums of the L2 norm, see
+# ``adaquantfl.compression.qsgd``) are shared with .measure, whose blocked
+# sums the measuring encoders below follow block by block.
 
 _jit = numba.njit(cache=True, nogil=True)
 
@@ -180,7 +198,7 @@ def quantize_into(x, norms, bucket, levels, key, mags, signs):  # type: ignore[n
 
 
 def _code_scratch(w: int) -> np.ndarray:
-    return np.zeros(BLOCK, np.uint8 if w <= 8 else np.uint16 if w <= 16 else np.uint32)
+    return np.zeros(BLOCK, code_dtype(w))
 
 
 @_jit
@@ -208,6 +226,225 @@ def encode_packed(
 ) -> None:
     """Quantize ``x`` and write its packed body into ``out`` (with :data:`PACK_SLACK` spare)."""
     _encode_packed(x, norms, bucket, levels, _U(key), w, out, _code_scratch(w))
+
+
+# --------------------------------------------------------------------------- arrays of codes
+
+
+@_jit
+def _sent_block(codes, steps, bucket, start, stop, scale, ys):  # type: ignore[no-untyped-def]
+    # ys[j] = scale * (+-xi * step) for entries start + j (codes[j] their codes).
+    i = start
+    while i < stop:
+        k = i // bucket
+        end = min(stop, (k + 1) * bucket)
+        step = steps[k]
+        c = codes[i - start : end - start]
+        o = ys[i - start : end - start]
+        for j in range(c.size):
+            code = np.int32(c[j])
+            y = _F(code >> 1) * step
+            o[j] = (-y if (code & 1) else y) * scale
+        i = end
+
+
+def code_dtype(w: int) -> type[np.unsignedinteger[Any]]:
+    """The narrowest unsigned type that holds a code of ``w`` bits (1, 2 or 4 bytes)."""
+    return np.uint8 if w <= 8 else np.uint16 if w <= 16 else np.uint32
+
+
+@_jit
+def dequantize_codes_into(codes, steps, bucket, out):  # type: ignore[no-untyped-def]
+    """``out_i = +-(xi_i * step_k)`` from level codes (as :func:`dequantize_into`)."""
+    d = codes.size
+    one = _F(1.0)
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        _sent_block(codes[start:stop], steps, bucket, start, stop, one, out[start:stop])
+
+
+@_jit
+def codes_from_levels(mags, signs, levels, codes):  # type: ignore[no-untyped-def]
+    """``codes = (mags << 1) | signs``; True if an index is outside ``[0, levels]`` or a
+    zero index has its sign set."""
+    bad = False
+    for i in range(mags.size):
+        xi = mags[i]
+        sg = signs[i]
+        bad |= (xi < 0) | (xi > levels) | (sg & (xi == 0))
+        codes[i] = xi + xi + sg
+    return bad
+
+
+@_jit
+def levels_from_codes(codes, mags, signs):  # type: ignore[no-untyped-def]
+    """Level indices (int32) and signs (bool) of level codes."""
+    for i in range(codes.size):
+        c = codes[i]
+        mags[i] = c >> 1
+        signs[i] = (c & 1) != 0
+
+
+@_jit
+def max_level(codes):  # type: ignore[no-untyped-def]
+    """The largest level index ``codes >> 1`` (0 for no codes)."""
+    top = np.int64(0)
+    for i in range(codes.size):
+        code = np.int64(codes[i])
+        if code > top:
+            top = code
+    return top >> 1
+
+
+@_jit
+def _pack_codes(codes, w, out, scratch):  # type: ignore[no-untyped-def]
+    d = codes.size
+    pos = 0
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        m = stop - start
+        scratch[:m] = codes[start:stop]
+        scratch[m : m + 8] = 0
+        pos = pack(scratch, m, w, out, pos)
+
+
+def pack_codes(codes: np.ndarray, w: int, out: np.ndarray) -> None:
+    """Pack valid level codes as a packed body into ``out`` (with :data:`PACK_SLACK` spare)."""
+    _pack_codes(codes, w, out, _code_scratch(w))
+
+
+@_jit
+def _unpack_codes(buf, numel, levels, w, codes, scratch):  # type: ignore[no-untyped-def]
+    bad = False
+    top = levels + levels + 1
+    for start in range(0, numel, BLOCK):
+        stop = min(start + BLOCK, numel)
+        unpack(buf, start, stop - start, w, scratch)
+        c = codes[start:stop]
+        for j in range(c.size):
+            code = np.int32(scratch[j])
+            bad |= (code > top) | (code == 1)
+            c[j] = code
+    return bad
+
+
+def unpack_codes(buf: np.ndarray, numel: int, levels: int, w: int, codes: np.ndarray) -> bool:
+    """Unpack a packed body into level codes; True if a code is invalid."""
+    return bool(_unpack_codes(buf, numel, levels, w, codes, _code_scratch(w)))
+
+
+# --------------------------------------------------------------------------- measuring encoders
+#
+# A client sends C(v) and reports ||v||^2 and ||scale C(v) - v||^2 (and, under
+# error feedback, keeps v - scale C(v)). These encoders compute, block by
+# block, what the server will decode (the dequantization of the decoders
+# below, then times `scale` in float32, as torch's `mul_` does) and measure it
+# against the input while its block is in the cache, in .measure's fixed order.
+
+
+@_jit
+def _measure_block(x, start, stop, ys, residual, keep, acc, sums):  # type: ignore[no-untyped-def]
+    # sums: (||v||^2, its carry, error^2, its carry); the residual may be x itself.
+    xs = x[start:stop]
+    got = ys[: stop - start]
+    sums[0], sums[1] = compensated_add(sums[0], sums[1], block_squares(xs, acc))
+    sums[2], sums[3] = compensated_add(sums[2], sums[3], block_error_squares(xs, got, acc))
+    if keep:
+        r = residual[start:stop]
+        for j in range(r.size):
+            r[j] = xs[j] - got[j]
+
+
+@_jit
+def _encode_packed_measured(x, norms, steps, bucket, levels, key, w, out, codes,  # type: ignore[no-untyped-def]
+                            scale, residual, keep):  # fmt: skip
+    sf = _F(levels)
+    d = x.size
+    pos = 0
+    ys = np.empty(BLOCK, np.float32)
+    acc = np.zeros(LANES, np.float64)
+    sums = np.zeros(4, np.float64)
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        _block_codes(x, norms, bucket, sf, key, start, stop, codes)
+        _sent_block(codes, steps, bucket, start, stop, scale, ys)
+        _measure_block(x, start, stop, ys, residual, keep, acc, sums)
+        m = stop - start
+        codes[m : m + 8] = 0
+        pos = pack(codes, m, w, out, pos)
+    return sums[0] + sums[1], sums[2] + sums[3]
+
+
+_NO_RESIDUAL = np.zeros(0, np.float32)
+
+
+def encode_packed_measured(
+    x: np.ndarray,
+    norms: np.ndarray,
+    steps: np.ndarray,
+    bucket: int,
+    levels: int,
+    key: int,
+    w: int,
+    out: np.ndarray,
+    scale: float,
+    residual: np.ndarray | None,
+) -> tuple[float, float]:
+    """:func:`encode_packed`, measuring: ``(sum x^2, sum (scale C(x) - x)^2)``.
+
+    ``steps`` are the buckets' ``norm / s``; ``residual`` (``x`` itself
+    allowed), if given, receives ``x - scale C(x)`` in float32.
+    """
+    keep = residual is not None
+    norm_sq, error_sq = _encode_packed_measured(
+        x, norms, steps, bucket, levels, _U(key), w, out, _code_scratch(w), _F(scale),
+        residual if keep else _NO_RESIDUAL, keep,
+    )  # fmt: skip
+    return float(norm_sq), float(error_sq)
+
+
+@_jit
+def _quantize_codes(x, norms, steps, bucket, levels, key, codes, scale, residual, keep,  # type: ignore[no-untyped-def]
+                    measure):  # fmt: skip
+    sf = _F(levels)
+    d = x.size
+    ys = np.empty(BLOCK, np.float32)
+    acc = np.zeros(LANES, np.float64)
+    sums = np.zeros(4, np.float64)
+    for start in range(0, d, BLOCK):
+        stop = min(start + BLOCK, d)
+        block = codes[start:stop]
+        _block_codes(x, norms, bucket, sf, key, start, stop, block)
+        if measure:
+            _sent_block(block, steps, bucket, start, stop, scale, ys)
+            _measure_block(x, start, stop, ys, residual, keep, acc, sums)
+    return sums[0] + sums[1], sums[2] + sums[3]
+
+
+def quantize_codes(
+    x: np.ndarray,
+    norms: np.ndarray,
+    bucket: int,
+    levels: int,
+    key: int,
+    codes: np.ndarray,
+    *,
+    steps: np.ndarray | None = None,
+    scale: float = 1.0,
+    residual: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """QSGD level codes ``(xi << 1) | sign`` of ``x`` into ``codes`` (one per entry).
+
+    With ``steps`` (the buckets' ``norm / s``), also measures as
+    :func:`encode_packed_measured` and returns its two sums; else ``(0, 0)``.
+    """
+    keep = residual is not None
+    measure = steps is not None
+    norm_sq, error_sq = _quantize_codes(
+        x, norms, steps if measure else norms, bucket, levels, _U(key), codes, _F(scale),
+        residual if keep else _NO_RESIDUAL, keep, measure,
+    )  # fmt: skip
+    return float(norm_sq), float(error_sq)
 
 
 @_jit
