@@ -93,6 +93,7 @@ def methods() -> list[Method]:
             Method(f"{name}-s{q}", (f"compression.method={name}", f"compression.levels={q}"))
         )
     out.append(Method("auto", ("compression.method=auto",)))
+    out.append(Method("probe", ("compression.method=probe",)))
     return out
 
 

@@ -13,7 +13,7 @@ horizon (50, 150, 400 rounds), its model or partition, or its participation:
 - ``heldout-mlp-mnist1d-150``: an MLP (a model the suite runs only on
   digits) on MNIST-1D, Dirichlet(0.5), 150 rounds;
 - ``heldout-digits-100clients-400``: the digits MLP over 100 clients with a
-  Dirichlet(0.3) skew, 10 clients a round (partial participation), 400 rounds;
+  Dirichlet(0.5) skew, 10 clients a round (partial participation), 400 rounds;
 - ``heldout-mnist5k-iid-100``: the 2-D CNN on 5,000 real MNIST digits, IID
   over 10 clients, 100 rounds.
 
@@ -46,7 +46,7 @@ HELDOUT: dict[str, dict[str, Any]] = {
         "compression": dict(_PAPER_QSGD),
     },
     "heldout-digits-100clients-400": {
-        "data": {"dataset": "digits", "partition": "dirichlet", "dirichlet_alpha": 0.3,
+        "data": {"dataset": "digits", "partition": "dirichlet", "dirichlet_alpha": 0.5,
                  "num_clients": 100, "min_client_samples": 5},
         "model": {"name": "mlp"},
         "train": {**_TRAIN, "rounds": 400, "lr": 0.05, "seed": 0, "clients_per_round": 10},
