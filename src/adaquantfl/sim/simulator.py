@@ -37,10 +37,10 @@ from adaquantfl.fl.client import (
     ClientReply,
     LocalTraining,
     compress_update,
-    evaluate,
     probe_noise,
     train_locally,
 )
+from adaquantfl.fl.client import evaluate as evaluate_model
 from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import FedServer, select_clients
@@ -209,8 +209,11 @@ class Simulator:
         """Whether rounds run through the batched trainer."""
         return self.trainer is not None
 
-    def run_round(self) -> RoundRecord:
-        """Run the next round and return its record."""
+    def run_round(self, *, evaluate: bool = True) -> RoundRecord:
+        """Run the next round and return its record.
+
+        ``evaluate=False`` skips the test set (the record's ``test_*`` are None).
+        """
         start = time.perf_counter()
         round_idx = self.server.round_idx
         chosen = select_clients(
@@ -290,9 +293,12 @@ class Simulator:
         before = self.server.params
         record = self.server.aggregate([r for _, r in delivered if r is not None])
         failures += [(cid, "the reply never arrived") for cid, r in delivered if r is None]
-        test_loss, test_accuracy = evaluate(
-            self.model, self.server.params.to(self.device), self.test.x, self.test.y
-        )
+        test_loss: float | None = None
+        test_accuracy: float | None = None
+        if evaluate:
+            test_loss, test_accuracy = evaluate_model(
+                self.model, self.server.params.to(self.device), self.test.x, self.test.y
+            )
         if raw is not None and record.participants:
             record = replace(
                 record, test_loss_uncompressed=self._uncompressed_loss(before, record, raw)
@@ -321,7 +327,7 @@ class Simulator:
         for cid, weight in zip(accepted, weights, strict=True):
             total.add_(raw[cid].to(torch.float64), alpha=float(weight))
         model = (before.to(torch.float64) + total / float(sum(weights))).to(torch.float32)
-        loss, _ = evaluate(self.model, model.to(self.device), self.test.x, self.test.y)
+        loss, _ = evaluate_model(self.model, model.to(self.device), self.test.x, self.test.y)
         return loss
 
     def client_compressor(self, client_id: int) -> ClientCompressor:
