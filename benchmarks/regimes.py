@@ -1,7 +1,8 @@
 """The regime suite: every level policy against the hindsight-best fixed level, per regime.
 
-    python -m benchmarks.regimes                    # 5 regimes, 2 seeds, packed + entropy
-    python -m benchmarks.regimes --quick            # 1 seed, a tenth of the rounds (a smoke run)
+    python -m benchmarks.regimes --jobs 2           # 5 regimes, 3 seeds, packed + entropy
+    python -m benchmarks.regimes --jobs 2 --quick   # the hard cells: floor + short CNN, 1 seed
+    python -m benchmarks.regimes --jobs 2 --heldout # the held-out regimes (regimes_heldout.py)
     python -m benchmarks.regimes --jobs 2 --only mnist1d-floor,digits-mlp
 
 For each regime (a shipped config), encoding and seed, every method runs
@@ -14,6 +15,16 @@ seed, target and encoding (the hindsight-best fixed level). The tables give
 the geometric mean of that ratio over the seeds that reached the target and
 how many did; "never" where none did.
 
+A method whose trajectory does not depend on the encoding (fp32, fixed levels,
+AdaQuantFL and DAdaQuant's time rule: their levels follow the loss alone, and
+the quantization noise is drawn from the same stream whatever the encoding)
+runs once, entropy-coded; its packed bits are exact arithmetic on the same
+rounds (a packed message's size depends only on d, s and the bucket), so it
+is scored under both encodings from one run. Policies that read the bits
+(``auto``, ``probe``, DAdaQuant's client rule) run under each. The test set is
+evaluated every 5 rounds (and the last): the scores need the training loss
+only, and the budget table's final accuracy takes the evaluated rounds.
+
 Every run's metrics are kept in ``benchmarks/results/regimes/runs/`` under a
 name derived from the run's whole resolved config, so a second invocation
 reruns only what changed (``--fresh`` reruns everything). Outputs:
@@ -25,6 +36,7 @@ method's final loss and accuracy at a budget, the wall time) and
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -41,7 +53,7 @@ from benchmarks._common import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = RESULTS / "regimes" / "runs"
-REGIMES: dict[str, Path] = {
+REGIMES: dict[str, Path | dict[str, Any]] = {
     "mnist1d-floor": ROOT / "configs" / "mnist1d-floor.toml",
     "digits-mlp": ROOT / "configs" / "digits-mlp.toml",
     "synthetic-1-1": ROOT / "configs" / "synthetic-1-1.toml",
@@ -55,24 +67,34 @@ BUDGET_TARGET = 1.05
 ENCODINGS = ("packed", "entropy")
 
 
+#: The hard cells the quick run keeps: a floor regime and the short CNN run.
+QUICK_REGIMES = ("mnist1d-floor", "mnist5k-cnn")
+QUICK_METHODS = ("fp32", "adaquantfl-s2", "auto", "probe")
+EVAL_EVERY = 5
+
+
 @dataclass(frozen=True)
 class Method:
     label: str
     overrides: tuple[str, ...]
     fixed: bool = False
+    #: Its rounds do not depend on the encoding (see the module notes).
+    encoding_free: bool = False
 
 
 def methods() -> list[Method]:
     """The suite's methods, as config overrides."""
-    out = [Method("fp32", ("compression.method=fp32",))]
+    out = [Method("fp32", ("compression.method=fp32",), encoding_free=True)]
     for s in FIXED_LEVELS:
         out.append(
-            Method(f"qsgd-s{s}", ("compression.method=qsgd", f"compression.levels={s}"), True)
+            Method(f"qsgd-s{s}", ("compression.method=qsgd", f"compression.levels={s}"), True, True)
         )
     for s0 in (1, 2, 4):
         out.append(
             Method(
-                f"adaquantfl-s{s0}", ("compression.method=adaquantfl", f"compression.levels={s0}")
+                f"adaquantfl-s{s0}",
+                ("compression.method=adaquantfl", f"compression.levels={s0}"),
+                encoding_free=True,
             )
         )
     out.append(
@@ -83,6 +105,7 @@ def methods() -> list[Method]:
                 "compression.levels=2",
                 'compression.policy_options.round_levels="pow2m1"',
             ),
+            encoding_free=True,
         )
     )
     for name in ("dadaquant-time", "dadaquant", "dadaquant-client"):
@@ -90,7 +113,11 @@ def methods() -> list[Method]:
         # rule alone needs a static q, here 2 (AdaQuantFL's and DAdaQuant's s0).
         q = 2 if name == "dadaquant-client" else 1
         out.append(
-            Method(f"{name}-s{q}", (f"compression.method={name}", f"compression.levels={q}"))
+            Method(
+                f"{name}-s{q}",
+                (f"compression.method={name}", f"compression.levels={q}"),
+                encoding_free=name == "dadaquant-time",
+            )
         )
     out.append(Method("auto", ("compression.method=auto",)))
     out.append(Method("probe", ("compression.method=probe",)))
@@ -115,6 +142,8 @@ class Job:
             f'compression.encoding="{self.encoding}"',
             f"train.seed={self.seed}",
             f"train.rounds={rounds}",
+            f"train.eval_every={EVAL_EVERY}",
+            "train.noise_cost_every=0",
             "compare.methods=[]",
         ]
 
@@ -141,7 +170,8 @@ def run_job(job: Job, fresh: bool) -> dict[str, Any]:
     torch.set_num_threads(1)  # one process per core
     start = time.perf_counter()
     result = adaquantfl.run(REGIMES[job.regime], None, overrides=job.overrides())
-    keep = ("round", "levels", "train_loss", "test_accuracy", "wire_bits", "cum_wire_bits")
+    keep = ("round", "levels", "participants", "rejected", "train_loss", "test_accuracy",
+            "wire_bits", "cum_wire_bits")  # fmt: skip
     out = {
         "rows": [{k: r.get(k) for k in keep} for r in result.metrics],
         "seconds": time.perf_counter() - start,
@@ -152,6 +182,37 @@ def run_job(job: Job, fresh: bool) -> dict[str, Any]:
     os.replace(tmp, path)
     out["cached"] = False
     return out
+
+
+def packed_rows(rows: Sequence[dict[str, Any]], regime: str) -> list[dict[str, Any]]:
+    """The same rounds with the bits a packed message of each round's levels takes.
+
+    Exact for a run without rejected replies: every accepted message is one
+    packed message of the round's levels (raw float32 at full precision).
+    """
+    from adaquantfl.compression.codec import message_bytes
+
+    numel, bucket = _packed_shape(regime)
+    out, total = [], 0
+    for row in rows:
+        if row.get("rejected"):
+            raise ValueError(f"{regime}: a round with rejected replies has no exact packed size")
+        size = message_bytes(numel, row["levels"], bucket_size=bucket)
+        bits = 8 * size * row["participants"]
+        total += bits
+        out.append({**row, "wire_bits": bits, "cum_wire_bits": total})
+    return out
+
+
+@functools.cache
+def _packed_shape(regime: str) -> tuple[int, int | None]:
+    """The model's size and the compressor's bucket of a regime."""
+    from adaquantfl.runner.build import build_model, load_data
+    from adaquantfl.runner.config import load_config
+
+    config = load_config(REGIMES[regime])
+    numel = build_model(config, load_data(config))[0].numel
+    return numel, config.compression.build_compressor().options.bucket_size
 
 
 def bits_to(rows: Sequence[dict[str, Any]], target: float, smooth: int = 10) -> int | None:
@@ -479,11 +540,14 @@ def regime_map(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", default="", help="comma-separated regimes")
     parser.add_argument("--methods", default="", help="comma-separated method labels")
-    parser.add_argument("--quick", action="store_true", help="1 seed, a tenth of the rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="the hard cells: floor + short CNN, 1 seed"
+    )
+    parser.add_argument("--heldout", action="store_true", help="the held-out regimes instead")
     parser.add_argument("--fresh", action="store_true", help="rerun cached runs")
     parser.add_argument(
         "--rerun", default="", help="comma-separated method labels to rerun (e.g. after a change)"
@@ -493,25 +557,35 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.render:
-        report = json.loads((RESULTS / "regimes.json").read_text())
+        name = "regimes_heldout" if args.heldout else "regimes_quick" if args.quick else "regimes"
+        report = json.loads((RESULTS / f"{name}.json").read_text())
         write_outputs(report)
         return
+    if args.heldout:
+        from benchmarks.regimes_heldout import HELDOUT
+
+        REGIMES.clear()
+        REGIMES.update(HELDOUT)
     seeds = [0] if args.quick else list(range(args.seeds))
-    scale = 0.1 if args.quick else 1.0
-    regimes = [r for r in (args.only.split(",") if args.only else REGIMES) if r]
-    missing = [r for r in regimes if r not in REGIMES or not REGIMES[r].exists()]
+    scale = 1.0
+    default = QUICK_REGIMES if args.quick else list(REGIMES)
+    regimes = [r for r in (args.only.split(",") if args.only else default) if r]
+    missing = [r for r in regimes if r not in REGIMES]
     if missing:
-        raise SystemExit(f"unknown or missing regime(s) {missing}; known: {sorted(REGIMES)}")
+        raise SystemExit(f"unknown regime(s) {missing}; known: {sorted(REGIMES)}")
     suite = methods()
-    if args.methods:
-        wanted = set(args.methods.split(",")) | {"fp32"} | {m.label for m in suite if m.fixed}
+    wanted_labels = args.methods.split(",") if args.methods else []
+    if args.quick and not wanted_labels:
+        wanted_labels = list(QUICK_METHODS)
+    if wanted_labels:
+        wanted = set(wanted_labels) | {"fp32"} | {m.label for m in suite if m.fixed}
         suite = [m for m in suite if m.label in wanted]
     jobs = [
         Job(regime, method, encoding, seed, scale)
         for regime in regimes
         for seed in seeds
         for method in suite
-        for encoding in (("packed",) if method.label == "fp32" else ENCODINGS)
+        for encoding in (("entropy",) if method.encoding_free else ENCODINGS)
     ]
     start = time.perf_counter()
     rerun = set(args.rerun.split(",")) if args.rerun else set()
@@ -523,9 +597,10 @@ def main(argv: list[str] | None = None) -> None:
         (j.regime, j.method.label, j.encoding, j.seed): r
         for j, r in zip(jobs, results, strict=True)
     }
+    free = {m.label for m in suite if m.encoding_free}
     for (regime, label, _, seed), r in list(runs.items()):
-        if label == "fp32":  # full precision does not depend on the encoding
-            runs[(regime, label, "entropy", seed)] = r
+        if label in free:  # the same rounds, with a packed message's bits
+            runs[(regime, label, "packed", seed)] = {**r, "rows": packed_rows(r["rows"], regime)}
     report = {
         "seeds": seeds,
         "rounds_scale": scale,
@@ -538,15 +613,19 @@ def main(argv: list[str] | None = None) -> None:
         "table": score(runs, regimes, seeds, suite),
         "budget": score_budget(runs, regimes, seeds, suite),
     }
+    report["name"] = name = (
+        "regimes_heldout" if args.heldout else ("regimes_quick" if args.quick else "regimes")
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "regimes.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     write_outputs(report)
 
 
 def write_outputs(report: dict[str, Any]) -> None:
+    name = report.get("name", "regimes")
     text = markdown(report)
-    (RESULTS / "regimes.md").write_text(text)
-    regime_map(report, RESULTS / "regimes.png")
+    (RESULTS / f"{name}.md").write_text(text)
+    regime_map(report, RESULTS / f"{name}.png")
     print(text)
 
 
