@@ -120,6 +120,8 @@ def methods() -> list[Method]:
             )
         )
     out.append(Method("auto", ("compression.method=auto",)))
+    # probe's decisions do not read bits, but its probes' bytes are in each
+    # round's uplink, which packed arithmetic on the rows cannot tell: run both.
     out.append(Method("probe", ("compression.method=probe",)))
     return out
 

@@ -77,6 +77,8 @@ __all__ = ["ProbeLevels"]
 WINDOW = 10
 EVERY = 2
 EPS = 1e-4
+#: How many rounds of progress a rung's noise cost may reach before the level rises.
+KAPPA = 4.0
 JUMP = 0.25
 TAIL = 0.1
 
@@ -117,6 +119,7 @@ class ProbeLevels:
         window: int = WINDOW,
         every: int = EVERY,
         eps: float = EPS,
+        kappa: float = KAPPA,
         jump: float = JUMP,
         tail: float = TAIL,
     ) -> None:
@@ -125,6 +128,7 @@ class ProbeLevels:
         self.window = check_int("window", window, 3, 10**6)
         self.every = check_int("every", every, 1, 10**6)
         self.eps = check_real("eps", eps, 0.0)
+        self.kappa = check_real("kappa", kappa, 0.0, low_open=True)
         self.jump = check_real("jump", jump, 0.0, low_open=True)
         self.tail = check_real("tail", tail, 0.0, 1.0)
         self.step = min(1, len(self.steps) - 1)
@@ -208,7 +212,7 @@ class ProbeLevels:
             return
         decrease, se = _trend(points)
         loss = points[-1][1]
-        if self.cost[current] > max(decrease + se, self.eps * loss):
+        if self.cost[current] > max(self.kappa * (decrease + se), self.eps * loss):
             if self.step + 1 < len(self.steps):
                 self._move(k, self.step + 1)
             return
@@ -217,7 +221,8 @@ class ProbeLevels:
             return
         below = self.steps[self.step - 1]
         fresh = below in self.cost and k - self.seen[below] <= 2 * self.every
-        if fresh and self.blocked.get(below, -1) <= k and self.cost[below] < (decrease - se) / 2:
+        cheap = self.cost[below] < self.kappa * (decrease - se) / 2
+        if fresh and self.blocked.get(below, -1) <= k and cheap:
             self._move(k, self.step - 1)
 
     def _move(self, k: int, step: int, *, blow_up: bool = False) -> None:
@@ -277,6 +282,8 @@ def _probe(
     options: Mapping[str, Any] | None = None,
     **_: Any,
 ) -> ProbeLevels:
-    defaults = {"window": WINDOW, "every": EVERY, "eps": EPS, "jump": JUMP, "tail": TAIL}
+    defaults = {
+        "window": WINDOW, "every": EVERY, "eps": EPS, "kappa": KAPPA, "jump": JUMP, "tail": TAIL,
+    }  # fmt: skip
     opts = check_options("probe", options, defaults)
     return ProbeLevels(max_levels=max_levels, rounds=rounds, **opts)
