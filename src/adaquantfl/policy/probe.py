@@ -79,6 +79,8 @@ EVERY = 2
 EPS = 1e-4
 #: How many rounds of progress a rung's noise cost may reach before the level rises.
 KAPPA = 4.0
+#: The share of the loss a rung's noise may cost a round before the level rises.
+THETA = 0.01
 JUMP = 0.25
 TAIL = 0.1
 
@@ -120,6 +122,7 @@ class ProbeLevels:
         every: int = EVERY,
         eps: float = EPS,
         kappa: float = KAPPA,
+        theta: float = THETA,
         jump: float = JUMP,
         tail: float = TAIL,
     ) -> None:
@@ -129,6 +132,7 @@ class ProbeLevels:
         self.every = check_int("every", every, 1, 10**6)
         self.eps = check_real("eps", eps, 0.0)
         self.kappa = check_real("kappa", kappa, 0.0, low_open=True)
+        self.theta = check_real("theta", theta, 0.0, low_open=True)
         self.jump = check_real("jump", jump, 0.0, low_open=True)
         self.tail = check_real("tail", tail, 0.0, 1.0)
         self.step = min(1, len(self.steps) - 1)
@@ -212,7 +216,10 @@ class ProbeLevels:
             return
         decrease, se = _trend(points)
         loss = points[-1][1]
-        if self.cost[current] > max(self.kappa * (decrease + se), self.eps * loss):
+        cost = self.cost[current]
+        floor = cost > self.theta * loss
+        outrun = cost > max(self.kappa * (decrease + se), self.eps * loss)
+        if floor or outrun:
             if self.step + 1 < len(self.steps):
                 self._move(k, self.step + 1)
             return
@@ -221,7 +228,8 @@ class ProbeLevels:
             return
         below = self.steps[self.step - 1]
         fresh = below in self.cost and k - self.seen[below] <= 2 * self.every
-        cheap = self.cost[below] < self.kappa * (decrease - se) / 2
+        cost_below = self.cost[below]
+        cheap = cost_below < min(self.kappa * (decrease - se), self.theta * loss) / 2
         if fresh and self.blocked.get(below, -1) <= k and cheap:
             self._move(k, self.step - 1)
 
@@ -283,7 +291,8 @@ def _probe(
     **_: Any,
 ) -> ProbeLevels:
     defaults = {
-        "window": WINDOW, "every": EVERY, "eps": EPS, "kappa": KAPPA, "jump": JUMP, "tail": TAIL,
+        "window": WINDOW, "every": EVERY, "eps": EPS, "kappa": KAPPA, "theta": THETA,
+        "jump": JUMP, "tail": TAIL,
     }  # fmt: skip
     opts = check_options("probe", options, defaults)
     return ProbeLevels(max_levels=max_levels, rounds=rounds, **opts)
