@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("memory", ["--clients", "1000", "--rounds", "2"]),
     ("comm", ["--quick"]),
     ("stack", ["--quick"]),
+    ("limit", ["--quick"]),
 ]
 
 

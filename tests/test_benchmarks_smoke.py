@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from benchmarks import _common, bits, cnn, codec, codec_scale, entropy_check
+from benchmarks import _common, bits, cnn, codec, codec_scale, entropy_check, limit
 
 pytestmark = pytest.mark.slow  # benchmarks are not part of the edit loop's tier
 
@@ -68,6 +69,22 @@ def test_bits_benchmark_captures_client_updates() -> None:
     updates = bits.capture_updates(bits.CONFIGS / "mnist1d-floor.toml", [1])
     assert len(updates) == 10 and all(u.numel() == 410 for u in updates)
     assert all(bool(u.abs().sum() > 0) for u in updates)
+
+
+def test_limit_benchmark_measures_bits_distortion_and_the_bound() -> None:
+    x = [torch.randn(5000, generator=torch.Generator().manual_seed(0))]
+    eden = limit.measure_one(limit.EdenCompressor(), 15, x, seeds=2)
+    assert eden["messages"] == 2 and 1.0 < eden["bits_per_entry"] < 1.2
+    assert eden["omega"] == pytest.approx(0.57, rel=0.1)
+    assert eden["bound_bits_per_entry"] == pytest.approx(0.5 * math.log2(1 + 1 / eden["omega"]))
+    assert 1.2 < eden["ratio"] < 1.6
+    qsgd = limit.measure_one(limit.QSGDCompressor("entropy"), 3, x, seeds=1)
+    assert qsgd["ratio"] > eden["ratio"]  # QSGD is further from the limit on Gaussians
+    assert limit.bound_bits(100, 1.0) == pytest.approx(50.0)
+    rows = [{**eden, "method": "eden"}, {**qsgd, "method": "qsgd-entropy"}]
+    assert limit.targets(rows)[0].startswith("1 bit (s = 15)")
+    header, table = limit.summary({"gauss": rows})
+    assert len(header) == 5 and all(len(r) == 5 for r in table)
 
 
 def test_best_time_is_the_fastest_timed_call_after_the_warmup() -> None:

@@ -6,7 +6,9 @@
 
 A corpus of valid messages (raw, packed and entropy; 0 to 20,000 entries;
 levels 1 to ``MAX_LEVELS``; buckets; l2 and max norm; Gaussian, heavy-tailed,
-sparse, all-zero and arbitrary level indices) is built deterministically.
+sparse, all-zero and arbitrary level indices; and rotated ``"eden"``
+messages of every rung and block size, with zero, raw and re-rotated
+blocks) is built deterministically.
 Case ``i`` draws a message and one mutation from
 ``numpy.random.default_rng([seed, i])``, so any case can be replayed alone:
 truncation, extension, bit flips, bytes overwritten, header fields set to
@@ -18,7 +20,9 @@ a bucket norm (or raw value) set to a special float32 (``-0.0``, subnormals,
 the edges of the encoder's range ``< 2**127``, inf, NaNs, negatives); a
 packed code set to an edge value or a padding bit set; one field of an
 entropy body (``k``, the varint ``m``, or the coded words: one appended,
-prepended, dropped, nudged, swapped or replaced); and the sample's own
+prepended, dropped, nudged, swapped or replaced); one field of a rotated
+body (the seed, a block's mode, a padding bit, a code bit, a raw value, the
+code stream's length); and the sample's own
 vector in another form the entropy layout allows (another ``k``, stored
 instead of coded or the reverse). Most mutations that should reach the
 body recompute the CRC (and the body length), so that the body checks, not
@@ -26,8 +30,9 @@ the CRC, have to reject them.
 
 The mutated bytes go through the four decoders a server uses, each with the
 original's element count as ``expected_numel``: ``decode``, ``decode_dense``,
-``decode_dequantize`` (into an ``out`` buffer) and
-``QSGDCompressor.decompress`` (with the original's levels), as ``bytes`` or,
+``decode_dequantize`` (into an ``out`` buffer) and the original's compressor's
+``decompress`` (``QSGDCompressor`` or ``EdenCompressor``, with the original's
+levels), as ``bytes`` or,
 in 40% of cases, as a ``bytearray``, a ``memoryview`` (also one sliced out of
 a larger buffer) or a uint8 ``ndarray``. Each call is one of
 
@@ -42,8 +47,9 @@ decoded-other-valid    it returned something else, and the mutated bytes are
 decoded-non-canonical  it returned something that does not re-encode to the
                        bytes, which are another form the layout allows for it
                        (an entropy body with another ``k``, or stored instead
-                       of coded, or the reverse): every vector has one valid
-                       encoding in each encoding (failure)
+                       of coded, or the reverse; rotated fields that
+                       ``encode_rotated`` writes differently): every vector
+                       has one valid encoding in each encoding (failure)
 decoded-wrong          it returned something that does not re-encode to the
                        bytes and of which they are no encoding (failure)
 inconsistent           ``decode_dequantize`` or ``decompress`` disagreed with
@@ -94,7 +100,7 @@ import constriction
 import numpy as np
 import torch
 
-from adaquantfl.compression import QSGDCompressor
+from adaquantfl.compression import EdenCompressor, QSGDCompressor
 from adaquantfl.compression.codec import (
     CodecError,
     decode,
@@ -104,13 +110,20 @@ from adaquantfl.compression.codec import (
     encode_dense,
 )
 from adaquantfl.compression.qsgd import MAX_LEVELS, Quantized, dequantize, num_buckets, quantize
+from adaquantfl.compression.rotation import (
+    RotatedMessage,
+    decode_rotated,
+    eden_encode,
+    encode_rotated,
+    reconstruct,
+)
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 DECODERS = ("decode", "decode_dense", "decode_dequantize", "decompress")
 OK_OUTCOMES = ("rejected", "decoded-equal", "decoded-other-valid")
 BAD_OUTCOMES = ("decoded-non-canonical", "decoded-wrong", "inconsistent", "other-exception")
 OUTCOMES = OK_OUTCOMES + BAD_OUTCOMES
-CODES = {"raw": 0, "packed": 1, "entropy": 2}
+CODES = {"raw": 0, "packed": 1, "entropy": 2, "rotated": 4}
 FLAG_MAX_NORM = 0x10
 U32_MAX = 2**32 - 1
 #: The largest norm an encoder produces (the quantizer refuses 2**127 and above).
@@ -136,12 +149,14 @@ class Sample:
     """A valid message and what each decoder must give for it."""
 
     name: str
-    encoding: str  # "raw", "packed" or "entropy"
+    encoding: str  # "raw", "packed", "entropy" or "rotated"
     data: bytes
     numel: int
     levels: int | None  # None for raw
-    quantized: Quantized | None  # None for raw
+    quantized: Quantized | None  # None for raw and rotated
     dense: torch.Tensor  # decode_dense's result for raw, dequantize(quantized) otherwise
+    rotated: RotatedMessage | None = None  # the fields of a rotated message
+    max_block_size: int = 0  # the "eden" compressor's option for a rotated message
 
     @property
     def body_bytes(self) -> int:
@@ -220,7 +235,40 @@ def make_sample(
     return Sample(name, encoding, encode(q, encoding), numel, levels, q, dequantize(q))
 
 
+def make_rotated_sample(
+    numel: int, levels: int, max_block_size: int, *, kind: str = "gauss", seed: int = 0
+) -> Sample:
+    """A valid ``"eden"`` message, made by the compressor (blocks by :func:`block_size_for`)."""
+    if kind == "modes":  # the golden vector's kind of content: every block mode
+        return _rotated_modes_sample(seed)
+    name = f"rotated-d{numel}-s{levels}-b{max_block_size}-{kind}-{seed}"
+    x = values(kind, numel, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    data = EdenCompressor(max_block_size).compress(x, levels, generator=g)
+    message = decode_rotated(data, expected_numel=numel)
+    return Sample(
+        name, "rotated", data, numel, levels, None, reconstruct(message), message, max_block_size
+    )
+
+
+def _rotated_modes_sample(seed: int) -> Sample:
+    """300 entries in blocks of 128 at s = 3: base rotations, one more, and raw."""
+    x = torch.zeros(300)
+    x[:128] = torch.linspace(-1.0, 1.0, 128)
+    x[128:256] = torch.randn(128, generator=torch.Generator().manual_seed(286))
+    x[256:] = torch.linspace(0.0, 1.0, 44)
+    x[299] = 1e30
+    data = eden_encode(x, 3, generator=torch.Generator().manual_seed(2026), block_size=128)
+    message = decode_rotated(data, expected_numel=300)
+    if message.modes.tolist() != [0, 1, 2]:
+        raise RuntimeError(f"the modes sample has modes {message.modes.tolist()}")
+    name = f"rotated-d300-s3-b128-modes-{seed}"
+    return Sample(name, "rotated", data, 300, 3, None, reconstruct(message), message, 128)
+
+
 SIZES = (0, 1, 2, 3, 5, 8, 9, 16, 17, 64, 100, 410, 1000, 4097)
+#: Levels of rotated samples: every kind of rung (sub-bit, 1 bit, 2-8 bits).
+ROTATED_LEVELS = (1, 2, 3, 5, 6, 7, 12, 14, 15, 31, 63, 255, 2047, 65_535, MAX_LEVELS)
 LEVELS = (1, 2, 3, 4, 7, 8, 15, 16, 127, 128, 255, 256, 4095, 65_535, 70_000, MAX_LEVELS)
 
 
@@ -254,6 +302,17 @@ def corpus(seed: int = 2026) -> list[Sample]:
             )
         for n, levels, kind in [(0, 1, "gauss"), (1, MAX_LEVELS, "gauss"), (20_000, 3, "cubed")]:
             out.append(make_sample(encoding, n, levels, kind=kind, seed=99))
+    # Rotated ("eden") messages; "special" values include +-3.4e38, whose blocks
+    # are too large to scale and go raw.
+    kinds = ("gauss", "cubed", "sparse", "zeros", "special")
+    for i in range(40):
+        n = int(rng.choice((*SIZES, 4096, 5210)))
+        levels = int(rng.choice(ROTATED_LEVELS))
+        block = int(rng.choice((64, 128, 1024, 4096)))
+        kind = kinds[int(rng.integers(len(kinds)))]
+        out.append(make_rotated_sample(n, levels, block, kind=kind, seed=i))
+    out.append(make_rotated_sample(300, 3, 128, kind="modes", seed=0))
+    out.append(make_rotated_sample(20_000, 1, 4096, kind="cubed", seed=99))
     return out
 
 
@@ -600,10 +659,10 @@ def mutate(rng: np.random.Generator, sample: Sample, corpus: list[Sample]) -> tu
     if kind == "random":
         return kind, _bytes(rng, int(_choice(rng, (0, 1, 4, 11, 12, 13, 16, 40, 300))))
     # "random-framed+crc": a header consistent with its length around random norms and body.
-    code = int(_choice(rng, (0, 1, 2, 0x10, 0x11, 0x12, 0x12, int(rng.integers(256)))))
+    code = int(_choice(rng, (0, 1, 2, 4, 0x10, 0x11, 0x12, 0x12, 0x14, int(rng.integers(256)))))
     numel = sample.numel if rng.random() < 0.7 else int(rng.integers(0, 50))
     levels = int(_choice(rng, (*LEVELS, 0)))
-    bucket = int(_choice(rng, (0, 0, 1, 3, max(1, numel))))
+    bucket = int(_choice(rng, (0, 0, 1, 3, max(1, numel), 64, 128, 4096)))
     nb = 0 if code & 0x0F == 0 else num_buckets(numel, bucket or None)
     if code & 0x0F == 0:
         body_len = 4 * numel
@@ -736,6 +795,8 @@ def _mutate_body_field(rng: np.random.Generator, sample: Sample) -> bytes:
     _, (numel, levels, _, _), _, body = message_parts(sample.data)
     if sample.encoding == "raw":
         return _mutate_norm(rng, sample)  # a raw body is values: set one
+    if sample.rotated is not None:
+        return with_parts(sample.data, body=_mutate_rotated_body(rng, sample.rotated, body))
     if sample.encoding == "packed":
         return with_parts(sample.data, body=_mutate_packed_codes(rng, body, numel, levels))
     if not body:  # d = 0: any entropy body is too much
@@ -747,6 +808,42 @@ def _mutate_body_field(rng: np.random.Generator, sample: Sample) -> bytes:
             new = b"\xff" + _mutate_packed_codes(rng, body[1:], numel, levels)
         return with_parts(sample.data, body=new)
     return with_parts(sample.data, body=_mutate_entropy_fields(rng, body, levels))
+
+
+def _mutate_rotated_body(rng: np.random.Generator, m: RotatedMessage, body: bytes) -> bytes:
+    """One field of a rotated body changed by its layout: the seed, a mode, a padding
+    bit, a code bit, a raw value, or the code stream's length."""
+    nb = m.scales.size
+    codes_at = 8 + -(-nb // 4)
+    codes_end = codes_at + m.codes.size
+    out = bytearray(body)
+    pick = int(rng.integers(6))
+    if pick == 0:  # the seed: its top bit (over 63 bits), or any bytes
+        if rng.random() < 0.5:
+            out[7] |= 0x80
+        else:
+            out[:8] = _bytes(rng, 8)
+    elif pick == 1 and nb:  # one block's mode set to 0, 1, 2 or 3
+        j = int(rng.integers(nb))
+        shift = 2 * (j % 4)
+        out[8 + j // 4] = (out[8 + j // 4] & ~(3 << shift)) | (int(rng.integers(4)) << shift)
+    elif pick == 2:  # the last mode byte's or the last code byte's high bit: padding, mostly
+        at = codes_at - 1 if (rng.random() < 0.5 or not m.codes.size) else codes_end - 1
+        if 0 <= at < len(out):
+            out[at] |= 0x80 >> int(rng.integers(3))
+    elif pick == 3 and m.codes.size:  # one code bit: another valid message, or a zero block's
+        bit = int(rng.integers(8 * m.codes.size))
+        out[codes_at + bit // 8] ^= 1 << (bit % 8)
+    elif pick == 4 and m.raw.size:  # a raw value set to a special float32
+        j = codes_end + 4 * int(rng.integers(m.raw.size))
+        out[j : j + 4] = _special_f32(rng)
+    else:  # the code stream (and everything after it) shortened or lengthened
+        cut = int(rng.integers(1, 9))
+        if rng.random() < 0.5:
+            del out[max(codes_at, len(out) - cut) :]
+        else:
+            out += _bytes(rng, cut) if rng.random() < 0.5 else bytes(cut)
+    return bytes(out)
 
 
 def _other_entropy_form(rng: np.random.Generator, sample: Sample) -> bytes:
@@ -767,6 +864,8 @@ def _other_entropy_form(rng: np.random.Generator, sample: Sample) -> bytes:
 
 
 def _num_norms(sample: Sample) -> int:
+    if sample.rotated is not None:
+        return int(sample.rotated.scales.size)
     q = sample.quantized
     return 0 if q is None else q.num_buckets
 
@@ -776,10 +875,15 @@ def _reframe(
 ) -> bytes:
     """``body`` under a header claiming the sample's element count (and a valid CRC)."""
     q = sample.quantized
+    r = sample.rotated
     if q is not None:
         levels = q.levels if rng.random() < 0.7 else levels
         bucket, norm = q.bucket_size or 0, q.norm
         norms = q.norms.numpy().astype("<f4").tobytes()
+    elif r is not None:  # the rotated header and scales around another body
+        levels = r.levels if rng.random() < 0.7 else levels
+        bucket, norm = r.block_size, "l2"
+        norms = r.scales.astype("<f4").tobytes()
     else:
         bucket, norm = 0, "l2"
         norms = (rng.random(1) * 3.0).astype("<f4").tobytes()
@@ -893,6 +997,44 @@ def _mirror(
         call.outcome, call.detail = primary.outcome, primary.detail
 
 
+def _classify_rotated(
+    sample: Sample, data: bytes, value: Any, out: torch.Tensor, call: Call
+) -> None:
+    """Judge ``EdenCompressor.decompress`` on (mutated) bytes of a rotated sample.
+
+    Accepted bytes must be exactly what :func:`encode_rotated` makes of the fields
+    :func:`decode_rotated` reads from them (one valid form per message), and the
+    tensor must be :func:`reconstruct` of those fields, written into ``out``.
+    """
+    if call.outcome == "other-exception":
+        return
+    if call.outcome == "rejected":
+        if data == sample.data:
+            call.outcome = "inconsistent"
+            call.detail = f"rejected the encoder's own message ({call.detail})"
+        return
+    assert sample.levels is not None
+    compressor = EdenCompressor(sample.max_block_size)
+    try:
+        fields = decode_rotated(
+            data,
+            expected_numel=sample.numel,
+            expected_levels=sample.levels,
+            expected_block_size=compressor.block_size(sample.numel, sample.levels),
+        )
+    except CodecError as exc:
+        call.outcome, call.detail = "inconsistent", f"decode_rotated rejected it ({exc})"
+        return
+    if value.data_ptr() != out.data_ptr() or not bitwise_equal(value, reconstruct(fields)):
+        call.outcome, call.detail = "decoded-wrong", "differs from reconstruct(decode_rotated(...))"
+    elif encode_rotated(fields) != data:
+        call.outcome, call.detail = "decoded-non-canonical", "its fields re-encode to other bytes"
+    elif data == sample.data and bitwise_equal(value, sample.dense):
+        call.outcome, call.detail = "decoded-equal", ""
+    else:
+        call.outcome, call.detail = "decoded-other-valid", "the encoder's bytes (rotated fields)"
+
+
 #: Types a message may arrive as; the decoders take any of them.
 CONTAINERS = ("bytes", "bytearray", "memoryview", "memoryview-slice", "ndarray")
 
@@ -910,8 +1052,10 @@ def wrap(data: bytes, container: str) -> Any:
     return data
 
 
-def _compressor_of(sample: Sample) -> QSGDCompressor:
+def _compressor_of(sample: Sample) -> QSGDCompressor | EdenCompressor:
     """The compressor a server expecting ``sample``'s kind of message uses."""
+    if sample.rotated is not None:
+        return EdenCompressor(sample.max_block_size)
     if sample.quantized is None:
         return QSGDCompressor()
     return QSGDCompressor(
@@ -982,7 +1126,9 @@ def _run_case(sample: Sample, data: bytes, measure_alloc: bool, container: str) 
         bound,
         measure_alloc,
     )
-    if sample.levels is None:
+    if sample.rotated is not None:
+        _classify_rotated(sample, data, z, out2, comp)
+    elif sample.levels is None:
         expected = x if x is not None else None
         _mirror(comp, z, out2, expected, dense)
     else:
@@ -1035,7 +1181,8 @@ class Report:
 
 
 def encoding_of(data: bytes) -> str:
-    """The encoding a message's header names ("raw", "packed", "entropy"), or "unknown"."""
+    """The encoding a message's header names ("raw", "packed", "entropy", "rotated"), or
+    "unknown"."""
     if len(data) < 4 or data[:3] != b"AQ\x01":
         return "unknown"
     names = {code: name for name, code in CODES.items()}
@@ -1065,7 +1212,8 @@ def fuzz(
     for sample in samples:  # positive control, and compiles every kernel variant
         calls = run_case(sample, sample.data)
         wrong = [c for c in calls if c.outcome not in ("decoded-equal", "rejected")]
-        if wrong or calls[0 if sample.levels else 1].outcome != "decoded-equal":
+        primary = 3 if sample.rotated is not None else 0 if sample.levels else 1
+        if wrong or calls[primary].outcome != "decoded-equal":
             raise RuntimeError(f"corpus message {sample.name} does not round-trip: {wrong}")
     report = Report(cases=cases, seed=seed)
     tracemalloc.start()

@@ -14,6 +14,7 @@ import torch
 
 from adaquantfl.compression.codec import encode, encode_dense
 from adaquantfl.compression.qsgd import Quantized, quantize
+from adaquantfl.compression.rotation import eden_encode
 
 HERE = Path(__file__).parent
 
@@ -45,6 +46,7 @@ def golden_cases() -> dict[str, bytes]:
     wide = torch.logspace(-2.0, 0.0, 300) * torch.linspace(-1.0, 1.0, 300).sign()
     large_s = quantize(wide, 65535, generator=torch.Generator().manual_seed(7), bucket_size=100)
     return {
+        **eden_golden_cases(),
         "packed_s3_hand.bin": encode(hand, "packed"),
         "packed_s1_bucket3_maxnorm.bin": encode(bucketed, "packed"),
         "packed_s2_linspace410_seed2026.bin": encode(seeded, "packed"),
@@ -52,6 +54,27 @@ def golden_cases() -> dict[str, bytes]:
         "entropy_s3_hand.bin": encode(hand, "entropy"),
         "entropy_s2_linspace410_seed2026.bin": encode(seeded, "entropy"),
         "entropy_s65535_bucket100_logspace300_seed7.bin": encode(large_s, "entropy"),
+    }
+
+
+def eden_golden_cases() -> dict[str, bytes]:
+    """The rotated ("eden") vectors: 300 entries in blocks of 128, every block mode.
+
+    At s = 3 (groups of 16, 16, 32) block 0 (a ramp) takes the base
+    rotations, block 1 (Gaussian, seed 286: a draw whose base rotations
+    quantize over the bound) one more, and the tail of 44 entries (one of them
+    1e30, too large to scale) is sent raw; s = 31 (2 bits) has them all in mode 0.
+    """
+    x = torch.zeros(300)
+    x[:128] = torch.linspace(-1.0, 1.0, 128)
+    x[128:256] = torch.randn(128, generator=torch.Generator().manual_seed(286))
+    x[256:] = torch.linspace(0.0, 1.0, 44)
+    x[299] = 1e30
+    return {
+        f"eden_s{s}_d300_block128_seed2026.bin": eden_encode(
+            x, s, generator=torch.Generator().manual_seed(2026), block_size=128
+        )
+        for s in (3, 31)
     }
 
 

@@ -7,6 +7,8 @@
 - :mod:`.compressor`: the compressor protocol and the registry of compressors by name;
 - :mod:`.qsgd_compressor`: QSGD in the v1 format (``"qsgd"``);
 - :mod:`.topk`: top-k sparsification (``"topk"``, biased) and the sparse body;
+- :mod:`.rotation`: EDEN, a randomized Hadamard rotation with an unbiasing scale
+  (``"eden"``), and the rotated body;
 - :mod:`.feedback`: a client's end of a compressor (:class:`ClientCompressor`), which
   keeps error feedback's residual between rounds;
 - :mod:`._kernels`: the compiled (numba) kernels.
@@ -25,6 +27,7 @@ from adaquantfl.compression.compressor import (
 )
 from adaquantfl.compression.feedback import ClientCompressor, CompressedUpdate, ErrorFeedback
 from adaquantfl.compression.qsgd_compressor import QSGDCompressor, QSGDOptions
+from adaquantfl.compression.rotation import EdenCompressor, EdenOptions
 from adaquantfl.compression.topk import TopKCompressor, TopKOptions
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "ClientCompressor",
     "CompressedUpdate",
     "Compressor",
+    "EdenCompressor",
+    "EdenOptions",
     "ErrorFeedback",
     "QSGDCompressor",
     "QSGDOptions",

@@ -5,15 +5,16 @@ A message is a fixed-order header, the per-bucket norms, a body and a CRC32::
     offset  size  field
     0       2     magic b"AQ"
     2       1     format version (1)
-    3       1     low nibble: encoding (0 raw, 1 packed, 2 entropy, 3 sparse);
+    3       1     low nibble: encoding (0 raw, 1 packed, 2 entropy, 3 sparse, 4 rotated);
                   high nibble: flags (bit 4: max-norm); other bits must be 0
     4       ...   four unsigned LEB128 varints (canonical, at most 5 bytes):
                   numel d, levels s (0 for raw; entries sent for sparse),
                   bucket size (0 = one bucket),
                   body length in bytes
-    ...     4*nb  norms, float32 little-endian (none for raw and sparse)
+    ...     4*nb  norms, float32 little-endian (none for raw and sparse; rotated: a
+                  scale per block, the bucket size being the block size)
     ...     body  raw: d float32 LE; packed: see below; entropy: adaquantfl.compression.entropy;
-                  sparse: adaquantfl.compression.topk
+                  sparse: adaquantfl.compression.topk; rotated: adaquantfl.compression.rotation
     -4      4     CRC32 (zlib) of every byte before it, little-endian
 
 Packed body: entry ``i`` becomes the code ``(xi_i << 1) | sign_i`` of
@@ -186,6 +187,25 @@ def peek_header(data: bytes | bytearray | memoryview) -> Header:
         if not 5 * levels <= body_bytes <= 9 * levels:
             raise CodecError(
                 f"sparse body length {body_bytes} is outside [5k, 9k] for k = {levels} entries"
+            )
+    elif header.encoding == "rotated":
+        # The rotated body (see .rotation): an 8-byte seed, 2 bits of mode per
+        # block, then at most 8 code bits per entry of each block (a tail block
+        # is padded to at most the block size) and 4 bytes per raw entry.
+        block = header.bucket_size or 0
+        if header.flags or not 64 <= block <= 65536 or block & (block - 1):
+            raise CodecError(
+                f"rotated message must have no flags and a block size that is a power of two "
+                f"in [64, 65536]; got flags 0x{header.flags:02x}, block size {block}"
+            )
+        if not 1 <= levels <= MAX_LEVELS:
+            raise CodecError(f"levels {levels} out of range [1, {MAX_LEVELS}]")
+        blocks = num_buckets(numel, block)
+        low = 8 + -(-blocks // 4)
+        if not low <= body_bytes <= low + blocks * block + 4 * numel:
+            raise CodecError(
+                f"rotated body length {body_bytes} is outside [{low}, "
+                f"{low + blocks * block + 4 * numel}] for numel {numel} in blocks of {block}"
             )
     else:
         if not 1 <= levels <= MAX_LEVELS:

@@ -49,7 +49,7 @@ __all__ = [
 MAGIC = b"AQ"
 FORMAT_VERSION = 1
 #: Encodings by name, with their code in the header.
-ENCODINGS: dict[str, int] = {"raw": 0, "packed": 1, "entropy": 2, "sparse": 3}
+ENCODINGS: dict[str, int] = {"raw": 0, "packed": 1, "entropy": 2, "sparse": 3, "rotated": 4}
 _ENCODING_NAMES = {code: name for name, code in ENCODINGS.items()}
 FLAG_MAX_NORM = 0x10
 _KNOWN_FLAGS = FLAG_MAX_NORM
