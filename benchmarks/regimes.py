@@ -6,11 +6,13 @@
     python -m benchmarks.regimes --jobs 2 --only mnist1d-floor,digits-mlp
 
 For each regime (a shipped config), encoding and seed, every method runs
-alone (``adaquantfl.run``): fp32, fixed levels s in {1, 2, 3, 4, 7, 8, 15,
-16, 31}, AdaQuantFL with s0 in {1, 2, 4} (and s0 = 2 rounded to 2^k - 1),
-DAdaQuant's three rules and ``auto``. For each target (1.01, 1.05 and 1.2 x
-that seed's fp32 final training loss) a method's score is its uplink wire bits
-to the target divided by the fewest bits any fixed level needed in the same
+alone (``adaquantfl.run``): fp32, fixed QSGD levels s in {1, 2, 3, 4, 7, 8,
+15, 16, 31}, AdaQuantFL with s0 in {1, 2}, DAdaQuant's time and doubly
+adaptive rules, ``auto`` and ``probe``; and the rotation-based compressor
+``eden`` at fixed rungs {1, 2, 3, 7, 15, 31} and steered by AdaQuantFL,
+``auto`` and ``probe``. For each target (1.01, 1.05 and 1.2 x that seed's
+fp32 final training loss) a method's score is its uplink wire bits to the
+target divided by the fewest bits any fixed QSGD level needed in the same
 seed, target and encoding (the hindsight-best fixed level). The tables give
 the geometric mean of that ratio over the seeds that reached the target and
 how many did; "never" where none did.
@@ -20,8 +22,10 @@ AdaQuantFL and DAdaQuant's time rule: their levels follow the loss alone, and
 the quantization noise is drawn from the same stream whatever the encoding)
 runs once, entropy-coded; its packed bits are exact arithmetic on the same
 rounds (a packed message's size depends only on d, s and the bucket), so it
-is scored under both encodings from one run. Policies that read the bits
-(``auto``, ``probe``, DAdaQuant's client rule) run under each. The test set is
+is scored under both encodings from one run; ``eden`` has its own encoding,
+so each of its runs is scored under both as it is. Policies that read the
+bits (``auto``, DAdaQuant's doubly adaptive rule) and ``probe`` (whose
+probes' bytes the rows do not separate) run under each. The test set is
 evaluated every 5 rounds (and the last): the scores need the training loss
 only, and the budget table's final accuracy takes the evaluated rounds.
 
@@ -61,6 +65,8 @@ REGIMES: dict[str, Path | dict[str, Any]] = {
     "mnist5k-cnn": ROOT / "configs" / "mnist5k-cnn.toml",
 }
 FIXED_LEVELS = (1, 2, 3, 4, 7, 8, 15, 16, 31)
+#: The rotation-based compressor's fixed rungs: 1/8, 3/16, 1/4, 1/2, 1 and 2 bits an entry.
+EDEN_LEVELS = (1, 2, 3, 7, 15, 31)
 TARGETS = (1.01, 1.05, 1.2)
 #: The budget table's budget: the bits the best fixed level needed to reach this x fp32.
 BUDGET_TARGET = 1.05
@@ -69,7 +75,7 @@ ENCODINGS = ("packed", "entropy")
 
 #: The hard cells the quick run keeps: a floor regime and the short CNN run.
 QUICK_REGIMES = ("mnist1d-floor", "mnist5k-cnn")
-QUICK_METHODS = ("fp32", "adaquantfl-s2", "auto", "probe")
+QUICK_METHODS = ("fp32", "adaquantfl-s2", "auto", "probe", "eden-probe", "eden-adaquantfl-s2")
 EVAL_EVERY = 5
 
 
@@ -80,6 +86,8 @@ class Method:
     fixed: bool = False
     #: Its rounds do not depend on the encoding (see the module notes).
     encoding_free: bool = False
+    #: Its messages do not depend on the encoding either (another compressor).
+    own_encoding: bool = False
 
 
 def methods() -> list[Method]:
@@ -89,7 +97,7 @@ def methods() -> list[Method]:
         out.append(
             Method(f"qsgd-s{s}", ("compression.method=qsgd", f"compression.levels={s}"), True, True)
         )
-    for s0 in (1, 2, 4):
+    for s0 in (1, 2):
         out.append(
             Method(
                 f"adaquantfl-s{s0}",
@@ -97,18 +105,7 @@ def methods() -> list[Method]:
                 encoding_free=True,
             )
         )
-    out.append(
-        Method(
-            "adaquantfl-s2-pow2m1",
-            (
-                "compression.method=adaquantfl",
-                "compression.levels=2",
-                'compression.policy_options.round_levels="pow2m1"',
-            ),
-            encoding_free=True,
-        )
-    )
-    for name in ("dadaquant-time", "dadaquant", "dadaquant-client"):
+    for name in ("dadaquant-time", "dadaquant"):
         # DAdaQuant's q_min = 1 (its Synthetic and FEMNIST settings); the client
         # rule alone needs a static q, here 2 (AdaQuantFL's and DAdaQuant's s0).
         q = 2 if name == "dadaquant-client" else 1
@@ -123,6 +120,18 @@ def methods() -> list[Method]:
     # probe's decisions do not read bits, but its probes' bytes are in each
     # round's uplink, which packed arithmetic on the rows cannot tell: run both.
     out.append(Method("probe", ("compression.method=probe",)))
+    # The rotation-based compressor, at fixed rungs and steered by the policies.
+    eden = ('compression.compressor="eden"',)
+    for s in EDEN_LEVELS:
+        out.append(
+            Method(f"eden-s{s}", (*eden, "compression.method=qsgd", f"compression.levels={s}"),
+                   own_encoding=True)
+        )  # fmt: skip
+    for label, policy in (("adaquantfl-s2", ("compression.method=adaquantfl",
+                                             "compression.levels=2")),
+                          ("auto", ("compression.method=auto",)),
+                          ("probe", ("compression.method=probe",))):  # fmt: skip
+        out.append(Method(f"eden-{label}", (*eden, *policy), own_encoding=True))
     return out
 
 
@@ -587,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
         for regime in regimes
         for seed in seeds
         for method in suite
-        for encoding in (("entropy",) if method.encoding_free else ENCODINGS)
+        for encoding in (("entropy",) if method.encoding_free or method.own_encoding else ENCODINGS)
     ]
     start = time.perf_counter()
     rerun = set(args.rerun.split(",")) if args.rerun else set()
@@ -600,9 +609,12 @@ def main(argv: list[str] | None = None) -> None:
         for j, r in zip(jobs, results, strict=True)
     }
     free = {m.label for m in suite if m.encoding_free}
+    own = {m.label for m in suite if m.own_encoding}
     for (regime, label, _, seed), r in list(runs.items()):
         if label in free:  # the same rounds, with a packed message's bits
             runs[(regime, label, "packed", seed)] = {**r, "rows": packed_rows(r["rows"], regime)}
+        elif label in own:  # the same rounds and the same bits
+            runs[(regime, label, "packed", seed)] = r
     report = {
         "seeds": seeds,
         "rounds_scale": scale,
