@@ -19,17 +19,22 @@ each fixed level against fp32's, over the probes' ``C_r``). The offset is a
 floor only once the loss's own decrease is no longer larger: over the
 ``1 / rho`` rounds in which the offset builds up, the loss falls by
 ``D / rho`` (``D``: its decrease per round), so the offset is overtaken by
-progress while ``C_r <= D``, whatever ``rho`` is. Hence the rule:
+progress while ``C_r`` stays below a few rounds of ``D``. Hence the rule:
 
 1. ``D`` is the slope of an OLS line through ``F(w_k)`` over the last
    ``window`` rounds at the current rung (after a change, the rounds since);
    ``se`` its standard error.
-2. Up one rung when ``C_cur > max(D + se, eps F)``: the noise outweighs what
-   the loss still gains (``eps F``: a noise of ``eps = 10^-4`` of the loss a
-   round, an offset of about 0.1%, is never worth more bits).
-3. Down one rung when ``C_below < (D - se) / 2``: the cheaper rung's noise
-   is outrun by half the progress (the factor 2 keeps the level from
-   flapping between two rungs that both sit near ``D``).
+2. Up one rung when the current rung's noise costs more than the loss can
+   carry: ``C_cur > theta F`` (an offset of about ``10 theta`` of the loss,
+   10% at ``theta = 0.01``, is a floor whatever the trend says), or
+   ``C_cur > max(kappa (D + se), eps F)`` (the noise outweighs ``kappa = 4``
+   rounds of progress; one round's, ``kappa = 1``, moved up on the slow but
+   steady descent of the 1-D CNN, where the offset is overtaken anyway;
+   ``eps F``, a noise of ``eps = 10^-4`` of the loss a round, an offset of
+   about 0.1%, is never worth more bits).
+3. Down one rung when the cheaper rung would pass both tests with a margin:
+   ``C_below < min(kappa (D - se), theta F) / 2`` (the factor 2 keeps the
+   level from flapping between two rungs that both sit near the line).
 4. No blow-ups: after a move down, a round whose loss jumps by more than
    ``jump`` (relative) above the round before sends the level back at once,
    and that rung is not tried again for ``4 window`` rounds.
@@ -39,25 +44,26 @@ progress while ``C_r <= D``, whatever ``rho`` is. Hence the rule:
    measure it), the policy falls back to ``auto``'s trials.
 
 What this guarantees, and what it does not. In the model above, a run that
-keeps ``C_r <= D`` stays within one relaxation time's progress of the
-noiseless run (its loss at round ``k`` is at most the noiseless loss of
-round ``k - 1 / rho``), on the cheapest rung the probes show to satisfy it;
-against the best fixed rung in hindsight it is the local form of Khirirat et
-al.'s rule (AAAI 2021, "CAT": the compression with the most loss decrease per
+keeps ``C_r`` within ``kappa D`` and ``theta F`` stays within a few
+relaxation times' progress of the noiseless run, on the cheapest rung the
+probes show to satisfy it; it is the local form of Khirirat et al.'s rule
+(AAAI 2021, "CAT": the compression with the most loss decrease per
 communicated bit), with the decrease measured rather than bounded. It has no
-regret bound: the probes are a few clients' data and one noise pair each,
-the trend lags, and a client's curvature is not the population's; the
-regime suite measures how far that goes.
+regret bound against the best fixed rung in hindsight: the probes are a few
+clients' data and one noise pair each, the trend lags, and a client's
+curvature is not the population's; the regime suite and its held-out
+regimes measure how far that goes.
 
 Defaults, one set for every run, with their reasons: ``window = 10`` rounds
 (as ``auto``: the fewest that give a trend with a useful standard error);
 probes every ``every = 2`` rounds (each costs a client ``2 x 2 + 1`` forward
 passes over at most 256 of its examples, and 24 bytes of uplink, counted in
-``wire_bits``); ``eps = 10^-4``; ``jump = 0.25`` (a quarter more loss in one
-round is no noise of the trend); ``tail = 0.1`` of the rounds; the ladder
-``1, 3, 7, 15, ...`` (each rung one more bit per entry under the packed
-encoding), starting on its second rung, 3; the ladder applies to any
-compressor whose rate grows with its levels.
+``wire_bits``); ``kappa = 4``, ``theta = 0.01`` and ``eps = 10^-4`` as in
+rules 2 and 3; ``jump = 0.25`` (a quarter more loss in one round is no noise
+of the trend); ``tail = 0.1`` of the rounds; the ladder ``1, 3, 7, 15, ...``
+(each rung one more bit per entry under the packed encoding), starting on
+its second rung, 3; the ladder applies to any compressor whose rate grows
+with its levels.
 """
 
 from __future__ import annotations
@@ -109,7 +115,7 @@ class ProbeLevels:
         The run's horizon (None: unknown, no end-of-run rule).
     window, every : int
         Rounds of the loss trend; rounds between probes.
-    eps, jump, tail : float
+    eps, kappa, theta, jump, tail : float
         See the module notes.
     """
 
