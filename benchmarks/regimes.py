@@ -1,18 +1,33 @@
 """The regime suite: every level policy against the hindsight-best fixed level, per regime.
 
-    python -m benchmarks.regimes                    # 5 regimes, 2 seeds, packed + entropy
-    python -m benchmarks.regimes --quick            # 1 seed, a tenth of the rounds (a smoke run)
+    python -m benchmarks.regimes --jobs 2           # 5 regimes, 3 seeds, packed + entropy
+    python -m benchmarks.regimes --jobs 2 --quick   # the hard cells: floor + short CNN, 1 seed
+    python -m benchmarks.regimes --jobs 2 --heldout # the held-out regimes (regimes_heldout.py)
     python -m benchmarks.regimes --jobs 2 --only mnist1d-floor,digits-mlp
 
 For each regime (a shipped config), encoding and seed, every method runs
-alone (``adaquantfl.run``): fp32, fixed levels s in {1, 2, 3, 4, 7, 8, 15,
-16, 31}, AdaQuantFL with s0 in {1, 2, 4} (and s0 = 2 rounded to 2^k - 1),
-DAdaQuant's three rules and ``auto``. For each target (1.01, 1.05 and 1.2 x
-that seed's fp32 final training loss) a method's score is its uplink wire bits
-to the target divided by the fewest bits any fixed level needed in the same
+alone (``adaquantfl.run``): fp32, fixed QSGD levels s in {1, 2, 3, 4, 7, 8,
+15, 16, 31}, AdaQuantFL with s0 in {1, 2}, DAdaQuant's time and doubly
+adaptive rules, ``auto`` and ``probe``; and the rotation-based compressor
+``eden`` at fixed rungs {1, 2, 3, 7, 15, 31} and steered by AdaQuantFL,
+``auto`` and ``probe``. For each target (1.01, 1.05 and 1.2 x that seed's
+fp32 final training loss) a method's score is its uplink wire bits to the
+target divided by the fewest bits any fixed QSGD level needed in the same
 seed, target and encoding (the hindsight-best fixed level). The tables give
 the geometric mean of that ratio over the seeds that reached the target and
 how many did; "never" where none did.
+
+A method whose trajectory does not depend on the encoding (fp32, fixed levels,
+AdaQuantFL and DAdaQuant's time rule: their levels follow the loss alone, and
+the quantization noise is drawn from the same stream whatever the encoding)
+runs once, entropy-coded; its packed bits are exact arithmetic on the same
+rounds (a packed message's size depends only on d, s and the bucket), so it
+is scored under both encodings from one run; ``eden`` has its own encoding,
+so each of its runs is scored under both as it is. Policies that read the
+bits (``auto``, DAdaQuant's doubly adaptive rule) and ``probe`` (whose
+probes' bytes the rows do not separate) run under each. The test set is
+evaluated every 5 rounds (and the last): the scores need the training loss
+only, and the budget table's final accuracy takes the evaluated rounds.
 
 Every run's metrics are kept in ``benchmarks/results/regimes/runs/`` under a
 name derived from the run's whole resolved config, so a second invocation
@@ -25,6 +40,7 @@ method's final loss and accuracy at a budget, the wall time) and
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -41,7 +57,7 @@ from benchmarks._common import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = RESULTS / "regimes" / "runs"
-REGIMES: dict[str, Path] = {
+REGIMES: dict[str, Path | dict[str, Any]] = {
     "mnist1d-floor": ROOT / "configs" / "mnist1d-floor.toml",
     "digits-mlp": ROOT / "configs" / "digits-mlp.toml",
     "synthetic-1-1": ROOT / "configs" / "synthetic-1-1.toml",
@@ -49,10 +65,18 @@ REGIMES: dict[str, Path] = {
     "mnist5k-cnn": ROOT / "configs" / "mnist5k-cnn.toml",
 }
 FIXED_LEVELS = (1, 2, 3, 4, 7, 8, 15, 16, 31)
+#: The rotation-based compressor's fixed rungs: 1/8, 3/16, 1/4, 1/2, 1 and 2 bits an entry.
+EDEN_LEVELS = (1, 2, 3, 7, 15, 31)
 TARGETS = (1.01, 1.05, 1.2)
 #: The budget table's budget: the bits the best fixed level needed to reach this x fp32.
 BUDGET_TARGET = 1.05
 ENCODINGS = ("packed", "entropy")
+
+
+#: The hard cells the quick run keeps: a floor regime and the short CNN run.
+QUICK_REGIMES = ("mnist1d-floor", "mnist5k-cnn")
+QUICK_METHODS = ("fp32", "adaquantfl-s2", "auto", "probe", "eden-probe", "eden-adaquantfl-s2")
+EVAL_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -60,39 +84,54 @@ class Method:
     label: str
     overrides: tuple[str, ...]
     fixed: bool = False
+    #: Its rounds do not depend on the encoding (see the module notes).
+    encoding_free: bool = False
+    #: Its messages do not depend on the encoding either (another compressor).
+    own_encoding: bool = False
 
 
 def methods() -> list[Method]:
     """The suite's methods, as config overrides."""
-    out = [Method("fp32", ("compression.method=fp32",))]
+    out = [Method("fp32", ("compression.method=fp32",), encoding_free=True)]
     for s in FIXED_LEVELS:
         out.append(
-            Method(f"qsgd-s{s}", ("compression.method=qsgd", f"compression.levels={s}"), True)
+            Method(f"qsgd-s{s}", ("compression.method=qsgd", f"compression.levels={s}"), True, True)
         )
-    for s0 in (1, 2, 4):
+    for s0 in (1, 2):
         out.append(
             Method(
-                f"adaquantfl-s{s0}", ("compression.method=adaquantfl", f"compression.levels={s0}")
+                f"adaquantfl-s{s0}",
+                ("compression.method=adaquantfl", f"compression.levels={s0}"),
+                encoding_free=True,
             )
         )
-    out.append(
-        Method(
-            "adaquantfl-s2-pow2m1",
-            (
-                "compression.method=adaquantfl",
-                "compression.levels=2",
-                'compression.policy_options.round_levels="pow2m1"',
-            ),
-        )
-    )
-    for name in ("dadaquant-time", "dadaquant", "dadaquant-client"):
+    for name in ("dadaquant-time", "dadaquant"):
         # DAdaQuant's q_min = 1 (its Synthetic and FEMNIST settings); the client
         # rule alone needs a static q, here 2 (AdaQuantFL's and DAdaQuant's s0).
         q = 2 if name == "dadaquant-client" else 1
         out.append(
-            Method(f"{name}-s{q}", (f"compression.method={name}", f"compression.levels={q}"))
+            Method(
+                f"{name}-s{q}",
+                (f"compression.method={name}", f"compression.levels={q}"),
+                encoding_free=name == "dadaquant-time",
+            )
         )
     out.append(Method("auto", ("compression.method=auto",)))
+    # probe's decisions do not read bits, but its probes' bytes are in each
+    # round's uplink, which packed arithmetic on the rows cannot tell: run both.
+    out.append(Method("probe", ("compression.method=probe",)))
+    # The rotation-based compressor, at fixed rungs and steered by the policies.
+    eden = ('compression.compressor="eden"',)
+    for s in EDEN_LEVELS:
+        out.append(
+            Method(f"eden-s{s}", (*eden, "compression.method=qsgd", f"compression.levels={s}"),
+                   own_encoding=True)
+        )  # fmt: skip
+    for label, policy in (("adaquantfl-s2", ("compression.method=adaquantfl",
+                                             "compression.levels=2")),
+                          ("auto", ("compression.method=auto",)),
+                          ("probe", ("compression.method=probe",))):  # fmt: skip
+        out.append(Method(f"eden-{label}", (*eden, *policy), own_encoding=True))
     return out
 
 
@@ -114,6 +153,8 @@ class Job:
             f'compression.encoding="{self.encoding}"',
             f"train.seed={self.seed}",
             f"train.rounds={rounds}",
+            f"train.eval_every={EVAL_EVERY}",
+            "train.noise_cost_every=0",
             "compare.methods=[]",
         ]
 
@@ -140,7 +181,8 @@ def run_job(job: Job, fresh: bool) -> dict[str, Any]:
     torch.set_num_threads(1)  # one process per core
     start = time.perf_counter()
     result = adaquantfl.run(REGIMES[job.regime], None, overrides=job.overrides())
-    keep = ("round", "levels", "train_loss", "test_accuracy", "wire_bits", "cum_wire_bits")
+    keep = ("round", "levels", "participants", "rejected", "train_loss", "test_accuracy",
+            "wire_bits", "cum_wire_bits")  # fmt: skip
     out = {
         "rows": [{k: r.get(k) for k in keep} for r in result.metrics],
         "seconds": time.perf_counter() - start,
@@ -151,6 +193,38 @@ def run_job(job: Job, fresh: bool) -> dict[str, Any]:
     os.replace(tmp, path)
     out["cached"] = False
     return out
+
+
+def packed_rows(rows: Sequence[dict[str, Any]], regime: str) -> list[dict[str, Any]]:
+    """The same rounds with the bits a packed message of each round's levels takes.
+
+    Exact: every accepted message is one packed message of the round's
+    levels (raw float32 at full precision). The suite configures no faults,
+    so its only rejected replies are clients whose training diverged, which
+    fail before they compress and send nothing (their rounds' entropy-coded
+    rows count 0 bits for them too).
+    """
+    from adaquantfl.compression.codec import message_bytes
+
+    numel, bucket = _packed_shape(regime)
+    out, total = [], 0
+    for row in rows:
+        size = message_bytes(numel, row["levels"], bucket_size=bucket)
+        bits = 8 * size * row["participants"]
+        total += bits
+        out.append({**row, "wire_bits": bits, "cum_wire_bits": total})
+    return out
+
+
+@functools.cache
+def _packed_shape(regime: str) -> tuple[int, int | None]:
+    """The model's size and the compressor's bucket of a regime."""
+    from adaquantfl.runner.build import build_model, load_data
+    from adaquantfl.runner.config import load_config
+
+    config = load_config(REGIMES[regime])
+    numel = build_model(config, load_data(config))[0].numel
+    return numel, config.compression.build_compressor().options.bucket_size
 
 
 def bits_to(rows: Sequence[dict[str, Any]], target: float, smooth: int = 10) -> int | None:
@@ -192,6 +266,7 @@ def _to_target(
     seed: int,
     suite: Sequence[Method],
     factor: float,
+    fixed: frozenset[str] | None = None,
 ) -> tuple[float, dict[str, int | None], int | None] | None:
     """fp32's final loss, each method's bits to ``factor`` x it, and the fewest
     bits any fixed level needed (None if none reached it); None without fp32."""
@@ -204,8 +279,9 @@ def _to_target(
         for m in suite
         if (key := (regime, m.label, encoding, seed)) in runs
     }
-    fixed = [b for m in suite if m.fixed and (b := bits.get(m.label))]
-    return fp32_loss, bits, min(fixed) if fixed else None
+    labels = fixed if fixed is not None else {m.label for m in suite if m.fixed}
+    best = [b for label in labels if (b := bits.get(label))]
+    return fp32_loss, bits, min(best) if best else None
 
 
 def score_budget(
@@ -261,8 +337,12 @@ def score(
     regimes: Sequence[str],
     seeds: Sequence[int],
     suite: Sequence[Method],
+    fixed: frozenset[str] | None = None,
 ) -> dict[str, Any]:
-    """Ratios to the hindsight-best fixed level, per regime, encoding, target and method."""
+    """Ratios to the hindsight-best fixed level, per regime, encoding, target and method.
+
+    ``fixed``: the labels the best is taken over (default: the fixed QSGD levels).
+    """
     table: dict[str, Any] = {}
     for regime in regimes:
         for encoding in ENCODINGS:
@@ -273,7 +353,7 @@ def score(
                 # whether the method reached it is worth telling.
                 alone: dict[str, list[bool]] = {m.label: [] for m in suite}
                 for seed in seeds:
-                    scored = _to_target(runs, regime, encoding, seed, suite, factor)
+                    scored = _to_target(runs, regime, encoding, seed, suite, factor, fixed)
                     if scored is None:
                         continue
                     _, bits, best = scored
@@ -292,6 +372,7 @@ def score(
                         else None,
                         "reached": len(got),
                         "seeds": len(ratios),
+                        "per_seed": ratios,
                         "unscored": len(alone[label]),
                         "alone": sum(alone[label]),
                     }
@@ -352,6 +433,49 @@ def summary_markdown(report: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+#: The adaptive methods the targets are stated for (DESIGN §2; the policy issue).
+POLICIES = ("adaquantfl-s2", "dadaquant-s1", "auto", "probe",
+            "eden-adaquantfl-s2", "eden-auto", "eden-probe")  # fmt: skip
+EDEN_FIXED = tuple(f"eden-s{s}" for s in EDEN_LEVELS)
+
+
+def targets_markdown(report: dict[str, Any]) -> list[str]:
+    """Each policy against the targets, over every (regime, target, encoding, seed) case."""
+    lines = [
+        "# The targets, case by case",
+        "",
+        "Over every (regime, target, encoding, seed) case in which the hindsight-best fixed "
+        "rung reached the target: the cases the policy missed, its worst ratio, the share of "
+        "cases above 1.25x, and the geometric mean over the cases it reached (targets: 0 "
+        "missed, worst <= 1.25, geometric mean <= 0.95). Against the best fixed QSGD level, "
+        "and against the best fixed rung of either compressor (QSGD's levels or EDEN's rungs).",
+        "",
+        "| method | best fixed | missed | worst | cases > 1.25x | geometric mean |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in POLICIES:
+        for key, name in (("table", "QSGD level"), ("table_any", "any rung")):
+            ratios: list[float | None] = [
+                r
+                for by_encoding in report.get(key, {}).values()
+                for by_target in by_encoding.values()
+                for cell in by_target.values()
+                if label in cell
+                for r in cell[label].get("per_seed", [])
+            ]
+            if not ratios:
+                continue
+            got = [r for r in ratios if r is not None]
+            worst = f"{max(got):.2f}" if got else "never"
+            over = sum(r > 1.25 for r in got)
+            mean = f"{math.exp(statistics.fmean(math.log(r) for r in got)):.2f}" if got else ""
+            lines.append(
+                f"| {label} | {name} | {len(ratios) - len(got)}/{len(ratios)} | {worst} | "
+                f"{over}/{len(got)} | {mean} |"
+            )
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     suite = [m.label for m in methods()]
     lines = [
@@ -367,6 +491,7 @@ def markdown(report: dict[str, Any]) -> str:
         "reached it in k of those n seeds ('no fixed': in every seed).",
         "",
         *summary_markdown(report),
+        *targets_markdown(report),
     ]
     for regime, by_encoding in report["table"].items():
         for encoding, by_target in by_encoding.items():
@@ -478,11 +603,14 @@ def regime_map(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", default="", help="comma-separated regimes")
     parser.add_argument("--methods", default="", help="comma-separated method labels")
-    parser.add_argument("--quick", action="store_true", help="1 seed, a tenth of the rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="the hard cells: floor + short CNN, 1 seed"
+    )
+    parser.add_argument("--heldout", action="store_true", help="the held-out regimes instead")
     parser.add_argument("--fresh", action="store_true", help="rerun cached runs")
     parser.add_argument(
         "--rerun", default="", help="comma-separated method labels to rerun (e.g. after a change)"
@@ -492,25 +620,35 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.render:
-        report = json.loads((RESULTS / "regimes.json").read_text())
+        name = "regimes_heldout" if args.heldout else "regimes_quick" if args.quick else "regimes"
+        report = json.loads((RESULTS / f"{name}.json").read_text())
         write_outputs(report)
         return
+    if args.heldout:
+        from benchmarks.regimes_heldout import HELDOUT
+
+        REGIMES.clear()
+        REGIMES.update(HELDOUT)
     seeds = [0] if args.quick else list(range(args.seeds))
-    scale = 0.1 if args.quick else 1.0
-    regimes = [r for r in (args.only.split(",") if args.only else REGIMES) if r]
-    missing = [r for r in regimes if r not in REGIMES or not REGIMES[r].exists()]
+    scale = 1.0
+    default = QUICK_REGIMES if args.quick else list(REGIMES)
+    regimes = [r for r in (args.only.split(",") if args.only else default) if r]
+    missing = [r for r in regimes if r not in REGIMES]
     if missing:
-        raise SystemExit(f"unknown or missing regime(s) {missing}; known: {sorted(REGIMES)}")
+        raise SystemExit(f"unknown regime(s) {missing}; known: {sorted(REGIMES)}")
     suite = methods()
-    if args.methods:
-        wanted = set(args.methods.split(",")) | {"fp32"} | {m.label for m in suite if m.fixed}
+    wanted_labels = args.methods.split(",") if args.methods else []
+    if args.quick and not wanted_labels:
+        wanted_labels = list(QUICK_METHODS)
+    if wanted_labels:
+        wanted = set(wanted_labels) | {"fp32"} | {m.label for m in suite if m.fixed}
         suite = [m for m in suite if m.label in wanted]
     jobs = [
         Job(regime, method, encoding, seed, scale)
         for regime in regimes
         for seed in seeds
         for method in suite
-        for encoding in (("packed",) if method.label == "fp32" else ENCODINGS)
+        for encoding in (("entropy",) if method.encoding_free or method.own_encoding else ENCODINGS)
     ]
     start = time.perf_counter()
     rerun = set(args.rerun.split(",")) if args.rerun else set()
@@ -522,9 +660,13 @@ def main(argv: list[str] | None = None) -> None:
         (j.regime, j.method.label, j.encoding, j.seed): r
         for j, r in zip(jobs, results, strict=True)
     }
+    free = {m.label for m in suite if m.encoding_free}
+    own = {m.label for m in suite if m.own_encoding}
     for (regime, label, _, seed), r in list(runs.items()):
-        if label == "fp32":  # full precision does not depend on the encoding
-            runs[(regime, label, "entropy", seed)] = r
+        if label in free:  # the same rounds, with a packed message's bits
+            runs[(regime, label, "packed", seed)] = {**r, "rows": packed_rows(r["rows"], regime)}
+        elif label in own:  # the same rounds and the same bits
+            runs[(regime, label, "packed", seed)] = r
     report = {
         "seeds": seeds,
         "rounds_scale": scale,
@@ -535,17 +677,24 @@ def main(argv: list[str] | None = None) -> None:
         "run_seconds": sum(r["seconds"] for r in results if not r["cached"]),
         "machine": machine(),
         "table": score(runs, regimes, seeds, suite),
+        # The best fixed rung of either compressor (QSGD's levels, EDEN's rungs).
+        "table_any": score(runs, regimes, seeds, suite, frozenset(
+            m.label for m in suite if m.fixed or m.label in EDEN_FIXED)),
         "budget": score_budget(runs, regimes, seeds, suite),
     }
+    report["name"] = name = (
+        "regimes_heldout" if args.heldout else ("regimes_quick" if args.quick else "regimes")
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "regimes.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     write_outputs(report)
 
 
 def write_outputs(report: dict[str, Any]) -> None:
+    name = report.get("name", "regimes")
     text = markdown(report)
-    (RESULTS / "regimes.md").write_text(text)
-    regime_map(report, RESULTS / "regimes.png")
+    (RESULTS / f"{name}.md").write_text(text)
+    regime_map(report, RESULTS / f"{name}.png")
     print(text)
 
 

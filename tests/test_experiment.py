@@ -186,3 +186,24 @@ def test_run_without_output_dir_returns_results() -> None:
         }
     )
     assert res.out_dir is None and len(res.metrics) == 2 and res.label == "fp32"
+
+
+def test_the_test_set_can_be_evaluated_less_often_and_nothing_else_changes() -> None:
+    config = {
+        "data": {"dataset": "digits", "num_clients": 3},
+        "model": {"name": "logreg"},
+        "train": {"rounds": 7, "local_steps": 3, "batch_size": 16, "lr": 0.1},
+        "compression": {"method": "adaquantfl", "levels": 2},
+    }
+    every = run(config)
+    sparse = run({**config, "train": {**config["train"], "eval_every": 3}})
+    evaluated = [r["round"] for r in sparse.metrics if r["test_loss"] is not None]
+    assert evaluated == [3, 6, 7]  # every third round and the last
+    for a, b in zip(every.metrics, sparse.metrics, strict=True):
+        if b["test_loss"] is not None:
+            assert (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
+        skip = {"test_loss", "test_accuracy", "time_s"}
+        assert {k: v for k, v in a.items() if k not in skip} == {
+            k: v for k, v in b.items() if k not in skip
+        }
+    assert sparse.summary["final_test_accuracy"] == every.metrics[-1]["test_accuracy"]

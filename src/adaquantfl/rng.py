@@ -38,6 +38,7 @@ PURPOSES: tuple[str, ...] = (
     "partition",  # how a data set is split over clients
     "data",  # generated data sets and train/test splits
     "downlink",  # the server's compression of the model it sends
+    "probe",  # a client's measurement of what other levels' noise would cost
 )
 
 _INT64_MIN = -(2**63)

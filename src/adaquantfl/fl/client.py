@@ -10,12 +10,14 @@ same inputs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from adaquantfl.compression import measure
+from adaquantfl.compression.compressor import Compressor
 from adaquantfl.compression.feedback import ClientCompressor, CompressedUpdate
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
@@ -25,6 +27,8 @@ __all__ = [
     "MAX_BATCH_SIZE",
     "MAX_DRAWS_PER_ROUND",
     "MAX_LOCAL_STEPS",
+    "PROBE_BYTES",
+    "PROBE_SAMPLES",
     "ClientError",
     "ClientReply",
     "LocalTraining",
@@ -34,6 +38,7 @@ __all__ = [
     "draw_minibatches",
     "evaluate",
     "local_sgd",
+    "probe_noise",
     "train_locally",
 ]
 
@@ -128,6 +133,10 @@ class ClientReply:
         :class:`~adaquantfl.compression.feedback.CompressedUpdate`).
     distortion : float, optional
         ``||C(v) - v||^2 / ||v||^2`` of that vector.
+    probe : tuple of (levels, bits, cost)
+        What the client measured for the levels the round asked it to probe
+        (:func:`probe_noise`); empty when it was not asked. Each entry
+        travels as three 4-byte numbers (:data:`PROBE_BYTES`).
     """
 
     client_id: int
@@ -136,6 +145,7 @@ class ClientReply:
     num_examples: int
     update_norm: float | None = None
     distortion: float | None = None
+    probe: tuple[tuple[int, float, float], ...] = ()
 
 
 def evaluate(
@@ -264,6 +274,67 @@ def compress_update(
     if compressed.distortion > 1.0:
         _warn_noisy(compressor, levels, compressed.distortion, update.numel())
     return compressed
+
+
+#: Bytes one probed level adds to a reply: its levels, bits and cost, 4 bytes each.
+PROBE_BYTES = 12
+#: The most examples a client evaluates a probe on (drawn once per round).
+PROBE_SAMPLES = 256
+
+
+def probe_noise(
+    model: FlatModel,
+    params: torch.Tensor,
+    update: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    levels: Sequence[int],
+    compressor: Compressor,
+    scale: float,
+    seed: int,
+    round_idx: int,
+    client_id: int,
+    samples: int = PROBE_SAMPLES,
+) -> tuple[tuple[int, float, float], ...]:
+    """What each of ``levels`` would cost: a message's bits, and the loss its noise adds.
+
+    For each level ``s``, the client compresses its own update ``Delta`` at
+    ``s`` (noise stream: seed, round, client, "probe"; the message is not
+    sent) and measures, on up to ``samples`` of its examples, with
+    ``w = params + Delta`` its new model and ``e = C_s(Delta) - Delta``::
+
+        cost_s = (F(w + a e) + F(w - a e)) / 2 - F(w),   a = scale
+
+    ``a`` is the share of one client's noise the aggregate carries (about
+    ``1 / sqrt(K)`` for ``K`` clients of equal weight). The pair ``+e, -e``
+    cancels the first-order term ``grad F . e``, whose sign is random and
+    which swamps the second-order one on a single draw, and leaves
+    ``a^2 e^T H e / 2``: the loss the noise adds along the loss's curvature,
+    which is what decides whether a level has a floor (measured on the
+    1-D CNN: one draw's cost has a spread ten times its mean; the pair's is
+    within a few percent of it).
+
+    Cost: ``2 len(levels) + 1`` forward passes over at most ``samples``
+    examples, and one compression per level. Uplink: :data:`PROBE_BYTES` per level.
+    """
+    gen = torch_generator(seed, purpose="probe", round_idx=round_idx, client_id=client_id)
+    n = int(y.shape[0])
+    if n > samples:
+        pick = torch.randperm(n, generator=gen)[:samples].to(x.device)
+        x, y = x[pick], y[pick]
+    v = update.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+    w = params.detach().to(torch.float32) + update.detach()
+    base, _ = evaluate(model, w, x, y)
+    out = []
+    for s in levels:
+        payload = compressor.compress(v, s, generator=gen)
+        noise = compressor.decompress(payload, numel=v.numel(), levels=s).sub_(v)
+        step = (scale * noise).to(w.device)
+        plus, _ = evaluate(model, w + step, x, y)
+        minus, _ = evaluate(model, w - step, x, y)
+        out.append((int(s), float(8 * len(payload)), 0.5 * (plus + minus) - base))
+    return tuple(out)
 
 
 #: Compressors already warned about in this process.

@@ -36,12 +36,14 @@ __all__ = [
     "MAX_LOSS",
     "MAX_MEASUREMENT",
     "MAX_NUM_EXAMPLES",
+    "MAX_PROBES",
     "MIN_POLICY_LOSS",
     "aggregation_weights",
     "check_weight_share",
     "client_id_problem",
     "policy_loss",
     "policy_observation",
+    "probe_problem",
     "reply_problem",
 ]
 
@@ -55,6 +57,8 @@ MAX_LOSS = 2.0**64
 MAX_MEASUREMENT = 2.0**256
 #: The smallest positive loss a policy is shown; smaller positive losses are raised to it.
 MIN_POLICY_LOSS = 2.0**-64
+#: The most levels one reply may report probe results for.
+MAX_PROBES = 16
 
 
 def client_id_problem(client_id: object) -> str | None:
@@ -74,6 +78,7 @@ def reply_problem(
     measurements: Sequence[tuple[str, object]],
     *,
     max_message_bytes: int | None,
+    probe: object = (),
 ) -> str | None:
     """Why a reply with these fields cannot be aggregated (None if it can).
 
@@ -112,6 +117,29 @@ def reply_problem(
         number = as_real(measured)
         if number is None or not 0 <= number <= MAX_MEASUREMENT:
             return f"{name} must be finite, non-negative and at most 2**256, got {measured!r:.60}"
+    return probe_problem(probe)
+
+
+def probe_problem(probe: object) -> str | None:
+    """Why a reply's probe results are unusable (None if they are usable).
+
+    A probe is a tuple of at most :data:`MAX_PROBES` ``(levels, bits, cost)``:
+    levels an integer in ``[1, 2**24 - 1]``, bits in ``[0, 2**64]``, cost a
+    finite number of at most :data:`MAX_LOSS` in size (it may be negative:
+    a level's noise can lower the loss on a client's data).
+    """
+    if not isinstance(probe, tuple) or len(probe) > MAX_PROBES:
+        return f"probe must be at most {MAX_PROBES} (levels, bits, cost), got {probe!r:.60}"
+    for entry in probe:
+        if not isinstance(entry, tuple) or len(entry) != 3:
+            return f"a probe entry must be (levels, bits, cost), got {entry!r:.60}"
+        levels, bits, cost = as_int(entry[0]), as_real(entry[1]), as_real(entry[2])
+        if levels is None or not 1 <= levels <= 2**24 - 1:
+            return f"a probe's levels must be an integer in [1, 2**24 - 1], got {entry[0]!r:.40}"
+        if bits is None or not 0 <= bits <= MAX_LOSS:
+            return f"a probe's bits must be in [0, 2**64], got {entry[1]!r:.40}"
+        if cost is None or abs(cost) > MAX_LOSS:
+            return f"a probe's cost must be finite and at most 2**64 in size, got {entry[2]!r:.40}"
     return None
 
 
@@ -186,6 +214,7 @@ def policy_observation(
                 wire_bits=bits,
                 update_norm=None if r.update_norm is None else float(r.update_norm),
                 distortion=None if r.distortion is None else float(r.distortion),
+                probe=tuple((int(s), float(b), float(c)) for s, b, c in r.probe),
             )
             for r, levels, bits in accepted
         ),

@@ -19,7 +19,7 @@ import torch
 
 from adaquantfl.compression.codec import CodecError
 from adaquantfl.compression.compressor import Compressor
-from adaquantfl.fl.client import ClientReply, all_finite
+from adaquantfl.fl.client import PROBE_BYTES, ClientReply, all_finite
 from adaquantfl.fl.downlink import Downlink, RoundPlan
 from adaquantfl.fl.guard import (
     aggregation_weights,
@@ -218,7 +218,8 @@ class FedServer:
                 # undefined, so the levels are kept.
                 logger.warning("round %d: weighted loss is 0; levels unchanged", self.round_idx + 1)
         opened = self._open if self._open and self._open.round_idx == self.round_idx else None
-        wire_bits = sum(8 * _size(r.payload) for r in replies)
+        # A reply's probe results travel beside its payload and count as uplink too.
+        wire_bits = sum(8 * (_size(r.payload) + _probe_bytes(r.probe)) for r in replies)
         received = sum(isinstance(r.payload, bytes | bytearray) for r in replies)
         self.round_idx += 1
         return RoundRecord(
@@ -384,6 +385,7 @@ class FedServer:
             reply.loss,
             [("update_norm", reply.update_norm), ("distortion", reply.distortion)],
             max_message_bytes=self.max_message_bytes,
+            probe=reply.probe,
         )
 
     def _decode(
@@ -447,6 +449,11 @@ class _Checked(NamedTuple):
 def _size(payload: object) -> int:
     """Bytes of a payload (0 for anything that is not bytes)."""
     return len(payload) if isinstance(payload, bytes | bytearray) else 0
+
+
+def _probe_bytes(probe: object) -> int:
+    """Bytes of a reply's probe results (:data:`~adaquantfl.fl.client.PROBE_BYTES` per level)."""
+    return PROBE_BYTES * len(probe) if isinstance(probe, tuple) else 0
 
 
 def _weighted_distortion(accepted: Sequence[_Checked], weights: Sequence[float]) -> float | None:

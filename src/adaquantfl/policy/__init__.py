@@ -11,6 +11,8 @@ precision.
   keep the schedule interface of DESIGN §7 (``levels``, ``update(loss)``);
 - :mod:`.dadaquant`: DAdaQuant's time-, client- and doubly-adaptive levels;
 - :mod:`.auto`: ``auto``, levels chosen by trial for the most progress per bit;
+- :mod:`.probe`: ``probe``, levels for the most progress per bit from the clients'
+  measurements of nearby levels' noise;
 - :mod:`.registry`: :data:`POLICIES` by method name.
 
 Adding a policy is one module whose factory is decorated with
@@ -36,6 +38,7 @@ from adaquantfl.policy.classic import (
     adaquant_levels,
 )
 from adaquantfl.policy.dadaquant import DAdaQuant
+from adaquantfl.policy.probe import ProbeLevels
 from adaquantfl.policy.registry import POLICIES, make_policy, register_policy
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "LevelPlan",
     "LevelPolicy",
     "LevelSchedule",
+    "ProbeLevels",
     "RoundObservation",
     "UniformLevels",
     "adaquant_levels",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from adaquantfl.compression.qsgd import MAX_LEVELS
-from adaquantfl.validation import check_int
+from adaquantfl.validation import check_int, check_real
 
 __all__ = [
     "ClientOutcome",
@@ -54,6 +54,10 @@ class ClientOutcome:
         error-feedback residual when that is on), as the client reported it.
     distortion : float or None
         ``||C(v) - v||^2 / ||v||^2`` of that vector, as the client reported it.
+    probe : tuple of (levels, bits, cost)
+        What the client measured of the levels the plan asked it to probe
+        (:func:`adaquantfl.fl.client.probe_noise`): a message's bits at those
+        levels, and the loss the aggregate's share of their noise would add.
     """
 
     client_id: int
@@ -63,6 +67,7 @@ class ClientOutcome:
     wire_bits: int
     update_norm: float | None = None
     distortion: float | None = None
+    probe: tuple[tuple[int, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,18 +94,30 @@ class LevelPlan(Mapping[int, "int | None"]):
 
     ``plan.levels_of(cid)`` is the levels client ``cid`` must use; as a
     mapping, the plan holds only the clients with their own levels.
+
+    ``probe`` asks the clients to measure, on their own data, what the noise
+    of other levels would cost (:func:`adaquantfl.fl.client.probe_noise`):
+    the levels to measure, and ``probe_scale``, the share of a client's own
+    noise the aggregate carries (about ``1 / sqrt(clients)``). Empty: no probe.
     """
 
-    __slots__ = ("_per_client", "default")
+    __slots__ = ("_per_client", "default", "probe", "probe_scale")
 
     def __init__(
-        self, default: int | None, per_client: Mapping[int, int | None] | None = None
+        self,
+        default: int | None,
+        per_client: Mapping[int, int | None] | None = None,
+        *,
+        probe: Sequence[int] = (),
+        probe_scale: float = 1.0,
     ) -> None:
         self.default = _check_levels(default, "levels")
         self._per_client = {
             int(cid): _check_levels(value, f"levels of client {cid}")
             for cid, value in (per_client or {}).items()
         }
+        self.probe = tuple(check_int("probe levels", v, 1, MAX_LEVELS) for v in probe)
+        self.probe_scale = check_real("probe_scale", probe_scale, 0.0, 1.0, low_open=True)
 
     def levels_of(self, client_id: int) -> int | None:
         return self._per_client.get(client_id, self.default)
@@ -117,14 +134,20 @@ class LevelPlan(Mapping[int, "int | None"]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LevelPlan):
             return NotImplemented
-        return self.default == other.default and self._per_client == other._per_client
+        return (
+            self.default == other.default
+            and self._per_client == other._per_client
+            and self.probe == other.probe
+            and self.probe_scale == other.probe_scale
+        )
 
     def __hash__(self) -> int:
-        return hash((self.default, tuple(sorted(self._per_client.items()))))
+        return hash((self.default, tuple(sorted(self._per_client.items())), self.probe))
 
     def __repr__(self) -> str:
         extra = f", {self._per_client}" if self._per_client else ""
-        return f"LevelPlan({self.default}{extra})"
+        probe = f", probe={self.probe}, probe_scale={self.probe_scale:g}" if self.probe else ""
+        return f"LevelPlan({self.default}{extra}{probe})"
 
 
 @runtime_checkable

@@ -472,6 +472,7 @@ class TrainConfig:
         default=None, metadata=within(0, 1, "a share of the round's weight", above=True)
     )
     noise_cost_every: int = field(default=0, metadata=at_least(0))
+    eval_every: int = field(default=1, metadata=at_least(1))
 
     def __post_init__(self) -> None:
         validate(self, "train")

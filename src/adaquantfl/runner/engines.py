@@ -58,7 +58,9 @@ def sim_engine(
     every = config.train.checkpoint_every
     while sim.server.round_idx < config.train.rounds:
         before = sim.state_dict() if budget is not None else None
-        record = sim.run_round()
+        coming = sim.server.round_idx + 1
+        due = coming % config.train.eval_every == 0 or coming == config.train.rounds
+        record = sim.run_round(evaluate=due or budget is not None)
         if budget is not None and before is not None and spent + record.wire_bits > budget:
             sim.load_state_dict(before)
             if on_checkpoint is not None and every:

@@ -305,7 +305,12 @@ def run_flower(
         if trained.round != server_round:
             raise RuntimeError(f"round {server_round} has no training outcome")
         _raise_unexpected_failures(trained)
-        test_loss, test_accuracy = evaluate(model, layout.flatten(arrays), data.test.x, data.test.y)
+        due = server_round % config.train.eval_every == 0 or server_round == config.train.rounds
+        test_loss: float | None = None
+        test_accuracy: float | None = None
+        if due:
+            flat = layout.flatten(arrays)
+            test_loss, test_accuracy = evaluate(model, flat, data.test.x, data.test.y)
         record = replace(
             trained,
             test_loss=test_loss,
@@ -314,6 +319,8 @@ def run_flower(
         )
         records.append(record)
         on_record(record)
+        if test_loss is None or test_accuracy is None:
+            return None
         return MetricRecord({"test_loss": test_loss, "test_accuracy": test_accuracy})
 
     server_app = ServerApp()

@@ -37,9 +37,10 @@ from adaquantfl.fl.client import (
     ClientReply,
     LocalTraining,
     compress_update,
-    evaluate,
+    probe_noise,
     train_locally,
 )
+from adaquantfl.fl.client import evaluate as evaluate_model
 from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import FedServer, select_clients
@@ -208,8 +209,11 @@ class Simulator:
         """Whether rounds run through the batched trainer."""
         return self.trainer is not None
 
-    def run_round(self) -> RoundRecord:
-        """Run the next round and return its record."""
+    def run_round(self, *, evaluate: bool = True) -> RoundRecord:
+        """Run the next round and return its record.
+
+        ``evaluate=False`` skips the test set (the record's ``test_*`` are None).
+        """
         start = time.perf_counter()
         round_idx = self.server.round_idx
         chosen = select_clients(
@@ -266,6 +270,14 @@ class Simulator:
                 continue
             if raw is not None:
                 raw[cid] = update.detach().to("cpu", torch.float32)
+            probe: tuple[tuple[int, float, float], ...] = ()
+            if plan.levels.probe:
+                probe = probe_noise(
+                    self.model, params, update, shard.x, shard.y,
+                    levels=plan.levels.probe, compressor=self.compressor,
+                    scale=plan.levels.probe_scale, seed=self.seed, round_idx=round_idx,
+                    client_id=cid,
+                )  # fmt: skip
             replies.append(
                 ClientReply(
                     cid,
@@ -274,15 +286,19 @@ class Simulator:
                     len(shard),
                     update_norm=sent.update_norm,
                     distortion=sent.distortion,
+                    probe=probe,
                 )
             )
         delivered = [(reply.client_id, self.transmit(reply, round_idx)) for reply in replies]
         before = self.server.params
         record = self.server.aggregate([r for _, r in delivered if r is not None])
         failures += [(cid, "the reply never arrived") for cid, r in delivered if r is None]
-        test_loss, test_accuracy = evaluate(
-            self.model, self.server.params.to(self.device), self.test.x, self.test.y
-        )
+        test_loss: float | None = None
+        test_accuracy: float | None = None
+        if evaluate:
+            test_loss, test_accuracy = evaluate_model(
+                self.model, self.server.params.to(self.device), self.test.x, self.test.y
+            )
         if raw is not None and record.participants:
             record = replace(
                 record, test_loss_uncompressed=self._uncompressed_loss(before, record, raw)
@@ -311,7 +327,7 @@ class Simulator:
         for cid, weight in zip(accepted, weights, strict=True):
             total.add_(raw[cid].to(torch.float64), alpha=float(weight))
         model = (before.to(torch.float64) + total / float(sum(weights))).to(torch.float32)
-        loss, _ = evaluate(self.model, model.to(self.device), self.test.x, self.test.y)
+        loss, _ = evaluate_model(self.model, model.to(self.device), self.test.x, self.test.y)
         return loss
 
     def client_compressor(self, client_id: int) -> ClientCompressor:
