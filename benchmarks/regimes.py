@@ -611,6 +611,9 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help="the hard cells: floor + short CNN, 1 seed"
     )
     parser.add_argument("--heldout", action="store_true", help="the held-out regimes instead")
+    parser.add_argument(
+        "--levels", default="", help="comma-separated fixed QSGD levels (default: all of them)"
+    )
     parser.add_argument("--fresh", action="store_true", help="rerun cached runs")
     parser.add_argument(
         "--rerun", default="", help="comma-separated method labels to rerun (e.g. after a change)"
@@ -637,6 +640,9 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"unknown regime(s) {missing}; known: {sorted(REGIMES)}")
     suite = methods()
+    if args.levels:
+        fixed = {f"qsgd-s{s}" for s in args.levels.split(",")}
+        suite = [m for m in suite if not m.fixed or m.label in fixed]
     wanted_labels = args.methods.split(",") if args.methods else []
     if args.quick and not wanted_labels:
         wanted_labels = list(QUICK_METHODS)
