@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,3 +126,38 @@ def write_markdown(
     text.append(f"Machine: {describe(machine())}.\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
+
+
+# --------------------------------------------------------------------------- loopback processes
+# Shared with the deployment tests (tests/test_flower_deployment.py), which
+# start Flower's processes the same way.
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+def pids_with(entry: str) -> list[int]:
+    """Pids of this user's processes whose environment holds ``entry`` (``NAME=value``)."""
+    found = []
+    needle = entry.encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found

@@ -41,7 +41,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,43 +51,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS, describe, machine, write_json, write_markdown
+from benchmarks._common import (
+    LOOPBACK,
+    RESULTS,
+    describe,
+    free_port,
+    machine,
+    pids_with,
+    port_open,
+    write_json,
+    write_markdown,
+)
 from benchmarks.scale import EVENTS_ENV, TreeSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = Path(__file__).resolve().parent / "grpc_app"
 BIN = Path(sys.executable).parent
-LOOPBACK = "127.0.0.1"
 CONNECTION = "bench"
 START_TIMEOUT_S = 120.0
 POLL_S = 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((LOOPBACK, port)) == 0
-
-
-def pids_with(entry: str) -> list[int]:
-    """Pids of the processes whose environment holds ``entry`` (``NAME=value``)."""
-    found = []
-    needle = entry.encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 # --------------------------------------------------------------------------- bytes on the wire

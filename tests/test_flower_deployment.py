@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmarks._common import LOOPBACK, free_port, pids_with, port_open
 
 from adaquantfl.compression.codec import message_bytes
 from adaquantfl.compression.qsgd_compressor import DEFAULT_BUCKET_SIZE
@@ -59,7 +59,6 @@ pytest.importorskip("cryptography", reason="the dev extra (cryptography) is not 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "examples" / "flower-app"
 BIN = Path(sys.executable).parent
-LOOPBACK = "127.0.0.1"
 CONNECTION = "test"  # the `flwr` connection name in the test's private FLWR_HOME
 ROUNDS = 3
 #: Fixed limits: each test ends within these, whatever breaks. A round of the
@@ -164,33 +163,6 @@ def write_node_key(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((LOOPBACK, port)) == 0
-
-
-def pids_with(entry: str) -> list[int]:
-    """Pids of this user's processes whose environment holds ``entry`` (``NAME=value``)."""
-    found = []
-    needle = entry.encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:  # gone, or not ours
-            continue
-    return found
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
