@@ -151,13 +151,19 @@ def test_regime_suite_scores_against_the_hindsight_best_fixed_level() -> None:
     table = regimes.score(runs, ["r"], [0], suite)["r"]["entropy"]
     exact = pytest.approx  # the ratios are geometric means: exp(mean(log))
     assert table["1.2"]["auto"] == {  # 40 / s1's 10
-        "ratio": exact(4.0), "reached": 1, "seeds": 1, "unscored": 0, "alone": 0
+        "ratio": exact(4.0), "reached": 1, "seeds": 1, "per_seed": [exact(4.0)], "unscored": 0,
+        "alone": 0,
     }  # fmt: skip
+    # Against the best of a wider set (here auto itself counted in it): s = 1
+    # stays the best at 1.2x; at 1.01x, which only auto reaches, auto is its own best.
+    wider = regimes.score(runs, ["r"], [0], suite, frozenset({"qsgd-s1", "qsgd-s2", "auto"}))
+    assert wider["r"]["entropy"]["1.2"]["auto"]["per_seed"] == [exact(4.0)]
+    assert wider["r"]["entropy"]["1.01"]["auto"]["per_seed"] == [exact(1.0)]
     assert table["1.05"]["auto"]["ratio"] == exact(2.0)  # 40 / s2's 20: s1 never gets there
     assert table["1.05"]["qsgd-s1"]["ratio"] is None
     # No fixed level reaches 1.01x: no ratio, but auto's reaching it is kept.
     assert table["1.01"]["auto"] == {
-        "ratio": None, "reached": 0, "seeds": 0, "unscored": 1, "alone": 1
+        "ratio": None, "reached": 0, "seeds": 0, "per_seed": [], "unscored": 1, "alone": 1
     }  # fmt: skip
     packed = regimes.score(runs, ["r"], [0], suite)["r"]["packed"]
     assert packed["1.2"]["fp32"]["ratio"] == exact(10.0)
@@ -176,3 +182,6 @@ def test_regime_suite_scores_against_the_hindsight_best_fixed_level() -> None:
     assert "| auto | no fixed; 1/1 alone | 2.00 | 4.00 |" in text
     assert "| qsgd-s1 | no fixed; 0/1 alone | never | 1.00 |" in text
     assert "| qsgd-s1 | 1.100 / 0.500 |" in text
+    # The targets case by case: auto's 4.0 (1.2x) and 2.0 (1.05x) in both
+    # encodings; 1.01x, which no fixed level reached, is no case.
+    assert "| auto | QSGD level | 0/4 | 4.00 | 4/4 | 2.83 |" in text

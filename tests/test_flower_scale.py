@@ -206,7 +206,10 @@ def test_the_servers_aggregate_needs_one_accumulator_and_one_decoded_reply(
     plain = {r["nodes"]: r["aggregate"] for r in measured["rounds"] if r["kind"] == "plain"}
     ours = [r for r in measured["rounds"] if r["kind"] != "plain"]
     assert plain[4] > 0 and len(ours) == 6
+    # The slack: 5% of the model, and 16 MiB for what the interpreter, the
+    # allocator and a kernel compiled on first use at this size may add.
+    slack = 0.05 * d4 + 16 * 2**20
     for r in ours:
-        assert r["aggregate"] <= 3 * d4 + 0.05 * d4, (r, r["aggregate"] / d4)
+        assert r["aggregate"] <= 3 * d4 + slack, (r, r["aggregate"] / d4)
         if r["nodes"] in plain:  # the claim: 2x the model + one reply beyond plain FedAvg's
             assert r["aggregate"] - plain[r["nodes"]] <= 3 * d4
