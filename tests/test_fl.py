@@ -370,3 +370,15 @@ def test_the_noise_cost_is_the_loss_the_compression_adds_and_changes_nothing_els
     # And the bound is reported beside the bits sent.
     assert all(r.rd_bits_per_coordinate is not None for r in coarse)
     assert all(r.bits_per_coordinate > r.rd_bits_per_coordinate for r in coarse)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_server_refuses_initial_params_that_are_not_finite(bad: float) -> None:
+    params = torch.zeros(1000)
+    params[737] = bad
+    with pytest.raises(ValueError, match="initial params contain non-finite values"):
+        FedServer(params, FixedLevels(3), QSGDCompressor())
+    params[737] = 0.0
+    server = FedServer(params, FixedLevels(3), QSGDCompressor())
+    params[0] = 5.0  # the server keeps its own copy
+    assert float(server.params[0]) == 0.0

@@ -122,7 +122,7 @@ class FedServer:
             raise ValueError(
                 f"params must be a flat float32 tensor, got {params.dtype} {tuple(params.shape)}"
             )
-        if not bool(torch.isfinite(params).all()):
+        if not all_finite(params):
             raise ValueError("initial params contain non-finite values")
         self.params = params.detach().clone()
         self.policy = as_policy(policy)

@@ -117,8 +117,10 @@ class AdaQuant(Strategy):
         use it too. Required: a run is reproducible only from a known seed.
     compressor : Compressor, optional
         Any registered compressor, possibly in
-        :class:`~adaquantfl.compression.feedback.ErrorFeedback` (default: QSGD,
-        packed, one bucket, l2). The nodes rebuild it by name, so its module
+        :class:`~adaquantfl.compression.feedback.ErrorFeedback` (default:
+        ``QSGDCompressor()``, packed with max-norm buckets of 512, whose error
+        stays bounded at any model size; ``QSGDCompressor.paper()`` is the
+        paper's one l2 norm per update). The nodes rebuild it by name, so its module
         must be imported in the ClientApp too.
     downlink, downlink_levels : Compressor, int, optional
         Compress the model sent to the nodes too (:mod:`adaquantfl.flower.downlink`);
@@ -509,7 +511,7 @@ class AdaQuantFedAvg(AdaQuant):
         ``AdaQuantLevels(s0)``, ...); the only positional argument besides
         ``compressor``.
     compressor : Compressor, optional
-        Default: QSGD, packed, one bucket, l2 norm.
+        Default: ``QSGDCompressor()``: packed, max-norm buckets of 512 (see :class:`AdaQuant`).
     seed : int
         Required, keyword only: the run seed (see :class:`AdaQuant`).
     num_clients, clients_per_round, node_wait_s, record_digests, \
