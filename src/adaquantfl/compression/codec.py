@@ -73,6 +73,7 @@ from adaquantfl.compression.container import (
     varint_bytes,
     verify_crc,
 )
+from adaquantfl.compression.measure import all_finite
 from adaquantfl.compression.packed import (
     check_padding,
     code_width,
@@ -237,8 +238,8 @@ def encode_dense(x: torch.Tensor) -> bytes:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"encode_dense needs a floating-point torch.Tensor, got {x!r:.80}")
     v = x.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous().numpy()
-    bad = int(v.size - np.count_nonzero(np.isfinite(v)))
-    if bad:
+    if not all_finite(v):  # one pass; the count only for the message
+        bad = int(v.size - np.count_nonzero(np.isfinite(v)))
         raise ValueError(f"cannot encode a tensor with {bad} non-finite entries (NaN or inf)")
     if v.size > U32_MAX // 4:
         raise ValueError(f"raw v1 messages carry at most {U32_MAX // 4} entries")
@@ -263,8 +264,8 @@ def decode_dense(data: bytes | bytearray | memoryview, *, expected_numel: int) -
     if header.encoding != "raw":
         raise CodecError(f"message is {header.encoding}-encoded; use decode for quantized data")
     values = np.frombuffer(buf, dtype="<f4", count=header.numel, offset=header.header_bytes)
-    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-    if bad:
+    if not all_finite(values):  # one pass; the count only for the message
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         raise CodecError(f"raw body holds {bad} non-finite values")
     return torch.from_numpy(values.astype(np.float32, copy=True))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
+import numpy as np
 import torch
 
 __all__ = ["all_finite", "compress_measured", "flat_float32", "squared_error", "sum_squares"]
@@ -52,14 +53,18 @@ def squared_error(v: torch.Tensor, sent: torch.Tensor) -> float:
     return float(_kernels().squared_error(a.numpy(), b.numpy()))
 
 
-def all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor | np.ndarray) -> bool:
     """Whether every entry of a float tensor is finite, in one pass with no temporary.
 
-    float32 and float64 CPU tensors are read in place (a non-contiguous one
-    is copied once); other tensors (float16, GPU) are checked by their float64
-    sum, which is NaN or infinite exactly when some entry is and cannot
-    overflow for float32 or narrower values.
+    float32 and float64 CPU tensors and numpy arrays are read in place (a
+    non-contiguous one is copied once); other tensors (float16, GPU) are
+    checked by their float64 sum, which is NaN or infinite exactly when some
+    entry is and cannot overflow for float32 or narrower values.
     """
+    if isinstance(t, np.ndarray):
+        if t.dtype in (np.float32, np.float64):
+            return bool(_kernels().all_finite(np.ascontiguousarray(t).reshape(-1)))
+        return bool(np.isfinite(t).all())
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
         return bool(_kernels().all_finite(t.detach().contiguous().reshape(-1).numpy()))
     return math.isfinite(float(t.sum(dtype=torch.float64)))

@@ -211,6 +211,7 @@ from adaquantfl.compression.container import (
     build_message,
     frame_bytes,
 )
+from adaquantfl.compression.measure import flat_float32
 from adaquantfl.compression.qsgd import MAX_LEVELS, draw_key, num_buckets, output_buffer
 from adaquantfl.validation import check_int
 
@@ -479,7 +480,7 @@ def _pack_modes(modes: np.ndarray) -> np.ndarray:
 def _unpack_modes(data: np.ndarray, count: int) -> np.ndarray:
     shifts = np.array([0, 2, 4, 6], dtype=np.uint8)
     modes: np.ndarray = ((data[:, None] >> shifts) & 3).reshape(-1)
-    return modes[:count] if modes.size >= count else modes
+    return modes[:count]
 
 
 def encode_rotated(message: RotatedMessage) -> bytes:
@@ -607,10 +608,10 @@ def decode_rotated(
     if seed >= 2**63:
         raise CodecError(f"seed 0x{seed:016x} exceeds 63 bits")
     mode_bytes = -(-nb // 4)
-    modes = _unpack_modes(body[SEED_BYTES : SEED_BYTES + mode_bytes], nb)
+    packed = body[SEED_BYTES : SEED_BYTES + mode_bytes]
+    modes = _unpack_modes(packed, nb)
     if modes.size != nb:
         raise CodecError(f"rotated body ends inside the modes ({modes.size} of {nb} blocks)")
-    packed = body[SEED_BYTES : SEED_BYTES + mode_bytes]
     if mode_bytes and int(packed[-1]) >> (2 * (nb - 4 * (mode_bytes - 1))):
         raise CodecError("a padding bit after the last block's mode is set")
     if np.any(modes == 3):
@@ -633,9 +634,8 @@ def decode_rotated(
         )
     start = SEED_BYTES + mode_bytes
     end = start + -(-bits // 8)
-    status, block = kernels.check_blocks(
-        _words(body[start:end]), bits, d, b, r.bits, r.pattern_bits, scales, modes
-    )
+    words = _words(body[start:end])  # the check's copy is also the message's codes
+    status, block = kernels.check_blocks(words, bits, d, b, r.bits, r.pattern_bits, scales, modes)
     if status:
         raise CodecError(_STATUS[status].format(block=block))
     raw = body[end:].view("<f4").astype(np.float32)
@@ -647,7 +647,8 @@ def decode_rotated(
         if not np.any(raw[at : at + m]):
             raise CodecError(f"raw block {int(k)} is all zeros (a zero block has mode 0)")
         at += m
-    return RotatedMessage(d, levels, b, seed, scales, modes, body[start:end].copy(), raw)
+    codes = words.view(np.uint8)[: end - start]
+    return RotatedMessage(d, levels, b, seed, scales, modes, codes, raw)
 
 
 _STATUS = {
@@ -704,9 +705,7 @@ def _group_values(r: Rung) -> np.ndarray:
 def _flat_float32(x: torch.Tensor) -> np.ndarray:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"eden needs a floating-point torch.Tensor, got {type(x).__name__}")
-    flat: np.ndarray = (
-        x.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous().numpy()
-    )
+    flat: np.ndarray = flat_float32(x).numpy()
     return flat
 
 

@@ -20,8 +20,10 @@ an offset of unknown sign makes numba emit a wrap-around check per element,
 which blocks vectorisation (a 7x slowdown measured on the quantize loop).
 Every kernel is compiled lazily on first use and cached on disk
 (``cache=True``). Numba keys a cached kernel on its own source file only: after
-editing :mod:`adaquantfl.compression._kernels.bitpack` in a source checkout, delete the caches
-(``make clean-cache``) or the kernels here keep the old packing compiled in.
+editing :mod:`adaquantfl.compression._kernels.bitpack` or
+:mod:`adaquantfl.compression._kernels.measure` (whose sums are compiled in here)
+in a source checkout, delete the caches (``make clean-cache``) or the kernels
+here keep the old code compiled in.
 """
 
 from __future__ import annotations
