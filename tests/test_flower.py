@@ -46,6 +46,7 @@ from adaquantfl.fl.client import ClientReply
 from adaquantfl.fl.record import RoundRecord
 from adaquantfl.fl.server import FedServer, select_clients
 from adaquantfl.flower import (
+    AdaQuant,
     AdaQuantFedAvg,
     RecordError,
     adaquant_mod,
@@ -567,6 +568,41 @@ def test_aggregate_evaluate_drops_a_malformed_reply() -> None:
     assert metrics is not None and math.isclose(metrics["eval-loss"], mean, rel_tol=1e-12)
     with pytest.raises(InconsistentMessageReplies):
         FedAvg().aggregate_evaluate(1, replies)
+
+
+def test_a_reply_the_inner_strategy_refuses_leaves_the_model_and_the_round_standing() -> None:
+    # Prepare: an inner strategy that is not FedAvg (so it aggregates the nodes'
+    # models itself), and one node whose reply names its records differently,
+    # which Flower's strategies refuse for the whole round.
+    from flwr.serverapp.strategy import FedAdam
+
+    grid = InProcessGrid(user_client_app(tiny_shards(3)), 3)
+    inner = FedAdam(fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3)
+    strategy = AdaQuant(inner, policy=FixedLevels(3), seed=3, node_wait_s=1.0)
+    renamed = next(iter(grid.contexts))
+
+    def rename(msg: Message, reply: Message) -> Message:
+        c = reply.content
+        records = {**{f"x-{k}": v for k, v in c.array_records.items()},
+                   **{f"x-{k}": v for k, v in c.metric_records.items()}}  # fmt: skip
+        return Message(RecordDict(records), reply_to=msg)
+
+    grid.tamper = {renamed: rename}
+    arrays = initial_arrays()
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    before = strategy.server.params.clone()
+
+    # Execute: Flower's FedAdam raises InconsistentMessageReplies on these replies.
+    replies = list(grid.send_and_receive(messages, timeout=5))
+    with pytest.raises(InconsistentMessageReplies):
+        FedAdam().aggregate_train(1, replies)
+    new_arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: no exception, the global model unchanged, the round recorded.
+    assert new_arrays is None
+    assert torch.equal(strategy.server.params, before)
+    assert [r.round for r in strategy.rounds] == [1]
+    assert strategy.rounds[0].participants == 3
 
 
 # --------------------------------------------------------------------------- records

@@ -364,8 +364,8 @@ def inner_model(
     (``C(Delta_i) + w_k``, the same bits as ``w_k + C(Delta_i)``): beside the
     models the inner strategy is handed, this needs one vector of the model's size.
 
-    Returns None for the model if the strategy aggregated nothing or
-    returned arrays that do not fit the model (logged).
+    Returns None for the model if the strategy aggregated nothing, raised on
+    the replies, or returned arrays that do not fit the model (logged).
     """
     models = []
     buffer = torch.empty(layout.numel, dtype=torch.float32)
@@ -377,7 +377,21 @@ def inner_model(
         content = RecordDict({tr.arrays_name: record, tr.metrics_name: m})
         # A copy of the reply's metadata: the strategy sees each node as it replied.
         models.append(with_content(msg, content))
-    arrays, aggregated = strategy.aggregate_train(server_round, models)
+    try:
+        arrays, aggregated = strategy.aggregate_train(server_round, models)
+    except Exception as exc:  # one node's reply must not stop the run
+        # Flower's strategies refuse a whole round for one node's reply (records
+        # named differently, a missing weight key, metric lists of different
+        # lengths): the model then stays as it was, like a round with nothing accepted.
+        log(
+            WARNING,
+            "aggregate_train: round %d: the inner strategy refused the replies, the model "
+            "is unchanged: %s: %s",
+            server_round,
+            type(exc).__name__,
+            exc,
+        )
+        return None, None
     if arrays is None:
         return None, aggregated
     try:
