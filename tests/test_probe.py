@@ -73,10 +73,17 @@ def test_the_cost_is_the_second_order_term_it_scales_with_the_square_of_the_nois
     assert half[1] * 2 != pytest.approx(full[1], rel=0.05)
 
 
+class _Asks(FixedLevels):
+    """Fixed levels 3, asking every round for probes of levels 1 and 3."""
+
+    def levels_for(self, round_idx: int, client_ids: Any) -> LevelPlan:
+        return LevelPlan(3, probe=(1, 3), probe_scale=0.5)
+
+
 def test_probe_results_travel_as_uplink_bytes_and_malformed_ones_are_refused() -> None:
     payload = QSGDCompressor().compress(torch.ones(8), 3, generator=gen())
     probe = ((1, 100.0, 0.5), (3, 150.0, 0.1))
-    server = FedServer(torch.zeros(8), FixedLevels(3), QSGDCompressor())
+    server = FedServer(torch.zeros(8), _Asks(3), QSGDCompressor())
     record = server.aggregate([ClientReply(0, payload, 1.0, 5, probe=probe)])
     assert record.participants == 1
     assert record.wire_bits == 8 * (len(payload) + 2 * PROBE_BYTES)
@@ -86,9 +93,19 @@ def test_probe_results_travel_as_uplink_bytes_and_malformed_ones_are_refused() -
         tuple((1, 1.0, 0.0) for _ in range(17)), [(1, 1.0, 0.0)],
     ):  # fmt: skip
         assert probe_problem(bad) is not None
-        server = FedServer(torch.zeros(8), FixedLevels(3), QSGDCompressor())
+        server = FedServer(torch.zeros(8), _Asks(3), QSGDCompressor())
         rejected = server.aggregate([ClientReply(0, payload, 1.0, 5, probe=bad)])  # type: ignore[arg-type]
         assert rejected.participants == 0 and "probe" in rejected.rejections[0][1]
+    # Well-formed, but not what the round asked: a level twice, a level never
+    # asked for, or any probe in a round that asked for none.
+    for policy, bad, why in (
+        (_Asks(3), ((3, 1.0, 0.0), (3, 1.0, 0.0)), "twice"),
+        (_Asks(3), ((7, 1.0, 0.0),), "did not ask for"),
+        (FixedLevels(3), ((1, 1.0, 0.0),), "did not ask for"),
+    ):
+        server = FedServer(torch.zeros(8), policy, QSGDCompressor())
+        rejected = server.aggregate([ClientReply(0, payload, 1.0, 5, probe=bad)])
+        assert rejected.participants == 0 and why in rejected.rejections[0][1]
 
 
 def _observe(policy: ProbeLevels, k: int, loss: float, costs: dict[int, float]) -> None:
@@ -175,3 +192,10 @@ def test_the_simulator_runs_it_and_counts_the_probes_as_uplink() -> None:
     messages = 8 * QSGDCompressor.paper().max_message_bytes(d)  # an upper bound per message
     assert probed.wire_bits == plain.wire_bits + 4 * 8 * 2 * PROBE_BYTES
     assert probed.wire_bits < 4 * messages
+
+
+def test_a_window_its_fallback_cannot_use_is_refused_when_built() -> None:
+    # auto, which takes over without probe results, needs 4 rounds of trend.
+    with pytest.raises(ValueError, match="window"):
+        ProbeLevels(window=3)
+    assert ProbeLevels(window=4).window == 4

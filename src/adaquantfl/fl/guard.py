@@ -43,6 +43,7 @@ __all__ = [
     "client_id_problem",
     "policy_loss",
     "policy_observation",
+    "probe_levels_problem",
     "probe_problem",
     "reply_problem",
 ]
@@ -140,6 +141,24 @@ def probe_problem(probe: object) -> str | None:
             return f"a probe's bits must be in [0, 2**64], got {entry[1]!r:.40}"
         if cost is None or abs(cost) > MAX_LOSS:
             return f"a probe's cost must be finite and at most 2**64 in size, got {entry[2]!r:.40}"
+    return None
+
+
+def probe_levels_problem(
+    probe: Sequence[tuple[int, float, float]], asked: Sequence[int]
+) -> str | None:
+    """Why a usable probe does not answer the round's question (None if it does).
+
+    Its levels must be distinct and among those the round asked for: a
+    level reported twice would count twice in the policy's average, and one
+    never asked for would let any client steer the level.
+    """
+    levels = [int(entry[0]) for entry in probe]
+    if len(set(levels)) != len(levels):
+        return f"the probe reports a level twice: {levels}"
+    extra = sorted(set(levels) - set(asked))
+    if extra:
+        return f"the probe reports levels {extra} the round did not ask for (asked: {list(asked)})"
     return None
 
 

@@ -68,7 +68,8 @@ class RoundRecord:
     - of the clients selected for the round, ``participants`` were
       aggregated, ``rejected`` replied with something unusable or failed,
       and ``dropped`` never replied;
-    - ``wire_bits``: 8 x the bytes of every received payload, accepted or not;
+    - ``wire_bits``: 8 x the bytes of every received payload, accepted or not,
+      and of the probe results that came with them;
       ``formula_bits``: the paper-style bits of the accepted messages;
       ``downlink_bits``: 8 x the bytes that carried the model to the participants;
     - ``train_loss``: ``F(w_k)``, the accepted clients' sample-weighted loss on

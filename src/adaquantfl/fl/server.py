@@ -26,6 +26,7 @@ from adaquantfl.fl.guard import (
     check_weight_share,
     client_id_problem,
     policy_observation,
+    probe_levels_problem,
     reply_problem,
 )
 from adaquantfl.fl.record import RoundRecord, rd_bits_per_coordinate
@@ -269,6 +270,8 @@ class FedServer:
             if expected_levels is not None and cid in expected_levels:
                 levels = expected_levels[cid]
             reason = self._reply_problem(reply, counts)
+            if reason is None and reply.probe:
+                reason = probe_levels_problem(reply.probe, plan.probe)
             if reason is not None:
                 rejections.append(self._reject(cid, reason))
                 continue

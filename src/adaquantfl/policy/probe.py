@@ -40,8 +40,9 @@ progress while ``C_r`` stays below a few rounds of ``D``. Hence the rule:
    and that rung is not tried again for ``4 window`` rounds.
 5. The horizon: with ``rounds`` known, the last ``tail`` of them never move
    down (what it saves cannot pay back, and a floor that shows then is
-   final). Without a probe (a Flower app whose train function cannot
-   measure it), the policy falls back to ``auto``'s trials.
+   final). Without probe results the policy falls back to ``auto``'s
+   trials: on Flower, whose mod does not run the probe, always (only the
+   simulator's clients measure it).
 
 What this guarantees, and what it does not. In the model above, a run that
 keeps ``C_r`` within ``kappa D`` and ``theta F`` stays within a few
@@ -134,7 +135,7 @@ class ProbeLevels:
     ) -> None:
         self.steps = ladder(check_int("max_levels", max_levels, 1, MAX_LEVELS))
         self.rounds = None if rounds is None else check_int("rounds", rounds, 1)
-        self.window = check_int("window", window, 3, 10**6)
+        self.window = check_int("window", window, 4, 10**6)  # auto, the fallback, needs 4
         self.every = check_int("every", every, 1, 10**6)
         self.eps = check_real("eps", eps, 0.0)
         self.kappa = check_real("kappa", kappa, 0.0, low_open=True)
@@ -144,7 +145,9 @@ class ProbeLevels:
         self.step = min(1, len(self.steps) - 1)
         self.losses: list[tuple[int, float]] = []  # (round, F(w_k)) since the level last changed
         self.cost: dict[int, float] = {}  # levels -> averaged C_r
-        self.bits: dict[int, float] = {}  # levels -> averaged B_r
+        # levels -> averaged B_r: recorded (and checkpointed) for the record; the
+        # rule assumes only that a lower rung sends fewer bits, and reads none.
+        self.bits: dict[int, float] = {}
         self.seen: dict[int, int] = {}  # levels -> round of its last probe
         self.blocked: dict[int, int] = {}  # levels -> first round it may be chosen again
         self.coarser_from: int | None = None  # the rung left by the last move down

@@ -62,8 +62,6 @@ def check_options(
     return {**defaults, **given}
 
 
-
-
 def no_options(method: str, options: Mapping[str, Any] | None) -> None:
     """Reject policy options for a method that takes none."""
     if options:
