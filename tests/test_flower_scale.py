@@ -211,5 +211,5 @@ def test_the_servers_aggregate_needs_one_accumulator_and_one_decoded_reply(
     slack = 0.05 * d4 + 16 * 2**20
     for r in ours:
         assert r["aggregate"] <= 3 * d4 + slack, (r, r["aggregate"] / d4)
-        if r["nodes"] in plain:  # the claim: 2x the model + one reply beyond plain FedAvg's
-            assert r["aggregate"] - plain[r["nodes"]] <= 3 * d4
+        if r["nodes"] in plain:  # the claim: at most the float64 accumulator beyond plain's
+            assert r["aggregate"] - plain[r["nodes"]] <= 2 * d4 + slack, (r, plain)

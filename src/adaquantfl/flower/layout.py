@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from adaquantfl.compression import measure
+
 __all__ = [
     "BATCHNORM_BUFFERS",
     "MAX_JSON_DEPTH",
@@ -222,13 +224,15 @@ def npy_values(array: Array, name: str, shape: tuple[int, ...], dtype: str | Non
 
 
 def all_finite(values: np.ndarray) -> bool:
-    """Whether every entry of a numeric array is finite, a slice at a time (no big temporary)."""
+    """Whether every entry of a numeric array is finite, read in place (no big temporary)."""
     if values.dtype.kind not in "fc":
         return True
     flat = values.reshape(-1) if values.flags.c_contiguous else values.T.reshape(-1)
     if not (flat.flags.c_contiguous or flat.size == 0):  # pragma: no cover - npy_values' views
         flat = np.ascontiguousarray(values).reshape(-1)
-    chunk = 2**18
+    if flat.dtype in (np.float32, np.float64):
+        return measure.all_finite(flat)  # one compiled pass
+    chunk = 2**18  # float16, complex: numpy, a slice at a time
     return all(bool(np.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.size, chunk))
 
 
