@@ -73,6 +73,36 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     return math.fsum(v * (n / total) for v, n in zip(values, weights, strict=True))
 
 
+#: Entries converted to float64 at a time: a 512 KiB copy, not 8 bytes per entry.
+_CHUNK = 2**16
+
+
+def accumulate64(accum: torch.Tensor, update: torch.Tensor, weight: float) -> None:
+    """``accum += weight * update`` in float64, a slice at a time.
+
+    Each entry is the same ``accum + w * x`` as a whole-vector ``add_``
+    computes; the float64 copy of ``update`` is one slice, not the vector.
+    """
+    for start in range(0, accum.numel(), _CHUNK):
+        part = update[start : start + _CHUNK].to(torch.float64)
+        accum[start : start + _CHUNK].add_(part, alpha=weight)
+
+
+def mean_into(
+    accum: torch.Tensor, total: float, params: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``out = params + accum / total`` in float64, rounded to ``out``'s float32.
+
+    ``accum`` is divided in place and ``params`` added a slice at a time: the
+    same bits as ``(params.double() + accum / total).float()`` without
+    float64 copies of the model.
+    """
+    accum.div_(total)
+    for start in range(0, accum.numel(), _CHUNK):
+        accum[start : start + _CHUNK].add_(params[start : start + _CHUNK].to(torch.float64))
+    return out.copy_(accum)
+
+
 class FedServer:
     """Global model, round counter, level policy and downlink, with weighted aggregation.
 
@@ -319,12 +349,7 @@ class FedServer:
         # needs the model, the float64 accumulator and the decode buffer (which
         # takes the new model), however many replies there are. The same bits
         # as (w_k.double() + accum / total).float().
-        total = float(sum(weights))
-        accum.div_(total)
-        chunk = 2**16
-        for start in range(0, self.numel, chunk):
-            accum[start : start + chunk].add_(self.params[start : start + chunk].to(torch.float64))
-        new_params = buffer.copy_(accum)
+        new_params = mean_into(accum, float(sum(weights)), self.params, buffer)
         del accum
         if not all_finite(new_params):
             # Each update was finite, but together they overflow float32 (e.g.
@@ -348,7 +373,6 @@ class FedServer:
         float64 copy is 512 KiB, not 8 bytes per entry; each entry is the
         same ``accum + w * x`` as a whole-vector ``add_`` computes.
         """
-        chunk = 2**16
         accum = torch.zeros(self.numel, dtype=torch.float64)
         kept: list[_Checked] = []
         failed: list[tuple[int, str]] = []
@@ -357,9 +381,7 @@ class FedServer:
             if update is None:
                 failed.append(self._reject(item.reply.client_id, reason))
                 continue
-            for start in range(0, self.numel, chunk):
-                part = update[start : start + chunk].to(torch.float64)
-                accum[start : start + chunk].add_(part, alpha=float(weight))
+            accumulate64(accum, update, float(weight))
             kept.append(item)
         return accum, kept, failed
 

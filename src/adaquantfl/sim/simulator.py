@@ -43,7 +43,7 @@ from adaquantfl.fl.client import (
 from adaquantfl.fl.client import evaluate as evaluate_model
 from adaquantfl.fl.guard import aggregation_weights
 from adaquantfl.fl.record import RoundRecord
-from adaquantfl.fl.server import FedServer, select_clients
+from adaquantfl.fl.server import FedServer, accumulate64, mean_into, select_clients
 from adaquantfl.models import FlatModel
 from adaquantfl.rng import torch_generator
 from adaquantfl.sim.vectorized import BatchedTrainer, can_vectorize
@@ -325,8 +325,9 @@ class Simulator:
         )
         total = torch.zeros(before.numel(), dtype=torch.float64)
         for cid, weight in zip(accepted, weights, strict=True):
-            total.add_(raw[cid].to(torch.float64), alpha=float(weight))
-        model = (before.to(torch.float64) + total / float(sum(weights))).to(torch.float32)
+            accumulate64(total, raw[cid], float(weight))
+        model = mean_into(total, float(sum(weights)), before, torch.empty_like(before))
+        del total
         loss, _ = evaluate_model(self.model, model.to(self.device), self.test.x, self.test.y)
         return loss
 
