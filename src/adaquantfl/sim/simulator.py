@@ -263,6 +263,9 @@ class Simulator:
                     seed=self.seed,
                     round_idx=round_idx,
                     client_id=cid,
+                    # Nothing reads the update afterwards unless the noise cost or a
+                    # probe is measured: under error feedback it becomes the residual.
+                    consume=raw is None and not plan.levels.probe,
                 )
             except ClientError as exc:
                 logger.warning("round %d: client %d failed: %s", round_idx, cid, exc)
